@@ -1,0 +1,141 @@
+"""Errors as types, carried across processes with their message.
+
+Every error the runtime raises is a `DynamoError`. When a handler raises, the request plane sends
+the exception's type name and message to the caller, which raises:
+
+- the same class, if the name is one of the `DynamoError` subclasses registered here (so a worker
+  raising `InvalidRequestError("prompt too long")` reaches the frontend as `InvalidRequestError`);
+- otherwise `HandlerError`, whose `type_name` keeps the original name (`ValueError`, `RuntimeError`)
+  and whose message reads `ValueError: <message>`.
+
+Only names and strings cross the wire, never pickled objects.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "BackendUnavailableError",
+    "CancelledError",
+    "ConfigError",
+    "ConnectionLostError",
+    "DynamoError",
+    "EndpointNotFoundError",
+    "EngineError",
+    "HandlerError",
+    "InstanceNotFoundError",
+    "InvalidRequestError",
+    "NoInstancesError",
+    "ProtocolError",
+    "error_from_wire",
+    "error_to_wire",
+]
+
+
+class DynamoError(Exception):
+    """Base of every error raised by Dynamo."""
+
+    #: Suggested HTTP status when this error reaches an HTTP client.
+    http_status: ClassVar[int] = 500
+    _registry: ClassVar[dict[str, type[DynamoError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        DynamoError._registry[cls.__name__] = cls
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(DynamoError):
+    """A flag, environment variable or config file is invalid."""
+
+    http_status = 400
+
+
+class BackendUnavailableError(DynamoError):
+    """A discovery, request-plane or event-plane service cannot be reached."""
+
+    http_status = 503
+
+
+class NoInstancesError(DynamoError):
+    """No live instance serves the endpoint."""
+
+    http_status = 503
+
+
+class InstanceNotFoundError(DynamoError):
+    """The instance named in a direct request is not (or no longer) live."""
+
+    http_status = 503
+
+
+class EndpointNotFoundError(DynamoError):
+    """The process reached does not serve the requested endpoint."""
+
+    http_status = 503
+
+
+class ConnectionLostError(DynamoError):
+    """The connection to the serving process broke before the stream ended."""
+
+    http_status = 503
+
+
+class ProtocolError(DynamoError):
+    """A peer sent bytes that are not a valid frame."""
+
+
+class AuthenticationError(DynamoError):
+    """The peer did not prove it holds the shared secret (`DYN_AUTH_TOKEN`)."""
+
+    http_status = 401
+
+
+class CancelledError(DynamoError):
+    """The request was cancelled by its caller."""
+
+    http_status = 499
+
+
+class InvalidRequestError(DynamoError):
+    """The request is malformed or asks for something the engine cannot do."""
+
+    http_status = 400
+
+
+class EngineError(DynamoError):
+    """The engine failed while serving the request."""
+
+
+class HandlerError(DynamoError):
+    """A handler raised an exception that is not a `DynamoError`.
+
+    `type_name` is the original exception's class name; the message is `<type_name>: <text>`.
+    """
+
+    def __init__(self, type_name: str, text: str) -> None:
+        super().__init__(f"{type_name}: {text}" if text else type_name)
+        self.type_name = type_name
+        self.text = text
+
+
+def error_to_wire(exc: BaseException) -> tuple[str, str]:
+    """The (type name, message) pair that represents `exc` on the wire."""
+    if isinstance(exc, HandlerError):
+        return exc.type_name, exc.text
+    if isinstance(exc, DynamoError):
+        return type(exc).__name__, exc.message
+    return type(exc).__name__, str(exc)
+
+
+def error_from_wire(type_name: str, message: str) -> DynamoError:
+    """Rebuild the error a peer reported."""
+    cls = DynamoError._registry.get(type_name)
+    if cls is None or cls is HandlerError:
+        return HandlerError(type_name, message)
+    return cls(message)
