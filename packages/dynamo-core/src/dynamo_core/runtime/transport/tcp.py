@@ -1,0 +1,545 @@
+"""`tcp` request plane: one listener per process, one multiplexed connection per peer.
+
+Wire format: frames of a 4-byte big-endian length and a msgpack array (msgspec; never pickle).
+
+    server -> client  HELLO   [0, version, nonce, auth_required]
+    client -> server  AUTH    [1, proof]            proof = HMAC-SHA256(DYN_AUTH_TOKEN, nonce)
+    client -> server  REQUEST [2, sid, path, request, request_id, window]
+    server -> client  ITEMS   [3, sid, [item, ...]]
+    server -> client  END     [4, sid]
+    server -> client  ERROR   [5, sid, type_name, message]
+    client -> server  CANCEL  [6, sid]
+    client -> server  CREDIT  [7, sid, n]
+
+The server speaks first with a random nonce; nothing but AUTH is accepted until the client has
+proven the shared secret (when one is set), so the secret itself never crosses the wire. A frame
+that does not decode, a frame larger than `max_frame`, an unknown message, or a handshake that does
+not finish within `handshake_timeout` closes that connection and nothing else.
+
+Writes are batched: items and control messages queue up and go out in one `write` per event-loop
+iteration; consecutive items of one stream share one ITEMS frame. Each socket has TCP_NODELAY.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import os
+import socket
+import struct
+from hashlib import sha256
+from typing import Any, cast
+
+import msgspec
+
+from dynamo_core.errors import AuthenticationError, ConnectionLostError, ProtocolError
+from dynamo_core.runtime.context import Context
+
+from .base import (
+    DEFAULT_WINDOW,
+    ClientStream,
+    EndpointRegistry,
+    RequestPlaneClient,
+    RequestPlaneServer,
+    ServerStream,
+    connection_lost,
+)
+
+__all__ = ["TcpClient", "TcpServer"]
+
+log = logging.getLogger("dynamo.request_plane.tcp")
+
+VERSION = 1
+HELLO, AUTH, REQUEST, ITEMS, END, ERROR, CANCEL, CREDIT = range(8)
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+def _set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _proof(token: bytes, nonce: bytes) -> bytes:
+    return hmac.new(token, nonce, sha256).digest()
+
+
+class _FrameReader:
+    """Splits a byte stream into decoded msgpack frames."""
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_frame: int) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Any]:
+        buf = self._buf
+        buf += data
+        out: list[Any] = []
+        pos = 0
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (size,) = _LEN.unpack_from(buf, pos)
+                if size > self._max:
+                    raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self._max}")
+                if end - pos - 4 < size:
+                    break
+                try:
+                    msg = _decoder.decode(view[pos + 4 : pos + 4 + size])
+                except msgspec.DecodeError as exc:
+                    raise ProtocolError(f"undecodable frame: {exc}") from None
+                if not isinstance(msg, list) or not msg or type(msg[0]) is not int:
+                    raise ProtocolError("frame is not a message")
+                out.append(msg)
+                pos += 4 + size
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+        return out
+
+
+class _FrameWriter:
+    """Queues messages and writes them in one batch per event-loop iteration."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._out: list[Any] = []
+        self._items_sid = -1
+        self._items: list[Any] | None = None
+        self._scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self.paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    def send(self, msg: list[Any]) -> None:
+        self._out.append(msg)
+        self._items = None
+        self._schedule()
+
+    def send_item(self, sid: int, item: Any) -> None:
+        if self._items is not None and self._items_sid == sid:
+            self._items.append(item)
+            return
+        items = [item]
+        self._out.append([ITEMS, sid, items])
+        self._items_sid = sid
+        self._items = items
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        out, self._out = self._out, []
+        self._items = None
+        transport = self.transport
+        if not out or transport is None or transport.is_closing():
+            return
+        buf = bytearray()
+        for msg in out:
+            start = len(buf)
+            buf += b"\0\0\0\0"
+            _encoder.encode_into(msg, buf, -1)
+            _LEN.pack_into(buf, start, len(buf) - start - 4)
+        transport.write(buf)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def drain(self) -> None:
+        if self.paused:
+            fut = self._loop.create_future()
+            self._drain_waiters.append(fut)
+            await fut
+
+
+# ---------------------------------------------------------------------------------------
+# server
+# ---------------------------------------------------------------------------------------
+
+
+class _TcpServerStream(ServerStream):
+    __slots__ = ("_conn", "_sid")
+
+    def __init__(self, context: Context, window: int, conn: _ServerConnection, sid: int) -> None:
+        super().__init__(context, window)
+        self._conn = conn
+        self._sid = sid
+
+    def _emit(self, item: Any) -> None:
+        self._conn.writer.send_item(self._sid, item)
+
+    def _end(self) -> None:
+        self._conn.finish_stream(self._sid, [END, self._sid])
+
+    def _fail(self, type_name: str, message: str) -> None:
+        self._conn.finish_stream(self._sid, [ERROR, self._sid, type_name, message])
+
+    def _transport_paused(self) -> bool:
+        return self._conn.writer.paused
+
+    async def _writable(self) -> None:
+        await self._conn.writer.drain()
+
+
+class _ServerConnection(asyncio.Protocol):
+    def __init__(self, server: TcpServer) -> None:
+        self.server = server
+        self.writer = _FrameWriter()
+        self.reader = _FrameReader(server.max_frame)
+        self.streams: dict[int, _TcpServerStream] = {}
+        self.nonce = os.urandom(16)
+        self.authenticated = False
+        self.peer = "?"
+        self._timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.writer.transport = self.transport
+        _set_nodelay(transport)
+        self.peer = str(transport.get_extra_info("peername"))
+        self.server.connections.add(self)
+        self.writer.send([HELLO, VERSION, self.nonce, self.server.token is not None])
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self._handshake_timeout
+        )
+
+    def _handshake_timeout(self) -> None:
+        if not self.authenticated:
+            self._refuse("no handshake within the timeout")
+
+    def _refuse(self, why: str) -> None:
+        log.warning("closing request-plane connection from %s: %s", self.peer, why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+            for msg in messages:
+                self._handle(msg)
+        except (ProtocolError, ValueError, TypeError, IndexError) as exc:
+            self._refuse(str(exc) or type(exc).__name__)
+
+    def _handle(self, msg: list[Any]) -> None:
+        kind = msg[0]
+        if not self.authenticated:
+            if kind != AUTH or len(msg) != 2:
+                raise ProtocolError("expected AUTH")
+            token = self.server.token
+            if token is not None:
+                proof = msg[1]
+                if not isinstance(proof, bytes) or not hmac.compare_digest(
+                    proof, _proof(token, self.nonce)
+                ):
+                    self.writer.send([ERROR, 0, "AuthenticationError", "invalid auth token"])
+                    self.writer.flush()
+                    log.warning("refused request-plane peer %s: bad auth token", self.peer)
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+            self.authenticated = True
+            if self._timer is not None:
+                self._timer.cancel()
+            return
+        if kind == CREDIT:
+            stream = self.streams.get(msg[1])
+            if stream is not None:
+                stream.add_credit(int(msg[2]))
+        elif kind == REQUEST:
+            self._start_stream(msg)
+        elif kind == CANCEL:
+            stream = self.streams.pop(msg[1], None)
+            if stream is not None:
+                stream.cancel()
+        else:
+            raise ProtocolError(f"unexpected message type {kind}")
+
+    def _start_stream(self, msg: list[Any]) -> None:
+        _, sid, path, request, request_id, window = msg
+        if type(sid) is not int or not isinstance(path, str) or type(window) is not int:
+            raise ProtocolError("malformed REQUEST")
+        entry = self.server.registry.entries.get(path)
+        if entry is None or self.server.closing:
+            self.writer.send(
+                [ERROR, sid, "EndpointNotFoundError", f"endpoint {path} is not served here"]
+            )
+            return
+        ctx = Context(str(request_id) if request_id is not None else None)
+        stream = _TcpServerStream(ctx, max(1, window), self, sid)
+        self.streams[sid] = stream
+        stream.task = asyncio.get_running_loop().create_task(stream.run(entry, request))
+
+    def finish_stream(self, sid: int, msg: list[Any]) -> None:
+        if self.streams.pop(sid, None) is not None:
+            self.writer.send(msg)
+
+    def pause_writing(self) -> None:
+        self.writer.pause()
+
+    def resume_writing(self) -> None:
+        self.writer.resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.writer.resume()
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.cancel()
+
+
+class TcpServer(RequestPlaneServer):
+    kind = "tcp"
+
+    def __init__(
+        self,
+        registry: EndpointRegistry,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        token: str | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(registry)
+        self.host = host
+        self.port = port
+        self.advertise_host = advertise_host or host
+        self.token = token.encode() if token else None
+        self.max_frame = max_frame
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[_ServerConnection] = set()
+        self.closing = False
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True
+        )
+        sock = self._server.sockets[0]
+        self.port = sock.getsockname()[1]
+        log.debug("request plane listening on %s:%d", self.host, self.port)
+
+    def transport_info(self) -> dict[str, Any]:
+        return {"kind": "tcp", "host": self.advertise_host, "port": self.port}
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.writer.flush()
+                conn.transport.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# client
+# ---------------------------------------------------------------------------------------
+
+
+class _ClientConnection(asyncio.Protocol):
+    def __init__(self, address: str, token: bytes | None, max_frame: int) -> None:
+        self.address = address
+        self.token = token
+        self.writer = _FrameWriter()
+        self.reader = _FrameReader(max_frame)
+        self.streams: dict[int, ClientStream] = {}
+        self._sids = itertools.count(1)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.writer.transport = self.transport
+        _set_nodelay(transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for msg in self.reader.feed(data):
+                self._handle(msg)
+        except (ProtocolError, ValueError, TypeError, IndexError) as exc:
+            log.warning("closing connection to %s: %s", self.address, exc)
+            self._close(ProtocolError(f"bad frame from {self.address}: {exc}"))
+
+    def _handle(self, msg: list[Any]) -> None:
+        kind = msg[0]
+        if kind == ITEMS:
+            stream = self.streams.get(msg[1])
+            if stream is not None:
+                stream.deliver(msg[2])
+        elif kind == END:
+            stream = self.streams.pop(msg[1], None)
+            if stream is not None:
+                stream.finish()
+        elif kind == ERROR:
+            if msg[1] == 0 and msg[2] == "AuthenticationError":
+                self._close(AuthenticationError(f"{self.address} refused us: {msg[3]}"))
+                return
+            stream = self.streams.pop(msg[1], None)
+            if stream is not None:
+                stream.fail_from_wire(msg[2], msg[3])
+        elif kind == HELLO:
+            _, _version, nonce, auth_required = msg
+            if auth_required and self.token is None:
+                self._close(
+                    AuthenticationError(f"{self.address} requires DYN_AUTH_TOKEN, and none is set")
+                )
+                return
+            proof = _proof(self.token, nonce) if self.token is not None else None
+            self.writer.send([AUTH, proof])
+            if not self.ready.done():
+                self.ready.set_result(None)
+        else:
+            raise ProtocolError(f"unexpected message type {kind}")
+
+    def open_stream(
+        self, path: str, request: Any, context: Context, instance_id: int, window: int
+    ) -> ClientStream:
+        if self.closed:
+            raise connection_lost(self.address)
+        sid = next(self._sids)
+        writer = self.writer
+
+        def on_credit(n: int) -> None:
+            writer.send([CREDIT, sid, n])
+
+        def on_cancel() -> None:
+            if self.streams.pop(sid, None) is not None:
+                writer.send([CANCEL, sid])
+
+        stream = ClientStream(
+            window=window,
+            on_credit=on_credit,
+            on_cancel=on_cancel,
+            instance_id=instance_id,
+            context=context,
+        )
+        self.streams[sid] = stream
+        writer.send([REQUEST, sid, path, request, context.id, window])
+        return stream
+
+    def pause_writing(self) -> None:
+        self.writer.pause()
+
+    def resume_writing(self) -> None:
+        self.writer.resume()
+
+    def _close(self, error: BaseException) -> None:
+        self._fail_all(error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.closed = True
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # mark retrieved
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.fail(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writer.resume()
+        self._fail_all(connection_lost(self.address, exc))
+
+
+class TcpClient(RequestPlaneClient):
+    def __init__(
+        self,
+        *,
+        token: str | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.token = token.encode() if token else None
+        self.max_frame = max_frame
+        self.connect_timeout = connect_timeout
+        self._conns: dict[tuple[str, int], _ClientConnection] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future[_ClientConnection]] = {}
+
+    async def _connection(self, host: str, port: int) -> _ClientConnection:
+        key = (host, port)
+        conn = self._conns.get(key)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[_ClientConnection] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            conn = await self._connect(host, port)
+            self._conns[key] = conn
+            fut.set_result(conn)
+            return conn
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()
+            raise
+        finally:
+            del self._pending[key]
+
+    async def _connect(self, host: str, port: int) -> _ClientConnection:
+        address = f"{host}:{port}"
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: _ClientConnection(address, self.token, self.max_frame), host, port
+                )
+                await conn.ready
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLostError(f"cannot connect to {address}: {exc or 'timed out'}") from None
+        return conn
+
+    async def open_stream(
+        self,
+        transport: dict[str, Any],
+        path: str,
+        request: Any,
+        *,
+        context: Context,
+        instance_id: int,
+        window: int = DEFAULT_WINDOW,
+    ) -> ClientStream:
+        conn = await self._connection(transport["host"], int(transport["port"]))
+        return conn.open_stream(path, request, context, instance_id, window)
+
+    async def close(self) -> None:
+        for conn in list(self._conns.values()):
+            if conn.transport is not None:
+                conn.writer.flush()
+                conn.transport.close()
+        self._conns.clear()

@@ -1,0 +1,1 @@
+"""Test support shared by every package: real-process helpers and the engine conformance kit."""

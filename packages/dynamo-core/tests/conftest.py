@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+
+HERE = Path(__file__).parent
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
+    """Every async test runs on uvloop, as the components do."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def namespace() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def kv_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "kv"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def proc_env(kv_dir: Path) -> dict[str, str]:
+    """Environment for child processes: file discovery in this test's own folder."""
+    return {"DYN_FILE_KV": str(kv_dir), "DYN_DISCOVERY_BACKEND": "file", "DYN_REQUEST_PLANE": "tcp"}
+
+
+@pytest.fixture(params=["mem+inproc", "file+tcp"])
+def runtime_config(request: pytest.FixtureRequest, kv_dir: Path, namespace: str) -> RuntimeConfig:
+    if request.param == "mem+inproc":
+        return RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=2)
+    return RuntimeConfig(file_kv=kv_dir, namespace=namespace, graceful_shutdown_timeout=2)
+
+
+@pytest.fixture
+async def runtime(runtime_config: RuntimeConfig) -> AsyncIterator[DistributedRuntime]:
+    rt = await DistributedRuntime.create(runtime_config)
+    yield rt
+    await rt.shutdown()
