@@ -170,7 +170,7 @@ async def test_round_robin_random_direct_two_runtimes(runtime_config: RuntimeCon
                 await client.wait_for_change()
 
         async def one(stream_coro: Any) -> str:
-            return [x async for x in await stream_coro][0]  # type: ignore[no-any-return]
+            return [x async for x in await stream_coro].pop()  # type: ignore[no-any-return]
 
         rr = [await one(client.round_robin(None)) for _ in range(6)]
         assert rr[0::2] == [rr[0]] * 3 and rr[1::2] == [rr[1]] * 3 and {rr[0], rr[1]} == {"a", "b"}

@@ -322,7 +322,9 @@ class Endpoint:
         )
         served = ServedEndpoint(self, entry)
         runtime._served.add(served)
-        await runtime.discovery.put(self.instance_key(runtime.instance_id), msgspec.json.encode(record))
+        await runtime.discovery.put(
+            self.instance_key(runtime.instance_id), msgspec.json.encode(record)
+        )
         log.info("serving %s as instance %x", self.path, runtime.instance_id)
         return served
 
@@ -399,7 +401,9 @@ class Client:
         self._watch = await self.runtime.discovery.watch_prefix(self.endpoint.discovery_prefix)
         for event in self._watch.pending():
             self._apply(event)
-        self._task = self.runtime.spawn(self._follow(self._watch), name=f"client-{self.endpoint.path}")
+        self._task = self.runtime.spawn(
+            self._follow(self._watch), name=f"client-{self.endpoint.path}"
+        )
 
     async def _follow(self, watch: Watch) -> None:
         async for event in watch:

@@ -41,7 +41,8 @@ class RuntimeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     namespace: str = Field(
-        "dynamo", description="Namespace of this component: graphs in different namespaces never meet."
+        "dynamo",
+        description="Namespace of this component: graphs in different namespaces never meet.",
     )
     discovery_backend: DiscoveryBackend = Field(
         "file",
@@ -65,7 +66,9 @@ class RuntimeConfig(BaseModel):
         description="Address the TCP request plane listens on and advertises "
         "(default 127.0.0.1 with file discovery, this host's address otherwise).",
     )
-    tcp_port: int = Field(0, ge=0, le=65535, description="TCP request-plane port (0: any free port).")
+    tcp_port: int = Field(
+        0, ge=0, le=65535, description="TCP request-plane port (0: any free port)."
+    )
     etcd_endpoints: str = Field(
         "http://127.0.0.1:2379",
         description="Comma-separated etcd endpoints for --discovery-backend etcd.",
@@ -80,7 +83,9 @@ class RuntimeConfig(BaseModel):
         None, description="Shared secret a peer must prove before the request plane serves it."
     )
     lease_ttl: float = Field(
-        10.0, gt=0, description="Seconds a registration outlives its process when it stops renewing."
+        10.0,
+        gt=0,
+        description="Seconds a registration outlives its process when it stops renewing.",
     )
     graceful_shutdown_timeout: float = Field(
         30.0,

@@ -70,9 +70,11 @@ def dynamo_worker(
         fn: Callable[Concatenate[DistributedRuntime, P], Awaitable[Any]],
     ) -> DynamoWorker[P]:
         async def run_async(*args: P.args, **kwargs: P.kwargs) -> None:
-            cfg = config or next(
-                (a for a in args if isinstance(a, RuntimeConfig)), None
-            ) or RuntimeConfig.from_env()
+            cfg = (
+                config
+                or next((a for a in args if isinstance(a, RuntimeConfig)), None)
+                or RuntimeConfig.from_env()
+            )
             runtime = DistributedRuntime(cfg)
             loop = asyncio.get_running_loop()
             main = asyncio.current_task()

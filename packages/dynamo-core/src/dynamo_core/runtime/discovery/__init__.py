@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dynamo_core.runtime.config import RuntimeConfig
+
 from .base import Discovery, Watch, WatchEvent, new_lease_id
 
 __all__ = ["Discovery", "Watch", "WatchEvent", "new_lease_id", "open_discovery"]

@@ -51,7 +51,7 @@ class HandlerEntry:
     def __init__(self, name: str, fn: Handler) -> None:
         self.name = name
         self.fn = fn
-        target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else fn.__call__
+        target: Any = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn).__call__
         if inspect.isasyncgenfunction(target):
             self.unary = False
         elif inspect.iscoroutinefunction(target):
@@ -62,7 +62,7 @@ class HandlerEntry:
             )
         params = [
             p
-            for p in inspect.signature(target).parameters.values()
+            for p in inspect.signature(fn).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
         ]
         self.takes_context = len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)

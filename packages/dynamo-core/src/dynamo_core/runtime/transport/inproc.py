@@ -71,7 +71,9 @@ class InprocServer(RequestPlaneServer):
     ) -> ClientStream:
         entry = self.registry.entries.get(path)
         if entry is None:
-            raise EndpointNotFoundError(f"endpoint {path} is not served by instance {instance_id:x}")
+            raise EndpointNotFoundError(
+                f"endpoint {path} is not served by instance {instance_id:x}"
+            )
         server_ctx = Context(context.id, dict(context.metadata))
         holder: list[_InprocServerStream] = []
 

@@ -521,7 +521,9 @@ class TcpClient(RequestPlaneClient):
                 )
                 await conn.ready
         except (OSError, TimeoutError) as exc:
-            raise ConnectionLostError(f"cannot connect to {address}: {exc or 'timed out'}") from None
+            raise ConnectionLostError(
+                f"cannot connect to {address}: {exc or 'timed out'}"
+            ) from None
         return conn
 
     async def open_stream(

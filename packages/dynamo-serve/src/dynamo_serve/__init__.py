@@ -1,0 +1,5 @@
+"""dynamo-serve."""
+
+from dynamo_serve._version import __version__
+
+__all__ = ["__version__"]

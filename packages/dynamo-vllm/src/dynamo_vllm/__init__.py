@@ -1,0 +1,5 @@
+"""dynamo-vllm."""
+
+from dynamo_vllm._version import __version__
+
+__all__ = ["__version__"]
