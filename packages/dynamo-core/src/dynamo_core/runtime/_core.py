@@ -98,6 +98,7 @@ class DistributedRuntime:
         self._server_lock = asyncio.Lock()
         self._clients: dict[str, RequestPlaneClient] = {}
         self._served: set[ServedEndpoint] = set()
+        self._endpoint_keys: dict[str, list[str]] = {}
         self._shutdown = asyncio.Event()
         self._started = False
         self._closed = False
@@ -302,6 +303,17 @@ class Endpoint:
         finally:
             await served.stop(drain=graceful_shutdown)
 
+    async def register(self, key: str, value: bytes) -> None:
+        """Keep `key` in discovery for as long as this process serves this endpoint.
+
+        Used for what describes the endpoint beyond its address (e.g. a model card): the key
+        goes when `serve_endpoint` stops, or with the process's lease.
+        """
+        await self.runtime.discovery.put(key, value)
+        keys = self.runtime._endpoint_keys.setdefault(self.path, [])
+        if key not in keys:
+            keys.append(key)
+
     async def start_serving(
         self, handler: Callable[..., Any], *, metadata: dict[str, Any] | None = None
     ) -> ServedEndpoint:
@@ -357,6 +369,8 @@ class ServedEndpoint:
         runtime = self.endpoint.runtime
         try:
             await runtime.discovery.delete(self.endpoint.instance_key(runtime.instance_id))
+            for key in runtime._endpoint_keys.pop(self.endpoint.path, []):
+                await runtime.discovery.delete(key)
             timeout = runtime.config.graceful_shutdown_timeout if drain else 0.0
             streams = list(self.entry.inflight)
             if streams:

@@ -1,0 +1,251 @@
+"""Base handler classes: the engine-agnostic half of every worker.
+
+An engine package writes a small subclass:
+
+    class DecodeHandler(BaseDecodeHandler):
+        async def engine_generate(self, request, context):
+            async for out in self.engine.async_generate(...):   # the engine's own API
+                yield EngineOutput(token_ids=new_tokens(out), finish_reason=...)
+
+        async def abort(self, request_id):
+            self.engine.abort_request(request_id)
+
+and serves `handler.generate` on its endpoint. The base class turns that into the behaviour every
+engine must share (and that `dynamo_core.testing.conformance` checks):
+
+- the request map is validated once into a `PreprocessedRequest` (bad input: `InvalidRequestError`);
+- a cancelled request (caller gone, `context.stop_generating()`) ends the engine's generator and
+  calls `abort(request_id)`, so the engine frees the sequence;
+- `max_tokens`, `stop_token_ids`, end-of-sequence tokens (unless `ignore_eos`, and not before
+  `min_tokens`) end the stream even when an engine over-generates, with the right finish reason;
+- the last chunk always carries `finish_reason` and `usage` (prompt, completion, cached tokens);
+- an engine exception reaches the caller as `EngineError` with the original type and message;
+- per-request debug logs and counters (`metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from dynamo_core.errors import DynamoError, EngineError, InvalidRequestError
+from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest, Usage
+from dynamo_core.runtime import Context
+
+__all__ = [
+    "BaseDecodeHandler",
+    "BasePrefillHandler",
+    "BaseWorkerHandler",
+    "HandlerMetrics",
+]
+
+
+@dataclass
+class HandlerMetrics:
+    requests_total: int = 0
+    inflight: int = 0
+    output_tokens_total: int = 0
+    prompt_tokens_total: int = 0
+    cancelled_total: int = 0
+    errors_total: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class BaseWorkerHandler(ABC):
+    """An aggregated worker: prefill and decode in one engine."""
+
+    #: The role shown in logs and metrics.
+    role = "worker"
+
+    def __init__(self, engine: Any = None, *, name: str | None = None) -> None:
+        self.engine = engine
+        self.metrics = HandlerMetrics()
+        self.log = logging.getLogger(name or f"dynamo.{type(self).__module__}.{self.role}")
+
+    # -- what an engine implements ---------------------------------------------------------
+
+    @abstractmethod
+    def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        """Run `request` on the engine, yielding new tokens per chunk (never cumulative)."""
+
+    async def abort(self, request_id: str) -> None:  # noqa: B027 - engines override when they can
+        """Tell the engine to drop `request_id` (called when the caller cancels)."""
+
+    def cached_tokens(self, request: PreprocessedRequest) -> int | None:
+        """Prompt tokens served from the engine's prefix cache, when the engine reports it."""
+        return None
+
+    # -- what the endpoint serves ----------------------------------------------------------
+
+    async def generate(self, request: Any, context: Context) -> AsyncIterator[dict[str, Any]]:
+        """The endpoint handler: `PreprocessedRequest` map in, `EngineOutput` maps out."""
+        req = self.parse_request(request)
+        if req.request_id is None:
+            req.request_id = context.id
+        async for out in self._run(req, context):
+            yield out
+
+    def parse_request(self, request: Any) -> PreprocessedRequest:
+        try:
+            req = PreprocessedRequest.from_wire(request)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequestError(f"invalid request: {exc}") from None
+        if not req.token_ids:
+            raise InvalidRequestError("invalid request: token_ids is empty")
+        max_tokens = req.stop_conditions.max_tokens
+        if max_tokens is not None and max_tokens < 0:
+            raise InvalidRequestError("invalid request: max_tokens must be >= 0")
+        return req
+
+    async def _run(
+        self, req: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[dict[str, Any]]:
+        m = self.metrics
+        m.requests_total += 1
+        m.inflight += 1
+        m.prompt_tokens_total += len(req.token_ids)
+        request_id = req.request_id or context.id
+        stop = req.stop_conditions
+        max_tokens = stop.max_tokens
+        min_tokens = stop.min_tokens or 0
+        stop_ids = set(stop.stop_token_ids or ())
+        eos_ids = set() if stop.ignore_eos else set(req.eos_token_ids)
+        emitted = 0
+        finished = False
+        t0 = time.monotonic()
+        ttft: float | None = None
+        gen = self.engine_generate(req, context)
+        try:
+            async for out in gen:
+                if context.is_stopped():
+                    raise asyncio.CancelledError
+                reason = out.finish_reason
+                tokens = out.token_ids
+                # engine-agnostic stop conditions, in token order
+                for i, tok in enumerate(tokens):
+                    if emitted + i + 1 > min_tokens and (tok in stop_ids or tok in eos_ids):
+                        # a stop token is not part of the output; an eos token is (as in vLLM)
+                        tokens = tokens[:i] if tok in stop_ids else tokens[: i + 1]
+                        reason = "stop" if tok in stop_ids else "eos"
+                        break
+                if max_tokens is not None:
+                    room = max_tokens - emitted
+                    if len(tokens) > room:
+                        tokens, reason = tokens[:room], "length"
+                    elif len(tokens) == room and reason is None:
+                        reason = "length"
+                if len(tokens) != len(out.token_ids):
+                    _truncate_logprobs(out, len(tokens))
+                out.token_ids = tokens
+                emitted += len(tokens)
+                if ttft is None and tokens:
+                    ttft = time.monotonic() - t0
+                if reason is not None:
+                    out.usage = self._usage(req, emitted)
+                    finished = True
+                    if out.finish_reason is None:
+                        # we stopped the sequence, not the engine: free it there too
+                        await self._abort_quietly(request_id)
+                    out.finish_reason = reason
+                    yield out.to_wire()
+                    break
+                if tokens or out.disaggregated_params is not None or out.text:
+                    yield out.to_wire()
+            if not finished:
+                # the engine ended without saying why
+                reason = "length" if max_tokens is not None and emitted >= max_tokens else "stop"
+                yield EngineOutput(finish_reason=reason, usage=self._usage(req, emitted)).to_wire()
+        except (asyncio.CancelledError, GeneratorExit):
+            m.cancelled_total += 1
+            self.log.debug("request %s cancelled after %d tokens", request_id, emitted)
+            await self._abort_quietly(request_id)
+            raise
+        except DynamoError:
+            m.errors_total += 1
+            await self._abort_quietly(request_id)
+            raise
+        except Exception as exc:
+            m.errors_total += 1
+            await self._abort_quietly(request_id)
+            self.log.exception("engine failed on request %s", request_id)
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            m.inflight -= 1
+            m.output_tokens_total += emitted
+            await _aclose(gen)
+            self.log.debug(
+                "request %s: %d prompt, %d output tokens, ttft %s, %.3fs",
+                request_id,
+                len(req.token_ids),
+                emitted,
+                f"{ttft:.3f}s" if ttft is not None else "-",
+                time.monotonic() - t0,
+            )
+
+    def _usage(self, req: PreprocessedRequest, completion: int) -> Usage:
+        return Usage(
+            prompt_tokens=len(req.token_ids),
+            completion_tokens=completion,
+            cached_tokens=self.cached_tokens(req),
+        )
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await asyncio.shield(self.abort(request_id))
+        except Exception:
+            self.log.exception("aborting request %s failed", request_id)
+
+
+class BaseDecodeHandler(BaseWorkerHandler):
+    """The decode role: continues a request whose prompt a prefill worker processed.
+
+    The request carries `disaggregated_params` (from the prefill worker's first output); an
+    engine's `engine_generate` passes them to the engine. A request without them is served
+    aggregated, so a decode worker also works alone.
+    """
+
+    role = "decode"
+
+
+class BasePrefillHandler(BaseWorkerHandler):
+    """The prefill role: processes the prompt and hands the KV cache over.
+
+    `engine_generate` yields, as early as the engine allows, an `EngineOutput` whose
+    `disaggregated_params` tell a decode worker how to fetch the KV cache (sglang's bootstrap
+    host/port/room, vllm's `kv_transfer_params`, tensorrt-llm's `DisaggregatedParams`). The
+    frontend starts the decode leg as soon as it has them.
+    """
+
+    role = "prefill"
+
+    def parse_request(self, request: Any) -> PreprocessedRequest:
+        req = super().parse_request(request)
+        req.prefill_only = True
+        return req
+
+
+def _truncate_logprobs(out: EngineOutput, n: int) -> None:
+    if out.log_probs is not None:
+        out.log_probs = out.log_probs[:n]
+    if out.top_logprobs is not None:
+        out.top_logprobs = out.top_logprobs[:n]
+
+
+async def _aclose(gen: AsyncIterator[Any]) -> None:
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # an engine generator that fails while closing
+            logging.getLogger("dynamo.handlers").debug("closing engine stream failed", exc_info=True)

@@ -1,0 +1,254 @@
+"""The conformance kit: what every engine's worker handler must do, as pytest tests.
+
+An engine package gets the whole suite by subclassing and supplying its handler built on a fake
+of its engine (written against the engine's real Python API):
+
+    from dynamo_core.testing.conformance import HandlerConformance
+
+    class TestVllmHandler(HandlerConformance):
+        supports_logprobs = True
+
+        @pytest.fixture
+        def handler(self):
+            return WorkerHandler(FakeAsyncLLM(...))
+
+        def active_requests(self, handler):
+            return len(handler.engine.requests)
+
+        def break_engine(self, handler):
+            handler.engine.fail_next = RuntimeError("CUDA error: out of memory")
+
+Capability flags switch groups on or off: `supports_logprobs`, `supports_disaggregation`
+(then also `prefill_handler` and `decode_handler` fixtures), `deterministic` (same prompt, same
+seed, same tokens: needed for the stop-token test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+import pytest
+
+from dynamo_core.errors import DynamoError, EngineError, InvalidRequestError
+from dynamo_core.handlers import BaseWorkerHandler
+from dynamo_core.runtime import Context
+
+__all__ = ["HandlerConformance", "collect", "make_request"]
+
+
+def make_request(
+    token_ids: list[int],
+    *,
+    max_tokens: int = 8,
+    ignore_eos: bool = True,
+    stop_token_ids: list[int] | None = None,
+    eos_token_ids: list[int] | None = None,
+    logprobs: int | None = None,
+    seed: int = 1234,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A `PreprocessedRequest` map as a frontend would send it."""
+    req: dict[str, Any] = {
+        "token_ids": token_ids,
+        "model": "test",
+        "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": ignore_eos},
+        "sampling_options": {"temperature": 0.0, "seed": seed},
+        "output_options": {},
+        "eos_token_ids": eos_token_ids or [],
+    }
+    if stop_token_ids is not None:
+        req["stop_conditions"]["stop_token_ids"] = stop_token_ids
+    if logprobs is not None:
+        req["output_options"]["logprobs"] = logprobs
+    req.update(extra)
+    return req
+
+
+async def collect(
+    handler: BaseWorkerHandler, request: dict[str, Any], context: Context | None = None
+) -> list[dict[str, Any]]:
+    return [out async for out in handler.generate(request, context or Context())]
+
+
+def tokens_of(outputs: list[dict[str, Any]]) -> list[int]:
+    return [t for out in outputs for t in out.get("token_ids", [])]
+
+
+class HandlerConformance:
+    """Base class of an engine handler's conformance tests (not collected by itself)."""
+
+    supports_logprobs: ClassVar[bool] = False
+    supports_disaggregation: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = True
+    prompt: ClassVar[list[int]] = list(range(10, 42))
+
+    # -- what a subclass supplies ---------------------------------------------------------
+
+    @pytest.fixture
+    def handler(self) -> BaseWorkerHandler:
+        raise NotImplementedError("supply a `handler` fixture")
+
+    def active_requests(self, handler: BaseWorkerHandler) -> int:
+        """How many requests the (fake) engine is still working on."""
+        raise NotImplementedError
+
+    def break_engine(self, handler: BaseWorkerHandler) -> None:
+        """Make the engine's next generate call fail with an engine exception."""
+        raise NotImplementedError
+
+    # -- streaming, limits, usage ---------------------------------------------------------
+
+    async def test_streams_new_tokens_with_finish_reason_and_usage(
+        self, handler: BaseWorkerHandler
+    ) -> None:
+        outs = await collect(handler, make_request(self.prompt, max_tokens=12))
+        assert outs, "no output"
+        assert all(out.get("finish_reason") is None for out in outs[:-1])
+        last = outs[-1]
+        assert last["finish_reason"] == "length"
+        assert len(tokens_of(outs)) == 12
+        assert last["usage"]["prompt_tokens"] == len(self.prompt)
+        assert last["usage"]["completion_tokens"] == 12
+        assert self.active_requests(handler) == 0
+
+    @pytest.mark.parametrize("max_tokens", [1, 5, 33])
+    async def test_honours_max_tokens(self, handler: BaseWorkerHandler, max_tokens: int) -> None:
+        outs = await collect(handler, make_request(self.prompt, max_tokens=max_tokens))
+        assert len(tokens_of(outs)) == max_tokens
+        assert outs[-1]["finish_reason"] == "length"
+        assert outs[-1]["usage"]["completion_tokens"] == max_tokens
+
+    async def test_honours_stop_token_ids(self, handler: BaseWorkerHandler) -> None:
+        if not self.deterministic:
+            pytest.skip("engine is not deterministic")
+        full = tokens_of(await collect(handler, make_request(self.prompt, max_tokens=16)))
+        stop_at = next((i for i in range(2, len(full)) if full[i] not in full[:i]), None)
+        assert stop_at is not None, f"no usable stop token in {full}"
+        outs = await collect(
+            handler, make_request(self.prompt, max_tokens=16, stop_token_ids=[full[stop_at]])
+        )
+        assert tokens_of(outs) == full[:stop_at]
+        assert outs[-1]["finish_reason"] == "stop"
+        assert outs[-1]["usage"]["completion_tokens"] == stop_at
+        assert self.active_requests(handler) == 0
+
+    async def test_eos_ends_the_sequence_unless_ignored(self, handler: BaseWorkerHandler) -> None:
+        if not self.deterministic:
+            pytest.skip("engine is not deterministic")
+        full = tokens_of(await collect(handler, make_request(self.prompt, max_tokens=16)))
+        eos_at = next((i for i in range(1, len(full)) if full[i] not in full[:i]), None)
+        assert eos_at is not None
+        req = make_request(
+            self.prompt, max_tokens=16, ignore_eos=False, eos_token_ids=[full[eos_at]]
+        )
+        outs = await collect(handler, req)
+        assert tokens_of(outs) == full[: eos_at + 1]
+        assert outs[-1]["finish_reason"] in ("eos", "stop")
+        ignored = await collect(handler, {**req, "stop_conditions": {"max_tokens": 16, "ignore_eos": True}})
+        assert tokens_of(ignored) == full
+
+    async def test_concurrent_requests_are_independent(self, handler: BaseWorkerHandler) -> None:
+        results = await asyncio.gather(
+            *(collect(handler, make_request(self.prompt, max_tokens=6 + i)) for i in range(4))
+        )
+        assert [len(tokens_of(r)) for r in results] == [6, 7, 8, 9]
+        assert self.active_requests(handler) == 0
+
+    # -- cancellation ---------------------------------------------------------------------
+
+    async def test_cancellation_aborts_the_engine_request(self, handler: BaseWorkerHandler) -> None:
+        ctx = Context()
+        gen = handler.generate(make_request(self.prompt, max_tokens=100_000), ctx)
+        first = await gen.__anext__()
+        assert first.get("token_ids")
+        assert self.active_requests(handler) == 1
+        ctx.stop_generating()
+        await gen.aclose()
+        for _ in range(100):  # engines may free on their next step
+            if self.active_requests(handler) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert self.active_requests(handler) == 0
+        assert handler.metrics.cancelled_total == 1
+
+    async def test_cancelled_task_aborts_the_engine_request(
+        self, handler: BaseWorkerHandler
+    ) -> None:
+        started = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in handler.generate(make_request(self.prompt, max_tokens=100_000), Context()):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if self.active_requests(handler) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert self.active_requests(handler) == 0
+
+    # -- errors ---------------------------------------------------------------------------
+
+    async def test_engine_errors_are_mapped(self, handler: BaseWorkerHandler) -> None:
+        self.break_engine(handler)
+        with pytest.raises(DynamoError) as info:
+            await collect(handler, make_request(self.prompt))
+        assert isinstance(info.value, EngineError | InvalidRequestError)
+        assert str(info.value)
+        # the handler keeps serving
+        outs = await collect(handler, make_request(self.prompt, max_tokens=3))
+        assert len(tokens_of(outs)) == 3
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            {"token_ids": []},
+            {"token_ids": "not a list"},
+            {"no_tokens": True},
+            {"token_ids": [1, 2], "stop_conditions": {"max_tokens": -1}},
+        ],
+    )
+    async def test_invalid_requests_are_rejected(
+        self, handler: BaseWorkerHandler, bad: dict[str, Any]
+    ) -> None:
+        with pytest.raises(InvalidRequestError):
+            await collect(handler, bad)
+
+    # -- optional capabilities ------------------------------------------------------------
+
+    async def test_logprobs(self, handler: BaseWorkerHandler) -> None:
+        if not self.supports_logprobs:
+            pytest.skip("engine does not report logprobs")
+        outs = await collect(handler, make_request(self.prompt, max_tokens=5, logprobs=2))
+        lps = [lp for out in outs for lp in (out.get("log_probs") or [])]
+        assert len(lps) == 5 and all(lp <= 0.0 for lp in lps)
+        tops = [t for out in outs for t in (out.get("top_logprobs") or [])]
+        assert len(tops) == 5 and all(len(t) >= 1 for t in tops)
+
+    @pytest.fixture
+    def prefill_handler(self) -> BaseWorkerHandler:
+        raise NotImplementedError("supply `prefill_handler` when supports_disaggregation")
+
+    @pytest.fixture
+    def decode_handler(self) -> BaseWorkerHandler:
+        raise NotImplementedError("supply `decode_handler` when supports_disaggregation")
+
+    async def test_disaggregated_handoff(self, request: pytest.FixtureRequest) -> None:
+        if not self.supports_disaggregation:
+            pytest.skip("engine has no disaggregated roles")
+        prefill: BaseWorkerHandler = request.getfixturevalue("prefill_handler")
+        decode: BaseWorkerHandler = request.getfixturevalue("decode_handler")
+        req = make_request(self.prompt, max_tokens=10)
+        params = None
+        async for out in prefill.generate({**req, "stop_conditions": {"max_tokens": 1}}, Context()):
+            if out.get("disaggregated_params") is not None:
+                params = out["disaggregated_params"]
+        assert params is not None, "the prefill worker returned no transfer parameters"
+        outs = await collect(decode, {**req, "disaggregated_params": params})
+        assert len(tokens_of(outs)) == 10
+        assert outs[-1]["finish_reason"] == "length"
