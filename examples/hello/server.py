@@ -1,6 +1,6 @@
 """A component that serves `hello.greeter.generate`: streams a greeting word by word.
 
-    python examples/hello/server.py        # then, in another shell: python examples/hello/client.py
+python examples/hello/server.py        # then, in another shell: python examples/hello/client.py
 """
 
 from __future__ import annotations

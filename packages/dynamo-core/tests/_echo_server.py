@@ -1,6 +1,6 @@
 """A test component: serves a few endpoints with known behaviour, then prints READY.
 
-    python _echo_server.py NAMESPACE [--tag TAG]
+python _echo_server.py NAMESPACE [--tag TAG]
 """
 
 from __future__ import annotations

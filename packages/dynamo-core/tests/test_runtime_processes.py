@@ -18,7 +18,6 @@ import pytest
 
 from dynamo_core import errors
 from dynamo_core.runtime import Client, DistributedRuntime, RuntimeConfig
-
 from dynamo_core.testing.procs import Proc, run_python
 
 SERVER = str(Path(__file__).with_name("_echo_server.py"))
@@ -231,7 +230,9 @@ async def test_auth_token(
             else:
                 with pytest.raises(errors.DynamoError) as info:
                     await collect(await client.generate({"n": 2}))
-                assert isinstance(info.value, errors.AuthenticationError | errors.ConnectionLostError)
+                assert isinstance(
+                    info.value, errors.AuthenticationError | errors.ConnectionLostError
+                )
 
 
 async def test_sigterm_lets_inflight_stream_finish(

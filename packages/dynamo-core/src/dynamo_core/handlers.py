@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,9 @@ class BaseWorkerHandler(ABC):
 
     # -- what the endpoint serves ----------------------------------------------------------
 
-    async def generate(self, request: Any, context: Context) -> AsyncIterator[dict[str, Any]]:
+    async def generate(
+        self, request: Any, context: Context
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The endpoint handler: `PreprocessedRequest` map in, `EngineOutput` maps out."""
         req = self.parse_request(request)
         if req.request_id is None:
@@ -248,4 +250,6 @@ async def _aclose(gen: AsyncIterator[Any]) -> None:
         try:
             await aclose()
         except Exception:  # an engine generator that fails while closing
-            logging.getLogger("dynamo.handlers").debug("closing engine stream failed", exc_info=True)
+            logging.getLogger("dynamo.handlers").debug(
+                "closing engine stream failed", exc_info=True
+            )

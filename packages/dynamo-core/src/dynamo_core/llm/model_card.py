@@ -12,6 +12,7 @@ the frontend overrides it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -73,6 +74,13 @@ def _context_length_from(model_path: Path) -> int | None:
     return None
 
 
+def _inspect_model_path(model_path: str | Path) -> tuple[Path, int | None]:
+    path = Path(model_path).resolve()
+    if not (path / "tokenizer.json").is_file():
+        raise ConfigError(f"--model-path {model_path}: no tokenizer.json in that folder")
+    return path, _context_length_from(path)
+
+
 async def register_model(
     endpoint: Endpoint,
     *,
@@ -88,16 +96,14 @@ async def register_model(
 
     `context_length` defaults to the model's config; engines pass their real limit.
     """
-    path = Path(model_path).resolve()
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"--model-path {model_path}: no tokenizer.json in that folder")
+    path, config_length = await asyncio.to_thread(_inspect_model_path, model_path)
     runtime = endpoint.runtime
     card = ModelCard(
         name=model_name or path.name,
         endpoint=f"{endpoint.namespace_name}.{endpoint.component.name}.{endpoint.name}",
         model_path=str(path),
         model_type=model_type or ["chat", "completions"],
-        context_length=context_length or _context_length_from(path) or 2048,
+        context_length=context_length or config_length or 2048,
         kv_block_size=kv_block_size,
         migration_limit=migration_limit,
         instance_id=runtime.instance_id,

@@ -145,7 +145,9 @@ class HandlerConformance:
         outs = await collect(handler, req)
         assert tokens_of(outs) == full[: eos_at + 1]
         assert outs[-1]["finish_reason"] in ("eos", "stop")
-        ignored = await collect(handler, {**req, "stop_conditions": {"max_tokens": 16, "ignore_eos": True}})
+        ignored = await collect(
+            handler, {**req, "stop_conditions": {"max_tokens": 16, "ignore_eos": True}}
+        )
         assert tokens_of(ignored) == full
 
     async def test_concurrent_requests_are_independent(self, handler: BaseWorkerHandler) -> None:
@@ -178,7 +180,9 @@ class HandlerConformance:
         started = asyncio.Event()
 
         async def consume() -> None:
-            async for _ in handler.generate(make_request(self.prompt, max_tokens=100_000), Context()):
+            async for _ in handler.generate(
+                make_request(self.prompt, max_tokens=100_000), Context()
+            ):
                 started.set()
 
         task = asyncio.create_task(consume())

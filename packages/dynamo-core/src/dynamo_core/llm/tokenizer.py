@@ -1,0 +1,268 @@
+"""A model's tokenizer, read straight from its Hugging Face files with `tokenizers`.
+
+`Tokenizer.from_dir(path)` reads what a model directory (or a `ModelCard`'s tokenizer path) holds:
+
+- ``tokenizer.json``: the fast tokenizer itself (`tokenizers.Tokenizer`, exposed as `.backend`);
+- ``tokenizer_config.json``: bos/eos tokens, ``model_max_length``, the chat template;
+- ``generation_config.json`` (optional): extra eos ids. Chat models often end a turn with a token
+  (``<|im_end|>``, ``<|eot_id|>``) that is not the tokenizer's ``eos_token``; `eos_token_ids` is the
+  union of both files, so a worker stops on either;
+- ``chat_template.jinja`` (optional): newer checkpoints keep the template in its own file, which
+  then wins over the one in ``tokenizer_config.json``. A template given as a list of named
+  templates (``[{"name": "default", ...}, {"name": "tool_use", ...}]``) is kept by name in
+  `chat_templates`; `chat_template` is the ``default`` one.
+
+transformers is not needed (the frontend must start fast and stay light). `encode`/`decode` match
+`PreTrainedTokenizerFast` with ``clean_up_tokenization_spaces=False``, which is what Llama-3, Qwen
+and most recent models ship; the cleanup step (``" ." -> "."``) is deliberately not reproduced.
+
+Encoding runs in Rust with the GIL released, so a long prompt can go to a worker thread without
+blocking the event loop while other requests proceed. Short texts are encoded inline:
+a thread hop costs more (tens of microseconds) than encoding a few hundred bytes.
+`encode_async` picks by length (`ASYNC_ENCODE_THRESHOLD` characters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+__all__ = ["ASYNC_ENCODE_THRESHOLD", "Tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+#: Texts longer than this (in characters) are encoded in a worker thread by `encode_async`.
+ASYNC_ENCODE_THRESHOLD = 4096
+
+# transformers' sentinel for "no limit" (int(1e30)); treated as unknown here.
+_VERY_LARGE_INTEGER = int(1e20)
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token in tokenizer_config.json is a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        content = value.get("content")
+        return content if isinstance(content, str) else None
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _parse_chat_templates(value: Any) -> dict[str, str]:
+    if isinstance(value, str):
+        return {"default": value}
+    if isinstance(value, list):
+        named = {}
+        for item in value:
+            if isinstance(item, dict) and isinstance(item.get("template"), str):
+                named[str(item.get("name", "default"))] = item["template"]
+        return named
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items() if isinstance(v, str)}
+    return {}
+
+
+class Tokenizer:
+    """Encode and decode text for one model; see the module docstring for the files it reads."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        config: dict[str, Any] | None = None,
+        generation_config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        name_or_path: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.name_or_path = name_or_path
+        self._config: dict[str, Any] = dict(config or {})
+        gen = generation_config or {}
+
+        self._bos_token = _token_content(self._config.get("bos_token"))
+        self._eos_token = _token_content(self._config.get("eos_token"))
+
+        self._chat_templates = _parse_chat_templates(self._config.get("chat_template"))
+        if chat_template is not None:
+            self._chat_templates["default"] = chat_template
+
+        eos_ids: list[int] = []
+        if self._eos_token is not None:
+            eos_id = backend.token_to_id(self._eos_token)
+            if eos_id is not None:
+                eos_ids.append(eos_id)
+        for token_id in _as_id_list(gen.get("eos_token_id")):
+            if token_id not in eos_ids:
+                eos_ids.append(token_id)
+        self._eos_token_ids = eos_ids
+
+        self._special_token_ids = frozenset(
+            token_id
+            for token_id, added in backend.get_added_tokens_decoder().items()
+            if added.special
+        )
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load from a model directory holding ``tokenizer.json`` (see the module docstring)."""
+        root = Path(path)
+        tokenizer_file = root / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {root}")
+        backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        config = _read_json(root / "tokenizer_config.json")
+        generation_config = _read_json(root / "generation_config.json")
+        template_file = root / "chat_template.jinja"
+        chat_template = (
+            template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        )
+        tok = cls(
+            backend,
+            config=config,
+            generation_config=generation_config,
+            chat_template=chat_template,
+            name_or_path=str(root),
+        )
+        logger.debug(
+            "loaded tokenizer from %s (vocab %d, eos ids %s)",
+            root,
+            tok.vocab_size,
+            tok.eos_token_ids,
+        )
+        return tok
+
+    # -- encode / decode ---------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens`, the post-processor's bos/eos too."""
+        ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
+
+    async def encode_async(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """`encode`, in a worker thread when `text` is long enough to stall the event loop."""
+        if len(text) <= ASYNC_ENCODE_THRESHOLD:
+            return self.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self.encode, text, add_special_tokens)
+
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = False
+    ) -> list[list[int]]:
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        text: str = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id: int | None = self.backend.token_to_id(token)
+        return token_id
+
+    def id_to_token(self, token_id: int) -> str | None:
+        token: str | None = self.backend.id_to_token(token_id)
+        return token
+
+    # -- properties --------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (what the model's embedding must cover)."""
+        return self._vocab_size
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._bos_token
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._eos_token
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self._bos_token is None else self.token_to_id(self._bos_token)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The tokenizer's eos id, then generation_config's eos ids, without duplicates."""
+        return list(self._eos_token_ids)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of added tokens marked special (skipped by ``decode(skip_special_tokens=True)``)."""
+        return self._special_token_ids
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Named special tokens from tokenizer_config.json (``bos_token``, ``eos_token``, ...).
+
+        These are the variables transformers passes to a chat template.
+        """
+        named: dict[str, str] = {}
+        for key in (
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "sep_token",
+            "pad_token",
+            "cls_token",
+            "mask_token",
+        ):
+            content = _token_content(self._config.get(key))
+            if content is not None:
+                named[key] = content
+        return named
+
+    @property
+    def model_max_length(self) -> int | None:
+        """``model_max_length`` from tokenizer_config.json, or None when absent or unbounded."""
+        value = self._config.get("model_max_length")
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and value < _VERY_LARGE_INTEGER
+        ):
+            return int(value)
+        return None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template source, or None when the model has none."""
+        return self._chat_templates.get("default")
+
+    @property
+    def chat_templates(self) -> dict[str, str]:
+        """Every named chat template (``default``, ``tool_use``, ...)."""
+        return dict(self._chat_templates)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The raw tokenizer_config.json content."""
+        return self._config
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
