@@ -270,6 +270,19 @@ class ClientStream:
                 self.cancel()
                 raise
 
+    def take_ready(self) -> list[Any]:
+        """Items already received, without waiting (to handle a burst in one go)."""
+        items = self._items
+        if not items:
+            return []
+        ready = list(items)
+        items.clear()
+        self._consumed += len(ready)
+        if self._consumed >= self._step and not self._done:
+            self._on_credit(self._consumed)
+            self._consumed = 0
+        return ready
+
     def cancel(self) -> None:
         """Stop the remote handler; the stream ends (further reads raise StopAsyncIteration)."""
         if self._done:

@@ -1,0 +1,3 @@
+from dynamo_core.frontend.main import main
+
+main()

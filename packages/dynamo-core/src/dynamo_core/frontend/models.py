@@ -1,0 +1,159 @@
+"""The frontend's view of live models, kept current by a discovery watch on model cards.
+
+A model appears when its first card is registered and its tokenizer is loaded (in a thread, once
+per model), and disappears when its last card goes (its instances stopped or died). Requests are
+routed only to instances that have both a card and a live endpoint registration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from dynamo_core.errors import ConfigError
+from dynamo_core.llm.chat_template import ChatTemplate
+from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
+from dynamo_core.llm.tokenizer import Tokenizer
+from dynamo_core.router.policies import RoutingPolicy, make_policy
+
+if TYPE_CHECKING:
+    from dynamo_core.runtime import Client, DistributedRuntime
+    from dynamo_core.runtime.discovery import Watch
+
+__all__ = ["ModelEntry", "ModelManager"]
+
+log = logging.getLogger("dynamo.frontend.models")
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    card: ModelCard
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    client: Client
+    policy: RoutingPolicy
+    card_instances: set[int] = field(default_factory=set)
+    created: int = 0
+
+    def live_instances(self) -> list[int]:
+        return [i for i in self.client.instance_ids() if i in self.card_instances]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.tokenizer.eos_token_ids
+
+
+class ModelManager:
+    def __init__(
+        self, runtime: DistributedRuntime, namespace: str, router_mode: str = "round-robin"
+    ) -> None:
+        self.runtime = runtime
+        self.namespace = namespace
+        self.router_mode = router_mode
+        self.models: dict[str, ModelEntry] = {}
+        self._cards: dict[str, tuple[str, ModelCard]] = {}  # key -> (model, card)
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._watch: Watch | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._watch = await self.runtime.discovery.watch_prefix(f"{MODELS_PREFIX}{self.namespace}/")
+        for event in self._watch.pending():
+            self._apply(event.kind, event.key, event.value)
+        self._task = self.runtime.spawn(self._follow(self._watch), name="model-watch")
+        if self._loading:
+            await asyncio.gather(*self._loading.values(), return_exceptions=True)
+
+    async def _follow(self, watch: Watch) -> None:
+        async for event in watch:
+            self._apply(event.kind, event.key, event.value)
+
+    def _apply(self, kind: str, key: str, value: bytes | None) -> None:
+        if kind == "put" and value is not None:
+            try:
+                card = ModelCard.decode(value)
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring malformed model card %s: %s", key, exc)
+                return
+            self._cards[key] = (card.name, card)
+            entry = self.models.get(card.name)
+            if entry is not None:
+                entry.card_instances.add(card.instance_id)
+                self._notify()
+            elif card.name not in self._loading:
+                self._loading[card.name] = self.runtime.spawn(self._load(card))
+        else:
+            known = self._cards.pop(key, None)
+            if known is None:
+                return
+            name, card = known
+            entry = self.models.get(name)
+            if entry is not None:
+                entry.card_instances.discard(card.instance_id)
+                if not entry.card_instances:
+                    log.info("model %s has no instances left: removed", name)
+                    del self.models[name]
+                    self.runtime.spawn(entry.client.close())
+            self._notify()
+
+    async def _load(self, card: ModelCard) -> None:
+        try:
+            tokenizer, template = await asyncio.to_thread(_load_tokenizer, card.model_path)
+            client = await self.runtime.endpoint(card.endpoint).client()
+        except Exception as exc:
+            log.error("cannot serve model %s: %s", card.name, exc)
+            return
+        finally:
+            self._loading.pop(card.name, None)
+        instances = {c.instance_id for (name, c) in self._cards.values() if name == card.name}
+        if not instances:
+            await client.close()
+            return
+        entry = ModelEntry(
+            name=card.name,
+            card=card,
+            tokenizer=tokenizer,
+            template=template,
+            client=client,
+            policy=make_policy(self.router_mode),
+            card_instances=instances,
+            created=int(asyncio.get_running_loop().time()),
+        )
+        self.models[card.name] = entry
+        log.info("model %s added (endpoint %s)", card.name, card.endpoint)
+        client.on_change(self._notify)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for_change(self) -> None:
+        await self._changed.wait()
+
+    def get(self, name: str) -> ModelEntry | None:
+        return self.models.get(name)
+
+    def listed(self) -> list[ModelEntry]:
+        """Models with at least one live instance."""
+        return [m for m in self.models.values() if m.live_instances()]
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+        for entry in self.models.values():
+            await entry.client.close()
+
+
+def _load_tokenizer(model_path: str) -> tuple[Tokenizer, ChatTemplate]:
+    if not Path(model_path, "tokenizer.json").is_file():
+        raise ConfigError(f"no tokenizer.json under {model_path}")
+    tokenizer = Tokenizer.from_dir(model_path)
+    return tokenizer, ChatTemplate.from_tokenizer(tokenizer)

@@ -1,0 +1,619 @@
+"""The OpenAI service: routes, preprocessing, routing, streaming, detokenizing, migration.
+
+Per request: validate the body (OpenAI error shape on bad input), render the chat template,
+tokenize, check the context, build the `PreprocessedRequest` map, pick a worker (the model's
+routing policy), and stream its `EngineOutput` maps back. The first batch of output is awaited
+before any HTTP header goes out, so errors a worker reports at once (bad request, no instance)
+become proper HTTP errors; later failures end the stream with an error event.
+
+Streaming cost per token is a dict lookup, an incremental detokenizer step and one bytes join:
+items that arrive together (the request plane batches them) leave in one SSE write.
+
+Migration: when the worker's connection breaks mid-stream (it died, or shut down past its grace
+period), the request is re-sent to another instance with the tokens generated so far appended to
+the prompt, up to `migration_limit` times; the client sees one unbroken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import msgspec
+
+from dynamo_core import errors
+from dynamo_core.frontend.http import Final, Request, Response, StreamingResponse
+from dynamo_core.frontend.metrics import FrontendMetrics
+from dynamo_core.frontend.models import ModelEntry, ModelManager
+from dynamo_core.frontend.openai import (
+    ChatCompletionRequest,
+    ChatStreamFormatter,
+    CompletionRequest,
+    CompletionStreamFormatter,
+    error_body,
+    finish_reason_for,
+    usage_dict,
+)
+from dynamo_core.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from dynamo_core.runtime import Context, DistributedRuntime
+
+__all__ = ["OpenAIService"]
+
+log = logging.getLogger("dynamo.frontend")
+
+_DONE = b"data: [DONE]\n\n"
+_MIGRATABLE = (
+    errors.ConnectionLostError,
+    errors.InstanceNotFoundError,
+    errors.EndpointNotFoundError,
+    errors.CancelledError,  # the worker shut down before finishing
+)
+Batches = AsyncGenerator[list[dict[str, Any]], None]
+
+
+def _error(
+    status: int, message: str, kind: str, code: str | None = None, param: str | None = None
+) -> Response:
+    return Response(error_body(message, kind, code, param), status=status)
+
+
+def _error_for(exc: errors.DynamoError) -> Response:
+    status = exc.http_status
+    if isinstance(exc, errors.HandlerError):
+        status = 500
+    kind = {
+        400: "invalid_request_error",
+        404: "not_found_error",
+        503: "service_unavailable",
+    }.get(status, "internal_error")
+    return _error(status, str(exc), kind)
+
+
+class _Output:
+    """Turns engine output maps into text, applying stop strings; counts tokens."""
+
+    __slots__ = (
+        "cached",
+        "completion_tokens",
+        "detok",
+        "finish",
+        "logprobs_wanted",
+        "matcher",
+        "tokenizer",
+    )
+
+    def __init__(self, entry: ModelEntry, stops: list[str], logprobs: int | None) -> None:
+        self.tokenizer = entry.tokenizer
+        self.detok = IncrementalDetokenizer(entry.tokenizer, skip_special_tokens=True)
+        self.matcher = StopStringMatcher(stops) if stops else None
+        self.logprobs_wanted = logprobs
+        self.completion_tokens = 0
+        self.finish: str | None = None
+        self.cached: int | None = None
+
+    def feed(self, item: dict[str, Any]) -> str:
+        """The text `item` adds; sets `finish` when the sequence ends."""
+        ids = item.get("token_ids")
+        text = ""
+        if ids:
+            self.completion_tokens += len(ids)
+            text = self.detok.push(ids)
+        reason = item.get("finish_reason")
+        if reason is not None:
+            text += self.detok.flush()
+            usage = item.get("usage")
+            if usage:
+                self.cached = usage.get("cached_tokens")
+            if reason == "error":
+                raise errors.EngineError(item.get("error") or "the engine failed")
+        matcher = self.matcher
+        if matcher is not None:
+            text, hit = matcher.feed(text)
+            if hit:
+                self.finish = "stop"
+                return text
+            if reason is not None:
+                text += matcher.flush()
+        if reason is not None:
+            self.finish = finish_reason_for(reason) or "stop"
+        return text
+
+    def token_logprobs(
+        self, item: dict[str, Any]
+    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        ids = item.get("token_ids") or []
+        lps = item.get("log_probs") or []
+        tops = item.get("top_logprobs") or [[] for _ in ids]
+        return [
+            (t, lp, [tuple(x) for x in top]) for t, lp, top in zip(ids, lps, tops, strict=False)
+        ]
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class OpenAIService:
+    def __init__(
+        self,
+        runtime: DistributedRuntime,
+        *,
+        namespace: str,
+        router_mode: str = "round-robin",
+        migration_limit: int | None = None,
+        metrics: FrontendMetrics | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.models = ModelManager(runtime, namespace, router_mode)
+        self.migration_limit = migration_limit
+        self.metrics = metrics or FrontendMetrics()
+        self._routes = {
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/completions"): self.completions,
+            ("GET", "/v1/models"): self.list_models,
+            ("GET", "/health"): self.health,
+            ("GET", "/live"): self.live,
+            ("GET", "/metrics"): self.prometheus,
+        }
+
+    async def start(self) -> None:
+        await self.models.start()
+
+    async def close(self) -> None:
+        await self.models.close()
+
+    async def handle(self, request: Request) -> Response | StreamingResponse:
+        route = self._routes.get((request.method, request.path.rstrip("/") or "/"))
+        if route is not None:
+            return await route(request)
+        if any(path == request.path for (_, path) in self._routes):
+            return _error(
+                405, f"{request.method} is not allowed on {request.path}", "invalid_request_error"
+            )
+        return _error(404, f"no route {request.method} {request.path}", "not_found_error")
+
+    # -- simple routes --------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        data = [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "dynamo"}
+            for m in self.models.listed()
+        ]
+        return Response(msgspec.json.encode({"object": "list", "data": data}))
+
+    async def health(self, request: Request) -> Response:
+        models = self.models.listed()
+        return Response(
+            msgspec.json.encode(
+                {
+                    "status": "healthy",
+                    "models": [m.name for m in models],
+                    "instances": {m.name: len(m.live_instances()) for m in models},
+                }
+            )
+        )
+
+    async def live(self, request: Request) -> Response:
+        return Response(b'{"status":"live"}')
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    # -- completions ----------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response | StreamingResponse:
+        body = _decode(request.body, ChatCompletionRequest)
+        if isinstance(body, Response):
+            return body
+        entry = self.models.get(body.model)
+        if entry is None:
+            return _model_not_found(body.model)
+        if (body.n or 1) > 1:
+            return _error(400, "n > 1 is not supported", "invalid_request_error", param="n")
+        if not body.messages:
+            return _error(
+                400, "messages must not be empty", "invalid_request_error", param="messages"
+            )
+        for i, message in enumerate(body.messages):
+            if not isinstance(message.get("role"), str):
+                return _error(
+                    400, f"messages[{i}] has no role", "invalid_request_error", param="messages"
+                )
+        try:
+            prompt = entry.template.render(
+                body.messages,
+                add_generation_prompt=True,
+                tools=body.tools,
+                **(body.chat_template_kwargs or {}),
+            )
+        except errors.InvalidRequestError as exc:
+            return _error(400, str(exc), "invalid_request_error", param="messages")
+        token_ids = await entry.tokenizer.encode_async(prompt, add_special_tokens=False)
+        return await self._generate(
+            entry, body, token_ids, ChatStreamFormatter(body.model), "chat_completions"
+        )
+
+    async def completions(self, request: Request) -> Response | StreamingResponse:
+        body = _decode(request.body, CompletionRequest)
+        if isinstance(body, Response):
+            return body
+        entry = self.models.get(body.model)
+        if entry is None:
+            return _model_not_found(body.model)
+        if (body.n or 1) > 1:
+            return _error(400, "n > 1 is not supported", "invalid_request_error", param="n")
+        prompt: Any = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                return _error(
+                    400,
+                    "batched prompts are not supported: send one prompt per request",
+                    "invalid_request_error",
+                    param="prompt",
+                )
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            token_ids = await entry.tokenizer.encode_async(prompt, add_special_tokens=True)
+        else:
+            vocab = entry.tokenizer.vocab_size
+            if not all(type(t) is int and 0 <= t < vocab for t in prompt):
+                return _error(
+                    400,
+                    f"prompt must be a string or a list of token ids in [0, {vocab})",
+                    "invalid_request_error",
+                    param="prompt",
+                )
+            token_ids = list(prompt)
+        if not token_ids:
+            return _error(400, "prompt must not be empty", "invalid_request_error", param="prompt")
+        return await self._generate(
+            entry, body, token_ids, CompletionStreamFormatter(body.model), "completions"
+        )
+
+    async def _generate(
+        self,
+        entry: ModelEntry,
+        body: ChatCompletionRequest | CompletionRequest,
+        token_ids: list[int],
+        fmt: ChatStreamFormatter | CompletionStreamFormatter,
+        endpoint: str,
+    ) -> Response | StreamingResponse:
+        t0 = time.monotonic()
+        context_length = entry.card.context_length
+        prompt_len = len(token_ids)
+        requested = body.requested_max_tokens()
+        if prompt_len >= context_length:
+            return _context_error(context_length, prompt_len, requested)
+        max_tokens = requested if requested is not None else context_length - prompt_len
+        if prompt_len + max_tokens > context_length:
+            return _context_error(context_length, prompt_len, max_tokens)
+        logprobs = body.logprobs_count()
+        preq = _preprocessed(entry, body, token_ids, max_tokens, logprobs, fmt.id)
+        model = entry.name
+        ctx = Context(fmt.id)
+        batches = self._engine_batches(entry, preq, ctx)
+        try:
+            first = await batches.__anext__()
+        except StopAsyncIteration:
+            first = []
+        except errors.DynamoError as exc:
+            await batches.aclose()
+            self.metrics.requests.labels(
+                model, endpoint, "stream" if body.stream else "unary", "error"
+            ).inc()
+            return _error_for(exc)
+        out = _Output(entry, body.stop_strings(), logprobs)
+        self.metrics.input_tokens.labels(model).observe(prompt_len)
+        if body.stream:
+            stream = self._sse(
+                entry, fmt, out, first, batches, body.include_usage(), prompt_len, t0, endpoint
+            )
+            return StreamingResponse(stream)
+        return await self._whole(entry, fmt, out, first, batches, prompt_len, t0, endpoint)
+
+    async def _engine_batches(
+        self, entry: ModelEntry, preq: dict[str, Any], ctx: Context
+    ) -> Batches:
+        """Batches of engine output maps, migrating to another instance if a worker breaks."""
+        limit = (
+            self.migration_limit if self.migration_limit is not None else entry.card.migration_limit
+        )
+        exclude: list[int] = []
+        generated: list[int] = []
+        request = preq
+        policy = entry.policy
+        while True:
+            iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
+            policy.started(iid)
+            stream = None
+            try:
+                stream = await entry.client.direct(request, iid, context=ctx)
+                async for item in stream:
+                    batch = [item]
+                    more = stream.take_ready()
+                    if more:
+                        batch += more
+                    for it in batch:
+                        ids = it.get("token_ids")
+                        if ids:
+                            generated += ids
+                    yield batch
+                return
+            except _MIGRATABLE as exc:
+                if limit <= 0 or ctx.is_stopped():
+                    raise
+                limit -= 1
+                exclude.append(iid)
+                log.warning(
+                    "request %s: instance %x failed (%s); migrating with %d tokens generated",
+                    ctx.id,
+                    iid,
+                    exc,
+                    len(generated),
+                )
+                request = _continuation(preq, generated)
+            finally:
+                policy.finished(iid)
+                if stream is not None:
+                    stream.cancel()
+
+    async def _sse(
+        self,
+        entry: ModelEntry,
+        fmt: ChatStreamFormatter | CompletionStreamFormatter,
+        out: _Output,
+        first: list[dict[str, Any]],
+        batches: Batches,
+        include_usage: bool,
+        prompt_len: int,
+        t0: float,
+        endpoint: str,
+    ) -> AsyncIterator[bytes]:
+        model = entry.name
+        m = self.metrics
+        m.inflight.labels(model).inc()
+        status = "success"
+        want_lp = out.logprobs_wanted is not None
+        is_chat = isinstance(fmt, ChatStreamFormatter)
+        first_token_at: float | None = None
+        last_at = t0
+        try:
+            head = fmt.role()
+            batch: list[dict[str, Any]] | None = first
+            while batch is not None:
+                parts = [head] if head else []
+                head = b""
+                now = time.monotonic()
+                new_tokens = 0
+                for item in batch:
+                    text = out.feed(item)
+                    n = len(item.get("token_ids") or ())
+                    new_tokens += n
+                    if want_lp and n:
+                        lp = self._logprobs_payload(out, item, is_chat)
+                        parts.append(fmt.text_with_logprobs(text, lp))
+                    elif text:
+                        parts.append(fmt.text(text))
+                    if out.finish is not None:
+                        break
+                if new_tokens:
+                    if first_token_at is None:
+                        first_token_at = now
+                        m.ttft.labels(model).observe(now - t0)
+                    else:
+                        gap = (now - last_at) / new_tokens
+                        itl = m.itl.labels(model)
+                        for _ in range(new_tokens):
+                            itl.observe(gap)
+                    last_at = now
+                if out.finish is not None:
+                    parts.append(fmt.finish(out.finish))
+                    if include_usage:
+                        parts.append(
+                            fmt.usage(usage_dict(prompt_len, out.completion_tokens, out.cached))
+                        )
+                    parts.append(_DONE)
+                    yield Final(b"".join(parts))
+                    return
+                if parts:
+                    yield b"".join(parts)
+                batch = await anext(batches, None)
+            # the worker ended without a finish reason
+            yield Final(fmt.finish("stop") + _DONE)
+        except errors.DynamoError as exc:
+            status = "error"
+            log.warning("request %s failed mid-stream: %s", fmt.id, exc)
+            yield Final(fmt.error(str(exc)) + _DONE)
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"
+            raise
+        finally:
+            await batches.aclose()
+            m.inflight.labels(model).dec()
+            m.requests.labels(model, endpoint, "stream", status).inc()
+            m.output_tokens.labels(model).observe(out.completion_tokens)
+            m.duration.labels(model).observe(time.monotonic() - t0)
+
+    async def _whole(
+        self,
+        entry: ModelEntry,
+        fmt: ChatStreamFormatter | CompletionStreamFormatter,
+        out: _Output,
+        first: list[dict[str, Any]],
+        batches: Batches,
+        prompt_len: int,
+        t0: float,
+        endpoint: str,
+    ) -> Response:
+        model = entry.name
+        m = self.metrics
+        m.inflight.labels(model).inc()
+        pieces: list[str] = []
+        is_chat = isinstance(fmt, ChatStreamFormatter)
+        chat_lp: list[dict[str, Any]] = []
+        cmpl_lp: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        want_lp = out.logprobs_wanted is not None
+        status = "success"
+        try:
+            batch: list[dict[str, Any]] | None = first
+            while batch is not None and out.finish is None:
+                for item in batch:
+                    pieces.append(out.feed(item))
+                    if want_lp and item.get("token_ids"):
+                        lp = self._logprobs_payload(out, item, is_chat)
+                        if is_chat:
+                            chat_lp.extend(lp["content"] if isinstance(lp, dict) else lp)
+                        else:
+                            for key in cmpl_lp:
+                                cmpl_lp[key].extend(lp[key])
+                    if out.finish is not None:
+                        break
+                if out.finish is None:
+                    batch = await anext(batches, None)
+        except errors.DynamoError as exc:
+            status = "error"
+            return _error_for(exc)
+        finally:
+            await batches.aclose()
+            m.inflight.labels(model).dec()
+            m.requests.labels(model, endpoint, "unary", status).inc()
+            m.output_tokens.labels(model).observe(out.completion_tokens)
+            m.duration.labels(model).observe(time.monotonic() - t0)
+        text = "".join(pieces)
+        usage = usage_dict(prompt_len, out.completion_tokens, out.cached)
+        reason = out.finish or "stop"
+        if is_chat:
+            body = fmt.whole(text, reason, usage, chat_lp if want_lp else None)  # type: ignore[arg-type]
+        else:
+            body = fmt.whole(text, reason, usage, cmpl_lp if want_lp else None)  # type: ignore[arg-type]
+        return Response(body)
+
+    def _logprobs_payload(self, out: _Output, item: dict[str, Any], is_chat: bool) -> Any:
+        entries = out.token_logprobs(item)
+        if is_chat:
+            content = []
+            for tok, lp, top in entries:
+                text = out.token_text(tok)
+                content.append(
+                    {
+                        "token": text,
+                        "logprob": lp,
+                        "bytes": list(text.encode()),
+                        "top_logprobs": [
+                            {
+                                "token": (t := out.token_text(tid)),
+                                "logprob": tlp,
+                                "bytes": list(t.encode()),
+                            }
+                            for tid, tlp in top
+                        ],
+                    }
+                )
+            return content
+        tokens = [out.token_text(tok) for tok, _, _ in entries]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [
+                {out.token_text(tid): tlp for tid, tlp in top} for _, _, top in entries
+            ],
+            "text_offset": [0 for _ in entries],
+        }
+
+
+def _decode(body: bytes, kind: type[Any]) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        return _error(400, f"invalid request: {exc}", "invalid_request_error")
+    except msgspec.DecodeError as exc:
+        return _error(400, f"invalid JSON body: {exc}", "invalid_request_error")
+
+
+def _model_not_found(model: str) -> Response:
+    return _error(
+        404,
+        f"The model `{model}` does not exist.",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
+def _context_error(context_length: int, prompt_len: int, max_tokens: int | None) -> Response:
+    if max_tokens is None or prompt_len >= context_length:
+        msg = (
+            f"This model's maximum context length is {context_length} tokens. "
+            f"However, your prompt has {prompt_len} tokens."
+        )
+    else:
+        msg = (
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+            f"{max_tokens} in the completion). Please reduce the prompt or max_tokens."
+        )
+    return _error(400, msg, "invalid_request_error", "context_length_exceeded", "messages")
+
+
+def _preprocessed(
+    entry: ModelEntry,
+    body: ChatCompletionRequest | CompletionRequest,
+    token_ids: list[int],
+    max_tokens: int,
+    logprobs: int | None,
+    request_id: str,
+) -> dict[str, Any]:
+    stop: dict[str, Any] = {"max_tokens": max_tokens}
+    if body.extension("ignore_eos"):
+        stop["ignore_eos"] = True
+    min_tokens = body.extension("min_tokens")
+    if min_tokens:
+        stop["min_tokens"] = min_tokens
+    stops = body.stop_strings()
+    if stops:
+        stop["stop"] = stops
+    sampling = {
+        k: v
+        for k, v in (
+            ("temperature", body.temperature),
+            ("top_p", body.top_p),
+            ("top_k", body.extension("top_k")),
+            ("min_p", body.extension("min_p")),
+            ("seed", body.seed),
+            ("frequency_penalty", body.frequency_penalty),
+            ("presence_penalty", body.presence_penalty),
+            ("repetition_penalty", body.extension("repetition_penalty")),
+        )
+        if v is not None
+    }
+    output: dict[str, Any] = {}
+    if logprobs is not None:
+        output["logprobs"] = logprobs
+    return {
+        "token_ids": token_ids,
+        "model": entry.name,
+        "stop_conditions": stop,
+        "sampling_options": sampling,
+        "output_options": output,
+        "eos_token_ids": entry.eos_token_ids,
+        "request_id": request_id,
+    }
+
+
+def _continuation(preq: dict[str, Any], generated: list[int]) -> dict[str, Any]:
+    """The request that continues `preq` on another worker after `generated` tokens."""
+    request = dict(preq)
+    request["token_ids"] = preq["token_ids"] + generated
+    stop = dict(preq["stop_conditions"])
+    stop["max_tokens"] = max(1, stop["max_tokens"] - len(generated))
+    if stop.get("min_tokens"):
+        stop["min_tokens"] = max(0, stop["min_tokens"] - len(generated))
+    request["stop_conditions"] = stop
+    return request

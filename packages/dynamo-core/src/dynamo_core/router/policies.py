@@ -1,0 +1,101 @@
+"""Routing policies: which live instance gets the next request.
+
+A policy sees the live instance ids of one model (in a stable order) and the request's token ids,
+and is told when a request it routed starts and ends, so load-aware policies count in-flight
+requests at dispatch time (not when the worker reports load, which is always late).
+
+    round-robin   each instance in turn
+    random        uniformly at random
+    least-loaded  fewest requests in flight from this router (ties: round-robin among them)
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Literal
+
+from dynamo_core.errors import ConfigError, NoInstancesError
+
+__all__ = [
+    "LeastLoaded",
+    "RandomPolicy",
+    "RoundRobin",
+    "RouterMode",
+    "RoutingPolicy",
+    "make_policy",
+]
+
+RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
+
+
+class RoutingPolicy(ABC):
+    def __init__(self) -> None:
+        self.inflight: dict[int, int] = {}
+
+    @abstractmethod
+    def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int: ...
+
+    def select(
+        self, instances: Sequence[int], token_ids: Sequence[int] = (), exclude: Sequence[int] = ()
+    ) -> int:
+        """The instance for a request; `exclude` lists instances that just failed it."""
+        candidates = [i for i in instances if i not in exclude] if exclude else instances
+        if not candidates:
+            raise NoInstancesError("no live instance serves this model")
+        return self._pick(candidates, token_ids)
+
+    def started(self, instance_id: int) -> None:
+        self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
+
+    def finished(self, instance_id: int) -> None:
+        n = self.inflight.get(instance_id, 0) - 1
+        if n > 0:
+            self.inflight[instance_id] = n
+        else:
+            self.inflight.pop(instance_id, None)
+
+
+class RoundRobin(RoutingPolicy):
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0
+
+    def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
+        choice = instances[self._next % len(instances)]
+        self._next += 1
+        return choice
+
+
+class RandomPolicy(RoutingPolicy):
+    def __init__(self, rng: random.Random | None = None) -> None:
+        super().__init__()
+        self._rng = rng or random.Random()
+
+    def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
+        return instances[self._rng.randrange(len(instances))]
+
+
+class LeastLoaded(RoutingPolicy):
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0
+
+    def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
+        loads = self.inflight
+        low = min(loads.get(i, 0) for i in instances)
+        ties = [i for i in instances if loads.get(i, 0) == low]
+        choice = ties[self._next % len(ties)]
+        self._next += 1
+        return choice
+
+
+def make_policy(mode: str) -> RoutingPolicy:
+    if mode == "round-robin":
+        return RoundRobin()
+    if mode == "random":
+        return RandomPolicy()
+    if mode == "least-loaded":
+        return LeastLoaded()
+    raise ConfigError(f"unknown router mode {mode!r}: use round-robin, random or least-loaded")

@@ -1,0 +1,292 @@
+"""The frontend in one process (mem discovery, inproc requests) with the echo engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from dynamo_core.echo import EchoHandler
+from dynamo_core.frontend.http import HttpServer, serve_http
+from dynamo_core.frontend.service import OpenAIService
+from dynamo_core.llm import register_model
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+
+TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
+
+
+@dataclass
+class Graph:
+    runtime: DistributedRuntime
+    service: OpenAIService
+    server: HttpServer
+    handler: EchoHandler
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+async def add_worker(
+    runtime: DistributedRuntime, handler: EchoHandler, model: str = "tiny", **card: Any
+) -> None:
+    ep = runtime.namespace().component("backend").endpoint("generate")
+    await register_model(ep, model_path=TINY, model_name=model, **card)
+    await ep.start_serving(handler.generate)
+
+
+@pytest.fixture
+async def graph(namespace: str) -> AsyncIterator[Graph]:
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(cfg) as rt:
+        handler = EchoHandler()
+        await add_worker(rt, handler, context_length=64)
+        service = OpenAIService(rt, namespace=namespace)
+        await service.start()
+        server = await serve_http(service.handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.port}"
+        async with httpx.AsyncClient(base_url=url) as http:
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            yield Graph(rt, service, server, handler, client, http)
+            await client.close()
+        await server.close()
+        await service.close()
+
+
+def chat(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+async def test_models_listed(graph: Graph) -> None:
+    models = await graph.client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+async def test_chat_whole_and_usage(graph: Graph) -> None:
+    r = await graph.client.chat.completions.create(
+        model="tiny", messages=chat("Hello there"), max_tokens=40
+    )
+    # the echo engine returns the rendered prompt, whose <|im_end|> is an end-of-sequence token
+    assert r.choices[0].message.content == "user\nHello there"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens < 40
+    r = await graph.client.chat.completions.create(
+        model="tiny", messages=chat("Hello there"), max_tokens=40, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 40
+    assert r.usage.prompt_tokens + 40 == r.usage.total_tokens
+
+
+async def test_chat_stream_with_usage_in_last_chunk(graph: Graph) -> None:
+    stream = await graph.client.chat.completions.create(
+        model="tiny",
+        messages=chat("Streaming works"),
+        max_tokens=12,
+        extra_body={"nvext": {"ignore_eos": True}},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+async def test_completion_and_stop_string_never_leaks(graph: Graph) -> None:
+    r = await graph.client.completions.create(
+        model="tiny", prompt="one two three four five", max_tokens=20, stop=["three"]
+    )
+    assert r.choices[0].text == "one two "
+    assert r.choices[0].finish_reason == "stop"
+    stream = await graph.client.completions.create(
+        model="tiny",
+        prompt="one two three four five",
+        max_tokens=20,
+        stop=["thr", "ee"],
+        stream=True,
+    )
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert text == "one two "
+
+
+async def test_token_id_prompt(graph: Graph) -> None:
+    r = await graph.client.completions.create(model="tiny", prompt=[10, 11, 12], max_tokens=3)
+    assert r.usage is not None and r.usage.prompt_tokens == 3
+
+
+async def test_unknown_model_is_404(graph: Graph) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await graph.client.chat.completions.create(model="nope", messages=chat("x"))
+    assert "nope" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b'{"model": "tiny"}', "messages"),
+        (b'{"model": "tiny", "messages": "hi"}', "messages"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": "a"}',
+            "max_tokens",
+        ),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+            "temperature",
+        ),
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n > 1"),
+        (b'{"model": "tiny", "messages": []}', "empty"),
+        (b'{"model": "tiny", "messages": [{"content": "x"}]}', "role"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 500}',
+            "context length",
+        ),
+    ],
+)
+async def test_bad_input_is_openai_shaped_400(graph: Graph, body: bytes, needle: str) -> None:
+    r = await graph.http.post("/v1/chat/completions", content=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+    ok = await graph.client.chat.completions.create(model="tiny", messages=chat("x"), max_tokens=2)
+    assert ok.choices[0].finish_reason == "length"  # "<|im_start|>user" is longer than that
+
+
+async def test_long_prompt_is_rejected(graph: Graph) -> None:
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+        await graph.client.chat.completions.create(
+            model="tiny", messages=chat("word " * 200), max_tokens=1
+        )
+
+
+async def test_openai_client_bad_request(graph: Graph) -> None:
+    with pytest.raises(openai.BadRequestError):
+        await graph.client.chat.completions.create(model="tiny", messages=chat("x"), top_p=5.0)
+
+
+async def test_health_live_metrics_routes(graph: Graph) -> None:
+    await graph.client.chat.completions.create(model="tiny", messages=chat("x"), max_tokens=3)
+    health = (await graph.http.get("/health")).json()
+    assert health["status"] == "healthy" and health["models"] == ["tiny"]
+    assert (await graph.http.get("/live")).status_code == 200
+    metrics = (await graph.http.get("/metrics")).text
+    for name in (
+        "dynamo_frontend_requests_total",
+        "dynamo_frontend_inflight_requests",
+        "dynamo_frontend_time_to_first_token_seconds",
+        "dynamo_frontend_inter_token_latency_seconds",
+        "dynamo_frontend_request_duration_seconds",
+        "dynamo_frontend_input_sequence_tokens",
+        "dynamo_frontend_output_sequence_tokens",
+    ):
+        assert name in metrics
+    assert 'model="tiny"' in metrics
+    assert (await graph.http.get("/nowhere")).status_code == 404
+    assert (await graph.http.get("/v1/chat/completions")).status_code == 405
+
+
+async def test_no_live_instance_is_503(graph: Graph) -> None:
+    # a card whose endpoint has no live instance (the window between a worker's death and
+    # discovery noticing it)
+    ep = graph.runtime.namespace().component("ghost").endpoint("generate")
+    await register_model(ep, model_path=TINY, model_name="ghost")
+    async with asyncio.timeout(5):
+        while graph.service.models.get("ghost") is None:
+            await graph.service.models.wait_for_change()
+    r = await graph.http.post(
+        "/v1/chat/completions", json={"model": "ghost", "messages": chat("x")}
+    )
+    assert r.status_code == 503
+    assert r.json()["error"]["message"]
+
+
+async def test_disconnect_cancels_worker_request(graph: Graph) -> None:
+    graph.handler.delay = 0.01
+    async with graph.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": chat("x"),
+            "max_tokens": 50,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    ) as r:
+        lines = r.aiter_lines()
+        while not (await anext(lines)).startswith("data: {"):
+            pass
+        assert graph.handler.active
+    async with asyncio.timeout(1):
+        while graph.handler.active:
+            await asyncio.sleep(0.005)
+    assert graph.handler.metrics.cancelled_total == 1
+
+
+async def test_requests_spread_and_migrate(namespace: str) -> None:
+    cfg = RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=0)
+    async with (
+        DistributedRuntime(cfg) as front,
+        DistributedRuntime(cfg) as a,
+        DistributedRuntime(cfg) as b,
+    ):
+        ha, hb = EchoHandler(delay=0.002), EchoHandler(delay=0.002)
+        await add_worker(a, ha, migration_limit=2)
+        await add_worker(b, hb, migration_limit=2)
+        service = OpenAIService(front, namespace=namespace, router_mode="least-loaded")
+        await service.start()
+        server = await serve_http(service.handle, "127.0.0.1", 0)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+        async with asyncio.timeout(5):
+            while len(((entry := service.models.get("tiny")) and entry.live_instances()) or []) < 2:
+                await service.models.wait_for_change()
+        await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model="tiny", messages=chat("x"), max_tokens=5, extra_body={"ignore_eos": True}
+                )
+                for _ in range(8)
+            )
+        )
+        assert ha.metrics.requests_total == 4 and hb.metrics.requests_total == 4
+
+        # a worker dies mid-stream: the client still gets every token, from the other one
+        stream = await client.chat.completions.create(
+            model="tiny",
+            messages=chat("migrate me"),
+            max_tokens=60,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = []
+        try:
+            async for chunk in stream:
+                chunks.append(chunk)
+                if len(chunks) == 5:
+                    victim = a if ha.active else b
+                    await victim.shutdown()
+        finally:
+            await client.close()
+            await server.close()
+            await service.close()
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 60
+        assert (ha.metrics.cancelled_total + hb.metrics.cancelled_total) == 1
