@@ -57,6 +57,8 @@ class ModelManager:
         self.namespace = namespace
         self.router_mode = router_mode
         self.models: dict[str, ModelEntry] = {}
+        #: models that were served and have no instance now (their requests get 503, not 404)
+        self.retired: set[str] = set()
         self._cards: dict[str, tuple[str, ModelCard]] = {}  # key -> (model, card)
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._watch: Watch | None = None
@@ -100,6 +102,7 @@ class ModelManager:
                 if not entry.card_instances:
                     log.info("model %s has no instances left: removed", name)
                     del self.models[name]
+                    self.retired.add(name)
                     self.runtime.spawn(entry.client.close())
             self._notify()
 
@@ -127,6 +130,7 @@ class ModelManager:
             created=int(asyncio.get_running_loop().time()),
         )
         self.models[card.name] = entry
+        self.retired.discard(card.name)
         log.info("model %s added (endpoint %s)", card.name, card.endpoint)
         client.on_change(self._notify)
         self._notify()

@@ -209,7 +209,7 @@ class OpenAIService:
             return body
         entry = self.models.get(body.model)
         if entry is None:
-            return _model_not_found(body.model)
+            return _model_not_found(body.model, self.models.retired)
         if (body.n or 1) > 1:
             return _error(400, "n > 1 is not supported", "invalid_request_error", param="n")
         if not body.messages:
@@ -241,7 +241,7 @@ class OpenAIService:
             return body
         entry = self.models.get(body.model)
         if entry is None:
-            return _model_not_found(body.model)
+            return _model_not_found(body.model, self.models.retired)
         if (body.n or 1) > 1:
             return _error(400, "n > 1 is not supported", "invalid_request_error", param="n")
         prompt: Any = body.prompt
@@ -316,7 +316,12 @@ class OpenAIService:
     async def _engine_batches(
         self, entry: ModelEntry, preq: dict[str, Any], ctx: Context
     ) -> Batches:
-        """Batches of engine output maps, migrating to another instance if a worker breaks."""
+        """Batches of engine output maps, moving to another instance if a worker breaks.
+
+        A worker that fails before sending anything (it died, discovery has not noticed yet)
+        is simply skipped: nothing reached the client. One that fails mid-stream is replaced
+        up to the migration limit, continuing from the tokens generated so far.
+        """
         limit = (
             self.migration_limit if self.migration_limit is not None else entry.card.migration_limit
         )
@@ -328,9 +333,11 @@ class OpenAIService:
             iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
             policy.started(iid)
             stream = None
+            received = False
             try:
                 stream = await entry.client.direct(request, iid, context=ctx)
                 async for item in stream:
+                    received = True
                     batch = [item]
                     more = stream.take_ready()
                     if more:
@@ -342,18 +349,25 @@ class OpenAIService:
                     yield batch
                 return
             except _MIGRATABLE as exc:
-                if limit <= 0 or ctx.is_stopped():
+                if ctx.is_stopped():
                     raise
-                limit -= 1
                 exclude.append(iid)
-                log.warning(
-                    "request %s: instance %x failed (%s); migrating with %d tokens generated",
-                    ctx.id,
-                    iid,
-                    exc,
-                    len(generated),
-                )
-                request = _continuation(preq, generated)
+                if received:
+                    if limit <= 0:
+                        raise
+                    limit -= 1
+                    log.warning(
+                        "request %s: instance %x failed (%s); migrating with %d tokens generated",
+                        ctx.id,
+                        iid,
+                        exc,
+                        len(generated),
+                    )
+                    request = _continuation(preq, generated)
+                else:
+                    log.info(
+                        "request %s: instance %x unreachable (%s); trying another", ctx.id, iid, exc
+                    )
             finally:
                 policy.finished(iid)
                 if stream is not None:
@@ -537,7 +551,11 @@ def _decode(body: bytes, kind: type[Any]) -> Any:
         return _error(400, f"invalid JSON body: {exc}", "invalid_request_error")
 
 
-def _model_not_found(model: str) -> Response:
+def _model_not_found(model: str, retired: set[str]) -> Response:
+    if model in retired:
+        return _error(
+            503, f"The model `{model}` has no live instances.", "service_unavailable", param="model"
+        )
     return _error(
         404,
         f"The model `{model}` does not exist.",

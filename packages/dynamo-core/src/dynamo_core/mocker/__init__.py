@@ -1,0 +1,69 @@
+"""`dynamo_core.mocker`: a simulated engine for CPU-only graphs, tests and benchmarks.
+
+`python -m dynamo_core.mocker --model-path DIR` serves it as a component (`main.py`);
+`start_mocker(runtime, config)` runs the same inside a process. The simulation (continuous
+batching, paged KV cache with prefix reuse, timing, KV events) is in `engine.py` and
+`kv_cache.py`; the handlers on the core bases in `handlers.py`.
+
+Only the component surface is imported eagerly (cheap, no LLM layer); the engine and handler
+classes load on first access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dynamo_core.mocker.main import (
+    Deployment,
+    MockerConfig,
+    MockerWorker,
+    build_parser,
+    main,
+    start_engine,
+    start_mocker,
+)
+
+if TYPE_CHECKING:
+    from dynamo_core.mocker.engine import MockerEngine, MockerEngineArgs, TimingModel
+    from dynamo_core.mocker.handlers import (
+        MockerDecodeHandler,
+        MockerHandler,
+        MockerPrefillHandler,
+    )
+    from dynamo_core.mocker.kv_cache import KvCache
+
+__all__ = [
+    "Deployment",
+    "KvCache",
+    "MockerConfig",
+    "MockerDecodeHandler",
+    "MockerEngine",
+    "MockerEngineArgs",
+    "MockerHandler",
+    "MockerPrefillHandler",
+    "MockerWorker",
+    "TimingModel",
+    "build_parser",
+    "main",
+    "start_engine",
+    "start_mocker",
+]
+
+_LAZY = {
+    "MockerEngine": "dynamo_core.mocker.engine",
+    "MockerEngineArgs": "dynamo_core.mocker.engine",
+    "TimingModel": "dynamo_core.mocker.engine",
+    "MockerHandler": "dynamo_core.mocker.handlers",
+    "MockerPrefillHandler": "dynamo_core.mocker.handlers",
+    "MockerDecodeHandler": "dynamo_core.mocker.handlers",
+    "KvCache": "dynamo_core.mocker.kv_cache",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

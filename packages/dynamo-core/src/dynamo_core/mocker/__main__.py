@@ -1,0 +1,5 @@
+"""`python -m dynamo_core.mocker`."""
+
+from dynamo_core.mocker.main import main
+
+raise SystemExit(main())

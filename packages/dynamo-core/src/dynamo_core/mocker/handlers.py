@@ -1,0 +1,140 @@
+"""The mocker's worker handlers, on the core bases (`dynamo_core.handlers`).
+
+- `MockerHandler`: aggregated serving (prefill and decode on one simulated engine).
+- `MockerPrefillHandler`: runs the prompt only and yields one `EngineOutput` with the first token
+  and `disaggregated_params={"mocker": {...}}`, what a decode worker needs to "receive" the KV.
+- `MockerDecodeHandler`: given those parameters, treats the prompt's KV as transferred (a small
+  per-block transfer cost instead of prefill time); without them it serves aggregated.
+
+Every handler also serves `stats` (a unary endpoint): the engine's counters, the handler's,
+and on request one request's metrics (`{"request_id": ...}`) or the cached block hashes
+(`{"cached_block_hashes": true}`). Stop conditions, usage and error mapping come from the base
+class; cancellation reaches `MockerEngine.abort`, which frees the request's blocks at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dynamo_core.errors import InvalidRequestError
+from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
+from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
+from dynamo_core.mocker.engine import MockerEngine, StepOutput
+from dynamo_core.runtime import Context
+
+__all__ = ["MockerDecodeHandler", "MockerHandler", "MockerPrefillHandler"]
+
+#: The key of the mocker's transfer parameters inside `disaggregated_params`.
+PARAMS_KEY = "mocker"
+
+
+def _engine_output(out: StepOutput) -> EngineOutput:
+    return EngineOutput(
+        token_ids=out.token_ids,
+        finish_reason=out.finish_reason,
+        log_probs=out.log_probs,
+        top_logprobs=out.top_logprobs,
+    )
+
+
+class MockerHandler(BaseWorkerHandler):
+    """Aggregated worker on a `MockerEngine`."""
+
+    engine: MockerEngine
+
+    def __init__(self, engine: MockerEngine, *, name: str | None = None) -> None:
+        super().__init__(engine, name=name)
+
+    def _run_engine(
+        self, request: PreprocessedRequest, *, transferred: bool = False
+    ) -> AsyncIterator[StepOutput]:
+        assert request.request_id is not None  # set by `generate`
+        return self.engine.generate(
+            request.request_id,
+            request.token_ids,
+            max_tokens=request.stop_conditions.max_tokens,
+            seed=request.sampling_options.seed,
+            logprobs=request.output_options.logprobs,
+            prefill_only=request.prefill_only,
+            transferred=transferred,
+        )
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        async for out in self._run_engine(request):
+            yield _engine_output(out)
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def cached_tokens(self, request: PreprocessedRequest) -> int | None:
+        if request.request_id is None:
+            return None
+        return self.engine.cached_tokens(request.request_id)
+
+    async def stats(self, request: Any = None, context: Context | None = None) -> dict[str, Any]:
+        """The `stats` endpoint: engine and handler counters (see the module docstring)."""
+        result: dict[str, Any] = {
+            "role": self.role,
+            **self.engine.stats(),
+            "handler": self.metrics.snapshot(),
+        }
+        if isinstance(request, dict):
+            rid = request.get("request_id")
+            if isinstance(rid, str):
+                metrics = self.engine.request_metrics(rid)
+                result["request"] = None if metrics is None else metrics.to_dict()
+            if request.get("cached_block_hashes"):
+                result["cached_block_hashes"] = sorted(self.engine.cache.cached_hashes())
+        return result
+
+
+class MockerPrefillHandler(MockerHandler, BasePrefillHandler):
+    """Prefill worker: the prompt only; one output with the first token and transfer params."""
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        first: list[int] = []
+        cached = 0
+        prefill_ms = 0.0
+        async for out in self._run_engine(request):
+            first.extend(out.token_ids)
+            cached = out.cached_tokens
+            if out.metrics is not None:
+                prefill_ms = out.metrics.prefill_time_ms
+            if out.finish_reason is not None and out.finish_reason != "length":
+                yield _engine_output(out)  # cancelled or failed: no hand-off
+                return
+        params = {
+            PARAMS_KEY: {
+                "request_id": request.request_id,
+                "prompt_tokens": len(request.token_ids),
+                "cached_tokens": cached,
+                "block_size": self.engine.args.block_size,
+                "first_token": first[0] if first else None,
+                "prefill_time_ms": round(prefill_ms, 3),
+            }
+        }
+        yield EngineOutput(token_ids=first[:1], finish_reason="length", disaggregated_params=params)
+
+
+class MockerDecodeHandler(MockerHandler, BaseDecodeHandler):
+    """Decode worker: continues requests prefilled elsewhere (or serves them whole)."""
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        params = (request.disaggregated_params or {}).get(PARAMS_KEY)
+        transferred = isinstance(params, dict)
+        if isinstance(params, dict):
+            expected = params.get("prompt_tokens")
+            if expected is not None and expected != len(request.token_ids):
+                raise InvalidRequestError(
+                    f"disaggregated_params are for a {expected}-token prompt, "
+                    f"this request has {len(request.token_ids)} tokens"
+                )
+        async for out in self._run_engine(request, transferred=transferred):
+            yield _engine_output(out)

@@ -1,0 +1,267 @@
+"""The frontend as users run it: `python -m dynamo_core.frontend` next to mocker processes,
+driven by the real `openai` client; and `dynamo-run` from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from dynamo_core.runtime import Client, DistributedRuntime, RuntimeConfig
+from dynamo_core.testing.procs import Proc, run_python
+
+TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def procs() -> Iterator[ExitStack]:
+    with ExitStack() as stack:
+        yield stack
+
+
+def start_mocker(stack: ExitStack, env: dict[str, str], *extra: str) -> Proc:
+    proc = stack.enter_context(
+        run_python(
+            [
+                "-m",
+                "dynamo_core.mocker",
+                "--model-path",
+                str(TINY),
+                "--speedup-ratio",
+                "100",
+                *extra,
+            ],
+            env=env,
+        )
+    )
+    proc.wait_for_line("serving")
+    return proc
+
+
+def start_frontend(stack: ExitStack, env: dict[str, str]) -> str:
+    port = free_port()
+    proc = stack.enter_context(
+        run_python(
+            ["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", str(port)],
+            env=env,
+        )
+    )
+    proc.wait_for_line("OpenAI API on")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def env(proc_env: dict[str, str], namespace: str) -> dict[str, str]:
+    return {**proc_env, "DYN_NAMESPACE": namespace}
+
+
+async def wait_models(http: httpx.AsyncClient, count: int, timeout: float = 10) -> list[str]:
+    async with asyncio.timeout(timeout):
+        while True:
+            data = (await http.get("/v1/models")).json()["data"]
+            if len(data) == count:
+                return [m["id"] for m in data]
+            await asyncio.sleep(0.02)  # polling HTTP: nothing to await on from outside
+
+
+async def wait_instances(http: httpx.AsyncClient, count: int, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while (await http.get("/health")).json()["instances"].get("tiny", 0) != count:
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def stats_client(kv_dir: Path, namespace: str) -> AsyncIterator[Client]:
+    async with DistributedRuntime(RuntimeConfig(file_kv=kv_dir, namespace=namespace)) as rt:
+        client = await rt.namespace().component("backend").endpoint("stats").client()
+        yield client
+
+
+async def stats_of(client: Client) -> dict[int, dict[str, Any]]:
+    out = {}
+    for iid in client.instance_ids():
+        async for s in await client.direct(None, iid):
+            out[iid] = s
+    return out
+
+
+def chat(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+async def test_openai_client_against_frontend_and_mocker(
+    procs: ExitStack, env: dict[str, str]
+) -> None:
+    start_mocker(procs, env)
+    url = start_frontend(procs, env)
+    async with httpx.AsyncClient(base_url=url) as http:
+        assert await wait_models(http, 1) == ["tiny"]
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    try:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+
+        stream = await client.chat.completions.create(
+            model="tiny",
+            messages=chat("Tell me a story"),
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+        whole = await client.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=7
+        )
+        assert whole.choices[0].text and whole.usage is not None
+        assert whole.usage.completion_tokens == 7
+
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="missing", messages=chat("x"))
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="tiny", messages=chat("x"), temperature=-1)
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="tiny", messages=chat("x"), n=3)
+    finally:
+        await client.close()
+
+
+async def test_two_mockers_spread_survive_one_kill_then_503(
+    procs: ExitStack, env: dict[str, str], stats_client: Client
+) -> None:
+    m1 = start_mocker(procs, env)
+    m2 = start_mocker(procs, env)
+    url = start_frontend(procs, env)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    async with httpx.AsyncClient(base_url=url) as http:
+        await wait_instances(http, 2)
+        await asyncio.gather(
+            *(
+                client.chat.completions.create(model="tiny", messages=chat(f"q{i}"), max_tokens=4)
+                for i in range(10)
+            )
+        )
+        await stats_client.wait_for_instances(timeout=5)
+        while len(stats_client.instance_ids()) < 2:
+            await stats_client.wait_for_change()
+        totals = [s["requests_total"] for s in (await stats_of(stats_client)).values()]
+        assert sorted(totals) == [5, 5]
+
+        os.kill(m1.pid, signal.SIGKILL)
+        for i in range(6):  # before and after discovery notices: requests keep succeeding
+            r = await client.chat.completions.create(
+                model="tiny", messages=chat(f"a{i}"), max_tokens=3
+            )
+            assert r.choices[0].finish_reason in ("length", "stop")
+        await wait_instances(http, 1)
+        assert await wait_models(http, 1) == ["tiny"]
+
+        os.kill(m2.pid, signal.SIGKILL)
+        assert await wait_models(http, 0) == []
+        r = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": chat("x")})
+        assert r.status_code == 503
+        assert "tiny" in r.json()["error"]["message"]
+    await client.close()
+
+
+async def test_client_disconnect_cancels_worker_request(
+    procs: ExitStack, env: dict[str, str], stats_client: Client
+) -> None:
+    proc = start_mocker(procs, env, "--speedup-ratio", "1")
+    url = start_frontend(procs, env)
+    async with httpx.AsyncClient(base_url=url) as http:
+        await wait_models(http, 1)
+        await stats_client.wait_for_instances(timeout=5)
+        async with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": chat("x"), "max_tokens": 1000, "stream": True},
+        ) as r:
+            lines = r.aiter_lines()
+            while not (await anext(lines)).startswith('data: {"id"'):
+                pass
+            stats = next(iter((await stats_of(stats_client)).values()))
+            assert stats["requests_running"] == 1
+        t0 = time.monotonic()
+        while True:
+            stats = next(iter((await stats_of(stats_client)).values()))
+            if stats["requests_cancelled"] == 1:
+                break
+            assert time.monotonic() - t0 < 1.0, stats
+        assert stats["requests_running"] == 0
+        assert stats["active_blocks"] == 0
+    assert proc.popen.poll() is None
+
+
+def dynamo_run(
+    args: list[str], stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dynamo_core.run", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_dynamo_run_batch(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(
+            json.dumps(x)
+            for x in (
+                {"text": "Hello"},
+                {"text": "What is the capital of France?", "max_tokens": 5},
+                {"messages": [{"role": "user", "content": "Hi"}]},
+                {"prompt": "Once upon", "max_tokens": 4},
+            )
+        )
+        + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    result = dynamo_run(
+        [f"in=batch:{prompts}", "out=mocker", "--model-path", str(TINY), "--speedup-ratio", "1000",
+         "--output", str(out), "--max-tokens", "8"]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 4
+    assert [ln.get("tokens_out") for ln in lines] == [8, 5, 8, 4]
+    assert lines[0]["text"] == "Hello" and lines[0]["response"]
+
+
+def test_dynamo_run_text_answers_stdin() -> None:
+    result = dynamo_run(["in=text", "out=echo", "--model-path", str(TINY)], stdin="What a day\n")
+    assert result.returncode == 0, result.stderr
+    assert "What a day" in result.stdout
+
+
+def test_dynamo_run_unknown_engine_is_one_line() -> None:
+    result = dynamo_run(["in=text", "out=nonesuch"])
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("dynamo-run: error: unknown engine 'nonesuch'")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,693 @@
+"""Graph files and the plan they become: pure functions, no process started.
+
+A graph file names the components of an inference graph and the flags each one runs with::
+
+    namespace: demo
+    env: {DYN_LOG: info}                  # every process
+    components:
+      frontend:
+        module: dynamo_core.frontend
+        args: {http-port: 8000}
+      backend:
+        module: dynamo_core.mocker
+        replicas: 2                       # default: the module's Deployment.replicas
+        env: {FOO: bar}                   # this component's processes only
+        resources: {gpu: 1}               # overrides the module's Deployment.resources
+        args: {model-path: examples/models/tiny}
+
+`build_plan` turns it (plus command-line overrides) into one `ProcessPlan` per process: the exact
+argv `[sys.executable, "-m", module, *flags]` and the environment variables set on top of the
+caller's. Nothing here imports a component module or starts a process; what the plan needs from a
+module (its `Deployment` and its parser's flags) arrives as a `ComponentInfo`, which
+`load_component` builds (in `dynamo serve`) and tests build by hand.
+
+Choices worth knowing in review:
+
+- **Args become flags by asking the component's parser.** `args` keys are flag names (`model-path`,
+  `--model-path` and `model_path` all work). How a value is written depends on the flag's argparse
+  action: a `BooleanOptionalAction` gets `--x`/`--no-x`; a `store_true`/`store_false` flag is
+  given (`true`) or left out (`false`); an `append` flag is repeated (`--x=a --x=b`); an
+  `nargs="+"` flag takes the list (`--x a b`); a map is written as JSON. A flag the parser does not know is written plainly (bool `--x`/`--no-x`,
+  list `--x a b`) and left to `check()` to reject, with the component's own suggestion.
+- **Relative paths stay relative**: processes run in the current directory of `dynamo serve`, so
+  `model-path: examples/models/tiny` resolves against it (as it would when you type the command),
+  not against the graph file's folder. `--dry-run` prints that directory.
+- **Environment, lowest to highest**: the module's `Deployment.env`, the graph's `env`, the
+  component's `env`, then what the launcher itself sets (`DYN_NAMESPACE`, the backend settings given
+  as flags, `CUDA_VISIBLE_DEVICES`): the launcher must know the namespace it watches for readiness.
+- **GPUs**: each replica takes the next `resources.gpu` devices, in graph order, from `--gpus` or
+  else the caller's `CUDA_VISIBLE_DEVICES`; a component with `gpu: 0` gets no `CUDA_VISIBLE_DEVICES`
+  (it inherits the caller's), as Dynamo's former allocator did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import shlex
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dynamo_core.deploy import BaseDeployment, Resources
+from dynamo_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dynamo_core.args import DynFlexibleArgumentParser
+
+__all__ = [
+    "RUNTIME_FLAGS",
+    "ComponentInfo",
+    "ComponentPlan",
+    "ComponentSpec",
+    "Graph",
+    "GraphError",
+    "Overrides",
+    "Plan",
+    "ProcessPlan",
+    "apply_overrides",
+    "build_plan",
+    "format_dry_run",
+    "load_component",
+    "load_graph",
+    "parse_gpus",
+    "parse_overrides",
+    "render_args",
+    "validate_plan",
+]
+
+#: Backend flags of `dynamo serve` passed to every component as environment variables, so that
+#: every component's own parser sees them (flag -> variable).
+RUNTIME_FLAGS: dict[str, str] = {
+    "discovery-backend": "DYN_DISCOVERY_BACKEND",
+    "request-plane": "DYN_REQUEST_PLANE",
+    "event-plane": "DYN_EVENT_PLANE",
+    "file-kv": "DYN_FILE_KV",
+    "etcd-endpoints": "ETCD_ENDPOINTS",
+    "nats-server": "NATS_SERVER",
+}
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+class GraphError(ConfigError):
+    """A graph that cannot run; `errors` holds one message per problem."""
+
+    def __init__(self, errors: str | Sequence[str]) -> None:
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("; ".join(self.errors))
+
+
+# --------------------------------------------------------------------------------------------
+# The file.
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class ResourcesOverride(BaseModel):
+    """Part of `Resources`: what the graph sets wins over the module's `Deployment.resources`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gpu: int | None = Field(None, ge=0)
+    cpu: str | None = None
+    memory: str | None = None
+
+    def over(self, base: Resources) -> Resources:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class ComponentSpec(BaseModel):
+    """One component of a graph: which module runs, with which flags, how many times."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    module: str = Field(description="The component's module, run as `python -m <module>`.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Flag name -> value.")
+    replicas: int | None = Field(
+        None, ge=0, description="Processes to run (default: the module's Deployment.replicas)."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Variables for its processes.")
+    resources: ResourcesOverride | None = Field(
+        None, description="Overrides the module's Deployment.resources (gpu, cpu, memory)."
+    )
+
+    @field_validator("module")
+    @classmethod
+    def _module_name(cls, value: str) -> str:
+        if not _MODULE.match(value):
+            raise ValueError(f"{value!r} is not a dotted module name")
+        return value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_values(cls, value: Any) -> Any:
+        return _stringify_env(value)
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _args_none(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+def _stringify_env(value: Any) -> Any:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): _env_text(v) for k, v in value.items()}
+    return value
+
+
+class Graph(BaseModel):
+    """A graph file, validated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str | None = Field(None, description="DYN_NAMESPACE of every component.")
+    env: dict[str, str] = Field(default_factory=dict, description="Variables for every process.")
+    components: dict[str, ComponentSpec] = Field(min_length=1)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_values(cls, value: Any) -> Any:
+        return _stringify_env(value)
+
+    @field_validator("components")
+    @classmethod
+    def _names(cls, value: dict[str, ComponentSpec]) -> dict[str, ComponentSpec]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"component name {name!r}: use letters, digits, '-' and '_' "
+                    "(a '.' would clash with --<component>.<arg> overrides)"
+                )
+        return value
+
+
+def _location(loc: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_graph(path: str | Path) -> Graph:
+    """Read and validate a graph file; `GraphError` lists every problem, each with its place."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GraphError(f"graph file {path} not found") from None
+    except OSError as exc:
+        raise GraphError(f"cannot read graph file {path}: {exc.strerror or exc}") from None
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise GraphError(f"invalid YAML in {path}{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise GraphError(f"{path} must hold a map with 'components:'")
+    try:
+        return Graph.model_validate(data)
+    except ValidationError as exc:
+        raise GraphError(
+            [
+                f"{path}: {_location(e['loc'])}: {e['msg']}"
+                + (f" (got {e['input']!r})" if e["type"] == "extra_forbidden" else "")
+                for e in exc.errors(include_url=False)
+            ]
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line overrides: --<component>.<arg> VALUE, --<component>.replicas N.
+
+#: component -> {arg or "replicas" -> value (text from the command line, or True)}
+Overrides = dict[str, dict[str, Any]]
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def parse_overrides(tokens: Sequence[str], components: Iterable[str]) -> Overrides:
+    """`["--backend.replicas", "3", "--frontend.http-port=9000"]` -> overrides per component.
+
+    A `--<component>.<flag>` followed by another `--...` token (or nothing) means `true`.
+    """
+    names = list(components)
+    out: Overrides = {}
+    errors: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not token.startswith("--") or "." not in token.split("=", 1)[0]:
+            errors.append(
+                f"unexpected argument '{token}' (overrides are --<component>.<arg> VALUE, "
+                f"components: {', '.join(names)})"
+            )
+            continue
+        key, eq, value_text = token[2:].partition("=")
+        component, _, arg = key.partition(".")
+        value: Any
+        if eq:
+            value = value_text
+        elif i < len(tokens) and not (tokens[i].startswith("--") and len(tokens[i]) > 2):
+            value = tokens[i]
+            i += 1
+        else:
+            value = True
+        if component not in names:
+            errors.append(
+                f"override '--{key}': no component '{component}'{_suggest(component, names)}"
+            )
+            continue
+        if not arg:
+            errors.append(f"override '--{key}': name an arg after the '.'")
+            continue
+        out.setdefault(component, {})[arg.removeprefix("--")] = value
+    if errors:
+        raise GraphError(errors)
+    return out
+
+
+def _same_flag(a: str, b: str) -> bool:
+    return a.lstrip("-").replace("_", "-") == b.lstrip("-").replace("_", "-")
+
+
+def apply_overrides(graph: Graph, overrides: Overrides) -> Graph:
+    """A new graph with the overrides in place (an override of a graph arg replaces it)."""
+    components = dict(graph.components)
+    errors: list[str] = []
+    for name, items in overrides.items():
+        spec = components[name]
+        args = dict(spec.args)
+        replicas = spec.replicas
+        for arg, value in items.items():
+            if arg == "replicas":
+                try:
+                    replicas = int(value)
+                    if replicas < 0 or isinstance(value, bool):
+                        raise ValueError
+                except (TypeError, ValueError):
+                    errors.append(f"--{name}.replicas: expected an integer >= 0, got {value!r}")
+                continue
+            existing = next((k for k in args if _same_flag(k, arg)), None)
+            if existing is not None:
+                args[existing] = value
+            else:
+                args[arg] = value
+        components[name] = spec.model_copy(update={"args": args, "replicas": replicas})
+    if errors:
+        raise GraphError(errors)
+    return graph.model_copy(update={"components": components})
+
+
+# --------------------------------------------------------------------------------------------
+# What the plan needs to know of a component module.
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A component module as the launcher sees it: its `Deployment` and its parser."""
+
+    module: str
+    deployment: type[BaseDeployment]
+    parser: DynFlexibleArgumentParser[Any] | None = None
+
+    def actions(self) -> Mapping[str, argparse.Action]:
+        """The parser's flags (`--x` -> argparse action); empty without a parser.
+
+        `DynFlexibleArgumentParser` exposes no public view of its argparse actions, so this reads
+        the built parser (`_build().parser`); it is the same object `check()` parses with, which
+        is what makes the flags we write exactly the ones it accepts.
+        """
+        if self.parser is None:
+            return {}
+        built = self.parser._build()
+        return dict(built.parser._option_string_actions)
+
+
+def load_component(module: str) -> ComponentInfo:
+    """Import a component module (never its engine) and read its `Deployment` and parser.
+
+    A component that is a package (run through its `__main__`) normally re-exports both; if it
+    does not, they are taken from its `main` submodule, the conventional home of `main()`.
+    """
+    import importlib
+    import importlib.util
+
+    from dynamo_core.deploy import load_deployment, load_parser
+
+    top = module.split(".")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        if top != module and importlib.util.find_spec(top) is not None:
+            raise GraphError(
+                f"module '{module}' not found ({top} is installed, but has no such module)"
+            )
+        hint = f" (pip install {top.replace('_', '-')})" if top.startswith("dynamo_") else ""
+        raise GraphError(f"module '{module}' is not installed{hint}")
+    source = module
+    if found.submodule_search_locations is not None:
+        package = importlib.import_module(module)
+        if not hasattr(package, "Deployment") and importlib.util.find_spec(f"{module}.main"):
+            source = f"{module}.main"
+    return ComponentInfo(module, load_deployment(source), load_parser(source))
+
+
+# --------------------------------------------------------------------------------------------
+# Args -> flags.
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value)
+    return str(value)
+
+
+_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else None
+
+
+def _with_value(flag: str, value: Any) -> list[str]:
+    text = _text(value)
+    # `--x -1` reads as two flags to argparse; `--x=-1` cannot be misread.
+    return [f"{flag}={text}"] if text.startswith("-") or text == "" else [flag, text]
+
+
+def _long_flag(action: argparse.Action) -> str:
+    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+
+
+def _find_action(key: str, actions: Mapping[str, argparse.Action]) -> argparse.Action | None:
+    bare = key.lstrip("-")
+    for candidate in (bare, bare.replace("_", "-"), bare.replace("-", "_")):
+        action = actions.get("--" + candidate)
+        if action is not None:
+            return action
+    return None
+
+
+def render_arg(key: str, value: Any, actions: Mapping[str, argparse.Action]) -> list[str]:
+    """The command-line tokens that give flag `key` the (YAML) `value`, as its parser expects."""
+    if value is None:
+        return []  # `key: null` in YAML: leave the flag at its default
+    action = _find_action(key, actions)
+    flag = _long_flag(action) if action is not None else "--" + key.lstrip("-")
+    items = list(value) if isinstance(value, list | tuple) else None
+    if action is None:
+        if isinstance(value, bool):
+            return [flag] if value else ["--no-" + flag[2:]]
+        if items is not None:
+            return [flag, *(_text(v) for v in items)]
+        return _with_value(flag, value)
+    if isinstance(action, argparse.BooleanOptionalAction):
+        wanted = _as_bool(value)
+        if wanted is None:
+            return _with_value(flag, value)  # let the parser say what is wrong
+        return [flag] if wanted else ["--no-" + flag[2:]]
+    if action.nargs == 0:  # store_true / store_false / store_const / count
+        if isinstance(action, argparse._CountAction) and not isinstance(value, bool):
+            return [flag] * int(value)
+        wanted = _as_bool(value)
+        if wanted is None:
+            return _with_value(flag, value)
+        return [flag] if wanted else []  # `no-cache: true` gives `--no-cache`, whatever its dest
+    if isinstance(action, argparse._AppendAction | argparse._ExtendAction):
+        return [f"{flag}={_text(v)}" for v in (items if items is not None else [value])]
+    if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs >= 1):
+        if items is None:
+            return _with_value(flag, value)
+        return [flag, *(_text(v) for v in items)]
+    return _with_value(flag, value)
+
+
+def render_args(args: Mapping[str, Any], actions: Mapping[str, argparse.Action]) -> list[str]:
+    """All of a component's args as flags, in the graph's order."""
+    flags: list[str] = []
+    for key, value in args.items():
+        flags.extend(render_arg(str(key), value, actions))
+    return flags
+
+
+# --------------------------------------------------------------------------------------------
+# The plan.
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """One process: exactly what runs, and the variables set on top of the caller's env."""
+
+    component: str
+    replica: int  # 1-based
+    label: str  # "frontend", or "backend.2" when the component has replicas
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    gpus: tuple[str, ...] = ()
+
+    def shell_command(self) -> str:
+        assignments = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        return " ".join([*assignments, *(shlex.quote(a) for a in self.argv)])
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    name: str
+    module: str
+    replicas: int
+    args: dict[str, Any]  # as in the graph, overrides applied
+    flags: tuple[str, ...]
+    env: dict[str, str]  # without CUDA_VISIBLE_DEVICES (per process)
+    resources: Resources
+    health_http_port_arg: str | None
+    processes: tuple[ProcessPlan, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    namespace: str
+    components: tuple[ComponentPlan, ...]
+    #: What every process gets from the launcher (DYN_NAMESPACE, backend settings).
+    launcher_env: dict[str, str]
+    cwd: str
+    skipped: tuple[str, ...] = field(default=())  # components left out by --only
+
+    @property
+    def processes(self) -> list[ProcessPlan]:
+        return [p for c in self.components for p in c.processes]
+
+    def component(self, name: str) -> ComponentPlan:
+        return next(c for c in self.components if c.name == name)
+
+
+def parse_gpus(text: str | None) -> list[str] | None:
+    """`"0,1,3"` -> `["0", "1", "3"]`; None or "" when nothing is known."""
+    if text is None:
+        return None
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def _select(graph: Graph, only: Sequence[str] | None) -> list[str]:
+    names = list(graph.components)
+    if not only:
+        return names
+    unknown = [n for n in only if n not in graph.components]
+    if unknown:
+        raise GraphError(
+            [
+                f"--only {n}: no component '{n}'{_suggest(n, names)} (components: {', '.join(names)})"
+                for n in unknown
+            ]
+        )
+    return [n for n in names if n in only]
+
+
+def build_plan(
+    graph: Graph,
+    components: Mapping[str, ComponentInfo],
+    *,
+    only: Sequence[str] | None = None,
+    namespace: str | None = None,
+    runtime_env: Mapping[str, str] | None = None,
+    gpus: Sequence[str] | None = None,
+    python: str = sys.executable,
+    cwd: str | None = None,
+) -> Plan:
+    """One `ProcessPlan` per process of the selected components.
+
+    `components` maps each selected component name to its module's `ComponentInfo`; `gpus` are
+    the devices to hand out (from `--gpus` or the caller's `CUDA_VISIBLE_DEVICES`; None: none
+    known); `runtime_env` holds the backend settings given as flags (`DYN_REQUEST_PLANE`, ...).
+    """
+    selected = _select(graph, only)
+    ns = namespace or graph.namespace or "dynamo"
+    launcher_env = {"DYN_NAMESPACE": ns, **(runtime_env or {})}
+    pool = list(gpus or [])
+    errors: list[str] = []
+    demands: list[str] = []
+    planned: list[ComponentPlan] = []
+    for name in selected:
+        spec = graph.components[name]
+        info = components[name]
+        deployment = info.deployment
+        replicas = spec.replicas if spec.replicas is not None else deployment.replicas
+        resources = (
+            spec.resources.over(deployment.resources) if spec.resources else deployment.resources
+        )
+        flags = tuple(render_args(spec.args, info.actions()))
+        argv = (python, "-m", spec.module, *flags)
+        env = {**deployment.env, **graph.env, **spec.env, **launcher_env}
+        if resources.gpu:
+            demands.append(f"{name}: {replicas} x {resources.gpu}")
+        processes: list[ProcessPlan] = []
+        for replica in range(1, replicas + 1):
+            assigned: tuple[str, ...] = ()
+            if resources.gpu:
+                if len(pool) < resources.gpu:
+                    errors.append(
+                        f"component '{name}' replica {replica} needs {resources.gpu} GPU(s)"
+                    )
+                    pool = []
+                else:
+                    assigned, pool = tuple(pool[: resources.gpu]), pool[resources.gpu :]
+            proc_env = dict(env)
+            if assigned:
+                proc_env["CUDA_VISIBLE_DEVICES"] = ",".join(assigned)
+            label = name if replicas == 1 else f"{name}.{replica}"
+            processes.append(ProcessPlan(name, replica, label, argv, proc_env, assigned))
+        planned.append(
+            ComponentPlan(
+                name=name,
+                module=spec.module,
+                replicas=replicas,
+                args=dict(spec.args),
+                flags=flags,
+                env=env,
+                resources=resources,
+                health_http_port_arg=deployment.health_http_port_arg,
+                processes=tuple(processes),
+            )
+        )
+    if errors:
+        have = ",".join(gpus) if gpus else "none"
+        raise GraphError(
+            f"not enough GPUs: {'; '.join(errors)} (wanted per component: {', '.join(demands)}; "
+            f"available: {have}; give them with --gpus 0,1,... or CUDA_VISIBLE_DEVICES)"
+        )
+    return Plan(
+        namespace=ns,
+        components=tuple(planned),
+        launcher_env=launcher_env,
+        cwd=cwd if cwd is not None else os.getcwd(),
+        skipped=tuple(n for n in graph.components if n not in selected),
+    )
+
+
+def validate_plan(
+    plan: Plan,
+    components: Mapping[str, ComponentInfo],
+    *,
+    base_env: Mapping[str, str] | None = None,
+    where: str = "graph",
+) -> None:
+    """Ask each component's own parser whether it accepts its flags and environment.
+
+    Raises `GraphError` with one message per problem, each naming the component and the arg.
+    """
+    environ = os.environ if base_env is None else base_env
+    errors: list[str] = []
+    for comp in plan.components:
+        info = components[comp.name]
+        if info.parser is None:
+            continue
+        for process in comp.processes[:1] or [None]:
+            env = {**environ, **(process.env if process else comp.env)}
+            for message in info.parser.check(list(comp.flags), environ=env):
+                message = message.replace(" on command line", "")
+                errors.append(f"{where}, component '{comp.name}' ({comp.module}): {message}")
+        errors += [
+            f"{where}, component '{comp.name}' ({comp.module}): {message}"
+            for message in _missing_paths(comp, info, plan.cwd)
+        ]
+    if errors:
+        raise GraphError(errors)
+
+
+def _is_path_type(annotation: Any) -> bool:
+    import types
+    import typing
+
+    if annotation is Path:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return rest == [Path]
+    return False
+
+
+def _missing_paths(comp: ComponentPlan, info: ComponentInfo, cwd: str) -> list[str]:
+    """Args typed `Path` by the component's config (inputs such as `--model-path`) that name
+    nothing: caught here, rather than by a process that would exit at start, again and again.
+    Runtime settings (`file-kv`, a folder created on demand) are not inputs and are skipped."""
+    from dynamo_core.runtime import RuntimeConfig
+
+    if info.parser is None:
+        return []
+    fields = info.parser.config_model.model_fields
+    problems = []
+    for key, value in comp.args.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        f = fields.get(name)
+        if f is None or name in RuntimeConfig.model_fields or not _is_path_type(f.annotation):
+            continue
+        if isinstance(value, str | Path) and not (Path(cwd) / value).exists():
+            problems.append(
+                f"{key}: {value} does not exist (relative paths resolve against {cwd}, "
+                "where dynamo serve runs)"
+            )
+    return problems
+
+
+def format_dry_run(plan: Plan) -> str:
+    """The commands of the plan, one per process, ready to paste into a shell."""
+    lines = [
+        f"# namespace {plan.namespace}: {len(plan.processes)} process(es); "
+        "relative paths resolve against the directory below",
+        f"cd {shlex.quote(plan.cwd)}",
+    ]
+    if plan.skipped:
+        lines.append(f"# not run here (--only): {', '.join(plan.skipped)}")
+    for comp in plan.components:
+        if not comp.processes:
+            lines.append(f"# {comp.name}: 0 replicas")
+        for process in comp.processes:
+            lines.append(f"# {process.label}")
+            lines.append(process.shell_command())
+    return "\n".join(lines) + "\n"
