@@ -84,5 +84,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy, strict for dynamo_core."""
-    session.install("mypy>=1.11", CORE, "packages/dynamo-serve", "types-PyYAML", "types-psutil")
+    session.install(
+        "mypy>=1.11", CORE, "packages/dynamo-serve", "pytest>=8", "types-PyYAML", "types-psutil"
+    )
     session.run("mypy", "--config-file", "pyproject.toml")

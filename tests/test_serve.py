@@ -280,6 +280,11 @@ def test_killed_worker_is_restarted_and_registers_again(serve: Any) -> None:
         while set(graph.instances().values()) != {new}:  # the dead lease is dropped on a scan
             assert time.monotonic() < deadline, graph.instances()
             time.sleep(0.05)
+        # the frontend follows discovery too: wait until it lists the model again
+        client = graph.client()
+        while [m.id for m in client.models.list().data] != ["tiny"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert chat(graph)
 
 

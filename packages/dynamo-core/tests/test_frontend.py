@@ -290,3 +290,58 @@ async def test_requests_spread_and_migrate(namespace: str) -> None:
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 60
         assert (ha.metrics.cancelled_total + hb.metrics.cancelled_total) == 1
+
+
+async def test_disaggregated_prefill_then_decode(namespace: str) -> None:
+    from dynamo_core.mocker.main import MockerConfig, start_mocker
+
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+
+    def mocker_config(mode: str) -> MockerConfig:
+        return MockerConfig(
+            model_path=TINY,
+            namespace=namespace,
+            discovery_backend="mem",
+            request_plane="inproc",
+            disaggregation_mode=mode,  # type: ignore[arg-type]
+            speedup_ratio=1000,
+        )
+
+    async with DistributedRuntime(cfg) as rt:
+        prefill = await start_mocker(rt, mocker_config("prefill"))
+        decode = await start_mocker(rt, mocker_config("decode"))
+        tasks = [asyncio.create_task(prefill.serve()), asyncio.create_task(decode.serve())]
+        service = OpenAIService(rt, namespace=namespace)
+        await service.start()
+        server = await serve_http(service.handle, "127.0.0.1", 0)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+        try:
+            async with asyncio.timeout(5):
+                while service.models.prefill_pool("tiny") is None or not service.models.listed():
+                    await service.models.wait_for_change()
+            # the prefill pool alone does not list a second model
+            assert [m.id for m in (await client.models.list()).data] == ["tiny"]
+            r = await client.chat.completions.create(
+                model="tiny", messages=chat("a disaggregated request"), max_tokens=9
+            )
+            assert r.usage is not None and r.usage.completion_tokens == 9
+            p_stats, d_stats = prefill.engine.stats(), decode.engine.stats()
+            assert p_stats["requests_total"] == 1 and p_stats["prefill_tokens"] > 0
+            assert d_stats["transferred_tokens"] > 0 and d_stats["prefill_tokens"] == 0
+
+            # a prefill leg that fails before the hand-off: served aggregated instead
+            prefill.engine.fail_next = RuntimeError("prefill GPU fell over")
+            r = await client.chat.completions.create(
+                model="tiny", messages=chat("again"), max_tokens=4
+            )
+            assert r.usage is not None and r.usage.completion_tokens == 4
+        finally:
+            await client.close()
+            await server.close()
+            await service.close()
+            rt.request_shutdown()
+            await asyncio.gather(*tasks)
+            await prefill.close()
+            await decode.close()

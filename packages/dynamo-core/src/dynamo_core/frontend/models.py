@@ -25,9 +25,23 @@ if TYPE_CHECKING:
     from dynamo_core.runtime import Client, DistributedRuntime
     from dynamo_core.runtime.discovery import Watch
 
-__all__ = ["ModelEntry", "ModelManager"]
+__all__ = ["ModelEntry", "ModelManager", "PrefillPool"]
 
 log = logging.getLogger("dynamo.frontend.models")
+
+
+@dataclass
+class PrefillPool:
+    """A model's prefill workers (cards with model type `prefill`)."""
+
+    name: str
+    card: ModelCard
+    client: Client
+    policy: RoutingPolicy
+    card_instances: set[int] = field(default_factory=set)
+
+    def live_instances(self) -> list[int]:
+        return [i for i in self.client.instance_ids() if i in self.card_instances]
 
 
 @dataclass
@@ -57,6 +71,7 @@ class ModelManager:
         self.namespace = namespace
         self.router_mode = router_mode
         self.models: dict[str, ModelEntry] = {}
+        self.prefill: dict[str, PrefillPool] = {}
         #: models that were served and have no instance now (their requests get 503, not 404)
         self.retired: set[str] = set()
         self._cards: dict[str, tuple[str, ModelCard]] = {}  # key -> (model, card)
@@ -85,6 +100,9 @@ class ModelManager:
                 log.warning("ignoring malformed model card %s: %s", key, exc)
                 return
             self._cards[key] = (card.name, card)
+            if "prefill" in card.model_type:
+                self._add_prefill(card)
+                return
             entry = self.models.get(card.name)
             if entry is not None:
                 entry.card_instances.add(card.instance_id)
@@ -96,6 +114,9 @@ class ModelManager:
             if known is None:
                 return
             name, card = known
+            if "prefill" in card.model_type:
+                self._remove_prefill(card)
+                return
             entry = self.models.get(name)
             if entry is not None:
                 entry.card_instances.discard(card.instance_id)
@@ -106,6 +127,49 @@ class ModelManager:
                     self.runtime.spawn(entry.client.close())
             self._notify()
 
+    def _add_prefill(self, card: ModelCard) -> None:
+        pool = self.prefill.get(card.name)
+        if pool is not None:
+            pool.card_instances.add(card.instance_id)
+            self._notify()
+            return
+        key = f"prefill:{card.name}"
+        if key not in self._loading:
+            self._loading[key] = self.runtime.spawn(self._load_prefill(card, key))
+
+    async def _load_prefill(self, card: ModelCard, key: str) -> None:
+        try:
+            client = await self.runtime.endpoint(card.endpoint).client()
+        finally:
+            self._loading.pop(key, None)
+        instances = {
+            c.instance_id
+            for (name, c) in self._cards.values()
+            if name == card.name and "prefill" in c.model_type
+        }
+        self.prefill[card.name] = PrefillPool(
+            card.name, card, client, make_policy("round-robin"), instances
+        )
+        log.info("model %s: prefill workers at %s (disaggregated)", card.name, card.endpoint)
+        client.on_change(self._notify)
+        self._notify()
+
+    def _remove_prefill(self, card: ModelCard) -> None:
+        pool = self.prefill.get(card.name)
+        if pool is None:
+            return
+        pool.card_instances.discard(card.instance_id)
+        if not pool.card_instances:
+            del self.prefill[card.name]
+            log.info("model %s: no prefill workers left (aggregated)", card.name)
+            self.runtime.spawn(pool.client.close())
+        self._notify()
+
+    def prefill_pool(self, name: str) -> PrefillPool | None:
+        """The model's prefill workers, if it has live ones."""
+        pool = self.prefill.get(name)
+        return pool if pool is not None and pool.live_instances() else None
+
     async def _load(self, card: ModelCard) -> None:
         try:
             tokenizer, template = await asyncio.to_thread(_load_tokenizer, card.model_path)
@@ -115,7 +179,11 @@ class ModelManager:
             return
         finally:
             self._loading.pop(card.name, None)
-        instances = {c.instance_id for (name, c) in self._cards.values() if name == card.name}
+        instances = {
+            c.instance_id
+            for (name, c) in self._cards.values()
+            if name == card.name and "prefill" not in c.model_type
+        }
         if not instances:
             await client.close()
             return
@@ -154,6 +222,8 @@ class ModelManager:
             self._watch.close()
         for entry in self.models.values():
             await entry.client.close()
+        for pool in self.prefill.values():
+            await pool.client.close()
 
 
 def _load_tokenizer(model_path: str) -> tuple[Tokenizer, ChatTemplate]:

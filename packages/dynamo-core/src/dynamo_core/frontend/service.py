@@ -27,7 +27,7 @@ import msgspec
 from dynamo_core import errors
 from dynamo_core.frontend.http import Final, Request, Response, StreamingResponse
 from dynamo_core.frontend.metrics import FrontendMetrics
-from dynamo_core.frontend.models import ModelEntry, ModelManager
+from dynamo_core.frontend.models import ModelEntry, ModelManager, PrefillPool
 from dynamo_core.frontend.openai import (
     ChatCompletionRequest,
     ChatStreamFormatter,
@@ -325,9 +325,31 @@ class OpenAIService:
         limit = (
             self.migration_limit if self.migration_limit is not None else entry.card.migration_limit
         )
+        request = preq
+        prefill: _PrefillLeg | None = None
+        pool = self.models.prefill_pool(entry.name)
+        if pool is not None:
+            prefill = await _PrefillLeg.start(pool, preq, ctx)
+            if prefill.params is not None:
+                request = {**preq, "disaggregated_params": prefill.params}
+        try:
+            async for batch in self._decode_batches(entry, request, preq, ctx, limit, prefill):
+                yield batch
+        finally:
+            if prefill is not None:
+                prefill.close()
+
+    async def _decode_batches(
+        self,
+        entry: ModelEntry,
+        request: dict[str, Any],
+        preq: dict[str, Any],
+        ctx: Context,
+        limit: int,
+        prefill: _PrefillLeg | None,
+    ) -> Batches:
         exclude: list[int] = []
         generated: list[int] = []
-        request = preq
         policy = entry.policy
         while True:
             iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
@@ -336,6 +358,8 @@ class OpenAIService:
             received = False
             try:
                 stream = await entry.client.direct(request, iid, context=ctx)
+                if prefill is not None:
+                    prefill.watch(stream)
                 async for item in stream:
                     received = True
                     batch = [item]
@@ -347,6 +371,8 @@ class OpenAIService:
                         if ids:
                             generated += ids
                     yield batch
+                if prefill is not None and prefill.error is not None:
+                    raise prefill.error
                 return
             except _MIGRATABLE as exc:
                 if ctx.is_stopped():
@@ -540,6 +566,83 @@ class OpenAIService:
             ],
             "text_offset": [0 for _ in entries],
         }
+
+
+class _PrefillLeg:
+    """The prefill half of a disaggregated request.
+
+    The prefill worker's first output with `disaggregated_params` starts the decode leg; the
+    rest of the prefill stream keeps running (sglang transfers the KV cache while both legs are
+    live). If the prefill leg fails after that, the decode leg is cancelled at once and the
+    request fails; if it fails before, the request is served aggregated by a decode worker.
+    """
+
+    def __init__(self, pool: PrefillPool, ctx: Context) -> None:
+        self.pool = pool
+        self.ctx = Context(ctx.id)
+        self.parent = ctx
+        self.params: dict[str, Any] | None = None
+        self.error: errors.DynamoError | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.instance: int | None = None
+        self._decode: Any = None
+        ctx.add_stop_callback(self.ctx.stop_generating)
+
+    @classmethod
+    async def start(cls, pool: PrefillPool, preq: dict[str, Any], ctx: Context) -> _PrefillLeg:
+        leg = cls(pool, ctx)
+        request = {
+            **preq,
+            "prefill_only": True,
+            "stop_conditions": {**preq["stop_conditions"], "max_tokens": 1},
+        }
+        try:
+            iid = pool.policy.select(pool.live_instances(), preq["token_ids"])
+        except errors.NoInstancesError:
+            return leg
+        leg.instance = iid
+        pool.policy.started(iid)
+        try:
+            stream = await pool.client.direct(request, iid, context=leg.ctx)
+            async for item in stream:
+                params = item.get("disaggregated_params")
+                if params is not None:
+                    leg.params = params
+                    break
+        except errors.DynamoError as exc:
+            log.warning(
+                "request %s: prefill on %x failed (%s); serving it aggregated", ctx.id, iid, exc
+            )
+            pool.policy.finished(iid)
+            return leg
+        if leg.params is None:
+            pool.policy.finished(iid)
+            return leg
+        leg.task = asyncio.get_running_loop().create_task(leg._drain(stream))
+        return leg
+
+    async def _drain(self, stream: Any) -> None:
+        try:
+            async for _ in stream:
+                pass
+        except errors.DynamoError as exc:
+            self.error = errors.EngineError(f"prefill failed: {exc}")
+            log.warning("request %s: prefill failed after hand-off: %s", self.ctx.id, exc)
+            if self._decode is not None:
+                self._decode.cancel()  # stop the decode leg now, not after a transfer timeout
+        finally:
+            if self.instance is not None:
+                self.pool.policy.finished(self.instance)
+
+    def watch(self, decode_stream: Any) -> None:
+        self._decode = decode_stream
+        if self.error is not None:
+            decode_stream.cancel()
+
+    def close(self) -> None:
+        self.parent.remove_stop_callback(self.ctx.stop_generating)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 def _decode(body: bytes, kind: type[Any]) -> Any:

@@ -1,7 +1,7 @@
 """`ModelCard` and `register_model`: how a worker tells frontends what it serves.
 
 A worker calls `register_model(endpoint, ...)` before (or while) serving its endpoint. The card
-is stored in discovery at `v1/models/{namespace}/{model}/{instance_id:x}`, bound to the
+is stored in discovery at `v1/models/{namespace}/{model}/{instance_id:x}/{endpoint}`, bound to the
 endpoint's registration: it disappears when the endpoint stops or the process dies, so a model
 is listed exactly while at least one instance serves it.
 
@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["MODELS_PREFIX", "ModelCard", "ModelType", "model_key", "register_model"]
 
 MODELS_PREFIX = "v1/models/"
-ModelType = Literal["chat", "completions", "embedding"]
+ModelType = Literal["chat", "completions", "embedding", "prefill"]
+"""`prefill`: the card of a prefill worker; the frontend then disaggregates that model."""
 
 
 class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -54,9 +55,11 @@ class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
         return msgspec.json.decode(data, type=cls)
 
 
-def model_key(namespace: str, model: str, instance_id: int) -> str:
+def model_key(namespace: str, model: str, instance_id: int, endpoint: str) -> str:
+    """Where a card lives: one per (model, instance, endpoint), as one process may serve a
+    model on two endpoints (a prefill and a decode role in one process)."""
     # model names may contain '/', as in "org/model": keep the key's shape fixed
-    return f"{MODELS_PREFIX}{namespace}/{model.replace('/', '%2F')}/{instance_id:x}"
+    return f"{MODELS_PREFIX}{namespace}/{model.replace('/', '%2F')}/{instance_id:x}/{endpoint}"
 
 
 def _context_length_from(model_path: Path) -> int | None:
@@ -110,6 +113,7 @@ async def register_model(
         extra=extra or {},
     )
     await endpoint.register(
-        model_key(endpoint.namespace_name, card.name, runtime.instance_id), card.encode()
+        model_key(endpoint.namespace_name, card.name, runtime.instance_id, card.endpoint),
+        card.encode(),
     )
     return card

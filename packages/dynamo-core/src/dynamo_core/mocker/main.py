@@ -2,7 +2,7 @@
 
     python -m dynamo_core.mocker --model-path examples/models/tiny --speedup-ratio 10
 
-It registers a model card (not in prefill mode), serves `generate` (token streams, on
+It registers a model card (in prefill mode, as the model's prefill pool), serves `generate` (token streams, on
 `MockerHandler`, `MockerPrefillHandler` or `MockerDecodeHandler` by `--disaggregation-mode`) and
 `stats` (engine counters), and publishes KV events and load metrics on the event plane, exactly
 as an engine worker does; only the engine is simulated (`dynamo_core.mocker.engine` explains how).
@@ -90,8 +90,8 @@ class MockerConfig(RuntimeConfig):
     )
     disaggregation_mode: DisaggregationMode = Field(
         default="agg",
-        description="agg: prefill and decode here; prefill: serve the prefill component only "
-        "(no model card); decode: continue requests prefilled elsewhere.",
+        description="agg: prefill and decode here; prefill: process prompts and hand the KV cache to "
+        "decode workers; decode: continue requests prefilled elsewhere.",
     )
     context_length: int | None = Field(
         default=None,
@@ -227,16 +227,17 @@ async def start_mocker(runtime: DistributedRuntime, config: MockerConfig) -> Moc
 
     endpoint = component.endpoint(config.endpoint)
     stats_endpoint = component.endpoint("stats")
-    card = None
-    if config.disaggregation_mode != "prefill":
-        card = await register_model(
-            endpoint,
-            model_path=model_path,
-            model_name=config.model_name,
-            context_length=context_length,
-            kv_block_size=config.block_size,
-            migration_limit=config.migration_limit,
-        )
+    # a prefill worker registers as the model's prefill pool: it makes the frontend
+    # disaggregate that model, but does not list the model by itself
+    card = await register_model(
+        endpoint,
+        model_path=model_path,
+        model_name=config.model_name,
+        model_type=["prefill"] if config.disaggregation_mode == "prefill" else None,
+        context_length=context_length,
+        kv_block_size=config.block_size,
+        migration_limit=config.migration_limit,
+    )
     logging.getLogger(f"dynamo.mocker.{name}").info(
         "mocker %s: %s mode, model %s, %d blocks of %d tokens, speedup x%g",
         f"{config.namespace}.{name}.{config.endpoint}",

@@ -9,7 +9,7 @@ change, so a client's view of live instances is always one event behind, never o
 Keys used by Dynamo (values are JSON):
 
     v1/instances/{namespace}/{component}/{endpoint}/{instance_id:x}   served endpoints
-    v1/models/{namespace}/{model}/{instance_id:x}                     model cards
+    v1/models/{namespace}/{model}/{instance_id:x}/{endpoint}          model cards
     v1/events/{namespace}/{component}/{topic}/{instance_id:x}         event publishers
 """
 
