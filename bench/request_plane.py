@@ -2,6 +2,8 @@
 
     python bench/request_plane.py                       # file discovery + TCP (the defaults)
     python bench/request_plane.py --items 2000000       # longer runs
+    python bench/request_plane.py --etcd                # etcd discovery + TCP
+    python bench/request_plane.py --etcd --nats         # etcd discovery + NATS request plane
 
 Starts a server process (this script with --serve) and measures from this process, so both ends
 pay their real cost on this machine's cores. Set DYN_* variables to try other backends.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -21,6 +24,7 @@ from typing import Any
 
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, dynamo_worker, run_uvloop
 from dynamo_core.testing.procs import run_python
+from dynamo_core.testing.servers import EtcdServer, NatsServer
 
 
 async def unary(request: Any) -> AsyncIterator[Any]:
@@ -96,10 +100,23 @@ def main() -> None:
     parser.add_argument("--unary", type=int, default=5000, help="unary requests to time")
     parser.add_argument("--items", type=int, default=1_000_000, help="items per stream test")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams")
+    parser.add_argument("--etcd", action="store_true", help="start etcd; use it for discovery")
+    parser.add_argument("--nats", action="store_true", help="start NATS; use it for requests")
     args = parser.parse_args()
     if args.serve:
         sys.exit(serve(RuntimeConfig.from_env()))
-    env = {}
+    with contextlib.ExitStack() as stack:
+        env: dict[str, str] = {}
+        if args.etcd:
+            etcd = stack.enter_context(EtcdServer())
+            env.update(DYN_DISCOVERY_BACKEND="etcd", ETCD_ENDPOINTS=etcd.url)
+        if args.nats:
+            nats = stack.enter_context(NatsServer())
+            env.update(DYN_REQUEST_PLANE="nats", DYN_EVENT_PLANE="nats", NATS_SERVER=nats.url)
+        run(args, env)
+
+
+def run(args: argparse.Namespace, env: dict[str, str]) -> None:
     if "DYN_FILE_KV" not in os.environ:
         env["DYN_FILE_KV"] = tempfile.mkdtemp(prefix="dyn-bench-")
     env["DYN_NAMESPACE"] = f"bench{os.getpid()}"

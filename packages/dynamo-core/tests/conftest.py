@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +9,7 @@ import pytest
 import uvloop
 
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.testing.servers import EtcdServer, NatsServer, require_binary
 
 HERE = Path(__file__).parent
 
@@ -36,11 +37,40 @@ def proc_env(kv_dir: Path) -> dict[str, str]:
     return {"DYN_FILE_KV": str(kv_dir), "DYN_DISCOVERY_BACKEND": "file", "DYN_REQUEST_PLANE": "tcp"}
 
 
-@pytest.fixture(params=["mem+inproc", "file+tcp"])
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    require_binary("etcd")
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    require_binary("nats-server")
+    with NatsServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["mem+inproc", "file+tcp", "etcd+tcp", "etcd+nats"])
 def runtime_config(request: pytest.FixtureRequest, kv_dir: Path, namespace: str) -> RuntimeConfig:
+    """The same behaviour tests run on every combination of backends."""
     if request.param == "mem+inproc":
         return RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=2)
-    return RuntimeConfig(file_kv=kv_dir, namespace=namespace, graceful_shutdown_timeout=2)
+    if request.param == "file+tcp":
+        return RuntimeConfig(file_kv=kv_dir, namespace=namespace, graceful_shutdown_timeout=2)
+    etcd: EtcdServer = request.getfixturevalue("etcd_server")
+    settings: dict[str, Any] = {
+        "discovery_backend": "etcd",
+        "etcd_endpoints": etcd.url,
+        "namespace": namespace,
+        "graceful_shutdown_timeout": 2,
+        "lease_ttl": 2,
+        "tcp_host": "127.0.0.1",
+    }
+    if request.param == "etcd+nats":
+        nats: NatsServer = request.getfixturevalue("nats_server")
+        settings.update(request_plane="nats", event_plane="nats", nats_server=nats.url)
+    return RuntimeConfig(**settings)
 
 
 @pytest.fixture

@@ -103,6 +103,7 @@ class DistributedRuntime:
         self._started = False
         self._closed = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._nats: Any = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -115,7 +116,19 @@ class DistributedRuntime:
     async def start(self) -> None:
         if not self._started:
             await self.discovery.start()
+            if "nats" in (self.config.request_plane, self.config.event_plane):
+                await self.nats()  # an unreachable NATS is reported at start, not at first use
             self._started = True
+
+    async def nats(self) -> Any:
+        """The process's NATS connection (`dynamo_core.runtime._nats.NatsConnection`)."""
+        if self._nats is None:
+            from dynamo_core.runtime._nats import NatsConnection
+
+            conn = NatsConnection(self.config.nats_server, name=f"dynamo-{self.instance_id:x}")
+            await conn.connect()
+            self._nats = conn
+        return self._nats
 
     async def __aenter__(self) -> DistributedRuntime:
         await self.start()
@@ -153,6 +166,8 @@ class DistributedRuntime:
         for client in self._clients.values():
             await client.close()
         await self.discovery.close()
+        if self._nats is not None:
+            await self._nats.close()
 
     def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]:
         """Run a background task that the runtime cancels on shutdown."""
@@ -179,13 +194,17 @@ class DistributedRuntime:
     async def request_plane_server(self) -> RequestPlaneServer:
         async with self._server_lock:
             if self._server is None:
-                server = self._make_server()
+                server = await self._make_server()
                 await server.start()
                 self._server = server
             return self._server
 
-    def _make_server(self) -> RequestPlaneServer:
+    async def _make_server(self) -> RequestPlaneServer:
         cfg = self.config
+        if cfg.request_plane == "nats":
+            from dynamo_core.runtime.transport.nats import NatsServer
+
+            return NatsServer(self.registry, await self.nats(), self.instance_id)
         if cfg.request_plane == "inproc":
             from dynamo_core.runtime.transport.inproc import InprocServer
 
@@ -193,25 +212,31 @@ class DistributedRuntime:
         if cfg.request_plane == "tcp":
             from dynamo_core.runtime.transport.tcp import TcpServer
 
-            host = cfg.tcp_host or "127.0.0.1"
+            # one machine (file, mem): loopback; many machines (etcd): every interface,
+            # advertising this host's address (DYN_TCP_HOST overrides both)
+            host = cfg.tcp_host or ("0.0.0.0" if cfg.discovery_backend == "etcd" else "127.0.0.1")
             bind = host
             advertise = host
             if host in ("0.0.0.0", "::"):
-                advertise = _local_address()
+                advertise = _local_address(_discovery_host(cfg))
             token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
             return TcpServer(
                 self.registry, host=bind, port=cfg.tcp_port, advertise_host=advertise, token=token
             )
         raise ConfigError(f"request plane {cfg.request_plane!r} is not available in this version")
 
-    def request_plane_client(self, kind: str) -> RequestPlaneClient:
+    async def request_plane_client(self, kind: str) -> RequestPlaneClient:
         client = self._clients.get(kind)
         if client is None:
-            client = self._make_client(kind)
+            client = await self._make_client(kind)
             self._clients[kind] = client
         return client
 
-    def _make_client(self, kind: str) -> RequestPlaneClient:
+    async def _make_client(self, kind: str) -> RequestPlaneClient:
+        if kind == "nats":
+            from dynamo_core.runtime.transport.nats import NatsClient
+
+            return NatsClient(await self.nats())
         if kind == "inproc":
             from dynamo_core.runtime.transport.inproc import InprocClient
 
@@ -252,17 +277,19 @@ class Component:
 
     async def event_publisher(self, topic: str) -> Any:
         """A publisher of events on `topic` (see `dynamo_core.runtime.events`)."""
-        from dynamo_core.runtime.events import EventPublisher
+        from dynamo_core.runtime.events import EventPublisher, NatsEventPublisher
 
-        publisher = EventPublisher(self, _check_name("topic", topic))
+        cls = NatsEventPublisher if self.runtime.config.event_plane == "nats" else EventPublisher
+        publisher = cls(self, _check_name("topic", topic))
         await publisher.start()
         return publisher
 
     async def subscribe(self, topic: str) -> Any:
         """Events on `topic` from every instance of this component, as they are published."""
-        from dynamo_core.runtime.events import EventSubscriber
+        from dynamo_core.runtime.events import EventSubscriber, NatsEventSubscriber
 
-        subscriber = EventSubscriber(self, _check_name("topic", topic))
+        cls = NatsEventSubscriber if self.runtime.config.event_plane == "nats" else EventSubscriber
+        subscriber = cls(self, _check_name("topic", topic))
         await subscriber.start()
         return subscriber
 
@@ -436,7 +463,11 @@ class Client:
                 iid = int(event.key.rsplit("/", 1)[1], 16)
             except ValueError:
                 return
-            self._instances.pop(iid, None)
+            gone = self._instances.pop(iid, None)
+            if gone is not None:
+                plane = self.runtime._clients.get(str(gone.transport.get("kind")))
+                if plane is not None:
+                    plane.instance_gone(iid)
         self._ids = sorted(self._instances)
         self._changed.set()
         self._changed = asyncio.Event()
@@ -530,7 +561,7 @@ class Client:
     async def _open(
         self, inst: Instance, request: Any, context: Context | None, window: int
     ) -> ClientStream:
-        transport = self.runtime.request_plane_client(str(inst.transport.get("kind")))
+        transport = await self.runtime.request_plane_client(str(inst.transport.get("kind")))
         return await transport.open_stream(
             inst.transport,
             inst.path,
@@ -547,11 +578,27 @@ class Client:
             self._task.cancel()
 
 
-def _local_address() -> str:
-    """This host's address as other hosts see it (the one the default route uses)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # TEST-NET: nothing is sent for a UDP connect
-            return str(s.getsockname()[0])
-        except OSError:
-            return socket.gethostbyname(socket.gethostname())
+def _discovery_host(cfg: RuntimeConfig) -> str | None:
+    if cfg.discovery_backend != "etcd":
+        return None
+    from urllib.parse import urlsplit
+
+    first = cfg.etcd_endpoints.split(",")[0].strip()
+    return urlsplit(first if "://" in first else f"http://{first}").hostname
+
+
+def _local_address(peer: str | None = None) -> str:
+    """This host's address as other hosts see it: the one it uses to reach `peer` (the
+    discovery server, which every other process reaches too), else the default route's."""
+    if peer is not None and (peer.startswith("127.") or peer == "localhost"):
+        return "127.0.0.1"  # discovery on loopback: the whole graph is on this machine
+    for target in (peer, "192.0.2.1"):  # 192.0.2.1: TEST-NET, never answers
+        if not target:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect((target, 9))  # a UDP connect sends nothing; it only picks a route
+                return str(s.getsockname()[0])
+            except OSError:
+                continue
+    return "127.0.0.1"

@@ -27,7 +27,13 @@ from dynamo_core.runtime.context import Context
 if TYPE_CHECKING:
     from dynamo_core.runtime._core import Component
 
-__all__ = ["Event", "EventPublisher", "EventSubscriber"]
+__all__ = [
+    "Event",
+    "EventPublisher",
+    "EventSubscriber",
+    "NatsEventPublisher",
+    "NatsEventSubscriber",
+]
 
 log = logging.getLogger("dynamo.events")
 
@@ -164,7 +170,7 @@ class EventSubscriber:
 
     async def _pump(self, pid: int, record: dict[str, Any]) -> None:
         transport = record["transport"]
-        client = self.runtime.request_plane_client(str(transport.get("kind")))
+        client = await self.runtime.request_plane_client(str(transport.get("kind")))
         delay = 0.1
         while True:
             try:
@@ -210,3 +216,80 @@ class EventSubscriber:
             self._stop_pump(pid)
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
+
+
+# -- the nats event plane -------------------------------------------------------------------
+
+_msgpack_encode = msgspec.msgpack.Encoder().encode
+_msgpack_decode = msgspec.msgpack.Decoder().decode
+
+
+def _subject(component: Component, topic: str) -> str:
+    return f"dyn.ev.{component.namespace.name}.{component.name}.{topic}"
+
+
+class NatsEventPublisher:
+    """Publishes on the subject `dyn.ev.<namespace>.<component>.<topic>`."""
+
+    def __init__(self, component: Component, topic: str) -> None:
+        self.component = component
+        self.topic = topic
+        self.runtime = component.runtime
+        self.subject = _subject(component, topic)
+        self.published = 0
+        self._nats: Any = None
+
+    async def start(self) -> None:
+        self._nats = await self.runtime.nats()
+
+    def publish(self, payload: Any) -> None:
+        self.published += 1
+        self._nats.publish(self.subject, _msgpack_encode([self.runtime.instance_id, payload]))
+
+    @property
+    def subscriber_count(self) -> int:
+        return 0  # NATS does not say; subscribers get what is published after they subscribe
+
+    async def close(self) -> None:
+        pass
+
+
+class NatsEventSubscriber:
+    def __init__(self, component: Component, topic: str) -> None:
+        self.component = component
+        self.topic = topic
+        self.runtime = component.runtime
+        self.subject = _subject(component, topic)
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        nats = await self.runtime.nats()
+        self._sub = await nats.subscribe(self.subject, self._on_message)
+        await nats.nc.flush()  # the subscription is registered with the server on return
+
+    async def _on_message(self, msg: Any) -> None:
+        try:
+            publisher, payload = _msgpack_decode(msg.data)
+        except (msgspec.DecodeError, ValueError, TypeError):
+            log.warning("ignoring a malformed event on %s", msg.subject)
+            return
+        self._queue.put_nowait(Event(self.topic, int(publisher), payload))
+
+    async def wait_for_publishers(self, count: int = 1, timeout: float | None = None) -> None:
+        """Subscribed at start: NATS delivers from any publisher from then on."""
+
+    def __aiter__(self) -> NatsEventSubscriber:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        self._queue.put_nowait(None)

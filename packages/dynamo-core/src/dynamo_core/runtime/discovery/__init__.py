@@ -21,7 +21,7 @@ def open_discovery(config: RuntimeConfig) -> Discovery:
 
         return FileDiscovery(config.resolved_file_kv())
     if backend == "etcd":
-        from dynamo_core.errors import ConfigError
+        from .etcd import EtcdDiscovery
 
-        raise ConfigError("the etcd discovery backend is not available in this version")
+        return EtcdDiscovery(config.etcd_endpoints, ttl=config.lease_ttl)
     raise AssertionError(backend)

@@ -339,6 +339,9 @@ class RequestPlaneClient(ABC):
         window: int = DEFAULT_WINDOW,
     ) -> ClientStream: ...
 
+    def instance_gone(self, instance_id: int) -> None:  # noqa: B027 - only some planes need it
+        """Discovery says `instance_id` is gone: fail its streams (planes that cannot tell)."""
+
     @abstractmethod
     async def close(self) -> None: ...
 

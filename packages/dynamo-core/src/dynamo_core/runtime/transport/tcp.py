@@ -345,7 +345,13 @@ class TcpServer(RequestPlaneServer):
         )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
-        log.debug("request plane listening on %s:%d", self.host, self.port)
+        log.info(
+            "tcp request plane on %s:%d (advertised as %s:%d)",
+            self.host,
+            self.port,
+            self.advertise_host,
+            self.port,
+        )
 
     def transport_info(self) -> dict[str, Any]:
         return {"kind": "tcp", "host": self.advertise_host, "port": self.port}
