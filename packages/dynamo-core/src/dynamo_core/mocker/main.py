@@ -154,6 +154,15 @@ class MockerWorker:
         await self.metrics_publisher.close()
 
 
+def _unprintable_token_ids(tokenizer: Any) -> set[int]:
+    """Special tokens, and tokens that are not text on their own (a piece of a multi-byte
+    character, or nothing): the mocker never emits them, so its output reads as text."""
+    ids = list(range(tokenizer.vocab_size))
+    texts = tokenizer.backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    bad = {i for i, text in zip(ids, texts, strict=True) if not text or "\ufffd" in text}
+    return bad | set(tokenizer.special_token_ids)
+
+
 def _context_length(model_path: Path) -> int | None:
     config = model_path / "config.json"
     if not config.is_file():
@@ -204,7 +213,7 @@ async def start_mocker(runtime: DistributedRuntime, config: MockerConfig) -> Moc
             seed=config.seed,
         ),
         vocab_size=tokenizer.vocab_size,
-        special_token_ids=tokenizer.special_token_ids,
+        special_token_ids=_unprintable_token_ids(tokenizer),
         name=name,
     )
 
