@@ -593,6 +593,11 @@ class DynFlexibleArgumentParser(Generic[C]):
     def format_help(self) -> str:
         return self._build().parser.format_help()
 
+    def option_actions(self) -> dict[str, argparse.Action]:
+        """Every option string (Dynamo's and the engine's) and its argparse action: how a
+        launcher writes a value as flags exactly as this parser reads them."""
+        return dict(self._build().parser._option_string_actions)
+
     def parse(
         self, argv: list[str] | None = None, *, environ: Mapping[str, str] | None = None
     ) -> ParsedArgs[C]:

@@ -332,14 +332,12 @@ class ComponentInfo:
     def actions(self) -> Mapping[str, argparse.Action]:
         """The parser's flags (`--x` -> argparse action); empty without a parser.
 
-        `DynFlexibleArgumentParser` exposes no public view of its argparse actions, so this reads
-        the built parser (`_build().parser`); it is the same object `check()` parses with, which
-        is what makes the flags we write exactly the ones it accepts.
+        They come from the very parser `check()` parses with, which is what makes the flags we
+        write exactly the ones it accepts.
         """
         if self.parser is None:
             return {}
-        built = self.parser._build()
-        return dict(built.parser._option_string_actions)
+        return self.parser.option_actions()
 
 
 def load_component(module: str) -> ComponentInfo:
