@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -52,6 +52,7 @@ _MIGRATABLE = (
     errors.CancelledError,  # the worker shut down before finishing
 )
 Batches = AsyncGenerator[list[dict[str, Any]], None]
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
 
 
 def _error(
@@ -203,8 +204,9 @@ class OpenAIService:
 
     # -- completions ----------------------------------------------------------------------
 
-    async def chat_completions(self, request: Request) -> Response | StreamingResponse:
-        body = _decode(request.body, ChatCompletionRequest)
+    def _check(self, request: Request, kind: type[_Body]) -> tuple[_Body, ModelEntry] | Response:
+        """The validated body and its model, or the error response (what both routes share)."""
+        body = _decode(request.body, kind)
         if isinstance(body, Response):
             return body
         entry = self.models.get(body.model)
@@ -212,6 +214,13 @@ class OpenAIService:
             return _model_not_found(body.model, self.models.retired)
         if (body.n or 1) > 1:
             return _error(400, "n > 1 is not supported", "invalid_request_error", param="n")
+        return body, entry
+
+    async def chat_completions(self, request: Request) -> Response | StreamingResponse:
+        checked = self._check(request, ChatCompletionRequest)
+        if isinstance(checked, Response):
+            return checked
+        body, entry = checked
         if not body.messages:
             return _error(
                 400, "messages must not be empty", "invalid_request_error", param="messages"
@@ -236,14 +245,10 @@ class OpenAIService:
         )
 
     async def completions(self, request: Request) -> Response | StreamingResponse:
-        body = _decode(request.body, CompletionRequest)
-        if isinstance(body, Response):
-            return body
-        entry = self.models.get(body.model)
-        if entry is None:
-            return _model_not_found(body.model, self.models.retired)
-        if (body.n or 1) > 1:
-            return _error(400, "n > 1 is not supported", "invalid_request_error", param="n")
+        checked = self._check(request, CompletionRequest)
+        if isinstance(checked, Response):
+            return checked
+        body, entry = checked
         prompt: Any = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
