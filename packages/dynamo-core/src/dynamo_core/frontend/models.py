@@ -79,6 +79,8 @@ class ModelManager:
         self._watch: Watch | None = None
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        # a model that comes back (its workers restarted) needs no second tokenizer load
+        self._tokenizers: dict[str, tuple[Tokenizer, ChatTemplate]] = {}
 
     async def start(self) -> None:
         self._watch = await self.runtime.discovery.watch_prefix(f"{MODELS_PREFIX}{self.namespace}/")
@@ -172,7 +174,11 @@ class ModelManager:
 
     async def _load(self, card: ModelCard) -> None:
         try:
-            tokenizer, template = await asyncio.to_thread(_load_tokenizer, card.model_path)
+            loaded = self._tokenizers.get(card.model_path)
+            if loaded is None:
+                loaded = await asyncio.to_thread(_load_tokenizer, card.model_path)
+                self._tokenizers[card.model_path] = loaded
+            tokenizer, template = loaded
             client = await self.runtime.endpoint(card.endpoint).client()
         except Exception as exc:
             log.error("cannot serve model %s: %s", card.name, exc)
