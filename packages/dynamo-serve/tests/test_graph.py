@@ -111,14 +111,8 @@ def test_missing_graph_file(tmp_path: Path) -> None:
 def test_example_graphs_are_valid() -> None:
     root = Path(__file__).resolve().parents[3] / "examples" / "graphs"
     names = sorted(p.name for p in root.glob("*.yaml"))
-    assert names == [
-        "agg-replicas.yaml",
-        "agg.yaml",
-        "disagg.yaml",
-        "sglang.yaml",
-        "trtllm.yaml",
-        "vllm-cpu.yaml",
-    ]
+    assert {"agg.yaml", "agg-replicas.yaml", "disagg.yaml", "sglang.yaml", "trtllm.yaml",
+            "vllm-cpu.yaml"} <= set(names)  # fmt: skip
     for name in names:
         load_graph(root / name)
     agg = load_graph(root / "agg.yaml")

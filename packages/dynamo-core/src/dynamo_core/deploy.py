@@ -23,6 +23,7 @@ fails at import, naming the class, rather than in a manifest later.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -113,6 +114,21 @@ class BaseDeployment:
             "image": cls.image,
             "health_http_port_arg": cls.health_http_port_arg,
         }
+
+    @classmethod
+    def resources_for(cls, args: Mapping[str, Any]) -> Resources:
+        """The resources of one replica run with `args` (a graph's args, flag names as keys).
+
+        Launchers (`dynamo serve`, `dynamo deploy`) ask this rather than read `resources`, so a
+        component whose GPU count depends on its flags (tensor parallelism) can say so.
+        """
+        return cls.resources
+
+    @classmethod
+    def launch_prefix(cls, args: Mapping[str, Any]) -> list[str]:
+        """What goes before `python -m <module> <flags>` for one replica (e.g. an MPI launcher
+        for a multi-GPU engine); empty for a plain process."""
+        return []
 
 
 def _import(module_name: str) -> Any:

@@ -556,11 +556,10 @@ def build_plan(
         info = components[name]
         deployment = info.deployment
         replicas = spec.replicas if spec.replicas is not None else deployment.replicas
-        resources = (
-            spec.resources.over(deployment.resources) if spec.resources else deployment.resources
-        )
+        base = deployment.resources_for(spec.args)
+        resources = spec.resources.over(base) if spec.resources else base
         flags = tuple(render_args(spec.args, info.actions()))
-        argv = (python, "-m", spec.module, *flags)
+        argv = (*deployment.launch_prefix(spec.args), python, "-m", spec.module, *flags)
         env = {**deployment.env, **graph.env, **spec.env, **launcher_env}
         if resources.gpu:
             demands.append(f"{name}: {replicas} x {resources.gpu}")

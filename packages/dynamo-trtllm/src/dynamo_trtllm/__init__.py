@@ -1,5 +1,20 @@
-"""dynamo-trtllm."""
+"""dynamo-trtllm: Dynamo workers for TensorRT-LLM (its LLM API).
 
+Roles, each a module with its own `main()`: `dynamo_trtllm.worker` (aggregated),
+`dynamo_trtllm.prefill` and `dynamo_trtllm.decode` (disaggregated serving through TensorRT-LLM's
+`DisaggregatedParams`). `dynamo-run out=trtllm` finds `ENGINE` through the `dynamo.engines` entry
+point. Importing this package never imports TensorRT-LLM.
+"""
+
+from dynamo_core.engines import EngineSpec
 from dynamo_trtllm._version import __version__
 
-__all__ = ["__version__"]
+#: How `dynamo-run out=trtllm` and the conformance kit find this engine.
+ENGINE = EngineSpec(
+    name="trtllm",
+    module="dynamo_trtllm.worker",
+    extra="dynamo-trtllm[trtllm]",
+    description="TensorRT-LLM (LLM API, PyTorch backend)",
+)
+
+__all__ = ["ENGINE", "__version__"]

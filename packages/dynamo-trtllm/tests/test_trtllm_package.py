@@ -3,7 +3,7 @@ import dynamo_trtllm
 
 
 def test_public_names() -> None:
-    assert dynamo_trtllm.__all__ == ["__version__"]
+    assert dynamo_trtllm.__all__ == ["ENGINE", "__version__"]
 
 
 def test_one_version_for_all_packages() -> None:

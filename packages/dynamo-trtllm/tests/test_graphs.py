@@ -1,0 +1,88 @@
+"""The example graphs pass `dynamo serve --dry-run` (when dynamo-serve is installed), and
+`dynamo-run out=trtllm` finds this engine through its entry point (when this package is)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trtllm_testing import REPO, TINY, with_fake_path
+
+GRAPHS = REPO / "examples" / "graphs"
+
+
+def dry_run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dynamo_serve", "serve", *args, "--gpus", "0,1", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dynamo_serve") is None, reason="needs dynamo-serve")
+@pytest.mark.parametrize(
+    ("graph", "modules"),
+    [
+        (
+            "trtllm.yaml",
+            ["dynamo_trtllm.worker --model-path Qwen/Qwen3-8B --tensor-parallel-size 2"],
+        ),
+        ("trtllm-disagg.yaml", ["dynamo_trtllm.prefill", "dynamo_trtllm.decode"]),
+    ],
+)
+def test_example_graphs_dry_run(graph: str, modules: list[str]) -> None:
+    done = dry_run(str(GRAPHS / graph))
+    assert done.returncode == 0, done.stderr
+    for module in modules:
+        assert f"-m {module}" in done.stdout
+    bad = dry_run(
+        str(GRAPHS / graph),
+        "--frontend.http-port",
+        "8001",
+        *(
+            ["--backend.tensor-paralel-size", "2"]
+            if graph == "trtllm.yaml"
+            else ["--decode.max-batch", "2"]
+        ),
+    )
+    assert bad.returncode == 2 and "did you mean" in bad.stderr
+
+
+def test_dynamo_run_finds_the_engine(tmp_path: Path) -> None:
+    from dynamo_core.engines import available_engines
+
+    if "trtllm" not in available_engines():
+        pytest.skip("dynamo-trtllm is not installed (its entry point is not registered)")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": "hello", "max_tokens": 5}) + "\n")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynamo_core.run",
+            f"in=batch:{prompts}",
+            "out=trtllm",
+            "--output",
+            str(out),
+            "--model-path",
+            str(TINY),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **with_fake_path({})},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = out.read_text().splitlines()
+    result = json.loads(line)
+    assert result["tokens_out"] == 5 and result["finish_reason"] == "length", result
+    assert result["response"]
