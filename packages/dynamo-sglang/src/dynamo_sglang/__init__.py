@@ -1,5 +1,19 @@
-"""dynamo-sglang."""
+"""dynamo-sglang: SGLang workers as Dynamo components.
 
+`python -m dynamo_sglang.worker` (aggregated, or as `--disaggregation-mode` says),
+`python -m dynamo_sglang.prefill`, `python -m dynamo_sglang.decode`; `dynamo-run out=sglang`
+finds `ENGINE` through the `dynamo.engines` entry point. Importing this package does not
+import SGLang (`pip install "dynamo-sglang[sglang]"` brings it).
+"""
+
+from dynamo_core.engines import EngineSpec
 from dynamo_sglang._version import __version__
 
-__all__ = ["__version__"]
+ENGINE = EngineSpec(
+    name="sglang",
+    module="dynamo_sglang.worker",
+    extra="dynamo-sglang[sglang]",
+    description="SGLang (aggregated, prefill or decode by --disaggregation-mode)",
+)
+
+__all__ = ["ENGINE", "__version__"]

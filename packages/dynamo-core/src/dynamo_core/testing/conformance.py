@@ -248,11 +248,21 @@ class HandlerConformance:
         prefill: BaseWorkerHandler = request.getfixturevalue("prefill_handler")
         decode: BaseWorkerHandler = request.getfixturevalue("decode_handler")
         req = make_request(self.prompt, max_tokens=10)
+        prefill_req = {**req, "stop_conditions": {"max_tokens": 1}}
+        stream = prefill.generate(prefill_req, Context())
         params = None
-        async for out in prefill.generate({**req, "stop_conditions": {"max_tokens": 1}}, Context()):
+        async for out in stream:  # as the frontend does: hand off as soon as the params come
             if out.get("disaggregated_params") is not None:
                 params = out["disaggregated_params"]
+                break
         assert params is not None, "the prefill worker returned no transfer parameters"
+
+        async def rest_of_prefill() -> None:
+            async for _ in stream:  # some engines finish prefill only once decode connects
+                pass
+
+        prefill_rest = asyncio.create_task(rest_of_prefill())
         outs = await collect(decode, {**req, "disaggregated_params": params})
+        await asyncio.wait_for(prefill_rest, 30)
         assert len(tokens_of(outs)) == 10
         assert outs[-1]["finish_reason"] == "length"

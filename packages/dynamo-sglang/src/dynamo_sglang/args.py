@@ -1,0 +1,125 @@
+"""The SGLang worker's flags: Dynamo's (`SglangConfig`) plus SGLang's own, in one parser.
+
+SGLang's flags come from SGLang itself (`ServerArgs.add_cli_args`), so every flag, default and
+choice is SGLang's; `ServerArgs.from_cli_args` turns the merged namespace into the engine's
+`ServerArgs`. `--model-path` is SGLang's flag and also fills `SglangConfig.model_path`.
+`--config` selects a Dynamo config or graph file: SGLang's own `--config` YAML is not available
+(put its keys in the Dynamo config file instead; they mean the same).
+
+What a worker does is SGLang's `--disaggregation-mode` (null: aggregated, prefill, decode);
+`dynamo_sglang.prefill` and `dynamo_sglang.decode` set it for you (`resolve_mode`).
+
+Importing this module never imports SGLang: `add_sglang_args` does, when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Literal
+
+from pydantic import Field
+
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.errors import ConfigError
+from dynamo_core.runtime import RuntimeConfig
+
+__all__ = [
+    "EXTRA",
+    "INSTALL_HINT",
+    "Mode",
+    "SglangConfig",
+    "add_sglang_args",
+    "make_parser",
+    "resolve_mode",
+    "server_args_from",
+]
+
+EXTRA = "dynamo-sglang[sglang]"
+INSTALL_HINT = f'SGLang is not installed: pip install "{EXTRA}"'
+
+#: SGLang's `--disaggregation-mode` values.
+Mode = Literal["null", "prefill", "decode"]
+
+
+class SglangConfig(RuntimeConfig):
+    """Dynamo's flags of an SGLang worker (SGLang's own flags are SGLang's)."""
+
+    model_path: str | None = Field(
+        default=None,
+        description="Model folder or Hugging Face id (SGLang's --model-path; required by SGLang).",
+    )
+    component_name: str | None = Field(
+        default=None,
+        description="Component to serve as (default: 'prefill' in prefill mode, else 'backend'). "
+        "Named --component-name because --component selects a graph file's section.",
+    )
+    endpoint: str = Field(default="generate", description="Endpoint that serves token streams.")
+    migration_limit: int = Field(
+        default=0,
+        ge=0,
+        description="How often the frontend may move a broken stream to another worker.",
+    )
+    bootstrap_host: str | None = Field(
+        default=None,
+        description="Prefill mode: the address decode workers reach this worker's bootstrap "
+        "server at (default: the host of --dist-init-addr, else this machine's address).",
+    )
+    kv_events: bool = Field(
+        default=True,
+        description="Re-publish SGLang's KV cache events for KV-aware routing. Without "
+        "--kv-events-config, the worker sets up SGLang's ZMQ publisher on a free local port.",
+    )
+
+    def resolved_component(self, mode: str) -> str:
+        if self.component_name:
+            return self.component_name
+        return "prefill" if mode == "prefill" else "backend"
+
+
+def add_sglang_args(parser: argparse.ArgumentParser) -> None:
+    """SGLang's own flags (raises ImportError without SGLang)."""
+    from sglang.srt.server_args import ServerArgs
+
+    ServerArgs.add_cli_args(parser)
+
+
+def make_parser(prog: str, description: str) -> DynFlexibleArgumentParser[SglangConfig]:
+    return DynFlexibleArgumentParser(
+        SglangConfig,
+        prog=prog,
+        description=description,
+        engine_args=add_sglang_args,
+        engine_name="sglang",
+        engine_extra=EXTRA,
+    )
+
+
+def resolve_mode(parsed: ParsedArgs[SglangConfig], role: Mode | None) -> Mode:
+    """The worker's disaggregation mode: the role module's, else SGLang's `--disaggregation-mode`.
+
+    A role module (`prefill`, `decode`) sets the mode unless the user gave a different one,
+    which is an error rather than a surprise.
+    """
+    ns = parsed.engine_args
+    assert ns is not None
+    given: str = getattr(ns, "disaggregation_mode", None) or "null"
+    if role is None:
+        if given not in ("null", "prefill", "decode"):
+            raise ConfigError(f"--disaggregation-mode {given}: expected null, prefill or decode")
+        return given  # type: ignore[return-value]
+    explicit = parsed.engine_sources.get("disaggregation_mode", "default") != "default"
+    if explicit and given != role:
+        raise ConfigError(
+            f"--disaggregation-mode {given} contradicts this module, which runs a {role} worker "
+            f"(use dynamo_sglang.worker to choose the mode by flag)"
+        )
+    ns.disaggregation_mode = role
+    return role
+
+
+def server_args_from(parsed: ParsedArgs[SglangConfig]) -> Any:
+    """SGLang's `ServerArgs` from the merged flags (`ServerArgs.from_cli_args`)."""
+    from sglang.srt.server_args import ServerArgs
+
+    assert parsed.engine_args is not None
+    return ServerArgs.from_cli_args(parsed.engine_args)

@@ -1,0 +1,111 @@
+"""`python -m dynamo_sglang.decode`: an SGLang decode worker (`--disaggregation-mode decode`).
+
+    python -m dynamo_sglang.decode --model-path Qwen/Qwen3-0.6B --page-size 16
+
+It serves component `backend`: the frontend sends it each request together with the bootstrap
+parameters a prefill worker (`dynamo_sglang.prefill`) handed out, and SGLang pulls the prompt's
+KV cache from that prefill worker before decoding. `main` below is the whole component, runtime
+calls in plain sight: parse, component, engine, model card, `serve_endpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.deploy import BaseDeployment, Resources
+from dynamo_core.llm.kv import KV_EVENTS_TOPIC
+from dynamo_core.llm.model_card import register_model
+from dynamo_core.runtime import DistributedRuntime, dynamo_worker
+from dynamo_sglang.args import (
+    INSTALL_HINT,
+    SglangConfig,
+    make_parser,
+    resolve_mode,
+    server_args_from,
+)
+from dynamo_sglang.engine import (
+    EngineInfo,
+    SglangWorker,
+    prepare_kv_events,
+    start_sglang,
+    stop_sglang,
+)
+from dynamo_sglang.handlers import DecodeHandler
+
+__all__ = ["DecodeHandler", "Deployment", "build_parser", "main", "start_engine"]
+
+
+class Deployment(BaseDeployment):
+    name = "sglang-decode"
+    resources = Resources(gpu=1, cpu="8", memory="32Gi")
+
+
+def build_parser() -> DynFlexibleArgumentParser[SglangConfig]:
+    return make_parser(
+        "python -m dynamo_sglang.decode",
+        "An SGLang decode worker: continues requests whose prompt an SGLang prefill worker "
+        "processed, pulling their KV cache from it.",
+    )
+
+
+async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[Any]) -> SglangWorker:
+    """The same worker, started for a caller that serves it (tests, embedding)."""
+    from dynamo_sglang.worker import start_worker
+
+    return await start_worker(runtime, parsed, "decode")
+
+
+@dynamo_worker()
+async def worker(
+    runtime: DistributedRuntime, config: SglangConfig, parsed: ParsedArgs[SglangConfig]
+) -> None:
+    resolve_mode(parsed, "decode")
+    server_args = server_args_from(parsed)
+
+    component = runtime.namespace(config.namespace).component(config.resolved_component("decode"))
+    await component.create_service()
+    endpoint = component.endpoint(config.endpoint)
+    kv_relay = prepare_kv_events(
+        server_args, await component.event_publisher(KV_EVENTS_TOPIC), config.kv_events
+    )
+
+    engine = None
+    try:
+        engine = start_sglang(server_args)  # loads the model: blocks until SGLang is ready
+        served = parsed.engine_sources.get("served_model_name", "default") != "default"
+        info = EngineInfo.of(engine, served_name_given=served)
+        handler = DecodeHandler(engine, incremental_output=info.incremental_output)
+        if kv_relay is not None:
+            kv_relay.start(info.page_size)
+        card = await register_model(
+            endpoint,
+            model_path=info.model_dir,
+            model_name=info.served_model_name,
+            context_length=info.context_length,
+            kv_block_size=info.page_size,
+            migration_limit=config.migration_limit,
+        )
+        logging.getLogger("dynamo.sglang").info(
+            "sglang decode worker %s.%s: model %s", component.name, endpoint.name, card.name
+        )
+        await endpoint.serve_endpoint(handler.generate)
+    finally:
+        await stop_sglang(engine, kv_relay)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parsed = build_parser().parse_or_exit(argv)
+    if parsed.engine_args is None:
+        sys.stderr.write(f"error: {INSTALL_HINT}\n")
+        sys.exit(1)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(worker(parsed.config, parsed))
+
+
+if __name__ == "__main__":
+    main()
