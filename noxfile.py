@@ -122,9 +122,17 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
-    """mypy, strict for dynamo_core."""
+    """mypy, strict for every package (engines are imported lazily, so they need not be here)."""
     session.install(
-        "mypy>=1.11", CORE, "packages/dynamo-serve", "pytest>=8", "types-PyYAML", "types-psutil"
+        "mypy>=1.11",
+        CORE,
+        "packages/dynamo-serve",
+        "packages/dynamo-sglang",
+        "packages/dynamo-vllm",
+        "packages/dynamo-trtllm",
+        "pytest>=8",
+        "types-PyYAML",
+        "types-psutil",
     )
     session.run("mypy", "--config-file", "pyproject.toml")
 
