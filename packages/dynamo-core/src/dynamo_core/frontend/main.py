@@ -26,8 +26,20 @@ log = logging.getLogger("dynamo.frontend")
 class FrontendConfig(RuntimeConfig):
     http_host: str = Field("0.0.0.0", description="Address the HTTP server listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
-    router_mode: Literal["round-robin", "random", "least-loaded"] = Field(
-        "round-robin", description="How a worker is chosen for each request."
+    router_mode: Literal["round-robin", "random", "least-loaded", "kv"] = Field(
+        "round-robin",
+        description="How a worker is chosen for each request (kv: where the prompt's prefix "
+        "is cached, from the workers' KV events, balanced against their load).",
+    )
+    kv_overlap_score_weight: float = Field(
+        1.0,
+        ge=0,
+        description="With --router-mode kv: weight of prefill work against load (0: load only).",
+    )
+    router_temperature: float = Field(
+        0.0,
+        ge=0,
+        description="With --router-mode kv: softmax temperature of the choice (0: always the best).",
     )
     migration_limit: int | None = Field(
         None,
@@ -63,6 +75,8 @@ async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
         namespace=config.namespace,
         router_mode=config.router_mode,
         migration_limit=config.migration_limit,
+        kv_overlap_weight=config.kv_overlap_score_weight,
+        router_temperature=config.router_temperature,
     )
     await service.start()
     server = await serve_http(

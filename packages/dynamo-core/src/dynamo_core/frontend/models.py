@@ -17,8 +17,10 @@ import msgspec
 
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.chat_template import ChatTemplate
+from dynamo_core.llm.kv import KV_EVENTS_TOPIC
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
 from dynamo_core.llm.tokenizer import Tokenizer
+from dynamo_core.router.kv import KvRouter
 from dynamo_core.router.policies import RoutingPolicy, make_policy
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ class ModelEntry:
     policy: RoutingPolicy
     card_instances: set[int] = field(default_factory=set)
     created: int = 0
+    kv_task: asyncio.Task[None] | None = None
 
     def live_instances(self) -> list[int]:
         return [i for i in self.client.instance_ids() if i in self.card_instances]
@@ -65,11 +68,19 @@ class ModelEntry:
 
 class ModelManager:
     def __init__(
-        self, runtime: DistributedRuntime, namespace: str, router_mode: str = "round-robin"
+        self,
+        runtime: DistributedRuntime,
+        namespace: str,
+        router_mode: str = "round-robin",
+        *,
+        kv_overlap_weight: float = 1.0,
+        router_temperature: float = 0.0,
     ) -> None:
         self.runtime = runtime
         self.namespace = namespace
         self.router_mode = router_mode
+        self.kv_overlap_weight = kv_overlap_weight
+        self.router_temperature = router_temperature
         self.models: dict[str, ModelEntry] = {}
         self.prefill: dict[str, PrefillPool] = {}
         #: models that were served and have no instance now (their requests get 503, not 404)
@@ -126,6 +137,8 @@ class ModelManager:
                     log.info("model %s has no instances left: removed", name)
                     del self.models[name]
                     self.retired.add(name)
+                    if entry.kv_task is not None:
+                        entry.kv_task.cancel()
                     self.runtime.spawn(entry.client.close())
             self._notify()
 
@@ -193,21 +206,58 @@ class ModelManager:
         if not instances:
             await client.close()
             return
+        policy = self._policy_for(card)
         entry = ModelEntry(
             name=card.name,
             card=card,
             tokenizer=tokenizer,
             template=template,
             client=client,
-            policy=make_policy(self.router_mode),
+            policy=policy,
             card_instances=instances,
             created=int(asyncio.get_running_loop().time()),
         )
         self.models[card.name] = entry
         self.retired.discard(card.name)
+        if isinstance(policy, KvRouter):
+            entry.kv_task = self.runtime.spawn(self._follow_kv_events(entry, policy))
         log.info("model %s added (endpoint %s)", card.name, card.endpoint)
         client.on_change(self._notify)
         self._notify()
+
+    def _policy_for(self, card: ModelCard) -> RoutingPolicy:
+        if self.router_mode == "kv":
+            return KvRouter(
+                card.kv_block_size,
+                overlap_weight=self.kv_overlap_weight,
+                temperature=self.router_temperature,
+            )
+        return make_policy(self.router_mode)
+
+    async def _follow_kv_events(self, entry: ModelEntry, router: KvRouter) -> None:
+        """Keep the model's KV index current from its workers' `kv_events`."""
+        ns, component, _ = entry.card.endpoint.split(".")
+        subscriber = (
+            await self.runtime.namespace(ns).component(component).subscribe(KV_EVENTS_TOPIC)
+        )
+        live: set[int] = set(entry.client.instance_ids())
+
+        def forget_dead() -> None:
+            nonlocal live
+            now = set(entry.client.instance_ids())
+            for gone in live - now:
+                router.indexer.remove_worker(gone)
+            live = now
+
+        entry.client.on_change(forget_dead)
+        try:
+            async for event in subscriber:
+                try:
+                    router.indexer.apply(event.publisher_id, event.payload)
+                except (msgspec.ValidationError, TypeError, ValueError) as exc:
+                    log.warning("bad KV event from %x: %s", event.publisher_id, exc)
+        finally:
+            await subscriber.close()
 
     def _notify(self) -> None:
         self._changed.set()

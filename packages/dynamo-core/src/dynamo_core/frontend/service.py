@@ -145,9 +145,17 @@ class OpenAIService:
         router_mode: str = "round-robin",
         migration_limit: int | None = None,
         metrics: FrontendMetrics | None = None,
+        kv_overlap_weight: float = 1.0,
+        router_temperature: float = 0.0,
     ) -> None:
         self.runtime = runtime
-        self.models = ModelManager(runtime, namespace, router_mode)
+        self.models = ModelManager(
+            runtime,
+            namespace,
+            router_mode,
+            kv_overlap_weight=kv_overlap_weight,
+            router_temperature=router_temperature,
+        )
         self.migration_limit = migration_limit
         self.metrics = metrics or FrontendMetrics()
         self._routes = {
@@ -358,7 +366,7 @@ class OpenAIService:
         policy = entry.policy
         while True:
             iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
-            policy.started(iid)
+            policy.started(iid, preq["token_ids"])
             stream = None
             received = False
             try:
@@ -400,7 +408,7 @@ class OpenAIService:
                         "request %s: instance %x unreachable (%s); trying another", ctx.id, iid, exc
                     )
             finally:
-                policy.finished(iid)
+                policy.finished(iid, preq["token_ids"])
                 if stream is not None:
                     stream.cancel()
 

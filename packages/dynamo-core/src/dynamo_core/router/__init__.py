@@ -1,7 +1,9 @@
-"""Routing: policies that pick a worker for each request (round-robin, random, least-loaded)."""
+"""Routing: policies that pick a worker for each request (round-robin, random, least-loaded,
+and kv: KV-cache-aware, from the workers' KV events)."""
 
 from __future__ import annotations
 
+from dynamo_core.router.kv import KvIndexer, KvRouter
 from dynamo_core.router.policies import (
     LeastLoaded,
     RandomPolicy,
@@ -12,6 +14,8 @@ from dynamo_core.router.policies import (
 )
 
 __all__ = [
+    "KvIndexer",
+    "KvRouter",
     "LeastLoaded",
     "RandomPolicy",
     "RoundRobin",

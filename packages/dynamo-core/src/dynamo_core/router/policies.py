@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
+"""`kv` is `dynamo_core.router.kv.KvRouter`, which needs the model's KV events."""
 
 
 class RoutingPolicy(ABC):
@@ -46,10 +47,12 @@ class RoutingPolicy(ABC):
             raise NoInstancesError("no live instance serves this model")
         return self._pick(candidates, token_ids)
 
-    def started(self, instance_id: int) -> None:
+    def started(self, instance_id: int, token_ids: Sequence[int] = ()) -> None:
+        """A request routed to `instance_id` was sent."""
         self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
 
-    def finished(self, instance_id: int) -> None:
+    def finished(self, instance_id: int, token_ids: Sequence[int] = ()) -> None:
+        """That request ended (finished, failed or cancelled)."""
         n = self.inflight.get(instance_id, 0) - 1
         if n > 0:
             self.inflight[instance_id] = n
