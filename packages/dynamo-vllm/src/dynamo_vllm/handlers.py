@@ -1,0 +1,233 @@
+"""The vLLM handlers, on the core bases (`dynamo_core.handlers`): one code base for every role.
+
+- `WorkerHandler` (aggregated): `AsyncLLM.generate({"prompt_token_ids": [...]}, params, id)`
+  with `RequestOutputKind.DELTA`, so each `RequestOutput` carries only the new tokens;
+- `PrefillHandler`: the prompt only (`max_tokens=1`), with
+  `extra_args={"kv_transfer_params": {"do_remote_decode": True}}`; vLLM's KV connector answers
+  with the `kv_transfer_params` a decode engine needs, returned as
+  `disaggregated_params={"kv_transfer_params": ...}` on the one output (vLLM sets them when the
+  prefill finishes: that is as early as the engine allows);
+- `DecodeHandler`: passes those parameters back to vLLM in `extra_args`, so its engine pulls the
+  KV cache instead of computing it; without them it serves the request whole.
+
+The request's sampling options, stop token ids, `min_tokens`, `ignore_eos`, seed and logprobs
+become vLLM `SamplingParams` (the model's generation-config defaults below them, as vLLM's own
+server does); detokenization is off (the frontend detokenizes). vLLM's finish reasons map to
+Dynamo's: `stop` with a `stop_reason` is `stop`, `stop` without one (an end-of-sequence token)
+is `eos`, `length` is `length`, `abort` is `cancelled`. Cancellation calls `engine.abort(id)`;
+usage, stop enforcement and error mapping come from the base class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from contextlib import aclosing
+from typing import Any
+
+from dynamo_core.errors import EngineError
+from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
+from dynamo_core.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest
+from dynamo_core.runtime import Context
+
+__all__ = [
+    "PARAMS_KEY",
+    "DecodeHandler",
+    "PrefillHandler",
+    "WorkerHandler",
+    "finish_reason",
+    "logprobs",
+    "sampling_params",
+]
+
+#: The key of vLLM's transfer parameters inside `disaggregated_params` (vLLM's own name).
+PARAMS_KEY = "kv_transfer_params"
+
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
+
+
+def sampling_params(
+    request: PreprocessedRequest,
+    defaults: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> Any:
+    """vLLM `SamplingParams` for `request`: new tokens only (DELTA), no detokenization."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    kwargs: dict[str, Any] = dict(defaults or {})
+    options = request.sampling_options
+    for name in _SAMPLING_FIELDS:
+        value = getattr(options, name)
+        if value is not None:
+            kwargs[name] = value
+    stop = request.stop_conditions
+    kwargs.update(
+        n=1,
+        max_tokens=stop.max_tokens,  # None: up to the context length (vLLM's rule)
+        min_tokens=stop.min_tokens or 0,
+        stop_token_ids=list(stop.stop_token_ids) if stop.stop_token_ids else None,
+        ignore_eos=stop.ignore_eos,
+        logprobs=request.output_options.logprobs,
+        output_kind=RequestOutputKind.DELTA,
+        detokenize=False,
+    )
+    kwargs.update(overrides)
+    return SamplingParams(**kwargs)
+
+
+def finish_reason(output: Any) -> FinishReason | None:
+    """Dynamo's finish reason for a vLLM `CompletionOutput`."""
+    reason = output.finish_reason
+    if reason is None:
+        return None
+    if reason == "stop":
+        return "eos" if output.stop_reason is None else "stop"
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "cancelled"
+    return "error"
+
+
+def logprobs(
+    output: Any, top: int | None
+) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
+    """Per new token: its log-probability and the top alternatives, from vLLM's
+    `CompletionOutput.logprobs` (one `{token_id: Logprob(logprob, rank, ...)}` per token)."""
+    entries = output.logprobs
+    if entries is None or top is None:
+        return None, None
+    chosen: list[float] = []
+    alternatives: list[list[tuple[int, float]]] = []
+    for token, entry in zip(output.token_ids, entries, strict=False):
+        mine = entry.get(token)
+        chosen.append(mine.logprob if mine is not None else float("-inf"))
+        ranked = sorted(entry.items(), key=lambda item: item[1].rank or 0)
+        alternatives.append([(tid, lp.logprob) for tid, lp in ranked][: max(top, 1)])
+    return chosen, alternatives
+
+
+class WorkerHandler(BaseWorkerHandler):
+    """Aggregated serving on a vLLM `AsyncLLM`."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        default_sampling: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(engine, name=name)
+        self.default_sampling = dict(default_sampling or {})
+        self._cached: dict[str, int] = {}
+
+    def sampling_params(self, request: PreprocessedRequest, **overrides: Any) -> Any:
+        return sampling_params(request, self.default_sampling, **overrides)
+
+    async def run_engine(
+        self, request: PreprocessedRequest, params: Any
+    ) -> AsyncGenerator[tuple[Any, EngineOutput], None]:
+        """vLLM's outputs for `request`, each with its `EngineOutput`."""
+        request_id = request.request_id
+        assert request_id is not None  # set by `generate`
+        prompt = {"prompt_token_ids": request.token_ids}
+        # closed explicitly (not left to the garbage collector) when the caller stops early:
+        # vLLM's generator then aborts the request itself
+        stream = self.engine.generate(prompt, params, request_id)
+        try:
+            async for result in stream:
+                if result.num_cached_tokens is not None:
+                    self._cached[request_id] = result.num_cached_tokens
+                out = result.outputs[0]
+                lps, tops = logprobs(out, request.output_options.logprobs)
+                yield (
+                    result,
+                    EngineOutput(
+                        token_ids=list(out.token_ids),
+                        finish_reason=finish_reason(out),
+                        log_probs=lps,
+                        top_logprobs=tops,
+                    ),
+                )
+        finally:
+            self._cached.pop(request_id, None)
+            await stream.aclose()
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncGenerator[EngineOutput, None]:
+        if request.stop_conditions.max_tokens == 0:  # vLLM wants at least one
+            yield EngineOutput(finish_reason="length")
+            return
+        async with aclosing(self.run_engine(request, self.sampling_params(request))) as outputs:
+            async for _, out in outputs:
+                yield out
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    def cached_tokens(self, request: PreprocessedRequest) -> int | None:
+        if request.request_id is None:
+            return None
+        return self._cached.get(request.request_id)
+
+
+class PrefillHandler(WorkerHandler, BasePrefillHandler):
+    """Prefill worker: the prompt only, then vLLM's `kv_transfer_params` for a decode worker."""
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncGenerator[EngineOutput, None]:
+        params = self.sampling_params(
+            request,
+            max_tokens=1,
+            min_tokens=1,
+            extra_args={PARAMS_KEY: {"do_remote_decode": True}},
+        )
+        tokens: list[int] = []
+        async with aclosing(self.run_engine(request, params)) as outputs:
+            async for result, out in outputs:
+                tokens.extend(out.token_ids)
+                if out.finish_reason in ("cancelled", "error"):
+                    yield out  # no hand-off
+                    return
+                if out.finish_reason is None:
+                    continue
+                transfer = result.kv_transfer_params
+                if transfer is None:
+                    raise EngineError(
+                        "vLLM returned no kv_transfer_params: start the prefill worker with "
+                        "--kv-transfer-config (a KV connector, e.g. NixlConnector)"
+                    )
+                yield EngineOutput(
+                    token_ids=tokens[:1],
+                    finish_reason="length",
+                    disaggregated_params={PARAMS_KEY: dict(transfer)},
+                )
+                return
+
+
+class DecodeHandler(WorkerHandler, BaseDecodeHandler):
+    """Decode worker: continues requests prefilled elsewhere (or serves them whole)."""
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncGenerator[EngineOutput, None]:
+        transfer = (request.disaggregated_params or {}).get(PARAMS_KEY)
+        if transfer is None:
+            async with aclosing(super().engine_generate(request, context)) as outputs:
+                async for out in outputs:
+                    yield out
+            return
+        params = self.sampling_params(request, extra_args={PARAMS_KEY: transfer})
+        async with aclosing(self.run_engine(request, params)) as outputs:
+            async for _, out in outputs:
+                yield out

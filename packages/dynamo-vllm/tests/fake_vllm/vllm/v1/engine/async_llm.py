@@ -1,0 +1,296 @@
+"""`AsyncLLM` (vllm/v1/engine/async_llm.py): the interface dynamo-vllm uses, over a fake engine.
+
+The "model" emits deterministic tokens: a function of the prompt, the seed and the position,
+so the same request gives the same tokens. One step every `STEP_S` seconds per request. What
+mirrors vLLM:
+
+- `generate(prompt, sampling_params, request_id)` takes `{"prompt_token_ids": [...]}`, yields
+  `RequestOutput`s (new tokens only with `RequestOutputKind.DELTA`), ends with `finished=True`;
+  `max_tokens` -> "length"; a `stop_token_ids` hit -> "stop" with `stop_reason` (the token is
+  in `token_ids`); the model's eos (unless `ignore_eos`, not before `min_tokens`) -> "stop"
+  with `stop_reason=None`; `abort(id)` -> a last output with "abort";
+- logprobs: per token `{token_id: Logprob(logprob, rank)}`, the chosen token plus the top N;
+- prefix caching: `num_cached_tokens` counts full blocks seen before; with `kv_events_config`
+  the engine publishes `BlockStored` batches through its ZMQ publisher;
+- a KV connector (`kv_transfer_config`): `extra_args={"kv_transfer_params":
+  {"do_remote_decode": True}}` makes the final output carry `kv_transfer_params`; a request
+  with `{"do_remote_prefill": True, ...}` pulls them (`transfers` records it);
+- stat loggers: `factory(vllm_config, engine_index)`, then `record(scheduler_stats,
+  iteration_stats, mm_cache_stats=None, engine_idx=0)` each step.
+
+`requests` holds the running request ids; `fail_next` makes the next `generate` raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+log = logging.getLogger("vllm.fake")
+
+STEP_S = 0.002
+VOCAB = 2315
+EOS_TOKEN_ID = 1
+FIRST_TOKEN = 10  # generated tokens are >= this: the fake's eos only comes when asked for
+
+
+@dataclass
+class SchedulerStats:
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+
+
+def _token(prompt: list[int], seed: int, i: int) -> int:
+    digest = hashlib.blake2b(f"{seed}|{prompt}|{i}".encode(), digest_size=8).digest()
+    return FIRST_TOKEN + int.from_bytes(digest, "little") % (VOCAB - FIRST_TOKEN)
+
+
+class AsyncLLM:
+    def __init__(self, vllm_config: Any, stat_loggers: list[Any] | None = None) -> None:
+        self.vllm_config = vllm_config
+        self.vllm_config.cache_config.num_gpu_blocks = 1024
+        self.requests: set[str] = set()
+        self.aborted: set[str] = set()
+        self.fail_next: BaseException | None = None
+        self.transfers: list[dict[str, Any]] = []
+        self.seen: list[tuple[str, SamplingParams]] = []
+        self.engine_id = f"fake-{id(self):x}"
+        self.cached_blocks: set[int] = set()
+        self.is_shutdown = False
+        self.stat_loggers = [f(vllm_config, 0) for f in stat_loggers or []]
+        for logger in self.stat_loggers:
+            logger.log_engine_initialized()
+        events = vllm_config.kv_events_config
+        self.publisher = None
+        if events is not None and events.enable_kv_cache_events and events.publisher == "zmq":
+            self.publisher = ZmqEventPublisher(events.endpoint, events.topic)
+
+    @classmethod
+    def from_engine_args(
+        cls,
+        engine_args: Any,
+        start_engine_loop: bool = True,
+        usage_context: Any = None,
+        stat_loggers: list[Any] | None = None,
+    ) -> AsyncLLM:
+        return cls(engine_args.create_engine_config(usage_context), stat_loggers)
+
+    # -- the fake engine -------------------------------------------------------------------
+
+    def _cache(self, prompt: list[int]) -> int:
+        """Full prompt blocks already cached (in tokens); stores and publishes the new ones."""
+        size = self.vllm_config.cache_config.block_size
+        cached, parent, stored, hashes = 0, None, [], []
+        for start in range(0, len(prompt) - len(prompt) % size, size):
+            block = prompt[start : start + size]
+            h = int.from_bytes(hashlib.sha256(repr((parent, block)).encode()).digest()[-8:], "big")
+            if h in self.cached_blocks and not stored:
+                cached += size
+            else:
+                if not stored:
+                    stored_parent = parent
+                stored.extend(block)
+                hashes.append(h)
+                self.cached_blocks.add(h)
+            parent = h
+        if hashes and self.publisher is not None:
+            event = BlockStored(
+                block_hashes=hashes,
+                parent_block_hash=stored_parent,
+                token_ids=stored,
+                block_size=size,
+                lora_id=None,
+                medium="GPU",
+                lora_name=None,
+            )
+            self.publisher.publish(KVEventBatch(ts=time.time(), events=[event]))
+        return cached
+
+    def _record(self) -> None:
+        stats = SchedulerStats(
+            num_running_reqs=len(self.requests), kv_cache_usage=len(self.requests) / 1024
+        )
+        for logger in self.stat_loggers:
+            logger.record(scheduler_stats=stats, iteration_stats=None, engine_idx=0)
+
+    def _logprobs(self, token: int, top: int) -> dict[int, Logprob]:
+        entry = {token: Logprob(logprob=-0.25, rank=1)}
+        for r in range(1, top + 1):
+            alt = FIRST_TOKEN + (token + 7 * r) % (VOCAB - FIRST_TOKEN)
+            if alt not in entry:
+                entry[alt] = Logprob(logprob=-1.0 - r, rank=r + 1)
+        return entry
+
+    # -- the AsyncLLM interface ------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams,
+        request_id: str,
+        *,
+        prompt_text: str | None = None,
+        lora_request: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        trace_headers: Mapping[str, str] | None = None,
+        priority: int = 0,
+        data_parallel_rank: int | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        if self.is_shutdown:
+            raise RuntimeError("EngineDeadError: engine is shut down")
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt:
+            raise TypeError("this fake takes TokensPrompt dicts only")
+        tokens_in = list(prompt["prompt_token_ids"])
+        params = sampling_params
+        if request_id in self.requests:
+            raise ValueError(f"Request id {request_id} already running.")
+        self.seen.append((request_id, params))
+        max_model_len = self.vllm_config.model_config.max_model_len
+        if len(tokens_in) >= max_model_len:
+            raise ValueError(
+                f"The decoder prompt (length {len(tokens_in)}) is longer than the maximum "
+                f"model length of {max_model_len}."
+            )
+        # vLLM's scheduler ends a sequence at the model length ("length") whatever max_tokens says
+        room = max_model_len - len(tokens_in)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        transfer = dict((params.extra_args or {}).get("kv_transfer_params") or {})
+        connector = self.vllm_config.kv_transfer_config
+        if transfer and connector is None:
+            raise ValueError("kv_transfer_params given but no KV connector is configured")
+        if transfer.get("do_remote_prefill"):
+            self.transfers.append(transfer)
+            log.info(
+                "fake vllm: request %s pulls its KV cache from %s",
+                request_id,
+                transfer.get("remote_engine_id"),
+            )
+        if transfer.get("do_remote_decode"):
+            log.info("fake vllm: request %s is prefilled for a remote decode", request_id)
+        self.requests.add(request_id)
+        seed = params.seed if params.seed is not None else 0
+        delta = params.output_kind == RequestOutputKind.DELTA
+        produced: list[int] = []
+        logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        try:
+            cached = self._cache(tokens_in)
+            i = 0
+            while True:
+                await asyncio.sleep(STEP_S)
+                self._record()
+                if request_id in self.aborted:
+                    self.aborted.discard(request_id)
+                    yield self._output(
+                        request_id,
+                        tokens_in,
+                        [] if delta else produced,
+                        None,
+                        "abort",
+                        None,
+                        cached,
+                        None,
+                    )
+                    return
+                token = _token(tokens_in, seed, i)
+                i += 1
+                produced.append(token)
+                new_lp = None
+                if logprobs is not None:
+                    new_lp = [self._logprobs(token, params.logprobs or 0)]
+                    logprobs.extend(new_lp)
+                reason, stop_reason = None, None
+                if params.stop_token_ids and token in params.stop_token_ids:
+                    reason, stop_reason = "stop", token
+                elif (
+                    not params.ignore_eos
+                    and token == EOS_TOKEN_ID
+                    and len(produced) > params.min_tokens
+                ):
+                    reason = "stop"
+                elif len(produced) >= max_tokens:
+                    reason = "length"
+                kv_params = None
+                if reason is not None and transfer.get("do_remote_decode"):
+                    kv_params = {
+                        "do_remote_prefill": True,
+                        "do_remote_decode": False,
+                        "remote_engine_id": self.engine_id,
+                        "remote_block_ids": list(range(math.ceil(len(tokens_in) / 16))),
+                        "remote_host": "127.0.0.1",
+                        "remote_port": 5600,
+                        "prompt_tokens": len(tokens_in),
+                    }
+                yield self._output(
+                    request_id,
+                    tokens_in,
+                    [token] if delta else list(produced),
+                    new_lp if delta else logprobs,
+                    reason,
+                    stop_reason,
+                    cached,
+                    kv_params,
+                )
+                if reason is not None:
+                    return
+        finally:
+            self.requests.discard(request_id)
+
+    def _output(
+        self,
+        request_id: str,
+        prompt: list[int],
+        tokens: list[int],
+        logprobs: Any,
+        reason: str | None,
+        stop_reason: int | None,
+        cached: int,
+        kv_params: dict[str, Any] | None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=request_id,
+            prompt=None,
+            prompt_token_ids=prompt,
+            prompt_logprobs=None,
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text="",
+                    token_ids=tokens,
+                    cumulative_logprob=None,
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    stop_reason=stop_reason,
+                )
+            ],
+            finished=reason is not None,
+            num_cached_tokens=cached,
+            kv_transfer_params=kv_params,
+        )
+
+    async def abort(self, request_id: str | list[str], internal: bool = False) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            if rid in self.requests:
+                self.aborted.add(rid)
+                self.requests.discard(rid)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        self.is_shutdown = True
+        if self.publisher is not None:
+            self.publisher.shutdown()
+            self.publisher = None

@@ -1,0 +1,185 @@
+"""The handlers on a fake `AsyncLLM` (tests/fake_vllm, written against vLLM 0.32's interface):
+the conformance kit, plus what is specific to vLLM (SamplingParams, finish reasons, transfer
+parameters, prefix-cache usage)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import TINY
+from dynamo_core.errors import EngineError
+from dynamo_core.handlers import BaseWorkerHandler
+from dynamo_core.llm.protocol import PreprocessedRequest
+from dynamo_core.runtime import Context
+from dynamo_core.testing.conformance import HandlerConformance, collect, make_request
+from dynamo_vllm.handlers import DecodeHandler, PrefillHandler, WorkerHandler, sampling_params
+
+CONNECTOR = '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'
+
+
+def make_engine(*flags: str) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    parser = FlexibleArgumentParser()
+    AsyncEngineArgs.add_cli_args(parser)
+    args = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", str(TINY), *flags]))
+    return AsyncLLM.from_engine_args(args)
+
+
+@pytest.fixture(autouse=True)
+def _fake(fake_vllm: Path) -> Iterator[None]:
+    yield
+
+
+class TestVllmHandlerConformance(HandlerConformance):
+    supports_logprobs = True
+    supports_disaggregation = True
+
+    @pytest.fixture
+    def handler(self) -> BaseWorkerHandler:
+        return WorkerHandler(make_engine())
+
+    @pytest.fixture
+    def prefill_handler(self) -> BaseWorkerHandler:
+        return PrefillHandler(make_engine("--kv-transfer-config", CONNECTOR))
+
+    @pytest.fixture
+    def decode_handler(self) -> BaseWorkerHandler:
+        return DecodeHandler(make_engine("--kv-transfer-config", CONNECTOR))
+
+    def active_requests(self, handler: BaseWorkerHandler) -> int:
+        return len(handler.engine.requests)
+
+    def break_engine(self, handler: BaseWorkerHandler) -> None:
+        handler.engine.fail_next = RuntimeError("CPU out of memory")
+
+
+def test_sampling_params_from_the_request() -> None:
+    from vllm.sampling_params import RequestOutputKind
+
+    req = PreprocessedRequest.from_wire(
+        {
+            **make_request([1, 2, 3], max_tokens=7, stop_token_ids=[5, 6], logprobs=3, seed=9),
+            "sampling_options": {"temperature": 0.5, "top_p": 0.9, "seed": 9},
+        }
+    )
+    req.stop_conditions.min_tokens = 2
+    params = sampling_params(req, {"temperature": 0.7, "top_k": 20})
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 20, 9)
+    assert (params.max_tokens, params.min_tokens, params.stop_token_ids) == (7, 2, [5, 6])
+    assert (params.ignore_eos, params.logprobs) == (True, 3)
+    assert params.output_kind is RequestOutputKind.DELTA
+    assert params.detokenize is False
+
+
+async def test_generation_config_defaults_and_request_seed_reach_the_engine() -> None:
+    handler = WorkerHandler(make_engine(), default_sampling={"temperature": 0.6, "top_k": 20})
+    await collect(handler, make_request(list(range(20)), max_tokens=2, seed=77))
+    ((_, params),) = handler.engine.seen
+    assert (params.temperature, params.top_k, params.seed) == (0.0, 20, 77)
+
+
+async def test_vllm_eos_and_stop_reasons_are_told_apart() -> None:
+    from vllm.v1.engine import async_llm
+
+    handler = WorkerHandler(make_engine())
+    full = [
+        t
+        for o in await collect(handler, make_request([3, 4], max_tokens=8))
+        for t in o.get("token_ids", [])
+    ]
+    # the engine stops on its own (a stop token id): reason "stop", the token not in the output
+    outs = await collect(handler, make_request([3, 4], max_tokens=8, stop_token_ids=[full[2]]))
+    assert outs[-1]["finish_reason"] == "stop"
+    assert [t for o in outs for t in o.get("token_ids", [])] == full[:2]
+    # the engine's own eos (vLLM reports "stop" without a stop_reason): "eos", token kept
+    old = async_llm.EOS_TOKEN_ID
+    async_llm.EOS_TOKEN_ID = full[3]
+    try:
+        outs = await collect(handler, make_request([3, 4], max_tokens=8, ignore_eos=False))
+    finally:
+        async_llm.EOS_TOKEN_ID = old
+    assert outs[-1]["finish_reason"] == "eos"
+    assert [t for o in outs for t in o.get("token_ids", [])] == full[:4]
+
+
+async def test_prefix_cache_hits_are_reported_in_usage() -> None:
+    handler = WorkerHandler(make_engine())
+    prompt = list(range(100, 140))  # 2 full blocks of 16
+    first = await collect(handler, make_request(prompt, max_tokens=2))
+    second = await collect(handler, make_request(prompt, max_tokens=2))
+    assert first[-1]["usage"].get("cached_tokens", 0) == 0
+    assert second[-1]["usage"]["cached_tokens"] == 32
+
+
+async def test_max_tokens_zero_never_reaches_vllm() -> None:
+    handler = WorkerHandler(make_engine())
+    outs = await collect(handler, make_request([1, 2], max_tokens=0))
+    assert [o["finish_reason"] for o in outs] == ["length"]
+    assert not outs[0].get("token_ids")
+    assert handler.engine.seen == []
+
+
+async def test_prefill_asks_for_remote_decode_and_decode_passes_params_on() -> None:
+    prefill = PrefillHandler(make_engine("--kv-transfer-config", CONNECTOR))
+    decode = DecodeHandler(make_engine("--kv-transfer-config", CONNECTOR))
+    req = make_request(list(range(40)), max_tokens=5)
+    outs = await collect(prefill, {**req, "stop_conditions": {"max_tokens": 1}})
+    ((_, params),) = prefill.engine.seen
+    assert params.extra_args == {"kv_transfer_params": {"do_remote_decode": True}}
+    assert (params.max_tokens, params.min_tokens) == (1, 1)
+    assert len(outs) == 1 and outs[0]["finish_reason"] == "length"
+    transfer = outs[0]["disaggregated_params"]["kv_transfer_params"]
+    assert transfer["do_remote_prefill"] is True
+    assert transfer["remote_engine_id"] == prefill.engine.engine_id
+
+    result = await collect(decode, {**req, "disaggregated_params": outs[0]["disaggregated_params"]})
+    assert decode.engine.transfers == [transfer]
+    ((_, dparams),) = decode.engine.seen
+    assert dparams.extra_args == {"kv_transfer_params": transfer}
+    assert sum(len(o.get("token_ids", [])) for o in result) == 5
+
+
+async def test_prefill_without_a_kv_connector_is_an_engine_error() -> None:
+    prefill = PrefillHandler(make_engine())
+    with pytest.raises(EngineError):
+        await collect(prefill, make_request(list(range(20)), max_tokens=1))
+
+
+async def test_decode_without_params_serves_whole_requests() -> None:
+    decode = DecodeHandler(make_engine())
+    outs = await collect(decode, make_request(list(range(20)), max_tokens=4))
+    assert sum(len(o.get("token_ids", [])) for o in outs) == 4
+    assert decode.engine.seen[0][1].extra_args is None
+
+
+async def test_abort_reaches_the_engine() -> None:
+    handler = WorkerHandler(make_engine())
+    ctx = Context()
+    gen = handler.generate(make_request(list(range(20)), max_tokens=10_000), ctx)
+    first = await gen.__anext__()
+    assert first["token_ids"]
+    assert handler.engine.requests
+    aborted: list[str] = []
+    abort = handler.engine.abort
+
+    async def spy(request_id: str, internal: bool = False) -> None:
+        aborted.append(request_id)
+        await abort(request_id)
+
+    handler.engine.abort = spy
+    ctx.stop_generating()
+    await gen.aclose()
+    for _ in range(100):  # BaseWorkerHandler.generate leaves closing its inner stream to the loop
+        if aborted:
+            break
+        await asyncio.sleep(0.01)
+    assert aborted == [ctx.id]
+    assert not handler.engine.requests

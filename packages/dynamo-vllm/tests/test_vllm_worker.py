@@ -1,0 +1,180 @@
+"""The role modules end to end, on the fake `vllm`: `start_engine` in a runtime (model card, KV
+events, load metrics), and real processes (`python -m dynamo_vllm.worker|prefill|decode` next to
+`python -m dynamo_core.frontend`) driven by the `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from conftest import TINY
+from dynamo_core.errors import ConfigError
+from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.testing.procs import Proc, run_python
+from dynamo_vllm import prefill, worker
+
+pytestmark = pytest.mark.usefixtures("fake_vllm")
+CONNECTOR = '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'
+
+
+async def _cards(runtime: DistributedRuntime) -> list[ModelCard]:
+    found = await runtime.discovery.get_prefix(MODELS_PREFIX)
+    return [ModelCard.decode(v) for v in found.values()]
+
+
+async def test_worker_registers_the_engines_limits_and_publishes_events(namespace: str) -> None:
+    config = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(config) as runtime:
+        component = runtime.namespace(namespace).component("backend")
+        kv = await component.subscribe("kv_events")
+        load = await component.subscribe("load_metrics")
+        parsed = worker.build_parser().parse(
+            ["--model", str(TINY), "--max-model-len", "512", "--block-size", "16",
+             "--served-model-name", "tiny-vllm", "--namespace", namespace,
+             "--discovery-backend", "mem", "--request-plane", "inproc"]
+        )  # fmt: skip
+        vllm = await worker.start_engine(runtime, parsed)
+        serving = asyncio.create_task(vllm.serve())
+        try:
+            (card,) = await _cards(runtime)
+            assert (card.name, card.context_length, card.kv_block_size) == ("tiny-vllm", 512, 16)
+            assert card.endpoint == f"{namespace}.backend.generate"
+            assert card.model_type == ["chat", "completions"]
+            assert Path(card.model_path) == TINY.resolve()
+
+            client = await component.endpoint("generate").client()
+            await client.wait_for_instances(timeout=5)
+            request = {"token_ids": list(range(100, 140)), "stop_conditions": {"max_tokens": 3}}
+            outs = [o async for o in await client.round_robin(request)]
+            assert sum(len(o.get("token_ids", [])) for o in outs) == 3
+
+            async with asyncio.timeout(5):
+                event = await anext(aiter(kv))
+                metrics = await anext(aiter(load))
+            stored = event.payload["events"][0]
+            assert stored["type"] == "stored" and event.payload["block_size"] == 16
+            assert stored["token_ids"] == [list(range(100, 116)), list(range(116, 132))]
+            assert metrics.payload["total_blocks"] == 1024
+        finally:
+            runtime.request_shutdown()
+            await serving
+            await vllm.close()
+
+
+async def test_no_kv_events_when_asked(namespace: str) -> None:
+    async with DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as runtime:
+        parsed = worker.build_parser().parse(
+            ["--model", str(TINY), "--no-kv-events", "--namespace", namespace]
+        )
+        vllm = await worker.start_engine(runtime, parsed)
+        try:
+            assert vllm.engine.kv_relay is None
+            assert vllm.engine.vllm_config.kv_events_config is None
+        finally:
+            await vllm.close()
+
+
+async def test_prefill_registers_as_the_prefill_pool_and_needs_a_connector(
+    namespace: str,
+) -> None:
+    async with DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as runtime:
+        flags = ["--model", str(TINY), "--namespace", namespace]
+        with pytest.raises(ConfigError, match="--kv-transfer-config"):
+            await prefill.start_engine(runtime, prefill.build_parser().parse(flags))
+        parsed = prefill.build_parser().parse([*flags, "--kv-transfer-config", CONNECTOR])
+        vllm = await prefill.start_engine(runtime, parsed)
+        try:
+            (card,) = await _cards(runtime)
+            assert card.model_type == ["prefill"]
+            assert card.endpoint == f"{namespace}.prefill.generate"
+        finally:
+            await vllm.close()
+
+
+# -- real processes ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def procs() -> Iterator[ExitStack]:
+    with ExitStack() as stack:
+        yield stack
+
+
+def start(stack: ExitStack, env: dict[str, str], module: str, *flags: str) -> Proc:
+    proc = stack.enter_context(run_python(["-m", module, "--model", str(TINY), *flags], env=env))
+    proc.wait_for_line("serving", timeout=60)
+    return proc
+
+
+def start_frontend(stack: ExitStack, env: dict[str, str]) -> str:
+    port = free_port()
+    proc = stack.enter_context(
+        run_python(
+            ["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", str(port)],
+            env=env,
+        )
+    )
+    proc.wait_for_line("OpenAI API on", timeout=60)
+    return f"http://127.0.0.1:{port}"
+
+
+async def wait_model(url: str, timeout: float = 20) -> None:
+    async with httpx.AsyncClient(base_url=url) as http, asyncio.timeout(timeout):
+        while not (await http.get("/v1/models")).json()["data"]:
+            await asyncio.sleep(0.05)
+
+
+async def chat(url: str, max_tokens: int = 12) -> tuple[str, Any]:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Tell me a story"}],
+            max_tokens=max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+    finally:
+        await client.close()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks[-1].usage
+
+
+async def test_worker_process_behind_the_frontend(
+    procs: ExitStack, fake_env: dict[str, str]
+) -> None:
+    start(procs, fake_env, "dynamo_vllm.worker")
+    url = start_frontend(procs, fake_env)
+    await wait_model(url)
+    text, usage = await chat(url)
+    assert text and usage.completion_tokens == 12
+
+
+async def test_disaggregated_prefill_and_decode_processes(
+    procs: ExitStack, fake_env: dict[str, str]
+) -> None:
+    p = start(procs, fake_env, "dynamo_vllm.prefill", "--kv-transfer-config", CONNECTOR)
+    d = start(procs, fake_env, "dynamo_vllm.decode", "--kv-transfer-config", CONNECTOR)
+    url = start_frontend(procs, fake_env)
+    await wait_model(url)
+    text, usage = await chat(url, max_tokens=9)
+    assert text and usage.completion_tokens == 9
+    p.wait_for_line("is prefilled for a remote decode", timeout=5)
+    # the decode engine got the prefill engine's transfer parameters
+    d.wait_for_line("pulls its KV cache from fake-", timeout=5)
