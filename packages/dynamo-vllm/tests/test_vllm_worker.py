@@ -5,7 +5,10 @@ events, load metrics), and real processes (`python -m dynamo_vllm.worker|prefill
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -178,3 +181,29 @@ async def test_disaggregated_prefill_and_decode_processes(
     p.wait_for_line("is prefilled for a remote decode", timeout=5)
     # the decode engine got the prefill engine's transfer parameters
     d.wait_for_line("pulls its KV cache from fake-", timeout=5)
+
+
+def test_engine_that_fails_to_start_is_one_line(fake_env: dict[str, str]) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynamo_vllm.worker",
+            "--model",
+            str(TINY),
+            "--max-model-len",
+            "100000",
+        ],
+        env={**os.environ, **fake_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        "error: vLLM failed to start: ValueError: User-specified max_model_len (100000) is "
+        "greater than the derived max_model_len (max_position_embeddings=2048 in model's "
+        "config.json)."
+    ]
+    assert "Traceback" not in done.stderr

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynamo_core.errors import ConfigError
+from dynamo_core.errors import ConfigError, EngineError
 from dynamo_core.llm.model_card import ModelCard
 from dynamo_core.runtime import Endpoint
 from dynamo_sglang.handlers import (
@@ -50,7 +50,13 @@ def start_sglang(server_args: Any) -> Any:
     """`sglang.Engine(server_args=server_args)` (blocks while the model loads)."""
     import sglang
 
-    return sglang.Engine(server_args=server_args)
+    try:
+        return sglang.Engine(server_args=server_args)
+    except Exception as exc:
+        log.debug("SGLang failed to start", exc_info=True)
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise EngineError(f"SGLang failed to start: {detail}") from exc
 
 
 async def stop_sglang(engine: Any | None, kv_relay: KvEventRelay | None = None) -> None:

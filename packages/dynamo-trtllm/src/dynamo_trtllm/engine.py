@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dynamo_core.errors import ConfigError
+from dynamo_core.errors import ConfigError, EngineError
 from dynamo_trtllm.args import INSTALL_HINT, Role, TrtllmConfig, engine_installed, llm_kwargs
 
 if TYPE_CHECKING:
@@ -110,7 +110,8 @@ def _build(kwargs: dict[str, Any], file_keys: set[str], source: str) -> Any:
         keys = _unknown_keys(exc, file_keys)
         if keys:
             raise _reject(keys, source, exc) from None
-        raise
+        log.debug("TensorRT-LLM failed to start", exc_info=True)
+        raise EngineError(f"TensorRT-LLM failed to start: {_first_line(exc)}") from exc
 
 
 async def start_llm(config: TrtllmConfig, role: Role, parsed: Any = None) -> Any:

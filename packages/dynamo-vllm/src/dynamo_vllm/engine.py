@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dynamo_core.errors import ConfigError
+from dynamo_core.errors import ConfigError, EngineError
 from dynamo_vllm.events import KvEventRelay, LoadMetricsLogger
 
 if TYPE_CHECKING:
@@ -135,7 +135,13 @@ async def start_vllm(component: Component, config: VllmConfig, engine_args: Any)
     metrics = LoadMetricsLogger.factory(metrics_publisher.publish)
 
     log.info("starting vLLM on %s", engine_args.model)
-    llm = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=[metrics])
+    try:
+        llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, engine_args, stat_loggers=[metrics]
+        )
+    except Exception as exc:
+        log.debug("vLLM failed to start", exc_info=True)
+        raise EngineError(f"vLLM failed to start: {_first_line(exc)}") from exc
     vllm_config = llm.vllm_config
     model_config = vllm_config.model_config
     block_size = int(vllm_config.cache_config.block_size)
@@ -172,3 +178,8 @@ class VllmWorker:
 
     async def close(self) -> None:
         await self.engine.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -13,7 +13,8 @@ argument that is a `RuntimeConfig` (a component config subclasses it) or else fr
 environment, runs the coroutine, and shuts down cleanly on SIGINT/SIGTERM: the runtime stops
 taking requests, unregisters from discovery and lets in-flight streams finish within
 `graceful_shutdown_timeout`; a second signal ends the process at once. A backend that cannot be
-reached ends the process with one line naming it, not a traceback. `await worker.run_async(...)`
+reached, a bad flag, or an engine that fails to start (any `DynamoError`) ends the process
+with one line naming it, not a traceback. `await worker.run_async(...)`
 runs the same inside an existing event loop.
 """
 
@@ -27,7 +28,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, Protocol
 
-from dynamo_core.errors import BackendUnavailableError, ConfigError
+from dynamo_core.errors import DynamoError
 from dynamo_core.runtime._core import DistributedRuntime
 from dynamo_core.runtime.config import RuntimeConfig
 
@@ -109,7 +110,7 @@ def dynamo_worker(
         def run(*args: P.args, **kwargs: P.kwargs) -> int:
             try:
                 run_uvloop(run_async(*args, **kwargs))
-            except (BackendUnavailableError, ConfigError) as exc:
+            except DynamoError as exc:  # a backend, a flag, an engine that cannot start: one line
                 sys.stderr.write(f"error: {exc}\n")
                 return 1
             except (KeyboardInterrupt, asyncio.CancelledError):

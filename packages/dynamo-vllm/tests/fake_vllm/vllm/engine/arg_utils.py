@@ -98,7 +98,14 @@ class EngineArgs:
         if generation.is_file():
             data = json.loads(generation.read_text())
             defaults = {k: data[k] for k in ("temperature", "top_p", "top_k") if k in data}
-        max_len = self.max_model_len or int(config.get("max_position_embeddings", 2048))
+        derived = int(config.get("max_position_embeddings", 2048))
+        if self.max_model_len and self.max_model_len > derived:
+            # vllm/config/model.py (0.11+) rejects this while building the engine config
+            raise ValueError(
+                f"User-specified max_model_len ({self.max_model_len}) is greater than the derived "
+                f"max_model_len (max_position_embeddings={derived} in model's config.json)."
+            )
+        max_len = self.max_model_len or derived
         names = self.served_model_name
         served = (names[0] if isinstance(names, list) else names) or self.model
         return VllmConfig(
