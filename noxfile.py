@@ -48,10 +48,16 @@ def core(session: nox.Session) -> None:
     _pytest(session, f"{CORE}/tests")
 
 
+#: A package's own test-only dependencies: dynamo-serve validates its Kubernetes manifests against
+#: the Kubernetes JSON schemas, which kubernetes-validate ships (offline).
+PACKAGE_TEST_DEPS = {"dynamo-serve": ["kubernetes-validate>=1.30"]}
+
+
 def _engine_session(package: str) -> None:
     @nox.session(python=PYTHON, name=package.removeprefix("dynamo-"))
     def run(session: nox.Session) -> None:
-        session.install(CORE, f"packages/{package}", *TEST_DEPS, *CORE_TEST_DEPS)
+        extra = PACKAGE_TEST_DEPS.get(package, [])
+        session.install(CORE, f"packages/{package}", *TEST_DEPS, *CORE_TEST_DEPS, *extra)
         _pytest(session, f"packages/{package}/tests")
 
     run.__doc__ = f"{package} with dynamo-core only (its engine faked)."

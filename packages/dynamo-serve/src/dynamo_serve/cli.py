@@ -16,6 +16,7 @@ __all__ = ["main"]
 #: subcommand -> (module with a `main(argv) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dynamo_serve.serve", "Run an inference graph on this machine, under circus."),
+    "deploy": ("dynamo_serve.deploy", "Render Kubernetes manifests for an inference graph."),
 }
 
 
