@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from dynamo_core.echo import EchoHandler
-from dynamo_core.frontend.http import HttpServer, serve_http
 from dynamo_core.frontend.service import OpenAIService
+from dynamo_core.http import HttpServer, serve_http
 from dynamo_core.llm import register_model
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 

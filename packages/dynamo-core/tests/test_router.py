@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from dynamo_core.errors import NoInstancesError
-from dynamo_core.frontend.http import serve_http
 from dynamo_core.frontend.service import OpenAIService
+from dynamo_core.http import serve_http
 from dynamo_core.llm.kv import KvCleared, KvEventBatch, KvRemoved, KvStored, block_hashes
 from dynamo_core.router import KvIndexer, KvRouter, LeastLoaded, RandomPolicy, RoundRobin
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig

@@ -119,7 +119,7 @@ async def _run(source: str, target: str, own: argparse.Namespace, engine_argv: l
 async def _serve_http(runtime: DistributedRuntime, service: Any, own: argparse.Namespace) -> None:
     import signal
 
-    from dynamo_core.frontend.http import serve_http
+    from dynamo_core.http import serve_http
 
     server = await serve_http(service.handle, own.http_host, own.http_port)
     loop = asyncio.get_running_loop()
@@ -133,7 +133,7 @@ async def _serve_http(runtime: DistributedRuntime, service: Any, own: argparse.N
 
 async def _complete(service: Any, body: dict[str, Any], path: str) -> dict[str, Any]:
     """One request through the frontend's own pipeline (no HTTP)."""
-    from dynamo_core.frontend.http import Request, Response
+    from dynamo_core.http import Request, Response
 
     request = Request("POST", path, "", {}, json.dumps(body).encode(), True)
     response = await service.handle(request)
@@ -145,7 +145,7 @@ async def _complete(service: Any, body: dict[str, Any], path: str) -> dict[str, 
 
 
 async def _stream_chat(service: Any, body: dict[str, Any]) -> Any:
-    from dynamo_core.frontend.http import Request, Response
+    from dynamo_core.http import Request, Response
 
     request = Request("POST", "/v1/chat/completions", "", {}, json.dumps(body).encode(), True)
     response = await service.handle(request)

@@ -32,10 +32,10 @@ Choices worth knowing in review:
   connections, then each pod advertises its own IP as `DYN_TCP_HOST`, from the downward API).
   These variables, `DYN_NAMESPACE`, `ETCD_ENDPOINTS` and `NATS_SERVER` are set the way
   `dynamo serve` sets them: above the module's, the graph's and the component's `env`.
-- **Probes only where the component has them.** A worker has no health port today, so its
-  Deployment gets no probe (an annotation on it says so) rather than one on an invented port; its
-  readiness shows where it matters, in discovery: the frontend routes only to registered
-  instances. Restart on a crash is the container's own restart.
+- **Probes**: a component with an HTTP API (the frontend) is probed on that port; every other
+  component gets the runtime's status port (`DYN_SYSTEM_PORT`, 9090 unless its env sets it):
+  `/health` is ready once the process serves its endpoints (a worker still loading its model, or
+  draining after SIGTERM, is not), `/live` answers while the process does.
 - **Names**: `<dynamo namespace>-<component>` (DNS labels), so two graphs can share a Kubernetes
   namespace; `--k8s-namespace` sets `metadata.namespace` on every object (default: none, the
   current context's). Images: `--image`, else the component's `Deployment.image`.
@@ -97,6 +97,8 @@ ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 _CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 
 #: The components' own drain on SIGTERM (RuntimeConfig.graceful_shutdown_timeout) plus margin.
+#: The status port of components without an HTTP API (`DYN_SYSTEM_PORT`).
+SYSTEM_PORT = 9090
 GRACE_PERIOD_S = 40
 
 
@@ -238,23 +240,24 @@ def _component(
         )
     command = [*info.deployment.launch_prefix(comp.args), "python", "-m", comp.module, *comp.flags]
     port = _http_port(comp, info)
-    ports = [("http", port)] if port else []
     annotations = {f"{_k8s.PREFIX}/module": comp.module}
-    readiness = liveness = None
+    env = dict(comp.env)
     if port:
-        readiness = _k8s.http_probe("/health", "http", period=5, failures=3)
-        liveness = _k8s.http_probe("/live", "http", period=10, failures=6)
+        ports = [("http", port)]
+        probe_port = "http"
     else:
-        annotations[f"{_k8s.PREFIX}/probes"] = (
-            "none: this component has no health port; it is ready when it registers in "
-            "discovery (etcd), which is where the frontend looks for it"
-        )
+        # a worker: the runtime's status port answers /health once it serves its endpoints
+        env.setdefault("DYN_SYSTEM_PORT", str(SYSTEM_PORT))
+        ports = [("status", int(env["DYN_SYSTEM_PORT"]))]
+        probe_port = "status"
+    readiness = _k8s.http_probe("/health", probe_port, period=5, failures=3)
+    liveness = _k8s.http_probe("/live", probe_port, period=10, failures=6)
     res = comp.resources
     box = _k8s.container(
         comp.name.lower().replace("_", "-"),
         image,
         command=command,
-        env=_k8s.env_list(comp.env, pod_ip_as=["DYN_TCP_HOST"] if options.uses_tcp else []),
+        env=_k8s.env_list(env, pod_ip_as=["DYN_TCP_HOST"] if options.uses_tcp else []),
         ports=ports,
         resources=_k8s.resources(res.cpu, res.memory, res.gpu),
         readiness=readiness,
@@ -265,7 +268,7 @@ def _component(
     template = _k8s.pod_template(labels, [box], grace_period=GRACE_PERIOD_S, volumes=volumes)
     meta = _k8s.metadata(name, labels, options.k8s_namespace, annotations)
     objs = [_k8s.deployment(meta, comp.replicas, template, labels)]
-    if port:
+    if port:  # only HTTP APIs get a Service; workers are found through etcd
         svc_meta = _k8s.metadata(name, labels, options.k8s_namespace)
         objs.append(_k8s.service(svc_meta, labels, ports, service_type=options.service_type))
     return objs

@@ -67,8 +67,8 @@ def build_parser() -> DynFlexibleArgumentParser[FrontendConfig]:
 
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
-    from dynamo_core.frontend.http import serve_http
     from dynamo_core.frontend.service import OpenAIService
+    from dynamo_core.http import serve_http
 
     service = OpenAIService(
         runtime,

@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 import msgspec
 
 from dynamo_core import errors
-from dynamo_core.frontend.http import Final, Request, Response, StreamingResponse
 from dynamo_core.frontend.metrics import FrontendMetrics
 from dynamo_core.frontend.models import ModelEntry, ModelManager, PrefillPool
 from dynamo_core.frontend.openai import (
@@ -37,6 +36,7 @@ from dynamo_core.frontend.openai import (
     finish_reason_for,
     usage_dict,
 )
+from dynamo_core.http import Final, Request, Response, StreamingResponse
 from dynamo_core.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from dynamo_core.runtime import Context, DistributedRuntime
 

@@ -104,6 +104,7 @@ class DistributedRuntime:
         self._closed = False
         self._background: set[asyncio.Task[Any]] = set()
         self._nats: Any = None
+        self.system: Any = None  # the status server, when `system_port` is set
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -118,6 +119,13 @@ class DistributedRuntime:
             await self.discovery.start()
             if "nats" in (self.config.request_plane, self.config.event_plane):
                 await self.nats()  # an unreachable NATS is reported at start, not at first use
+            if self.config.system_port is not None:
+                from dynamo_core.runtime.system import SystemStatusServer
+
+                self.system = SystemStatusServer(
+                    self, self.config.system_host, self.config.system_port
+                )
+                await self.system.start()
             self._started = True
 
     async def nats(self) -> Any:
@@ -168,6 +176,8 @@ class DistributedRuntime:
         await self.discovery.close()
         if self._nats is not None:
             await self._nats.close()
+        if self.system is not None:
+            await self.system.close()
 
     def spawn(self, coro: Any, name: str | None = None) -> asyncio.Task[Any]:
         """Run a background task that the runtime cancels on shutdown."""

@@ -82,6 +82,14 @@ class RuntimeConfig(BaseModel):
     auth_token: SecretStr | None = Field(
         None, description="Shared secret a peer must prove before the request plane serves it."
     )
+    system_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of this process's status server (/health, /live, /metrics); "
+        "unset: none, 0: any free port.",
+    )
+    system_host: str = Field("0.0.0.0", description="Address the status server listens on.")
     lease_ttl: float = Field(
         10.0,
         gt=0,

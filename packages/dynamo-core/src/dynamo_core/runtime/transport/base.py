@@ -46,7 +46,7 @@ Handler = Callable[..., Any]
 class HandlerEntry:
     """A user handler, adapted once to `call(request, context) -> AsyncIterator`."""
 
-    __slots__ = ("fn", "inflight", "name", "takes_context", "unary")
+    __slots__ = ("errors", "fn", "inflight", "name", "requests", "takes_context", "unary")
 
     def __init__(self, name: str, fn: Handler) -> None:
         self.name = name
@@ -69,6 +69,8 @@ class HandlerEntry:
         if not params:
             raise TypeError(f"handler for {name!r} must take (request) or (request, context)")
         self.inflight: set[ServerStream] = set()
+        self.requests = 0
+        self.errors = 0
 
     def call(self, request: Any, context: Context) -> AsyncIterator[Any]:
         if self.unary:
@@ -142,6 +144,7 @@ class ServerStream(ABC):
 
     async def run(self, entry: HandlerEntry, request: Any) -> None:
         entry.inflight.add(self)
+        entry.requests += 1
         try:
             async for item in entry.call(request, self.context):
                 while self._credit <= 0:
@@ -159,6 +162,7 @@ class ServerStream(ABC):
                 self.context.stop_generating()
                 self._fail("CancelledError", "request cancelled: the worker is shutting down")
         except Exception as exc:
+            entry.errors += 1
             type_name, message = error_to_wire(exc)
             if isinstance(exc, DynamoError):
                 log.info("%s failed: %s: %s", entry.name, type_name, message)

@@ -1,5 +1,8 @@
 """A small HTTP/1.1 server on asyncio + httptools, built for streaming many small events.
 
+It serves the frontend's OpenAI API and every process's system status port (`/health`,
+`/live`, `/metrics`), so it sits below both: it knows HTTP, not language models.
+
 Why not a framework: the frontend's hot path is one SSE event per token. Measured on this
 machine (ARCHITECTURE.md, "hot path"), a plain asyncio protocol on httptools costs about half of
 FastAPI/uvicorn per streamed request. What matters, and what this server does:
@@ -30,7 +33,7 @@ import httptools
 
 __all__ = ["Final", "HttpServer", "Request", "Response", "StreamingResponse", "serve_http"]
 
-log = logging.getLogger("dynamo.frontend.http")
+log = logging.getLogger("dynamo.http")
 
 _REASONS = {
     200: b"OK",

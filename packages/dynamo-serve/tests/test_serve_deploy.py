@@ -152,6 +152,7 @@ def test_agg_objects_commands_env_resources_probes(capsys: pytest.CaptureFixture
         "python", "-m", "dynamo_core.mocker", "--model-path", "examples/models/tiny",
     ]  # fmt: skip
     for obj in (front, back):
+        status = {"DYN_SYSTEM_PORT": "9090"} if obj is back else {}
         assert env_of(obj) == {
             "DYN_NAMESPACE": "demo",
             "DYN_DISCOVERY_BACKEND": "etcd",
@@ -159,6 +160,7 @@ def test_agg_objects_commands_env_resources_probes(capsys: pytest.CaptureFixture
             "DYN_EVENT_PLANE": "nats",
             "ETCD_ENDPOINTS": "http://demo-etcd:2379",
             "NATS_SERVER": "nats://demo-nats:4222",
+            **status,
         }
         assert container(obj)["image"] == IMAGE
         assert obj["spec"]["replicas"] == 1
@@ -185,13 +187,15 @@ def test_agg_objects_commands_env_resources_probes(capsys: pytest.CaptureFixture
     for obj in (front, back):
         template_labels = obj["spec"]["template"]["metadata"]["labels"]
         assert obj["spec"]["selector"]["matchLabels"].items() <= template_labels.items()
-    # probes on the frontend's HTTP port, none on the worker (and a note saying why)
+    # probes on the frontend's HTTP port, and on the worker's status port (DYN_SYSTEM_PORT)
     box = container(front)
     assert box["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert box["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert box["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http"}
-    assert not {"readinessProbe", "livenessProbe", "startupProbe", "ports"} & container(back).keys()
-    assert back["metadata"]["annotations"]["dynamo/probes"].startswith("none:")
+    worker = container(back)
+    assert worker["ports"] == [{"name": "status", "containerPort": 9090, "protocol": "TCP"}]
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/health", "port": "status"}
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/live", "port": "status"}
     # the frontend's Service
     svc = find(objs, "Service", "demo-frontend")
     assert svc["spec"]["type"] == "ClusterIP"
