@@ -5,6 +5,7 @@ events, load metrics), and real processes (`python -m dynamo_vllm.worker|prefill
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import subprocess
@@ -48,6 +49,9 @@ async def test_worker_registers_the_engines_limits_and_publishes_events(namespac
         vllm = await worker.start_engine(runtime, parsed)
         serving = asyncio.create_task(vllm.serve())
         try:
+            # events published before a subscription is in place are not replayed
+            await kv.wait_for_publishers(1, timeout=10)
+            await load.wait_for_publishers(1, timeout=10)
             (card,) = await _cards(runtime)
             assert (card.name, card.context_length, card.kv_block_size) == ("tiny-vllm", 512, 16)
             assert card.endpoint == f"{namespace}.backend.generate"
@@ -56,16 +60,32 @@ async def test_worker_registers_the_engines_limits_and_publishes_events(namespac
 
             client = await component.endpoint("generate").client()
             await client.wait_for_instances(timeout=5)
-            request = {"token_ids": list(range(100, 140)), "stop_conditions": {"max_tokens": 3}}
-            outs = [o async for o in await client.round_robin(request)]
-            assert sum(len(o.get("token_ids", [])) for o in outs) == 3
 
+            async def run(token_ids: list[int]) -> int:
+                request = {"token_ids": token_ids, "stop_conditions": {"max_tokens": 3}}
+                outs = [o async for o in await client.round_robin(request)]
+                return sum(len(o.get("token_ids", [])) for o in outs)
+
+            # vLLM's ZMQ PUB socket drops what it sends before our relay's subscription reaches
+            # it (ZMQ's slow joiner): warm the path until an event comes through
+            async with asyncio.timeout(20):
+                for n in itertools.count():
+                    await run(list(range(2000 + 100 * n, 2016 + 100 * n)))
+                    try:
+                        await asyncio.wait_for(anext(aiter(kv)), 0.5)
+                        break
+                    except TimeoutError:
+                        continue
+            assert await run(list(range(100, 140))) == 3
+            expected = [list(range(100, 116)), list(range(116, 132))]
             async with asyncio.timeout(5):
-                event = await anext(aiter(kv))
+                while True:
+                    event = await anext(aiter(kv))
+                    stored = event.payload["events"][0]
+                    if stored.get("token_ids") == expected:
+                        break
                 metrics = await anext(aiter(load))
-            stored = event.payload["events"][0]
             assert stored["type"] == "stored" and event.payload["block_size"] == 16
-            assert stored["token_ids"] == [list(range(100, 116)), list(range(116, 132))]
             assert metrics.payload["total_blocks"] == 1024
         finally:
             runtime.request_shutdown()

@@ -39,6 +39,8 @@ log = logging.getLogger("dynamo.events")
 
 EVENTS_PREFIX = "v1/events/"
 SUBSCRIBER_QUEUE = 65536
+#: The first item of every subscription stream: the subscription is in place.
+_SUBSCRIBED = {"_dynamo_subscribed": True}
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -103,6 +105,7 @@ class EventPublisher:
         self._subs.add(sub)
         loop = asyncio.get_running_loop()
         try:
+            yield _SUBSCRIBED  # from here on, nothing published is missed
             while True:
                 while sub.items:
                     yield sub.items.popleft()
@@ -177,8 +180,10 @@ class EventSubscriber:
                 stream = await client.open_stream(
                     transport, record["path"], None, context=Context(), instance_id=pid
                 )
-                self._connected[pid].set()
                 async for payload in stream:
+                    if payload == _SUBSCRIBED:
+                        self._connected[pid].set()
+                        continue
                     self._queue.put_nowait(Event(self.topic, pid, payload))
                     delay = 0.1
             except DynamoError as exc:
@@ -187,7 +192,8 @@ class EventSubscriber:
             delay = min(delay * 2, 2.0)
 
     async def wait_for_publishers(self, count: int = 1, timeout: float | None = None) -> None:
-        """Wait until streams to at least `count` publishers are open."""
+        """Wait until at least `count` publishers have this subscription in place: whatever
+        they publish from then on arrives."""
         async with asyncio.timeout(timeout):
             while sum(e.is_set() for e in self._connected.values()) < count:
                 waiters = [asyncio.ensure_future(e.wait()) for e in self._connected.values()]
