@@ -36,10 +36,14 @@ class Graph:
 
 
 async def add_worker(
-    runtime: DistributedRuntime, handler: EchoHandler, model: str = "tiny", **card: Any
+    runtime: DistributedRuntime,
+    handler: EchoHandler,
+    model: str = "tiny",
+    model_path_override: Path | None = None,
+    **card: Any,
 ) -> None:
     ep = runtime.namespace().component("backend").endpoint("generate")
-    await register_model(ep, model_path=TINY, model_name=model, **card)
+    await register_model(ep, model_path=model_path_override or TINY, model_name=model, **card)
     await ep.start_serving(handler.generate)
 
 
@@ -365,3 +369,39 @@ async def test_expect_100_continue_is_answered(graph: Graph) -> None:
     assert (await aio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
     writer.close()
     await writer.wait_closed()
+
+
+async def test_frontend_fetches_model_files_it_does_not_have(
+    namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frontend on another machine: the card's folder does not exist there."""
+    import shutil
+
+    monkeypatch.setenv("DYN_MODEL_CACHE", str(tmp_path / "cache"))
+    worker_copy = tmp_path / "worker-disk" / "tiny"
+    shutil.copytree(TINY, worker_copy)
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(cfg) as worker_rt, DistributedRuntime(cfg) as front_rt:
+        handler = EchoHandler()
+        await add_worker(worker_rt, handler, model="remote", model_path_override=worker_copy)
+        shutil.rmtree(worker_copy)  # gone from "this" machine; the worker holds its files
+        service = OpenAIService(front_rt, namespace=namespace)
+        await service.start()
+        server = await serve_http(service.handle, "127.0.0.1", 0)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+        try:
+            async with asyncio.timeout(10):
+                while service.models.get("remote") is None:
+                    await service.models.wait_for_change()
+            r = await client.chat.completions.create(
+                model="remote", messages=chat("fetched"), max_tokens=30
+            )
+            assert r.choices[0].message.content == "user\nfetched"
+            cached = list((tmp_path / "cache").iterdir())
+            assert len(cached) == 1 and (cached[0] / "tokenizer.json").is_file()
+        finally:
+            await client.close()
+            await server.close()
+            await service.close()

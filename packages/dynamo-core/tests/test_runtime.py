@@ -308,3 +308,33 @@ def test_endpoint_path_validation() -> None:
         rt.endpoint("only.two")
     with pytest.raises(errors.ConfigError):
         rt.namespace("bad.name")
+
+
+async def test_large_items_in_bursts(runtime: DistributedRuntime) -> None:
+    """Items of 400 KB in a burst (a NATS message holds 1 MB): every plane delivers them."""
+
+    async def blobs(request: Any) -> AsyncIterator[bytes]:
+        for i in range(6):
+            yield bytes([i]) * 400_000
+
+    ep = runtime.namespace().component("comp").endpoint("blobs")
+    await ep.start_serving(blobs)
+    client = await ep.client()
+    await client.wait_for_instances(timeout=5)
+    got = [x async for x in await client.generate(None)]
+    assert [(len(b), b[0]) for b in got] == [(400_000, i) for i in range(6)]
+
+
+async def test_burst_larger_than_a_frame_is_split(runtime: DistributedRuntime) -> None:
+    """100 items of 1 MB produced at once: more than one 64 MB frame could hold."""
+
+    async def blobs(request: Any) -> AsyncIterator[bytes]:
+        for i in range(100):
+            yield bytes([i]) * 1_000_000
+
+    ep = runtime.namespace().component("comp").endpoint("burst")
+    await ep.start_serving(blobs)
+    client = await ep.client()
+    await client.wait_for_instances(timeout=5)
+    sizes = [len(x) async for x in await client.generate(None)]
+    assert sizes == [1_000_000] * 100

@@ -18,7 +18,7 @@ import msgspec
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.chat_template import ChatTemplate
 from dynamo_core.llm.kv import KV_EVENTS_TOPIC
-from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
+from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard, fetch_model_files
 from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.router.kv import KvRouter
 from dynamo_core.router.policies import RoutingPolicy, make_policy
@@ -187,10 +187,13 @@ class ModelManager:
 
     async def _load(self, card: ModelCard) -> None:
         try:
-            loaded = self._tokenizers.get(card.model_path)
+            key = card.model_path + "|" + ",".join(sorted(card.files.values()))
+            loaded = self._tokenizers.get(key)
             if loaded is None:
-                loaded = await asyncio.to_thread(_load_tokenizer, card.model_path)
-                self._tokenizers[card.model_path] = loaded
+                # the worker's folder, if this machine has the same files; else fetched from it
+                folder = await fetch_model_files(self.runtime, card)
+                loaded = await asyncio.to_thread(_load_tokenizer, str(folder))
+                self._tokenizers[key] = loaded
             tokenizer, template = loaded
             client = await self.runtime.endpoint(card.endpoint).client()
         except Exception as exc:

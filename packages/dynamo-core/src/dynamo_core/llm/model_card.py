@@ -5,26 +5,56 @@ is stored in discovery at `v1/models/{namespace}/{model}/{instance_id:x}/{endpoi
 endpoint's registration: it disappears when the endpoint stops or the process dies, so a model
 is listed exactly while at least one instance serves it.
 
-The card names the tokenizer files by path (`model_path`): a frontend on the same machine, or one
-with the same files mounted, loads the tokenizer and chat template from there. `--model-path` on
-the frontend overrides it.
+The card names the tokenizer files by path (`model_path`) and by content (`files`: name ->
+SHA-256). A frontend on the same machine, or with the same files mounted, loads them from there.
+A frontend elsewhere fetches them from the worker itself: `register_model` also serves the
+files on the component's `model_files` endpoint (streamed in chunks, so they fit any request
+plane's message size), and `fetch_model_files` writes them into a local cache keyed by their
+digests. No shared file system, no hub.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
 from dynamo_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from dynamo_core.runtime import Endpoint
+    from dynamo_core.runtime import DistributedRuntime, Endpoint
 
-__all__ = ["MODELS_PREFIX", "ModelCard", "ModelType", "model_key", "register_model"]
+__all__ = [
+    "MODELS_PREFIX",
+    "MODEL_FILES",
+    "ModelCard",
+    "ModelType",
+    "fetch_model_files",
+    "model_key",
+    "register_model",
+]
+
+log = logging.getLogger("dynamo.llm.model_card")
+
+#: What a frontend needs of a model: tokenizer, chat template, limits.
+MODEL_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+FILES_ENDPOINT = "model_files"
+_CHUNK = 256 * 1024
 
 MODELS_PREFIX = "v1/models/"
 ModelType = Literal["chat", "completions", "embedding", "prefill"]
@@ -45,6 +75,8 @@ class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
     migration_limit: int = 0
     """How often the frontend may move a broken stream to another instance."""
     instance_id: int = 0
+    files: dict[str, str] = msgspec.field(default_factory=dict)
+    """The model files the worker serves on `model_files`, name -> SHA-256."""
     extra: dict[str, object] = msgspec.field(default_factory=dict)
 
     def encode(self) -> bytes:
@@ -77,11 +109,41 @@ def _context_length_from(model_path: Path) -> int | None:
     return None
 
 
-def _inspect_model_path(model_path: str | Path) -> tuple[Path, int | None]:
+def _inspect_model_path(model_path: str | Path) -> tuple[Path, int | None, dict[str, bytes]]:
     path = Path(model_path).resolve()
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(f"--model-path {model_path}: no tokenizer.json in that folder")
-    return path, _context_length_from(path)
+    files = {name: (path / name).read_bytes() for name in MODEL_FILES if (path / name).is_file()}
+    return path, _context_length_from(path), files
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+#: What each serving component offers on `model_files`: (instance, component) -> model -> files
+_SERVED_FILES: dict[tuple[int, str], dict[str, dict[str, bytes]]] = {}
+
+
+async def _serve_files(endpoint: Endpoint, model: str, files: dict[str, bytes]) -> None:
+    """Offer `files` of `model` on the component's `model_files` endpoint."""
+    files_endpoint = endpoint.component.endpoint(FILES_ENDPOINT)
+    key = (endpoint.runtime.instance_id, files_endpoint.path)
+    models = _SERVED_FILES.setdefault(key, {})
+    models[model] = files
+    if files_endpoint.path in endpoint.runtime.registry.entries:
+        return
+
+    async def model_files(request: Any) -> AsyncIterator[dict[str, Any]]:
+        name = request.get("model") if isinstance(request, dict) else None
+        chosen = models.get(name) if name is not None else next(iter(models.values()))
+        if chosen is None:
+            raise ConfigError(f"model {name!r} is not served here")
+        for filename, data in chosen.items():
+            for offset in range(0, max(len(data), 1), _CHUNK):
+                yield {"name": filename, "offset": offset, "data": data[offset : offset + _CHUNK]}
+
+    await files_endpoint.start_serving(model_files)
 
 
 async def register_model(
@@ -99,7 +161,7 @@ async def register_model(
 
     `context_length` defaults to the model's config; engines pass their real limit.
     """
-    path, config_length = await asyncio.to_thread(_inspect_model_path, model_path)
+    path, config_length, files = await asyncio.to_thread(_inspect_model_path, model_path)
     runtime = endpoint.runtime
     card = ModelCard(
         name=model_name or path.name,
@@ -110,10 +172,79 @@ async def register_model(
         kv_block_size=kv_block_size,
         migration_limit=migration_limit,
         instance_id=runtime.instance_id,
+        files={name: _digest(data) for name, data in files.items()},
         extra=extra or {},
     )
+    await _serve_files(endpoint, card.name, files)
     await endpoint.register(
         model_key(endpoint.namespace_name, card.name, runtime.instance_id, card.endpoint),
         card.encode(),
     )
     return card
+
+
+def model_cache_dir() -> Path:
+    """Where fetched model files are kept (`DYN_MODEL_CACHE`, else a per-user temp folder)."""
+    configured = os.environ.get("DYN_MODEL_CACHE")
+    if configured:
+        return Path(configured)
+    user = os.environ.get("USER") or str(os.getuid())
+    return Path(tempfile.gettempdir()) / f"dynamo-{user}" / "models"
+
+
+async def fetch_model_files(
+    runtime: DistributedRuntime, card: ModelCard, timeout: float = 60.0
+) -> Path:
+    """A local folder with the card's model files: its own `model_path` when that holds the
+    same files, else a cache folder filled from a worker's `model_files` endpoint."""
+    local = Path(card.model_path)
+    if await asyncio.to_thread(_matches, local, card.files):
+        return local
+    if not card.files:
+        raise ConfigError(f"model {card.name}: {local} is not here and its worker serves no files")
+    key = _digest("".join(f"{n}:{d}" for n, d in sorted(card.files.items())).encode())[:16]
+    target = model_cache_dir() / f"{card.name.replace('/', '--')}-{key}"
+    if await asyncio.to_thread(_matches, target, card.files):
+        return target
+    ns, component, _ = card.endpoint.split(".")
+    client = await runtime.namespace(ns).component(component).endpoint(FILES_ENDPOINT).client()
+    try:
+        async with asyncio.timeout(timeout):
+            await client.wait_for_instances()
+            chunks: dict[str, list[bytes]] = {}
+            async for item in await client.direct({"model": card.name}, card.instance_id):
+                chunks.setdefault(item["name"], []).append(item["data"])
+    finally:
+        await client.close()
+    files = {name: b"".join(parts) for name, parts in chunks.items()}
+    await asyncio.to_thread(_write_checked, target, files, card.files)
+    log.info(
+        "fetched %d model files of %s from instance %x", len(files), card.name, card.instance_id
+    )
+    return target
+
+
+def _matches(folder: Path, digests: dict[str, str]) -> bool:
+    if not (folder / "tokenizer.json").is_file():
+        return False
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file() or _digest(path.read_bytes()) != digest:
+            return False
+    return True
+
+
+def _write_checked(target: Path, files: dict[str, bytes], digests: dict[str, str]) -> None:
+    for name, digest in digests.items():
+        if name not in files or _digest(files[name]) != digest:
+            raise ConfigError(f"model file {name} arrived incomplete or changed")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process filled it meanwhile
+        for name in files:
+            (tmp / name).unlink(missing_ok=True)
+        tmp.rmdir()

@@ -118,6 +118,11 @@ class NatsConnection:
     async def subscribe(self, subject: str, cb: Callable[[Any], Any]) -> Any:
         return await self.nc.subscribe(subject, cb=cb)
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server accepts (it says so when we connect)."""
+        return int(getattr(self.nc, "max_payload", 0) or 1024 * 1024) - 1024
+
     def new_inbox(self) -> str:
         return str(self.nc.new_inbox())
 

@@ -84,7 +84,21 @@ class _NatsServerStream(ServerStream):
         if self._items:
             items, self._items = self._items, []
             self.last_sent = time.monotonic()
-            self._nats.publish(self._reply, _encode([ITEMS, items]))
+            self._publish_items(items)
+
+    def _publish_items(self, items: list[Any]) -> None:
+        """One message per batch, split where a batch exceeds NATS's payload limit."""
+        data = _encode([ITEMS, items])
+        if len(data) <= self._nats.max_payload:
+            self._nats.publish(self._reply, data)
+        elif len(items) > 1:
+            half = len(items) // 2
+            self._publish_items(items[:half])
+            self._publish_items(items[half:])
+        else:
+            message = f"an item of {len(data)} bytes exceeds NATS's max_payload"
+            self._nats.publish(self._reply, _encode([ERROR, "ProtocolError", message]))
+            self.cancel()
 
     def _end(self) -> None:
         self._flush()

@@ -55,6 +55,7 @@ log = logging.getLogger("dynamo.request_plane.tcp")
 VERSION = 1
 HELLO, AUTH, REQUEST, ITEMS, END, ERROR, CANCEL, CREDIT = range(8)
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+SPLIT_FRAME = 8 * 1024 * 1024  # batches of items above this go out as several frames
 _LEN = struct.Struct(">I")
 
 _encoder = msgspec.msgpack.Encoder()
@@ -152,11 +153,22 @@ class _FrameWriter:
             return
         buf = bytearray()
         for msg in out:
-            start = len(buf)
-            buf += b"\0\0\0\0"
-            _encoder.encode_into(msg, buf, -1)
-            _LEN.pack_into(buf, start, len(buf) - start - 4)
+            self._encode(buf, msg)
         transport.write(buf)
+
+    def _encode(self, buf: bytearray, msg: list[Any]) -> None:
+        start = len(buf)
+        buf += b"\0\0\0\0"
+        _encoder.encode_into(msg, buf, -1)
+        size = len(buf) - start - 4
+        if size > SPLIT_FRAME and msg[0] == ITEMS and len(msg[2]) > 1:
+            # a burst of large items: several frames, each well under the peer's limit
+            del buf[start:]
+            half = len(msg[2]) // 2
+            self._encode(buf, [ITEMS, msg[1], msg[2][:half]])
+            self._encode(buf, [ITEMS, msg[1], msg[2][half:]])
+            return
+        _LEN.pack_into(buf, start, size)
 
     def pause(self) -> None:
         self.paused = True
