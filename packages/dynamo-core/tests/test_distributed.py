@@ -77,7 +77,7 @@ def start_graph(stack: ExitStack, env: dict[str, str], mockers: int = 1) -> tupl
         )
     )
     for proc in workers:
-        proc.wait_for_line("serving")
+        proc.wait_for_line("/generate as instance")
     front.wait_for_line("OpenAI API on")
     return f"http://127.0.0.1:{port}", workers
 
@@ -317,7 +317,7 @@ def test_graph_across_network_hosts(plane: str, namespace: str, tmp_path: Path) 
                 env=env,
             )
         )  # fmt: skip
-        worker.wait_for_line("serving", timeout=30)
+        worker.wait_for_line("/generate as instance", timeout=30)
         frontend.wait_for_line("OpenAI API on", timeout=30)
         script = tmp_path / "chat.py"
         script.write_text(CHAT_SCRIPT)

@@ -53,7 +53,7 @@ def start_mocker(stack: ExitStack, env: dict[str, str], *extra: str) -> Proc:
             env=env,
         )
     )
-    proc.wait_for_line("serving")
+    proc.wait_for_line("/generate as instance")
     return proc
 
 

@@ -33,7 +33,7 @@ def start(stack: ExitStack, env: dict[str, str], role: str, *extra: str) -> Proc
     proc = stack.enter_context(
         run_python(["-m", f"dynamo_sglang.{role}", "--model-path", str(TINY), *extra], env=env)
     )
-    proc.wait_for_line("serving")
+    proc.wait_for_line("/generate as instance")
     return proc
 
 

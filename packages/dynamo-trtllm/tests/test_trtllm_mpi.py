@@ -144,7 +144,7 @@ def test_relaunched_worker_serves(tmp_path: Path, proc_env: dict[str, str]) -> N
                 env=env,
             )
         )
-        proc.wait_for_line("serving", timeout=30)
+        proc.wait_for_line("/generate as instance", timeout=30)
         out = proc.output()
         assert "re-running under MPI (2 ranks)" in out
         assert "fake mpirun: 2 ranks:" in out and "-m dynamo_trtllm.worker" in out

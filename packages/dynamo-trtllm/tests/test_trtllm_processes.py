@@ -28,7 +28,7 @@ def start(stack: ExitStack, env: dict[str, str], role: str, *extra: str) -> Proc
     proc = stack.enter_context(
         run_python(["-m", f"dynamo_trtllm.{role}", "--model-path", str(TINY), *extra], env=env)
     )
-    proc.wait_for_line("serving", timeout=30)
+    proc.wait_for_line("/generate as instance", timeout=30)
     return proc
 
 

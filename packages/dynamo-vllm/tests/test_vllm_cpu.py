@@ -100,7 +100,7 @@ async def test_worker_and_frontend_processes(
             env=env,
         )
     )
-    worker.wait_for_line("serving", timeout=240)
+    worker.wait_for_line("/generate as instance", timeout=240)
     url = f"http://127.0.0.1:{port}"
     assert await wait_model(url) == "tiny"
 

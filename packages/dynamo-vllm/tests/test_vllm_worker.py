@@ -140,7 +140,7 @@ def procs() -> Iterator[ExitStack]:
 
 def start(stack: ExitStack, env: dict[str, str], module: str, *flags: str) -> Proc:
     proc = stack.enter_context(run_python(["-m", module, "--model", str(TINY), *flags], env=env))
-    proc.wait_for_line("serving", timeout=60)
+    proc.wait_for_line("/generate as instance", timeout=60)
     return proc
 
 
