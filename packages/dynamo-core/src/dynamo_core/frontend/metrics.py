@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["FrontendMetrics"]
@@ -61,6 +63,21 @@ class FrontendMetrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
+
+    def ended(
+        self,
+        model: str,
+        endpoint: str,
+        request_type: str,
+        status: str,
+        output_tokens: int,
+        started: float,
+    ) -> None:
+        """Record a request that was in flight and has ended (`started`: its monotonic start)."""
+        self.inflight.labels(model).dec()
+        self.requests.labels(model, endpoint, request_type, status).inc()
+        self.output_tokens.labels(model).observe(output_tokens)
+        self.duration.labels(model).observe(time.monotonic() - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

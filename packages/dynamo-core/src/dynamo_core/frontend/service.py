@@ -484,10 +484,7 @@ class OpenAIService:
             raise
         finally:
             await batches.aclose()
-            m.inflight.labels(model).dec()
-            m.requests.labels(model, endpoint, "stream", status).inc()
-            m.output_tokens.labels(model).observe(out.completion_tokens)
-            m.duration.labels(model).observe(time.monotonic() - t0)
+            m.ended(model, endpoint, "stream", status, out.completion_tokens, t0)
 
     async def _whole(
         self,
@@ -535,10 +532,7 @@ class OpenAIService:
             return _error_for(exc)
         finally:
             await batches.aclose()
-            m.inflight.labels(model).dec()
-            m.requests.labels(model, endpoint, "unary", status).inc()
-            m.output_tokens.labels(model).observe(out.completion_tokens)
-            m.duration.labels(model).observe(time.monotonic() - t0)
+            m.ended(model, endpoint, "unary", status, out.completion_tokens, t0)
         text = "".join(pieces)
         usage = usage_dict(prompt_len, out.completion_tokens, out.cached)
         reason = out.finish or "stop"

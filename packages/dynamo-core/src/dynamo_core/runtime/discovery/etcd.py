@@ -300,11 +300,8 @@ class EtcdDiscovery(Discovery):
             try:
                 async for message in self.gateway.stream("/v3/watch", body):
                     result = message.get("result", {})
-                    if (
-                        result.get("compact_revision")
-                        and int(result["compact_revision"]) > revision
-                    ):
-                        raise _EtcdError(0, "compacted")
+                    if int(result.get("compact_revision") or 0) > revision:
+                        break  # history we need was compacted: list again below
                     for event in result.get("events", []):
                         kv = event["kv"]
                         key = _unb64(kv["key"]).decode()
@@ -316,39 +313,31 @@ class EtcdDiscovery(Discovery):
                             value = _unb64(kv.get("value"))
                             known[key] = value
                             watch.push(WatchEvent("put", key, value))
-                    header_rev = int(result.get("header", {}).get("revision", 0))
-                    if not result.get("events") and header_rev > revision and result.get("created"):
-                        revision = max(revision, header_rev - 0)
                     delay = 0.1
-                log.debug("etcd watch on %s ended; resuming", watch.prefix)
-            except (BackendUnavailableError, OSError, asyncio.IncompleteReadError) as exc:
+            except (
+                BackendUnavailableError,
+                OSError,
+                asyncio.IncompleteReadError,
+                _EtcdError,
+            ) as exc:
                 log.debug("etcd watch on %s broke (%s); resuming", watch.prefix, exc)
-            except _EtcdError:
-                # history compacted (or etcd restarted empty): list again and send the difference
-                with contextlib.suppress(BackendUnavailableError, _EtcdError):
-                    current, revision = await self._range(watch.prefix)
-                    for key in set(known) - set(current):
-                        watch.push(WatchEvent("delete", key))
-                    for key, value in current.items():
-                        if known.get(key) != value:
-                            watch.push(WatchEvent("put", key, value))
-                    known.clear()
-                    known.update(current)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-            # after a reconnect, re-list: etcd may have restarted with another history
+            # The stream ended: etcd restarted (perhaps empty, with a new history), compacted,
+            # or dropped us. List the prefix again, deliver the difference, watch from there.
             with contextlib.suppress(BackendUnavailableError, _EtcdError):
-                current, new_revision = await self._range(watch.prefix)
-                if new_revision < revision:
-                    log.info("etcd history restarted (revision %d < %d)", new_revision, revision)
-                for key in set(known) - set(current):
-                    watch.push(WatchEvent("delete", key))
-                for key, value in current.items():
-                    if known.get(key) != value:
-                        watch.push(WatchEvent("put", key, value))
-                known.clear()
-                known.update(current)
-                revision = new_revision
+                revision = await self._resync(watch, known)
+
+    async def _resync(self, watch: Watch, known: dict[str, bytes]) -> int:
+        current, revision = await self._range(watch.prefix)
+        for key in set(known) - set(current):
+            watch.push(WatchEvent("delete", key))
+        for key, value in current.items():
+            if known.get(key) != value:
+                watch.push(WatchEvent("put", key, value))
+        known.clear()
+        known.update(current)
+        return revision
 
     async def close(self) -> None:
         self._closed = True
