@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,9 @@ from dynamo_core.errors import ConfigError, EngineError
 from dynamo_trtllm.args import INSTALL_HINT, Role, TrtllmConfig, engine_installed, llm_kwargs
 
 if TYPE_CHECKING:
+    from dynamo_core.args import ParsedArgs
     from dynamo_core.llm.model_card import ModelCard
-    from dynamo_core.runtime import Component, Endpoint
+    from dynamo_core.runtime import Component, DistributedRuntime, Endpoint
     from dynamo_trtllm.handlers import TrtllmHandler
     from dynamo_trtllm.publisher import EnginePublisher
 
@@ -36,9 +38,11 @@ __all__ = [
     "context_length",
     "kv_block_size",
     "model_dir",
+    "run_role",
     "served_model_name",
     "start_llm",
     "start_publisher",
+    "start_role",
 ]
 
 log = logging.getLogger("dynamo.trtllm")
@@ -213,3 +217,61 @@ class TrtllmWorker:
         shutdown = getattr(self.llm, "shutdown", None)
         if shutdown is not None:
             await asyncio.to_thread(shutdown)
+
+
+async def start_role(
+    runtime: DistributedRuntime,
+    parsed: ParsedArgs[TrtllmConfig],
+    role: Role,
+    handler_class: type[TrtllmHandler],
+) -> TrtllmWorker:
+    """What every role module's `start_engine` does: create the component, start the engine,
+    register the model (a prefill worker as the model's prefill pool); not served yet."""
+    from dynamo_core.llm.model_card import register_model
+
+    config = parsed.config
+    name = config.resolved_component(role)
+    component = runtime.namespace(config.namespace).component(name)
+    await component.create_service()
+    endpoint = component.endpoint(config.endpoint)
+
+    llm = await start_llm(config, role, parsed)
+    handler = handler_class(llm, name=f"dynamo.trtllm.{name}")
+    block_size = kv_block_size(llm, config)
+    publisher = None
+    if config.publish_events_and_metrics:
+        publisher = await start_publisher(component, llm, block_size)
+    card = await register_model(
+        endpoint,
+        model_path=model_dir(config.model_path),
+        model_name=served_model_name(config),
+        model_type=["prefill"] if role == "prefill" else None,
+        context_length=context_length(llm, config),
+        kv_block_size=block_size,
+        migration_limit=config.migration_limit,
+    )
+    return TrtllmWorker(llm, handler, endpoint, card, publisher)
+
+
+def run_role(
+    role: Role,
+    module: str,
+    worker: Callable[[TrtllmConfig, ParsedArgs[TrtllmConfig]], int],
+    argv: list[str] | None,
+) -> None:
+    """A role module's `main`: parse, check the engine, enter the MPI world it needs, run."""
+    from dynamo_trtllm import args as trtllm_args
+    from dynamo_trtllm.mpi import maybe_relaunch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsed = trtllm_args.build_parser(role).parse_or_exit(argv)
+    trtllm_args.require_engine()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        maybe_relaunch(parsed.config.world_size, parsed.config.mpi_launcher, module, argv)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+    sys.exit(worker(parsed.config, parsed))
