@@ -21,20 +21,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from dynamo_core.errors import ConfigError, EngineError
 from dynamo_vllm.events import KvEventRelay, LoadMetricsLogger
 
 if TYPE_CHECKING:
+    from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
     from dynamo_core.llm.model_card import ModelCard
-    from dynamo_core.runtime import Component, Endpoint, EventPublisher
+    from dynamo_core.runtime import Component, DistributedRuntime, Endpoint, EventPublisher
     from dynamo_vllm.args import VllmConfig
 
-__all__ = ["VllmEngine", "VllmWorker", "model_dir", "served_model_name", "start_vllm"]
+Role = Literal["worker", "prefill", "decode"]
+
+__all__ = [
+    "VllmEngine",
+    "VllmWorker",
+    "model_dir",
+    "run_role",
+    "served_model_name",
+    "start_role",
+    "start_vllm",
+]
 
 log = logging.getLogger("dynamo.vllm")
 
@@ -183,3 +196,72 @@ class VllmWorker:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+async def start_role(
+    runtime: DistributedRuntime,
+    parsed: ParsedArgs[VllmConfig],
+    role: Role,
+    handler_class: Callable[..., BaseWorkerHandler],
+) -> VllmWorker:
+    """What every role module's `start_engine` does: create the component, start vLLM,
+    register the model (a prefill worker as the model's prefill pool); not served yet."""
+    from dynamo_core.llm.model_card import register_model
+    from dynamo_vllm.args import engine_args
+
+    config = parsed.config
+    args = engine_args(parsed)
+    if args.kv_transfer_config is None:
+        if role == "prefill":
+            raise ConfigError(
+                "the prefill worker needs a KV connector: --kv-transfer-config "
+                '\'{"kv_connector": "NixlConnector", "kv_role": "kv_both"}\''
+            )
+        if role == "decode":
+            log.warning("no --kv-transfer-config: this decode worker can only serve whole requests")
+    component = runtime.namespace(config.namespace).component(
+        config.resolved_component("prefill" if role == "prefill" else "backend")
+    )
+    await component.create_service()
+    endpoint = component.endpoint(config.endpoint)
+
+    engine = await start_vllm(component, config, args)
+    handler = handler_class(
+        engine.llm,
+        default_sampling=engine.default_sampling,
+        name=f"dynamo.vllm.{component.name}",
+    )
+    card = await register_model(
+        endpoint,
+        model_path=engine.model_path,
+        model_name=engine.model_name,
+        model_type=["prefill"] if role == "prefill" else None,
+        context_length=engine.context_length,
+        kv_block_size=engine.block_size,
+        migration_limit=config.migration_limit,
+    )
+    log.info(
+        "vllm %s %s: model %s, context length %d, KV block size %d",
+        role,
+        card.endpoint,
+        card.name,
+        card.context_length,
+        card.kv_block_size,
+    )
+    return VllmWorker(engine, handler, endpoint, card)
+
+
+def run_role(
+    parser: DynFlexibleArgumentParser[VllmConfig],
+    worker: Callable[[VllmConfig, ParsedArgs[VllmConfig]], int],
+    argv: list[str] | None,
+) -> None:
+    """A role module's `main`: parse, check vLLM is there, run."""
+    from dynamo_vllm.args import require_vllm
+
+    parsed = parser.parse_or_exit(argv)
+    require_vllm()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(worker(parsed.config, parsed))

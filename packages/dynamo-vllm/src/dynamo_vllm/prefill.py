@@ -11,15 +11,12 @@ and hands the `kv_transfer_params` vLLM's KV connector returns to a decode worke
 
 from __future__ import annotations
 
-import logging
-import sys
 from typing import TYPE_CHECKING
 
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.deploy import BaseDeployment, Resources
-from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import DistributedRuntime, dynamo_worker
-from dynamo_vllm.args import VllmConfig, engine_args, make_parser, require_vllm
+from dynamo_vllm.args import VllmConfig, make_parser
 
 if TYPE_CHECKING:
     from dynamo_vllm.engine import VllmWorker
@@ -41,44 +38,10 @@ def build_parser() -> DynFlexibleArgumentParser[VllmConfig]:
 
 async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[VllmConfig]) -> VllmWorker:
     """Start vLLM with its KV connector and register as the model's prefill pool."""
-    from dynamo_core.llm.model_card import register_model
-    from dynamo_vllm.engine import VllmWorker, start_vllm
+    from dynamo_vllm.engine import start_role
     from dynamo_vllm.handlers import PrefillHandler
 
-    config = parsed.config
-    args = engine_args(parsed)
-    if args.kv_transfer_config is None:
-        raise ConfigError(
-            "the prefill worker needs a KV connector: --kv-transfer-config "
-            '\'{"kv_connector": "NixlConnector", "kv_role": "kv_both"}\''
-        )
-    component = runtime.namespace(config.namespace).component(config.resolved_component("prefill"))
-    await component.create_service()
-    endpoint = component.endpoint(config.endpoint)
-
-    engine = await start_vllm(component, config, args)
-    handler = PrefillHandler(
-        engine.llm,
-        default_sampling=engine.default_sampling,
-        name=f"dynamo.vllm.{component.name}",
-    )
-    card = await register_model(
-        endpoint,
-        model_path=engine.model_path,
-        model_name=engine.model_name,
-        model_type=["prefill"],
-        context_length=engine.context_length,
-        kv_block_size=engine.block_size,
-        migration_limit=config.migration_limit,
-    )
-    logging.getLogger("dynamo.vllm").info(
-        "vllm prefill worker %s: model %s, context length %d, KV block size %d",
-        card.endpoint,
-        card.name,
-        card.context_length,
-        card.kv_block_size,
-    )
-    return VllmWorker(engine, handler, endpoint, card)
+    return await start_role(runtime, parsed, "prefill", PrefillHandler)
 
 
 @dynamo_worker()
@@ -93,12 +56,9 @@ async def worker(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = build_parser().parse_or_exit(argv)
-    require_vllm()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    sys.exit(worker(parsed.config, parsed))
+    from dynamo_vllm.engine import run_role
+
+    run_role(build_parser(), worker, argv)
 
 
 if __name__ == "__main__":
