@@ -405,3 +405,26 @@ async def test_frontend_fetches_model_files_it_does_not_have(
             await client.close()
             await server.close()
             await service.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\xff\x13 not http at all\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 99999999999\r\n\r\n{",
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n",
+    ],
+)
+async def test_malformed_http_is_refused_and_the_server_keeps_serving(
+    graph: Graph, garbage: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", graph.server.port)
+    writer.write(garbage)
+    async with asyncio.timeout(5):
+        reply = await reader.read()  # the server answers (4xx) and closes, or just closes
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 4")
+    writer.close()
+    await writer.wait_closed()
+    ok = await graph.client.chat.completions.create(model="tiny", messages=chat("x"), max_tokens=2)
+    assert ok.choices[0].finish_reason == "length"

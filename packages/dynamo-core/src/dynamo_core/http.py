@@ -224,6 +224,12 @@ class _Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        declared = self._headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.server.max_body:
+            # refuse now rather than wait for (and drop) a body we would never accept
+            self._too_large = True
+            self._fail(413, f"request body exceeds {self.server.max_body} bytes")
+            return
         # curl sends `Expect: 100-continue` with bodies over 1 KiB and waits a second for it
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
