@@ -70,8 +70,11 @@ def chat(content: str) -> list[dict[str, str]]:
 
 
 async def test_models_listed(graph: Graph) -> None:
+    import time
+
     models = await graph.client.models.list()
     assert [m.id for m in models.data] == ["tiny"]
+    assert abs(models.data[0].created - time.time()) < 60  # a Unix time, as OpenAI's
 
 
 async def test_chat_whole_and_usage(graph: Graph) -> None:

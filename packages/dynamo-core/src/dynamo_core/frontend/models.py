@@ -8,6 +8,7 @@ routed only to instances that have both a card and a live endpoint registration.
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,7 +219,7 @@ class ModelManager:
             client=client,
             policy=policy,
             card_instances=instances,
-            created=int(asyncio.get_running_loop().time()),
+            created=int(time.time()),
         )
         self.models[card.name] = entry
         self.retired.discard(card.name)
