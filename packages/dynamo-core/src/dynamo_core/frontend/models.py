@@ -8,8 +8,8 @@ routed only to instances that have both a card and a live endpoint registration.
 from __future__ import annotations
 
 import asyncio
-import time
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
