@@ -431,3 +431,17 @@ async def test_malformed_http_is_refused_and_the_server_keeps_serving(
     await writer.wait_closed()
     ok = await graph.client.chat.completions.create(model="tiny", messages=chat("x"), max_tokens=2)
     assert ok.choices[0].finish_reason == "length"
+
+
+async def test_completion_echo_and_suffix(graph: Graph) -> None:
+    r = await graph.client.completions.create(
+        model="tiny", prompt="one two", max_tokens=2, echo=True, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].text.startswith("one two")
+    stream = await graph.client.completions.create(
+        model="tiny", prompt="one two", max_tokens=2, echo=True, stream=True
+    )
+    texts = [c.choices[0].text async for c in stream if c.choices]
+    assert texts[0] == "one two"
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        await graph.client.completions.create(model="tiny", prompt="x", suffix="y")

@@ -224,11 +224,12 @@ class ChatStreamFormatter:
 
 
 class CompletionStreamFormatter:
-    """SSE events of one streamed text completion."""
+    """SSE events of one streamed text completion (`echo`: the prompt text, sent first)."""
 
-    __slots__ = ("_base", "_prefix", "_suffix", "created", "id", "model")
+    __slots__ = ("_base", "_prefix", "_suffix", "created", "echo", "id", "model")
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, echo: str = "") -> None:
+        self.echo = echo
         self.id = new_id("cmpl")
         self.created = int(time.time())
         self.model = model
@@ -241,7 +242,7 @@ class CompletionStreamFormatter:
         self._suffix = b',"logprobs":null,"finish_reason":null}]}\n\n'
 
     def role(self) -> bytes:
-        return b""
+        return self.text(self.echo) if self.echo else b""
 
     def text(self, text: str) -> bytes:
         return self._prefix + _json.encode(text) + self._suffix
@@ -274,7 +275,12 @@ class CompletionStreamFormatter:
                 "created": self.created,
                 "model": self.model,
                 "choices": [
-                    {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                    {
+                        "index": 0,
+                        "text": self.echo + text,
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }
                 ],
                 "usage": usage,
             }

@@ -281,8 +281,13 @@ class OpenAIService:
             token_ids = list(prompt)
         if not token_ids:
             return _error(400, "prompt must not be empty", "invalid_request_error", param="prompt")
+        if body.suffix:
+            return _error(400, "suffix is not supported", "invalid_request_error", param="suffix")
+        echo = ""
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else entry.tokenizer.decode(token_ids)
         return await self._generate(
-            entry, body, token_ids, CompletionStreamFormatter(body.model), "completions"
+            entry, body, token_ids, CompletionStreamFormatter(body.model, echo), "completions"
         )
 
     async def _generate(
