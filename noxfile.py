@@ -32,8 +32,8 @@ PYTHON = "3.11"
 CORE = "packages/dynamo-core"
 TEST_DEPS = ["pytest>=8", "pytest-asyncio>=1.0", "pytest-timeout>=2.3"]
 # What the core tests compare against or drive: transformers' chat templates (no torch needed)
-# and the real OpenAI client.
-CORE_TEST_DEPS = ["transformers>=4.45", "openai>=1.40", "httpx>=0.27"]
+# and the real OpenAI client; hypothesis for the parsers' property tests (random split points).
+CORE_TEST_DEPS = ["transformers>=4.45", "openai>=1.40", "httpx>=0.27", "hypothesis>=6.100"]
 PYTEST = ["pytest", "-c", "pyproject.toml", "--rootdir", ".", "--timeout", "300"]
 
 

@@ -1,0 +1,722 @@
+"""dynamo_core.llm.parsers: goldens per family (written from each family's published format),
+streaming against whole-text parsing over random splits (hypothesis), hold-back, the registry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dynamo_core.llm.parsers as parsers
+from dynamo_core.errors import ConfigError
+from dynamo_core.llm.parsers import (
+    Content,
+    Event,
+    ParsedOutput,
+    ParserSpec,
+    Reasoning,
+    ToolCall,
+    ToolCallArguments,
+    ToolCallStart,
+    collect,
+    parse_output,
+)
+
+
+def _ds(name: str) -> str:
+    """DeepSeek's markers: U+FF5C bars, U+2581 for the spaces."""
+    return "<\uff5c" + name.replace("_", "\u2581") + "\uff5c>"
+
+
+DS = _ds("tool_calls_begin"), _ds("tool_call_begin"), _ds("tool_sep")
+DS_END = _ds("tool_call_end"), _ds("tool_calls_end")
+
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "days": {"type": "integer"},
+                    "metric": {"type": "boolean"},
+                    "hours": {"type": "array", "items": {"type": "integer"}},
+                    "note": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+    {"type": "function", "name": "write_file", "parameters": {"properties": {"path": {}}}},
+]
+
+
+def ids() -> Callable[[], str]:
+    counter = itertools.count()
+    return lambda: f"call_{next(counter)}"
+
+
+@dataclass
+class Case:
+    """One golden: the output text and what it must parse to (call ids from `ids()`)."""
+
+    tool: str | None
+    reasoning: str | None
+    text: str
+    content: str = ""
+    thinking: str = ""
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    call_ids: list[str] | None = None
+    #: arguments compared as text (as the model wrote them) or as JSON values
+    exact_args: bool = False
+
+    def spec(self) -> ParserSpec:
+        return ParserSpec(self.tool, self.reasoning)
+
+    def new(self) -> parsers.OutputParser:
+        return self.spec().new_parser(tools=self.tools, call_id=ids())
+
+    def check(self, out: ParsedOutput) -> None:
+        assert out.content == self.content
+        assert out.reasoning == self.thinking
+        assert [c.name for c in out.tool_calls] == [name for name, _ in self.calls]
+        for call, (_, args) in zip(out.tool_calls, self.calls, strict=True):
+            if self.exact_args:
+                assert call.arguments == args
+            else:
+                assert json.loads(call.arguments) == args
+        expected_ids = self.call_ids or [f"call_{i}" for i in range(len(self.calls))]
+        assert [c.id for c in out.tool_calls] == expected_ids
+
+
+W = {"city": "Paris"}
+CASES: dict[str, Case] = {
+    # -- hermes (Qwen 2.5 / 3) -------------------------------------------------------------
+    "hermes_single": Case(
+        "hermes",
+        None,
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        calls=[("get_weather", '{"city": "Paris"}')],
+        exact_args=True,
+    ),
+    "hermes_text_then_parallel": Case(
+        "hermes",
+        None,
+        "Let me check both.\n\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tōkyō 東京 🌧"}}\n</tool_call>',
+        content="Let me check both.\n\n",
+        calls=[("get_weather", W), ("get_weather", {"city": "Tōkyō 東京 🌧"})],
+    ),
+    "hermes_braces_in_strings": Case(
+        "hermes",
+        None,
+        '<tool_call>\n{"name": "run", "arguments": {"code": "if (a) { b[\\"}\\"] = \'{\'; }", '
+        '"nested": {"x": [1, {"y": "]}"}]}}}\n</tool_call>',
+        calls=[("run", {"code": "if (a) { b[\"}\"] = '{'; }", "nested": {"x": [1, {"y": "]}"}]}})],
+    ),
+    "hermes_text_after": Case(
+        "hermes",
+        None,
+        '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n\nDone.',
+        content="Done.",
+        calls=[("f", {})],
+    ),
+    "hermes_name_not_first": Case(
+        "hermes",
+        None,
+        '<tool_call>{"arguments": {"a": "x"}, "name": "f"}</tool_call>',
+        calls=[("f", {"a": "x"})],
+    ),
+    "hermes_string_arguments": Case(
+        "hermes",
+        None,
+        '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>',
+        calls=[("f", {"a": 1})],
+    ),
+    "hermes_not_json": Case(
+        "hermes",
+        None,
+        "Use <tool_call>like this</tool_call> to call.",
+        content="Use <tool_call>like this</tool_call> to call.",
+    ),
+    "hermes_bad_json": Case(
+        "hermes",
+        None,
+        '<tool_call>{"oops": }</tool_call> after',
+        content='<tool_call>{"oops": }</tool_call> after',
+    ),
+    "hermes_truncated_head": Case(
+        "hermes", None, 'Sure <tool_call>{"na', content='Sure <tool_call>{"na'
+    ),
+    "hermes_truncated_args": Case(
+        "hermes",
+        None,
+        '<tool_call>{"name": "f", "arguments": {"a": "par',
+        calls=[("f", '{"a": "par')],
+        exact_args=True,
+    ),
+    "hermes_missing_end_tag": Case(
+        "hermes",
+        None,
+        '<tool_call>{"name": "f", "arguments": {"a": 1}}',
+        calls=[("f", {"a": 1})],
+    ),
+    "hermes_with_qwen3_thinking": Case(
+        "hermes",
+        "qwen3",
+        "<think>\nThe user wants weather. I'll call <tool_call> now.\n</think>\n\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        thinking="The user wants weather. I'll call <tool_call> now.",
+        calls=[("get_weather", W)],
+    ),
+    # -- llama3_json -----------------------------------------------------------------------
+    "llama3_bare": Case(
+        "llama3_json",
+        None,
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        calls=[("get_weather", W)],
+    ),
+    "llama3_python_tag_multi": Case(
+        "llama3_json",
+        None,
+        '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "arguments": {}}',
+        calls=[("a", {"x": 1}), ("b", {})],
+    ),
+    "llama3_json_answer_is_content": Case(
+        "llama3_json", None, '{"answer": 42, "name": "x"}', content='{"answer": 42, "name": "x"}'
+    ),
+    "llama3_plain_text": Case(
+        "llama3_json", None, "  The capital is {Paris}.", content="  The capital is {Paris}."
+    ),
+    # -- mistral ---------------------------------------------------------------------------
+    "mistral_v3_array": Case(
+        "mistral",
+        None,
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "get_time", "arguments": {"zone": "CET"}}]',
+        calls=[("get_weather", W), ("get_time", {"zone": "CET"})],
+    ),
+    "mistral_v11": Case(
+        "mistral",
+        None,
+        'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}',
+        content="Checking.",
+        calls=[("get_weather", W), ("get_time", {})],
+    ),
+    "mistral_v13_call_id": Case(
+        "mistral",
+        None,
+        '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}',
+        calls=[("get_weather", W)],
+        call_ids=["a1B2c3D4e"],
+    ),
+    "mistral_not_calls": Case(
+        "mistral", None, "[TOOL_CALLS] is the token", content="[TOOL_CALLS] is the token"
+    ),
+    "mistral_with_think": Case(
+        "mistral",
+        "mistral",
+        '[THINK]Need weather.[/THINK][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}',
+        thinking="Need weather.",
+        calls=[("get_weather", W)],
+    ),
+    # -- pythonic --------------------------------------------------------------------------
+    "pythonic_parallel": Case(
+        "pythonic",
+        None,
+        '[get_weather(city="Paris", days=3, metric=True, note=None), '
+        "get_time(zone='CET', hours=[1, -2], extra={'a': (1, 2)})]",
+        calls=[
+            ("get_weather", {"city": "Paris", "days": 3, "metric": True, "note": None}),
+            ("get_time", {"zone": "CET", "hours": [1, -2], "extra": {"a": [1, 2]}}),
+        ],
+    ),
+    "pythonic_llama4_tags": Case(
+        "pythonic",
+        None,
+        '<|python_start|>[get_weather(city="Pa]ris)")]<|python_end|>',
+        calls=[("get_weather", {"city": "Pa]ris)"})],
+    ),
+    "pythonic_prose": Case(
+        "pythonic", None, "[see(below)] and [1, 2]", content="[see(below)] and [1, 2]"
+    ),
+    "pythonic_markdown_link": Case(
+        "pythonic", None, "[Paris](https://x.y) is nice", content="[Paris](https://x.y) is nice"
+    ),
+    # -- deepseek --------------------------------------------------------------------------
+    "deepseek_v3_r1": Case(
+        "deepseek_v3",
+        "deepseek_r1",
+        "The user wants weather.\n</think>\n\nLet me look."
+        f"{DS[0]}{DS[1]}function{DS[2]}get_weather\n```json\n"
+        '{"city": "Paris"}\n```'
+        f"{DS_END[0]}{DS[1]}function{DS[2]}get_time\n```json\n{{}}\n```{DS_END[0]}{DS_END[1]}",
+        content="Let me look.",
+        thinking="The user wants weather.",
+        calls=[("get_weather", W), ("get_time", {})],
+    ),
+    "deepseek_v3_1": Case(
+        "deepseek_v3_1",
+        None,
+        f'{DS[0]}{DS[1]}get_weather{DS[2]}{{"city": "Paris"}}{DS_END[0]}{DS_END[1]}',
+        calls=[("get_weather", W)],
+    ),
+    "deepseek_v3_bad_head": Case(
+        "deepseek_v3",
+        None,
+        f"{DS[0]}{DS[1]}nonsense{DS_END[0]}{DS_END[1]} ok",
+        content=f"{DS[0]}{DS[1]}nonsense{DS_END[0]}{DS_END[1]} ok",
+    ),
+    # -- kimi_k2 ---------------------------------------------------------------------------
+    "kimi_k2": Case(
+        "kimi_k2",
+        None,
+        "I'll check.<|tool_calls_section_begin|>"
+        '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}'
+        "<|tool_call_end|><|tool_call_begin|>functions.get_time:1<|tool_call_argument_begin|>{}"
+        "<|tool_call_end|><|tool_calls_section_end|>",
+        content="I'll check.",
+        calls=[("get_weather", W), ("get_time", {})],
+        call_ids=["functions.get_weather:0", "functions.get_time:1"],
+    ),
+    # -- qwen3_coder -----------------------------------------------------------------------
+    "qwen3_coder_typed": Case(
+        "qwen3_coder",
+        None,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n"
+        "<parameter=days>\n3\n</parameter>\n<parameter=metric>\nfalse\n</parameter>\n"
+        "<parameter=hours>\n[1, 2]\n</parameter>\n<parameter=note>\nnull\n</parameter>\n"
+        "</function>\n</tool_call>",
+        calls=[
+            (
+                "get_weather",
+                {
+                    "city": "San Francisco",
+                    "days": 3,
+                    "metric": False,
+                    "hours": [1, 2],
+                    "note": None,
+                },
+            )
+        ],
+        tools=WEATHER_TOOLS,
+    ),
+    "qwen3_coder_code_value": Case(
+        "qwen3_coder",
+        None,
+        "I'll write it.\n<tool_call>\n<function=write_file>\n<parameter=path>\n/tmp/a.py\n"
+        '</parameter>\n<parameter=content>\ndef f():\n    return "</param" + "\\n"\n\n'
+        "</parameter>\n</function>\n</tool_call>",
+        content="I'll write it.\n",
+        calls=[
+            (
+                "write_file",
+                {"path": "/tmp/a.py", "content": 'def f():\n    return "</param" + "\\n"\n'},
+            )
+        ],
+        tools=WEATHER_TOOLS,
+    ),
+    "qwen3_coder_untyped_is_string": Case(
+        "qwen3_coder",
+        None,
+        "<tool_call>\n<function=f>\n<parameter=n>\n3\n</parameter>\n</function>\n</tool_call>",
+        calls=[("f", {"n": "3"})],
+    ),
+    "qwen3_coder_truncated": Case(
+        "qwen3_coder",
+        None,
+        "<tool_call>\n<function=f>\n<parameter=text>\nhello wor",
+        calls=[("f", {"text": "hello wor"})],
+    ),
+    "qwen3_coder_not_a_function": Case(
+        "qwen3_coder",
+        None,
+        "<tool_call> is a tag </tool_call>",
+        content="<tool_call> is a tag </tool_call>",
+    ),
+    # -- glm45 -----------------------------------------------------------------------------
+    "glm45": Case(
+        "glm45",
+        "glm45",
+        "<think>Weather needed.</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+        "<arg_value>Beijing</arg_value>\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n"
+        "</tool_call>",
+        thinking="Weather needed.",
+        calls=[("get_weather", {"city": "Beijing", "days": 2})],
+    ),
+    "glm47_compact_typed": Case(
+        "glm45",
+        None,
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>42</arg_value>"
+        "<arg_key>hours</arg_key><arg_value>[1, 2]</arg_value></tool_call>"
+        "<tool_call>get_time</tool_call>",
+        calls=[("get_weather", {"city": "42", "hours": [1, 2]}), ("get_time", {})],
+        tools=WEATHER_TOOLS,
+    ),
+    "glm45_prose": Case(
+        "glm45",
+        None,
+        "Write <tool_call> then the name.",
+        content="Write <tool_call> then the name.",
+    ),
+    # -- harmony (gpt-oss) ------------------------------------------------------------------
+    "harmony_tool_call": Case(
+        "harmony",
+        "gpt_oss",
+        "<|channel|>analysis<|message|>Need to use function get_weather.<|end|>"
+        "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+        '<|message|>{"city":"Paris"}<|call|>',
+        thinking="Need to use function get_weather.",
+        calls=[("get_weather", '{"city":"Paris"}')],
+        exact_args=True,
+    ),
+    "harmony_final": Case(
+        None,
+        "gpt_oss",
+        '<|channel|>analysis<|message|>User asks: "What is 2 + 2?" Simple.<|end|>'
+        "<|start|>assistant<|channel|>final<|message|>2 + 2 = 4.<|return|>",
+        content="2 + 2 = 4.",
+        thinking='User asks: "What is 2 + 2?" Simple.',
+    ),
+    "harmony_preamble_and_recipient_in_role": Case(
+        "harmony",
+        None,
+        "<|channel|>commentary<|message|>**Plan**: write a file.<|end|>"
+        "<|start|>assistant to=functions.write_file<|channel|>commentary json<|message|>"
+        '{"path": "index.html"}<|call|>',
+        content="**Plan**: write a file.",
+        calls=[("write_file", {"path": "index.html"})],
+    ),
+    "harmony_call_without_tool_parsing": Case(
+        None,
+        "gpt_oss",
+        "<|channel|>analysis<|message|>hm<|end|><|start|>assistant<|channel|>commentary "
+        'to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>',
+        thinking="hm",
+        content="<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json"
+        '<|message|>{"a": 1}<|call|>',
+    ),
+    # -- reasoning alone -------------------------------------------------------------------
+    "basic_no_think": Case(None, "basic", "Just an answer.", content="Just an answer."),
+    "basic_interleaved": Case(
+        None,
+        "basic",
+        "<think>a</think>b<think>c</think>d</think>e",
+        content="bde",
+        thinking="ac",
+    ),
+    "deepseek_r1_no_end": Case(
+        None, "deepseek_r1", "<think>\nstill thinking", thinking="still thinking"
+    ),
+    "qwen3_empty_think": Case(None, "qwen3", "<think>\n\n</think>\n\nHello!", content="Hello!"),
+    "granite": Case(
+        None,
+        "granite",
+        "Here is my thought process:\nThe user greets.\nHere is my response:\nHello there!",
+        content="Hello there!",
+        thinking="The user greets.",
+    ),
+    "granite_plain": Case(
+        None, "granite", "Here is the answer: 4.", content="Here is the answer: 4."
+    ),
+    "kimi_think": Case(None, "kimi", "◁think▷hmm◁/think▷Yes.", content="Yes.", thinking="hmm"),
+}
+
+
+def stream(parser: parsers.OutputParser, pieces: Sequence[str]) -> list[Event]:
+    events: list[Event] = []
+    for piece in pieces:
+        events.extend(parser.feed(piece))
+    events.extend(parser.finish())
+    return events
+
+
+def split(text: str, cuts: Sequence[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    return [text[a:b] for a, b in itertools.pairwise([0, *points, len(text)])]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_whole(name: str) -> None:
+    case = CASES[name]
+    case.check(case.new().parse(case.text))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_char_by_char(name: str) -> None:
+    case = CASES[name]
+    events = stream(case.new(), list(case.text))
+    case.check(collect(events))
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    assert [e.index for e in starts] == list(range(len(case.calls)))
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(name=st.sampled_from(sorted(CASES)), cuts=st.lists(st.integers(0, 10_000), max_size=40))
+def test_any_split_agrees_with_whole(name: str, cuts: list[int]) -> None:
+    case = CASES[name]
+    case.check(collect(stream(case.new(), split(case.text, cuts))))
+
+
+# Fragments of every family's markup, JSON, XML and prose: random texts built from them hit the
+# state machines' edges (partial markers, broken headers, nesting) far more often than prose.
+FRAGMENTS = {
+    "hermes": ["<tool_call>", "</tool_call>", "<tool", '{"name": "f", "arguments": ', '{"a": "}"}'],
+    "llama3_json": ["<|python_tag|>", '{"name": "f", "parameters": {"x": [1]}}', "; ", "{"],
+    "mistral": ["[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "f", '{"a": 1}', "[", "]", ",", "abc12"],
+    "pythonic": ["[", "f(", "a=1", ")", "]", ", ", "'x)'", "<|python_start|>", "<|python_end|>"],
+    "deepseek_v3": [*DS, *DS_END, "function", "f\n```json\n", "```", '{"a": 1}'],
+    "deepseek_v3_1": [*DS, *DS_END, "f", '{"a": {}}'],
+    "kimi_k2": [
+        "<|tool_calls_section_begin|>",
+        "<|tool_call_begin|>",
+        "functions.f:0",
+        "<|tool_call_argument_begin|>",
+        '{"a": "\\""}',
+        "<|tool_call_end|>",
+        "<|tool_calls_section_end|>",
+    ],
+    "qwen3_coder": [
+        "<tool_call>",
+        "\n<function=get_weather>\n",
+        "<parameter=city>",
+        "<parameter=days>",
+        "\n",
+        "</parameter>",
+        "</function>",
+        "</tool_call>",
+        "3",
+    ],
+    "glm45": [
+        "<tool_call>",
+        "get_weather",
+        "<arg_key>",
+        "days",
+        "</arg_key>",
+        "<arg_value>",
+        "</arg_value>",
+        "</tool_call>",
+        "\n",
+        "[1]",
+    ],
+    "harmony": [
+        "<|start|>assistant",
+        "<|channel|>",
+        "analysis",
+        "final",
+        "commentary to=functions.f",
+        " <|constrain|>json",
+        "<|message|>",
+        "<|end|>",
+        "<|call|>",
+        "<|return|>",
+    ],
+}
+COMMON = ["x", " ", "\n", '"', "\\", "{", "}", "<", "<think>", "</think>", "é", "🌧"]
+
+
+@settings(
+    max_examples=400,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_random_markup_agrees_with_whole(data: st.DataObject) -> None:
+    family = data.draw(st.sampled_from(sorted(FRAGMENTS)))
+    reasoning = data.draw(st.sampled_from([None, "basic", "deepseek_r1"]))
+    if family == "harmony":
+        reasoning = data.draw(st.sampled_from([None, "gpt_oss"]))
+    pieces = data.draw(st.lists(st.sampled_from(FRAGMENTS[family] + COMMON), max_size=30))
+    text = "".join(pieces)
+    cuts = data.draw(st.lists(st.integers(0, 10_000), max_size=20))
+    spec = ParserSpec(family, reasoning)
+    whole = spec.new_parser(tools=WEATHER_TOOLS, call_id=ids()).parse(text)
+    events = stream(spec.new_parser(tools=WEATHER_TOOLS, call_id=ids()), split(text, cuts))
+    assert collect(events) == whole
+    indexes = [e.index for e in events if isinstance(e, ToolCallStart)]
+    assert indexes == list(range(len(whole.tool_calls)))
+
+
+def test_streaming_sends_arguments_before_the_call_ends() -> None:
+    parser = ParserSpec("hermes").new_parser(call_id=ids())
+    assert parser.feed('Sure.<tool_call>\n{"name": "get_weather", ') == [Content("Sure.")]
+    assert parser.feed('"arguments": {"city": "Pa') == [
+        ToolCallStart(0, "call_0", "get_weather"),
+        ToolCallArguments(0, '{"city": "Pa'),
+    ]
+    assert parser.feed('ris"}}\n</tool_call>') == [ToolCallArguments(0, 'ris"}')]
+    assert parser.finish() == []
+
+
+def test_xml_string_values_stream_as_written() -> None:
+    parser = ParserSpec("qwen3_coder").new_parser(tools=WEATHER_TOOLS, call_id=ids())
+    head = "<tool_call>\n<function=write_file>\n<parameter=content>\nline one\n"
+    assert parser.feed(head) == [
+        ToolCallStart(0, "call_0", "write_file"),
+        ToolCallArguments(0, '{"content": "line one'),
+    ]
+    assert parser.feed("line two\n</par") == [ToolCallArguments(0, "\\nline two")]
+    assert parser.feed("ameter>\n</function>\n</tool_call>") == [ToolCallArguments(0, '"}')]
+
+
+@pytest.mark.parametrize(
+    ("tool", "reasoning", "first", "shown", "then", "released"),
+    [
+        ("hermes", None, "Hello <tool", "Hello ", "box", "<toolbox"),
+        ("deepseek_v3", None, "a " + DS[0][:5], "a ", "s", DS[0][:5] + "s"),
+        ("kimi_k2", None, "a <|tool_calls_sec", "a ", "x", "<|tool_calls_secx"),
+        (None, "basic", "<think>a </th", "a", "e", " </the"),
+        (None, "granite", "Here is", "", " fine", "Here is fine"),
+        ("mistral", None, "x [TOOL", "x ", "S]", "[TOOLS]"),
+        ("pythonic", None, "[get(", "", "1)]", "[get(1)]"),
+    ],
+)
+def test_hold_back_only_what_could_be_markup(
+    tool: str | None, reasoning: str | None, first: str, shown: str, then: str, released: str
+) -> None:
+    parser = ParserSpec(tool, reasoning).new_parser()
+    out = collect(parser.feed(first))
+    assert out.content + out.reasoning == shown
+    later = collect(parser.feed(then))
+    assert later.content + later.reasoning == released
+
+
+def test_plain_text_is_never_held() -> None:
+    for tool in parsers.tool_call_parser_names():
+        parser = ParserSpec(tool).new_parser()
+        assert parser.feed("no markup here,") == [Content("no markup here,")]
+        assert parser.feed(" still none.") == [Content(" still none.")]
+
+
+def test_default_call_ids() -> None:
+    out = parse_output(
+        '<tool_call>{"name": "f", "arguments": {}}</tool_call>', tool_call_parser="hermes"
+    )
+    assert re.fullmatch(r"call_[0-9a-f]{24}", out.tool_calls[0].id)
+    out = parse_output("[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]g[ARGS]{}", tool_call_parser="mistral")
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c.id) for c in out.tool_calls)
+    assert out.tool_calls[0].id != out.tool_calls[1].id
+
+
+def test_tool_parsing_off_leaves_calls_in_content() -> None:
+    text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    spec = ParserSpec("hermes", "qwen3")
+    assert spec.parse("<think>x</think>" + text, tool_calls=False) == ParsedOutput(
+        content=text, reasoning="x"
+    )
+
+
+def test_no_parsers_pass_text_through() -> None:
+    parser = ParserSpec().new_parser()
+    assert parser.feed("<tool_call>") == [Content("<tool_call>")]
+    assert parser.feed("") == []
+    assert parser.finish() == []
+
+
+def test_feed_after_finish_is_an_error() -> None:
+    parser = ParserSpec("hermes").new_parser()
+    parser.finish()
+    with pytest.raises(RuntimeError):
+        parser.feed("x")
+
+
+# -- registry --------------------------------------------------------------------------------
+
+
+def test_names_and_aliases() -> None:
+    assert parsers.tool_call_parser_names() == [
+        "deepseek_v3",
+        "deepseek_v3_1",
+        "glm45",
+        "harmony",
+        "hermes",
+        "kimi_k2",
+        "llama3_json",
+        "mistral",
+        "pythonic",
+        "qwen3_coder",
+    ]
+    assert parsers.reasoning_parser_names() == [
+        "basic",
+        "deepseek_r1",
+        "glm45",
+        "gpt_oss",
+        "granite",
+        "kimi",
+        "kimi_k25",
+        "mistral",
+        "qwen3",
+    ]
+    for alias, name in [
+        ("qwen25", "hermes"),
+        ("qwen3_xml", "qwen3_coder"),
+        ("deepseekv3", "deepseek_v3"),
+        ("deepseek_v31", "deepseek_v3_1"),
+        ("gpt-oss", "harmony"),
+        ("llama4_pythonic", "pythonic"),
+        ("GLM47", "glm45"),
+    ]:
+        assert parsers.get_tool_call_parser(alias).name == name
+    assert ParserSpec("qwen25", "deepseek-r1") == ParserSpec("hermes", "deepseek_r1")
+
+
+def test_unknown_name_lists_valid_names_and_suggests() -> None:
+    with pytest.raises(ConfigError) as err:
+        parsers.get_tool_call_parser("hermse")
+    message = str(err.value)
+    assert "unknown tool-call parser 'hermse'" in message
+    assert "did you mean 'hermes'?" in message
+    assert "valid names: deepseek_v3, deepseek_v3_1, glm45, harmony, hermes" in message
+    with pytest.raises(ConfigError, match="unknown reasoning parser 'zzz'; valid names: basic"):
+        ParserSpec(reasoning_parser="zzz")
+
+
+def test_harmony_pairs_only_with_gpt_oss() -> None:
+    with pytest.raises(ConfigError, match="harmony"):
+        ParserSpec("harmony", "deepseek_r1")
+    with pytest.raises(ConfigError, match="harmony"):
+        ParserSpec("hermes", "gpt_oss")
+
+
+def test_public_names() -> None:
+    assert sorted(parsers.__all__) == [
+        "Content",
+        "Event",
+        "OutputParser",
+        "ParsedOutput",
+        "ParserFamily",
+        "ParserSpec",
+        "Reasoning",
+        "StreamParser",
+        "ToolCall",
+        "ToolCallArguments",
+        "ToolCallStart",
+        "collect",
+        "get_reasoning_parser",
+        "get_tool_call_parser",
+        "new_call_id",
+        "parse_output",
+        "reasoning_parser_names",
+        "tool_call_parser_names",
+    ]
+
+
+def test_events_are_merged_per_feed() -> None:
+    parser = ParserSpec(None, "basic").new_parser()
+    assert parser.feed("<think>a b c</think>x y") == [Reasoning("a b c"), Content("x y")]
+    assert collect([ToolCallStart(0, "i", "f"), ToolCallArguments(0, "{}")]).tool_calls == [
+        ToolCall("i", "f", "{}")
+    ]
