@@ -180,6 +180,19 @@ CASES: dict[str, Case] = {
         thinking="The user wants weather. I'll call <tool_call> now.",
         calls=[("get_weather", W)],
     ),
+    "hermes_end_tag_inside_a_string": Case(
+        "hermes",
+        None,
+        '<tool_call>{"name": "echo", "arguments": {"text": "</tool_call><tool_call>"}}</tool_call>',
+        calls=[("echo", {"text": "</tool_call><tool_call>"})],
+    ),
+    "hermes_broken_then_good": Case(
+        "hermes",
+        None,
+        'a<tool_call>oops<tool_call>{"name": "f", "arguments": {}}</tool_call>',
+        content="a<tool_call>oops",
+        calls=[("f", {})],
+    ),
     # -- llama3_json -----------------------------------------------------------------------
     "llama3_bare": Case(
         "llama3_json",
@@ -198,6 +211,13 @@ CASES: dict[str, Case] = {
     ),
     "llama3_plain_text": Case(
         "llama3_json", None, "  The capital is {Paris}.", content="  The capital is {Paris}."
+    ),
+    "llama3_text_after_calls": Case(
+        "llama3_json",
+        None,
+        '{"name": "f", "parameters": {}}\n\nHere you go.',
+        content="Here you go.",
+        calls=[("f", {})],
     ),
     # -- mistral ---------------------------------------------------------------------------
     "mistral_v3_array": Case(
@@ -290,6 +310,21 @@ CASES: dict[str, Case] = {
         calls=[("get_weather", W), ("get_time", {})],
         call_ids=["functions.get_weather:0", "functions.get_time:1"],
     ),
+    "kimi_k2_garbage_section": Case(
+        "kimi_k2",
+        None,
+        "<|tool_calls_section_begin|>garbage<|tool_calls_section_end|>",
+        content="<|tool_calls_section_begin|>garbage<|tool_calls_section_end|>",
+    ),
+    "kimi_k2_truncated": Case(
+        "kimi_k2",
+        None,
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+        '<|tool_call_argument_begin|>{"a": "b',
+        calls=[("f", '{"a": "b')],
+        call_ids=["functions.f:0"],
+        exact_args=True,
+    ),
     # -- qwen3_coder -----------------------------------------------------------------------
     "qwen3_coder_typed": Case(
         "qwen3_coder",
@@ -370,6 +405,13 @@ CASES: dict[str, Case] = {
         "Write <tool_call> then the name.",
         content="Write <tool_call> then the name.",
     ),
+    "glm45_truncated_string": Case(
+        "glm45",
+        None,
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Bei",
+        calls=[("get_weather", {"city": "Bei"})],
+        tools=WEATHER_TOOLS,
+    ),
     # -- harmony (gpt-oss) ------------------------------------------------------------------
     "harmony_tool_call": Case(
         "harmony",
@@ -406,6 +448,12 @@ CASES: dict[str, Case] = {
         thinking="hm",
         content="<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json"
         '<|message|>{"a": 1}<|call|>',
+    ),
+    "harmony_truncated_header": Case(
+        "harmony",
+        "gpt_oss",
+        "<|channel|>final<|message|>Hi.<|end|><|start|>assistant<|channel|>comm",
+        content="Hi.",
     ),
     # -- reasoning alone -------------------------------------------------------------------
     "basic_no_think": Case(None, "basic", "Just an answer.", content="Just an answer."),
