@@ -298,6 +298,14 @@ CASES: dict[str, Case] = {
         f"{DS[0]}{DS[1]}nonsense{DS_END[0]}{DS_END[1]} ok",
         content=f"{DS[0]}{DS[1]}nonsense{DS_END[0]}{DS_END[1]} ok",
     ),
+    "deepseek_r1_calls_without_closing_think": Case(
+        "deepseek_v3_1",
+        "deepseek_r1",
+        f'I need the weather.\n{DS[0]}{DS[1]}get_weather{DS[2]}{{"city": "Paris"}}{DS_END[0]}'
+        f"{DS_END[1]}",
+        thinking="I need the weather.",
+        calls=[("get_weather", W)],
+    ),
     # -- kimi_k2 ---------------------------------------------------------------------------
     "kimi_k2": Case(
         "kimi_k2",
@@ -324,6 +332,15 @@ CASES: dict[str, Case] = {
         calls=[("f", '{"a": "b')],
         call_ids=["functions.f:0"],
         exact_args=True,
+    ),
+    "kimi_k2_thinking_left_open": Case(
+        "kimi_k2",
+        "kimi_k25",
+        "<think>Call it.<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0"
+        "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>",
+        thinking="Call it.",
+        calls=[("f", {})],
+        call_ids=["functions.f:0"],
     ),
     # -- qwen3_coder -----------------------------------------------------------------------
     "qwen3_coder_typed": Case(

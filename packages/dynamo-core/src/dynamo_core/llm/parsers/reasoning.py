@@ -11,6 +11,10 @@ in two choices:
   between tool calls, GLM-4.5, Qwen3); a stray end marker in content is dropped, never shown.
   Granite's phrases count only at the start of the output (they are ordinary English).
 
+A tool-call parser whose markup is made of special tokens (DeepSeek, Kimi) also ends a reasoning
+block that the model left open when its markup starts (the model called a tool without closing
+``</think>``); the markup then goes to the tool-call parser.
+
 Whitespace around the reasoning and at the start of the content after it is dropped
 (``<think>\\n...\\n</think>\\n\\n``): it is held back until the next word shows it is not
 the last (no latency in practice: it goes out with that word).
@@ -22,6 +26,8 @@ The formats: ``<think>...</think>`` (basic, qwen3, glm45, deepseek_r1 forced), `
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 from dynamo_core.llm.parsers._base import Markers, StreamParser, skip_ws
@@ -47,12 +53,26 @@ class ThinkFormat:
     forced: bool
     anywhere: bool
     either: Markers
+    #: Tool-call markup that ends a reasoning block left open (it stays in the content for the
+    #: tool-call parser), and `stops`: the end markers and these together.
+    exits: frozenset[str] = frozenset()
+    stops: Markers | None = None
 
     @classmethod
     def of(
         cls, starts: tuple[str, ...], ends: tuple[str, ...], *, forced: bool, anywhere: bool
     ) -> ThinkFormat:
         return cls(Markers(*starts), Markers(*ends), forced, anywhere, Markers(*starts, *ends))
+
+    def with_exits(self, exits: tuple[str, ...]) -> ThinkFormat:
+        """This format, also leaving reasoning at `exits` (built once per pair, then cached)."""
+        return _with_exits(self, exits) if exits else self
+
+
+@functools.lru_cache(maxsize=64)
+def _with_exits(fmt: ThinkFormat, exits: tuple[str, ...]) -> ThinkFormat:
+    stops = Markers(*fmt.ends.markers, *exits)
+    return dataclasses.replace(fmt, exits=frozenset(exits), stops=stops)
 
 
 BASIC = ThinkFormat.of(("<think>",), ("</think>",), forced=False, anywhere=True)
@@ -128,20 +148,21 @@ class ThinkParser(StreamParser):
         if not self._skip_fresh():
             return False
         buf, pos = self._buf, self._pos
-        ends = self._fmt.ends
-        m = ends.find(buf, pos)
+        stops = self._fmt.stops or self._fmt.ends
+        m = stops.find(buf, pos)
         if m:
             self._reasoning(buf[pos : _rstrip(buf, pos, m.start())])
-            self._pos = m.end()
+            exit_to_call = m.group() in self._fmt.exits
+            self._pos = m.start() if exit_to_call else m.end()
             self._state = self._content_step
-            self._fresh = True
+            self._fresh = not exit_to_call
             return True
         if final:
             self._reasoning(buf[pos:])
             self._pos = len(buf)
             return False
         # Hold what could be the end marker, and the whitespace before it (dropped if it is).
-        end = _rstrip(buf, pos, ends.hold(buf, pos))
+        end = _rstrip(buf, pos, stops.hold(buf, pos))
         self._reasoning(buf[pos:end])
         self._pos = end
         return False

@@ -58,7 +58,8 @@ __all__ = [
 Tools = Sequence[Mapping[str, Any]]
 #: (the request's tools or None, a call-id generator or None) -> a fresh parser
 ToolCallFactory = Callable[[Tools | None, Callable[[], str] | None], StreamParser]
-ReasoningFactory = Callable[[], StreamParser]
+#: (tool-call markup that ends an open reasoning block) -> a fresh parser
+ReasoningFactory = Callable[[tuple[str, ...]], StreamParser]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +71,18 @@ class ParserFamily:
     models: str
     aliases: tuple[str, ...] = ()
     harmony: bool = False
+    #: Tool-call markup that also ends an open reasoning block (special tokens only).
+    exits_reasoning: tuple[str, ...] = ()
 
 
 def _think(fmt: _reasoning.ThinkFormat) -> ReasoningFactory:
-    return lambda: _reasoning.ThinkParser(fmt)
+    def make(exits: tuple[str, ...] = ()) -> StreamParser:
+        return _reasoning.ThinkParser(fmt.with_exits(exits))
+
+    return make
 
 
-def _harmony_reasoning() -> StreamParser:
+def _harmony_reasoning(exits: tuple[str, ...] = ()) -> StreamParser:
     return HarmonyParser(tool_calls=False)
 
 
@@ -92,9 +98,19 @@ _TOOL_FAMILIES = (
     ),
     ParserFamily("mistral", MistralParser, "Mistral 7B v0.3, Nemo, Small 3.x, Magistral, Devstral"),
     ParserFamily("pythonic", PythonicParser, "Llama 3.2 / 4 (Python lists)", ("llama4_pythonic",)),
-    ParserFamily("deepseek_v3", DeepSeekV3Parser, "DeepSeek V3, R1, R1-0528", ("deepseekv3",)),
     ParserFamily(
-        "deepseek_v3_1", DeepSeekV31Parser, "DeepSeek V3.1", ("deepseek_v31", "deepseekv31")
+        "deepseek_v3",
+        DeepSeekV3Parser,
+        "DeepSeek V3, R1, R1-0528",
+        ("deepseekv3",),
+        exits_reasoning=DeepSeekV3Parser.OPEN.markers,
+    ),
+    ParserFamily(
+        "deepseek_v3_1",
+        DeepSeekV31Parser,
+        "DeepSeek V3.1",
+        ("deepseek_v31", "deepseekv31"),
+        exits_reasoning=DeepSeekV31Parser.OPEN.markers,
     ),
     ParserFamily(
         "qwen3_coder",
@@ -103,7 +119,13 @@ _TOOL_FAMILIES = (
         ("qwen3_xml", "nemotron_nano"),
     ),
     ParserFamily("harmony", HarmonyParser, "gpt-oss", ("gpt_oss", "openai"), harmony=True),
-    ParserFamily("kimi_k2", KimiK2Parser, "Kimi K2 / K2.5", ("kimi",)),
+    ParserFamily(
+        "kimi_k2",
+        KimiK2Parser,
+        "Kimi K2 / K2.5",
+        ("kimi",),
+        exits_reasoning=KimiK2Parser.OPEN.markers,
+    ),
     ParserFamily("glm45", Glm45Parser, "GLM-4.5 / 4.6 / 4.7", ("glm47", "glm4_moe", "glm")),
 )
 
@@ -270,11 +292,11 @@ class ParserSpec:
             return OutputParser(
                 None, HarmonyParser(tools, call_id, tool_calls=tool_name is not None)
             )
-        reasoning = (
-            REASONING_PARSERS[self.reasoning_parser].factory() if self.reasoning_parser else None
-        )
-        parser = TOOL_CALL_PARSERS[tool_name].factory(tools, call_id) if tool_name else None
-        return OutputParser(reasoning, parser)
+        family = TOOL_CALL_PARSERS[tool_name] if tool_name else None
+        exits = family.exits_reasoning if family else ()
+        think = REASONING_PARSERS[self.reasoning_parser] if self.reasoning_parser else None
+        reasoning = think.factory(exits) if think else None
+        return OutputParser(reasoning, family.factory(tools, call_id) if family else None)
 
     def parse(self, text: str, **options: Any) -> ParsedOutput:
         """The whole output at once (`new_parser` options apply)."""
