@@ -615,6 +615,40 @@ def test_random_markup_agrees_with_whole(data: st.DataObject) -> None:
     assert indexes == list(range(len(whole.tool_calls)))
 
 
+# Single characters that markup is made of, and a few whole markers: arbitrary text around them.
+MARKUP_PIECES = st.sampled_from(
+    [*"<>|[]{}()\"'\\/:;,=._ \n\tafnt01é🌧\u2581\uff5c", *DS, "<|", "|>", "<tool_call>", "<think>"]
+)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    tool=st.sampled_from([None, *parsers.tool_call_parser_names()]),
+    text=st.lists(MARKUP_PIECES, max_size=60).map("".join),
+    cuts=st.lists(st.integers(0, 10_000), max_size=10),
+)
+def test_arbitrary_text_never_raises_and_agrees(
+    tool: str | None, text: str, cuts: list[int]
+) -> None:
+    spec = ParserSpec(tool, "gpt_oss" if tool == "harmony" else "deepseek_r1")
+    whole = spec.parse(text, call_id=ids(), tools=WEATHER_TOOLS)
+    assert (
+        collect(stream(spec.new_parser(call_id=ids(), tools=WEATHER_TOOLS), split(text, cuts)))
+        == whole
+    )
+
+
+def test_non_json_numbers_are_not_sent_as_json() -> None:
+    out = parse_output(
+        "<tool_call>f<arg_key>x</arg_key><arg_value>1e400</arg_value>"
+        "<arg_key>y</arg_key><arg_value>NaN</arg_value></tool_call>",
+        tool_call_parser="glm45",
+    )
+    assert json.loads(out.tool_calls[0].arguments) == {"x": "1e400", "y": "NaN"}
+    text = '<tool_call>{"arguments": {"a": NaN}, "name": "f"}</tool_call>'
+    assert parse_output(text, tool_call_parser="hermes") == ParsedOutput(content=text)
+
+
 def test_streaming_sends_arguments_before_the_call_ends() -> None:
     parser = ParserSpec("hermes").new_parser(call_id=ids())
     assert parser.feed('Sure.<tool_call>\n{"name": "get_weather", ') == [Content("Sure.")]

@@ -38,6 +38,7 @@ __all__ = [
     "ToolCallStart",
     "ToolSchemas",
     "collect",
+    "loads_strict",
     "mistral_call_id",
     "new_call_id",
 ]
@@ -150,6 +151,23 @@ def append_event(out: list[Event], event: Event) -> None:
                 out[-1] = ToolCallArguments(last.index, last.text + event.text)  # type: ignore[union-attr]
                 return
     out.append(event)
+
+
+def _not_json(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} does not fit a JSON number")
+    return value
+
+
+def loads_strict(text: str) -> Any:
+    """`json.loads` that refuses NaN, Infinity and numbers that overflow a double (Python's
+    parser takes them, and `json.dumps` would send them on as invalid JSON)."""
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
 
 
 _NON_WS = re.compile(r"\S")

@@ -32,7 +32,14 @@ import json
 import re
 from typing import Any, ClassVar
 
-from dynamo_core.llm.parsers._base import JsonSpan, Markers, Span, ToolCallParser, skip_ws
+from dynamo_core.llm.parsers._base import (
+    JsonSpan,
+    Markers,
+    Span,
+    ToolCallParser,
+    loads_strict,
+    skip_ws,
+)
 
 __all__ = ["FAIL", "NEED", "OK", "SLOW", "CallMachine", "Head", "json_call", "json_header"]
 
@@ -124,7 +131,7 @@ def _json_header(w: str) -> Head:
 def json_call(text: str) -> tuple[str, Any] | None:
     """A whole JSON call object -> (name, arguments), or None if it is not one."""
     try:
-        obj = json.loads(text)
+        obj = loads_strict(text)
     except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict):
@@ -137,8 +144,8 @@ def json_call(text: str) -> tuple[str, Any] | None:
         args = {}
     elif isinstance(args, str):
         try:  # some models send the arguments already as a JSON string
-            json.loads(args)
-        except ValueError:
+            loads_strict(args)
+        except (ValueError, RecursionError):
             args = json.dumps(args, ensure_ascii=False)
     return name, args
 

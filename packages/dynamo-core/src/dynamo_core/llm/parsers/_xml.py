@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from dynamo_core.llm.parsers._base import Markers, skip_ws
+from dynamo_core.llm.parsers._base import Markers, loads_strict, skip_ws
 from dynamo_core.llm.parsers._calls import CallMachine
 
 __all__ = ["XmlArgsMachine", "convert_value"]
@@ -54,12 +54,12 @@ def _schema_type(spec: Any) -> tuple[str | None, bool]:
 def _literal_value(text: str) -> Any:
     """JSON, else a Python literal that JSON can carry, else the text itself."""
     try:
-        return json.loads(text)
+        return loads_strict(text)
     except (ValueError, RecursionError):
         pass
     try:
         value = ast.literal_eval(text)
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return text
     return value

@@ -9,7 +9,8 @@ with `ast`: every element must be a call with keyword arguments whose values are
 (strings, numbers, booleans, None, lists, dicts; ``true``/``false``/``null`` too). Then each
 call is sent whole; anything else (``[see(below)]``, positional arguments, an expression) is
 content, as written. Calls are not streamed argument by argument: a list that turns out not to
-be calls must still be shown as text.
+be calls must still be shown as text. (Triple-quoted strings are read as adjacent quotes; a
+list that uses them with an unbalanced quote inside is shown as text.)
 """
 
 from __future__ import annotations

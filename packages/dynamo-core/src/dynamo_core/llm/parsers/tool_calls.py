@@ -342,7 +342,12 @@ class KimiK2Parser(_TokenSectionParser):
 
 
 class Qwen3CoderParser(XmlArgsMachine):
-    """``<tool_call><function=NAME><parameter=KEY>value</parameter>...</function></tool_call>``."""
+    """``<tool_call><function=NAME><parameter=KEY>value</parameter>...</function></tool_call>``.
+
+    A value ends at the first ``</parameter>`` (or ``<parameter=``, ``</function>``), as in
+    Qwen's reference parser: a value whose text contains one of those tags literally is cut
+    there.
+    """
 
     __slots__ = ()
 
