@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tokenizers
 import uvloop
 
+from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 from dynamo_core.testing.servers import EtcdServer, NatsServer, require_binary
 
@@ -17,6 +20,42 @@ HERE = Path(__file__).parent
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
     """Every async test runs on uvloop, as the components do."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+#: Word pieces of `sentencepiece` (after <unk>, <s>, </s> and the 256 byte pieces <0x00>..).
+SENTENCEPIECE_WORDS = ["▁", "▁Hello", "▁world", "a", "▁a", "b", "中", "▁中", "é", "ok", "▁▁x"]
+
+
+@pytest.fixture(scope="session")
+def sentencepiece() -> Tokenizer:
+    """A Llama-2 / Mistral-shaped tokenizer: "▁" marks a space, a byte the vocabulary lacks is
+    "<0xE4>" (byte fallback), the decoder drops the first leading space of a sequence."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    vocab |= {p: 259 + i for i, p in enumerate(SENTENCEPIECE_WORDS)}
+    spec = {
+        "version": "1.0",
+        "added_tokens": [
+            {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": True}
+            for c, i in (("<unk>", 0), ("<s>", 1), ("</s>", 2))
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first",
+                          "split": False},
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>",
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }  # fmt: skip
+    return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
 
 
 @pytest.fixture

@@ -179,3 +179,42 @@ def test_matches_transformers(tok: Tokenizer) -> None:
     assert sorted(tok.eos_token_ids) == sorted(
         {hf.eos_token_id, *hf.convert_tokens_to_ids(["<|im_end|>"])}
     )
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_into_the_text(tok: Tokenizer, text: str) -> None:
+    """Each token's own bytes, characters cut across tokens included."""
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    for i in ids:
+        if "\ufffd" not in tok.token_string(i):
+            assert tok.token_bytes(i) == tok.token_string(i).encode()
+
+
+def test_token_strings_and_bytes_of_special_and_cut_tokens(tok: Tokenizer) -> None:
+    eos = tok.token_to_id("<|im_end|>")
+    assert eos is not None
+    assert tok.token_string(eos) == "<|im_end|>" and tok.token_bytes(eos) == b"<|im_end|>"
+    lead = tok.encode("中")
+    cut = next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == "中".encode()[:1])
+    assert tok.token_string(cut) == "\ufffd"  # what decode gives, as in vLLM
+    assert tok.token_bytes(cut) == b"\xe4"
+    assert b"".join(tok.token_bytes(i) for i in lead) == "中".encode()
+
+
+def test_sentencepiece_pieces(sentencepiece: Tokenizer) -> None:
+    """Metaspace + byte fallback (Llama-2, Mistral): "▁" is a space, "<0xE4>" a byte, and the
+    string of a word token keeps its leading space (decode alone drops it)."""
+    tok = sentencepiece
+
+    def of(piece: str) -> tuple[str, bytes]:
+        token_id = tok.token_to_id(piece)
+        assert token_id is not None
+        return tok.token_string(token_id), tok.token_bytes(token_id)
+
+    assert tok.decode([tok.token_to_id("▁Hello") or 0]) == "Hello"
+    assert of("▁Hello") == (" Hello", b" Hello")
+    assert of("▁▁x") == ("  x", b"  x")
+    assert of("ok") == ("ok", b"ok")
+    assert of("<0xE4>") == ("\ufffd", b"\xe4")
+    assert of("<s>") == ("<s>", b"<s>")

@@ -37,7 +37,7 @@ from dynamo_core.frontend.openai import (
     usage_dict,
 )
 from dynamo_core.http import Final, Request, Response, StreamingResponse
-from dynamo_core.llm.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from dynamo_core.llm.detokenizer import IncrementalDetokenizer, LogprobTokens, StopStringMatcher
 from dynamo_core.runtime import Context, DistributedRuntime
 
 __all__ = ["OpenAIService"]
@@ -73,67 +73,172 @@ def _error_for(exc: errors.DynamoError) -> Response:
     return _error(status, str(exc), kind)
 
 
+#: Prompt ids the detokenizer keeps as left context for the first generated ones.
+_PROMPT_CONTEXT = 6
+
+
 class _Output:
-    """Turns engine output maps into text, applying stop strings; counts tokens."""
+    """Turns engine output maps into text and log-probabilities, applying stop strings.
+
+    `feed` sets `kept`, how many of the item's tokens belong to the output: a stop string ends
+    it after the token that completes the stop string (vLLM's rule), also when that token came
+    with others in one engine output; the tokens after it are neither counted nor shown.
+    """
 
     __slots__ = (
         "cached",
         "completion_tokens",
         "detok",
         "finish",
+        "kept",
         "logprobs_wanted",
+        "lp_tokens",
         "matcher",
-        "tokenizer",
+        "min_tokens",
+        "text_offset",
     )
 
-    def __init__(self, entry: ModelEntry, stops: list[str], logprobs: int | None) -> None:
-        self.tokenizer = entry.tokenizer
-        self.detok = IncrementalDetokenizer(entry.tokenizer, skip_special_tokens=True)
+    def __init__(
+        self,
+        entry: ModelEntry,
+        stops: list[str],
+        logprobs: int | None,
+        *,
+        prompt: list[int] | None = None,
+        min_tokens: int = 0,
+        text_offset: int = 0,
+    ) -> None:
+        self.detok = IncrementalDetokenizer(
+            entry.tokenizer,
+            skip_special_tokens=True,
+            prompt_tail=prompt[-_PROMPT_CONTEXT:] if prompt else None,
+        )
         self.matcher = StopStringMatcher(stops) if stops else None
+        self.min_tokens = min_tokens
         self.logprobs_wanted = logprobs
+        self.lp_tokens = LogprobTokens(entry.tokenizer) if logprobs is not None else None
+        self.text_offset = text_offset
+        """Completions: where the next token's text starts in the choice's text (echo first)."""
         self.completion_tokens = 0
+        self.kept = 0
         self.finish: str | None = None
         self.cached: int | None = None
 
     def feed(self, item: dict[str, Any]) -> str:
-        """The text `item` adds; sets `finish` when the sequence ends."""
-        ids = item.get("token_ids")
-        text = ""
-        if ids:
-            self.completion_tokens += len(ids)
-            text = self.detok.push(ids)
+        """The text `item` adds; sets `kept`, and `finish` when the sequence ends.
+
+        Text still held back at the end (part of a character) is dropped, as vLLM drops it.
+        """
+        ids = item.get("token_ids") or ()
+        self.kept = len(ids)
+        matcher = self.matcher
+        if matcher is None:
+            text = self.detok.push(ids) if ids else ""
+        else:
+            text = self._feed_stops(matcher, ids)
+        self.completion_tokens += self.kept
+        if self.finish is not None:
+            return text
         reason = item.get("finish_reason")
         if reason is not None:
-            text += self.detok.flush()
             usage = item.get("usage")
             if usage:
                 self.cached = usage.get("cached_tokens")
             if reason == "error":
                 raise errors.EngineError(item.get("error") or "the engine failed")
-        matcher = self.matcher
-        if matcher is not None:
-            text, hit = matcher.feed(text)
-            if hit:
-                self.finish = "stop"
-                return text
-            if reason is not None:
+            if matcher is not None:
                 text += matcher.flush()
-        if reason is not None:
             self.finish = finish_reason_for(reason) or "stop"
         return text
 
-    def token_logprobs(
-        self, item: dict[str, Any]
-    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
-        ids = item.get("token_ids") or []
-        lps = item.get("log_probs") or []
-        tops = item.get("top_logprobs") or [[] for _ in ids]
-        return [
-            (t, lp, [tuple(x) for x in top]) for t, lp, top in zip(ids, lps, tops, strict=False)
-        ]
+    def _feed_stops(self, matcher: StopStringMatcher, ids: Any) -> str:
+        """Token by token, so that a stop string is cut after the token that completes it."""
+        parts = []
+        for i, token in enumerate(ids):
+            counted = self.completion_tokens + i + 1
+            text, hit = matcher.feed(self.detok.push((token,)), counted > self.min_tokens)
+            parts.append(text)
+            if hit:
+                self.kept = i + 1
+                self.finish = "stop"
+                break
+        return "".join(parts)
 
-    def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def chat_logprobs(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        """The `logprobs.content` entries of the item's kept tokens."""
+        texts = self.lp_tokens
+        assert texts is not None
+        top_n = self.logprobs_wanted or 0
+        content = []
+        for token, lp, top in self._positions(item):
+            text, raw = texts.entry(token)
+            alternatives = []
+            for alt, alt_lp in top[:top_n]:
+                alt_text, alt_raw = texts.entry(alt)
+                alternatives.append(
+                    {"token": alt_text, "logprob": _clamp(alt_lp), "bytes": list(alt_raw)}
+                )
+            content.append(
+                {
+                    "token": text,
+                    "logprob": _clamp(lp),
+                    "bytes": list(raw),
+                    "top_logprobs": alternatives,
+                }
+            )
+            texts.advance(token)
+        return content
+
+    def completion_logprobs(self, item: dict[str, Any]) -> dict[str, list[Any]]:
+        """The completions `logprobs` lists of the item's kept tokens.
+
+        `top_logprobs` holds the chosen token first, then the most likely others, up to
+        `logprobs` + 1 entries (OpenAI's and vLLM's rule); `text_offset` is where each token's
+        text starts in the choice's text.
+        """
+        texts = self.lp_tokens
+        assert texts is not None
+        top_n = self.logprobs_wanted or 0
+        tokens: list[str] = []
+        values: list[float] = []
+        tops: list[dict[str, float]] = []
+        offsets: list[int] = []
+        for token, lp, top in self._positions(item):
+            text, _ = texts.entry(token)
+            shown = {text: _clamp(lp)}
+            ids = [token]
+            for alt, alt_lp in top:
+                if len(ids) > top_n:
+                    break
+                if alt == token:
+                    shown[text] = _clamp(alt_lp)
+                    continue
+                ids.append(alt)
+                shown[texts.entry(alt)[0]] = _clamp(alt_lp)
+            tokens.append(text)
+            values.append(_clamp(lp))
+            tops.append(shown)
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+            texts.advance(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": values,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def _positions(self, item: dict[str, Any]) -> Any:
+        ids = (item.get("token_ids") or ())[: self.kept]
+        lps = item.get("log_probs") or ()
+        tops = item.get("top_logprobs") or ()
+        for i, (token, lp) in enumerate(zip(ids, lps, strict=False)):
+            yield token, lp, tops[i] if i < len(tops) else ()
+
+
+def _clamp(logprob: float) -> float:
+    """-inf is not JSON: OpenAI and vLLM send -9999.0."""
+    return logprob if logprob > -9999.0 else -9999.0
 
 
 class OpenAIService:
@@ -322,7 +427,14 @@ class OpenAIService:
                 model, endpoint, "stream" if body.stream else "unary", "error"
             ).inc()
             return _error_for(exc)
-        out = _Output(entry, body.stop_strings(), logprobs)
+        out = _Output(
+            entry,
+            body.stop_strings(),
+            logprobs,
+            prompt=token_ids,
+            min_tokens=body.extension("min_tokens") or 0,
+            text_offset=len(fmt.echo) if isinstance(fmt, CompletionStreamFormatter) else 0,
+        )
         self.metrics.input_tokens.labels(model).observe(prompt_len)
         if body.stream:
             stream = self._sse(
@@ -447,10 +559,12 @@ class OpenAIService:
                 new_tokens = 0
                 for item in batch:
                     text = out.feed(item)
-                    n = len(item.get("token_ids") or ())
-                    new_tokens += n
-                    if want_lp and n:
-                        lp = self._logprobs_payload(out, item, is_chat)
+                    new_tokens += out.kept
+                    if want_lp and out.kept:
+                        if is_chat:
+                            lp: Any = out.chat_logprobs(item)
+                        else:
+                            lp = out.completion_logprobs(item)
                         parts.append(fmt.text_with_logprobs(text, lp))
                     elif text:
                         parts.append(fmt.text(text))
@@ -521,11 +635,11 @@ class OpenAIService:
             while batch is not None and out.finish is None:
                 for item in batch:
                     pieces.append(out.feed(item))
-                    if want_lp and item.get("token_ids"):
-                        lp = self._logprobs_payload(out, item, is_chat)
+                    if want_lp and out.kept:
                         if is_chat:
-                            chat_lp.extend(lp["content"] if isinstance(lp, dict) else lp)
+                            chat_lp.extend(out.chat_logprobs(item))
                         else:
+                            lp = out.completion_logprobs(item)
                             for key in cmpl_lp:
                                 cmpl_lp[key].extend(lp[key])
                     if out.finish is not None:
@@ -546,38 +660,6 @@ class OpenAIService:
         else:
             body = fmt.whole(text, reason, usage, cmpl_lp if want_lp else None)  # type: ignore[arg-type]
         return Response(body)
-
-    def _logprobs_payload(self, out: _Output, item: dict[str, Any], is_chat: bool) -> Any:
-        entries = out.token_logprobs(item)
-        if is_chat:
-            content = []
-            for tok, lp, top in entries:
-                text = out.token_text(tok)
-                content.append(
-                    {
-                        "token": text,
-                        "logprob": lp,
-                        "bytes": list(text.encode()),
-                        "top_logprobs": [
-                            {
-                                "token": (t := out.token_text(tid)),
-                                "logprob": tlp,
-                                "bytes": list(t.encode()),
-                            }
-                            for tid, tlp in top
-                        ],
-                    }
-                )
-            return content
-        tokens = [out.token_text(tok) for tok, _, _ in entries]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [
-                {out.token_text(tid): tlp for tid, tlp in top} for _, _, top in entries
-            ],
-            "text_offset": [0 for _ in entries],
-        }
 
 
 class _PrefillLeg:

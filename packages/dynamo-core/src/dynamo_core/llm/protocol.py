@@ -102,7 +102,11 @@ class EngineOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
     log_probs: list[float] | None = None
     """Log-probability of each new token."""
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    """Per new token: the top alternatives as (token id, log-probability)."""
+    """Per new token: the most likely tokens as (token id, log-probability), most likely first
+    (the chosen one may be among them). At least `logprobs` of them, one more allowed (vLLM
+    lists the chosen token besides the top `logprobs`); none when `logprobs` is 0. The frontend
+    shows the first `logprobs` in chat, and the chosen token then the others, up to
+    `logprobs` + 1, in completions."""
     usage: Usage | None = None
     """Set on the last chunk."""
     disaggregated_params: dict[str, Any] | None = None

@@ -20,6 +20,14 @@ Encoding runs in Rust with the GIL released, so a long prompt can go to a worker
 blocking the event loop while other requests proceed. Short texts are encoded inline:
 a thread hop costs more (tens of microseconds) than encoding a few hundred bytes.
 `encode_async` picks by length (`ASYNC_ENCODE_THRESHOLD` characters).
+
+One token on its own, for log-probabilities: `token_string` is the text vLLM shows for it
+(``decode([id])``, with the leading space a SentencePiece ``▁`` stands for put back), and
+`token_bytes` the bytes it stands for in a sequence. The two differ for a token holding part of a
+character: its string ends in U+FFFD, its bytes are the real ones (what OpenAI's ``bytes`` field
+is for). Both read the token's vocabulary piece by the tokenizer's kind (byte-level BPE maps each
+character back to a byte, byte fallback spells a byte ``<0xE4>``, Metaspace marks a space ``▁``);
+both are cached per id.
 """
 
 from __future__ import annotations
@@ -42,6 +50,66 @@ ASYNC_ENCODE_THRESHOLD = 4096
 
 # transformers' sentinel for "no limit" (int(1e30)); treated as unknown here.
 _VERY_LARGE_INTEGER = int(1e20)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted (byte-level BPE pieces)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def _has_type(component: Any, kind: str) -> Any:
+    """The first part of type `kind` in a tokenizer.json component (a `Sequence` searched)."""
+    if not isinstance(component, dict):
+        return None
+    if component.get("type") == kind:
+        return component
+    for part in component.get("decoders") or component.get("pretokenizers") or ():
+        found = _has_type(part, kind)
+        if found is not None:
+            return found
+    return None
+
+
+class _Pieces:
+    """How one tokenizer's vocabulary pieces map to bytes (read once from tokenizer.json)."""
+
+    __slots__ = ("byte_fallback", "byte_level", "space_marker")
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.byte_level = _has_type(spec.get("decoder"), "ByteLevel") is not None
+        model = spec.get("model") or {}
+        self.byte_fallback = bool(model.get("byte_fallback"))
+        metaspace = _has_type(spec.get("pre_tokenizer"), "Metaspace")
+        self.space_marker: str | None = (
+            metaspace.get("replacement", "▁") if metaspace is not None else None
+        )
+
+    def piece_bytes(self, piece: str) -> bytes | None:
+        """The bytes a vocabulary piece stands for, or None when its kind is unknown."""
+        if self.byte_level:
+            try:
+                return bytes(_BYTE_LEVEL[c] for c in piece)
+            except KeyError:
+                return None
+        if self.byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece[5] == ">":
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                return None
+        if self.space_marker is not None:
+            return piece.replace(self.space_marker, " ").encode()
+        return None
 
 
 def _token_content(value: Any) -> str | None:
@@ -124,6 +192,10 @@ class Tokenizer:
             if added.special
         )
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._added_ids = frozenset(backend.get_added_tokens_decoder())
+        self._pieces: _Pieces | None = None
+        self._strings: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
 
     # -- construction ------------------------------------------------------------------------
 
@@ -178,6 +250,43 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text: str = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
+
+    def token_string(self, token_id: int) -> str:
+        """The text vLLM shows for one token in log-probabilities (see the module docstring)."""
+        text = self._strings.get(token_id)
+        if text is None:
+            text = self.decode([token_id], skip_special_tokens=False)
+            marker = self._piece_kinds().space_marker
+            piece = self.backend.id_to_token(token_id)
+            if marker is not None and piece:
+                # decode() drops the leading space of a sequence's first token: put it back
+                wanted = len(piece) - len(piece.lstrip(marker))
+                missing = wanted - (len(text) - len(text.lstrip(" ")))
+                if missing > 0:
+                    text = " " * missing + text
+            self._strings[token_id] = text
+        return text
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for in a sequence (part of a character included)."""
+        data = self._bytes.get(token_id)
+        if data is None:
+            piece = self.backend.id_to_token(token_id)
+            if piece is None:
+                data = b""
+            elif token_id in self._added_ids:
+                data = piece.encode()  # added tokens are stored as their text
+            else:
+                data = self._piece_kinds().piece_bytes(piece)
+                if data is None:
+                    data = self.decode([token_id], skip_special_tokens=False).encode()
+            self._bytes[token_id] = data
+        return data
+
+    def _piece_kinds(self) -> _Pieces:
+        if self._pieces is None:
+            self._pieces = _Pieces(json.loads(self.backend.to_str()))
+        return self._pieces
 
     def token_to_id(self, token: str) -> int | None:
         token_id: int | None = self.backend.token_to_id(token)
