@@ -183,3 +183,20 @@ async def test_abort_reaches_the_engine() -> None:
         await asyncio.sleep(0.01)
     assert aborted == [ctx.id]
     assert not handler.engine.requests
+
+
+def test_logprob_alternatives_in_the_order_vllm_shows_them() -> None:
+    """Most likely first, the chosen token first among equals (vLLM's top-k may put an equal
+    one before it, its server lists the chosen one first); none when 0 are asked for."""
+    from types import SimpleNamespace
+
+    from vllm.logprobs import Logprob
+
+    from dynamo_vllm.handlers import logprobs
+
+    # greedy chose 7, tied with 9 which top-k ranked first; 8 is less likely
+    entry = {7: Logprob(-1.5, rank=2), 9: Logprob(-1.5, rank=1), 8: Logprob(-2.0, rank=3)}
+    output = SimpleNamespace(token_ids=[7], logprobs=[entry])
+    assert logprobs(output, 2) == ([-1.5], [[(7, -1.5), (9, -1.5), (8, -2.0)]])
+    only = SimpleNamespace(token_ids=[7], logprobs=[{7: Logprob(-1.5, rank=1)}])
+    assert logprobs(only, 0) == ([-1.5], [[]])

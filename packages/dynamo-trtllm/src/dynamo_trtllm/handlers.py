@@ -203,7 +203,7 @@ class TrtllmHandler(BaseWorkerHandler):
                 new = ids[seen:]
                 out = EngineOutput(token_ids=new)
                 if request.output_options.logprobs is not None:
-                    self._add_logprobs(out, seq, seen, new)
+                    self._add_logprobs(out, seq, seen, new, request.output_options.logprobs)
                 seen = len(ids)
                 cached = getattr(res, "cached_tokens", None)
                 if isinstance(cached, int):
@@ -257,7 +257,9 @@ class TrtllmHandler(BaseWorkerHandler):
         return "eos"
 
     @staticmethod
-    def _add_logprobs(out: EngineOutput, seq: Any, seen: int, new: list[int]) -> None:
+    def _add_logprobs(out: EngineOutput, seq: Any, seen: int, new: list[int], top_n: int) -> None:
+        """The chosen tokens' log-probabilities and, when asked for (`top_n` > 0), the
+        alternatives (the LLM API is asked for at least one, to get the chosen token's)."""
         entries = list(seq.logprobs or ())[seen : seen + len(new)]
         if len(entries) != len(new):
             return
@@ -266,7 +268,7 @@ class TrtllmHandler(BaseWorkerHandler):
         for token, entry in zip(new, entries, strict=True):
             value, top = _logprob_of(entry, token)
             chosen.append(value if value is not None else 0.0)
-            tops.append(top)
+            tops.append(top if top_n else [])
         out.log_probs = chosen
         out.top_logprobs = tops
 

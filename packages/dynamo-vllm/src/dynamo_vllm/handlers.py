@@ -101,7 +101,14 @@ def logprobs(
     output: Any, top: int | None
 ) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
     """Per new token: its log-probability and the top alternatives, from vLLM's
-    `CompletionOutput.logprobs` (one `{token_id: Logprob(logprob, rank, ...)}` per token)."""
+    `CompletionOutput.logprobs` (one `{token_id: Logprob(logprob, rank, ...)}` per token).
+
+    vLLM's map holds the chosen token, then the `top` most likely; the alternatives are all of
+    them, most likely first and the chosen one first among equals (bf16 logits tie often, and
+    vLLM's server lists the chosen token first), so `top` + 1 when the chosen token is not among
+    the most likely: the frontend shows the first `top` in chat and the chosen one plus the
+    `top` others in completions, as vLLM's own server does (greedy: the same lists).
+    """
     entries = output.logprobs
     if entries is None or top is None:
         return None, None
@@ -110,8 +117,10 @@ def logprobs(
     for token, entry in zip(output.token_ids, entries, strict=False):
         mine = entry.get(token)
         chosen.append(mine.logprob if mine is not None else float("-inf"))
-        ranked = sorted(entry.items(), key=lambda item: item[1].rank or 0)
-        alternatives.append([(tid, lp.logprob) for tid, lp in ranked][: max(top, 1)])
+        # most likely first; among equals the chosen token first (vLLM lists it first, its
+        # top-k may list an equal one before it), the others in vLLM's order
+        ranked = sorted(entry.items(), key=lambda item: (-item[1].logprob, item[0] != token))
+        alternatives.append([(tid, lp.logprob) for tid, lp in ranked] if top else [])
     return chosen, alternatives
 
 

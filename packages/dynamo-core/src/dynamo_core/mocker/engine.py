@@ -736,9 +736,10 @@ class MockerEngine:
         seq.out_tokens.append(token)
         if seq.logprobs is not None:
             lp = -((x >> 32) % 1000) / 1000.0 - 0.001
-            top = [(token, lp)]
+            # the chosen token is the most likely; `logprobs` alternatives in all (0: none)
+            top = [(token, lp)] if seq.logprobs else []
             y = x
-            for k in range(1, max(1, seq.logprobs)):
+            for k in range(1, seq.logprobs):
                 y = _mix(y)
                 top.append((vocab[y % len(vocab)], lp - float(k)))
             seq.out_lp.append(lp)

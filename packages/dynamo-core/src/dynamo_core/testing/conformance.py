@@ -234,6 +234,14 @@ class HandlerConformance:
         tops = [t for out in outs for t in (out.get("top_logprobs") or [])]
         assert len(tops) == 5 and all(len(t) >= 1 for t in tops)
 
+    async def test_logprobs_zero_has_no_alternatives(self, handler: BaseWorkerHandler) -> None:
+        """`logprobs: 0` (chat `top_logprobs: 0`): the chosen tokens' values, no alternatives."""
+        if not self.supports_logprobs:
+            pytest.skip("engine does not report logprobs")
+        outs = await collect(handler, make_request(self.prompt, max_tokens=3, logprobs=0))
+        assert len([lp for out in outs for lp in (out.get("log_probs") or [])]) == 3
+        assert all(top == [] for out in outs for top in (out.get("top_logprobs") or []))
+
     @pytest.fixture
     def prefill_handler(self) -> BaseWorkerHandler:
         raise NotImplementedError("supply `prefill_handler` when supports_disaggregation")
