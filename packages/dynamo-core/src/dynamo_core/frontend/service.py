@@ -137,13 +137,13 @@ class _Output:
         else:
             text = self._feed_stops(matcher, ids)
         self.completion_tokens += self.kept
+        usage = item.get("usage")
+        if usage:
+            self.cached = usage.get("cached_tokens")
         if self.finish is not None:
             return text
         reason = item.get("finish_reason")
         if reason is not None:
-            usage = item.get("usage")
-            if usage:
-                self.cached = usage.get("cached_tokens")
             if reason == "error":
                 raise errors.EngineError(item.get("error") or "the engine failed")
             if matcher is not None:
