@@ -194,7 +194,9 @@ class _Output:
 
         `top_logprobs` holds the chosen token first, then the most likely others, up to
         `logprobs` + 1 entries (OpenAI's and vLLM's rule); `text_offset` is where each token's
-        text starts in the choice's text.
+        text starts in the choice's text (the sum of the token strings before it, as vLLM
+        counts). With `echo` the prompt's tokens get no entries (vLLM adds them from prompt
+        log-probabilities, which the wire does not carry yet): offsets start after the prompt.
         """
         texts = self.lp_tokens
         assert texts is not None
