@@ -55,7 +55,10 @@ def test_serve_only_on_two_nodes(plane: str) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         reply = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            extra_body={"ignore_eos": True},
         )
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         for proc in (front, workers):

@@ -249,6 +249,7 @@ def test_in_flight_request_finishes_on_sigterm(serve: Any) -> None:
             messages=[{"role": "user", "content": "a long answer"}],
             max_tokens=60,
             stream=True,
+            extra_body={"ignore_eos": True},
         )
         chunks = iter(stream)
         first = next(chunks)

@@ -92,7 +92,10 @@ async def chat_ok(url: str, within: float) -> None:
         while loop.time() < deadline:
             try:
                 r = await client.chat.completions.create(
-                    model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                    model="tiny",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=4,
+                    extra_body={"ignore_eos": True},
                 )
                 assert r.usage is not None and r.usage.completion_tokens == 4
                 return
@@ -267,7 +270,8 @@ import sys, openai
 client = openai.OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0, timeout=10)
 print("MODELS", [m.id for m in client.models.list().data])
 r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
-                                   max_tokens=6, stream=True, stream_options={"include_usage": True})
+                                   max_tokens=6, stream=True, stream_options={"include_usage": True},
+                                   extra_body={"ignore_eos": True})
 chunks = list(r)
 print("USAGE", chunks[-1].usage.completion_tokens)
 """

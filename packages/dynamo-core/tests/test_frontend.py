@@ -331,7 +331,10 @@ async def test_disaggregated_prefill_then_decode(namespace: str) -> None:
             # the prefill pool alone does not list a second model
             assert [m.id for m in (await client.models.list()).data] == ["tiny"]
             r = await client.chat.completions.create(
-                model="tiny", messages=chat("a disaggregated request"), max_tokens=9
+                model="tiny",
+                messages=chat("a disaggregated request"),
+                max_tokens=9,
+                extra_body={"ignore_eos": True},
             )
             assert r.usage is not None and r.usage.completion_tokens == 9
             p_stats, d_stats = prefill.engine.stats(), decode.engine.stats()
@@ -341,7 +344,7 @@ async def test_disaggregated_prefill_then_decode(namespace: str) -> None:
             # a prefill leg that fails before the hand-off: served aggregated instead
             prefill.engine.fail_next = RuntimeError("prefill GPU fell over")
             r = await client.chat.completions.create(
-                model="tiny", messages=chat("again"), max_tokens=4
+                model="tiny", messages=chat("again"), max_tokens=4, extra_body={"ignore_eos": True}
             )
             assert r.usage is not None and r.usage.completion_tokens == 4
         finally:

@@ -126,6 +126,7 @@ async def test_openai_client_against_frontend_and_mocker(
             max_tokens=20,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
         chunks = [c async for c in stream]
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -134,7 +135,7 @@ async def test_openai_client_against_frontend_and_mocker(
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
         whole = await client.completions.create(
-            model="tiny", prompt="Once upon a time", max_tokens=7
+            model="tiny", prompt="Once upon a time", max_tokens=7, extra_body={"ignore_eos": True}
         )
         assert whole.choices[0].text and whole.usage is not None
         assert whole.usage.completion_tokens == 7
@@ -198,7 +199,13 @@ async def test_client_disconnect_cancels_worker_request(
         async with http.stream(
             "POST",
             "/v1/chat/completions",
-            json={"model": "tiny", "messages": chat("x"), "max_tokens": 1000, "stream": True},
+            json={
+                "model": "tiny",
+                "messages": chat("x"),
+                "max_tokens": 1000,
+                "ignore_eos": True,
+                "stream": True,
+            },
         ) as r:
             lines = r.aiter_lines()
             while not (await anext(lines)).startswith('data: {"id"'):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import statistics
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,44 @@ async def test_max_tokens_is_capped_by_the_context_length() -> None:
             await run(e, list(range(10, 80)), 4)
     finally:
         await e.close()
+
+
+async def test_an_answer_ends_with_eos_after_a_seeded_length(engine: MockerEngine) -> None:
+    prompt = list(range(10, 50))
+    tokens, last = await run(engine, prompt, 1000, eos_token_ids=[3, 1])
+    assert last.finish_reason == "eos" and tokens[-1] == 3 and not set(tokens[:-1]) & SPECIAL
+    assert (await run(engine, prompt, 1000, eos_token_ids=[3, 1]))[0] == tokens  # deterministic
+    # the same tokens as without eos, up to the answer's end
+    assert (await run(engine, prompt, len(tokens) - 1))[0] == tokens[:-1]
+    lengths = [len((await run(engine, [7, i], 1000, eos_token_ids=[1]))[0]) for i in range(200)]
+    assert 40 <= statistics.median(lengths) <= 56  # short answers, around mean_output_tokens
+    assert min(lengths) < 24 and max(lengths) > 96  # spread like real answers
+
+
+async def test_max_tokens_min_tokens_and_no_eos_ids_shape_the_length(
+    engine: MockerEngine,
+) -> None:
+    prompt = list(range(10, 50))
+    natural, _ = await run(engine, prompt, 1000, eos_token_ids=[1])
+    cut, last = await run(engine, prompt, len(natural) - 1, eos_token_ids=[1])
+    assert last.finish_reason == "length" and cut == natural[:-1]
+    floor, last = await run(engine, prompt, 1000, eos_token_ids=[1], min_tokens=len(natural) + 5)
+    assert last.finish_reason == "eos" and len(floor) == len(natural) + 5
+    whole, last = await run(engine, prompt, 300)  # no eos ids (ignore_eos): to max_tokens
+    assert last.finish_reason == "length" and len(whole) == 300
+
+
+async def test_the_handler_ends_at_eos_unless_ignore_eos(engine: MockerEngine) -> None:
+    handler = MockerHandler(engine)
+    prompt = list(range(10, 50))
+    req = make_request(prompt, max_tokens=1000, eos_token_ids=[1, 3], ignore_eos=False)
+    natural = await collect(handler, req)
+    assert natural[-1]["finish_reason"] == "eos"
+    assert natural[-1]["usage"]["completion_tokens"] < 1000
+    req = make_request(prompt, max_tokens=1000, eos_token_ids=[1, 3], ignore_eos=True)
+    forced = await collect(handler, req)
+    assert forced[-1]["finish_reason"] == "length"
+    assert forced[-1]["usage"]["completion_tokens"] == 1000
 
 
 async def test_a_prompt_larger_than_the_cache_is_rejected() -> None:

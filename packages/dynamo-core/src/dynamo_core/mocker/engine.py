@@ -50,10 +50,18 @@ which makes cache effects measurable independently of the host's speed.
 
 *Tokens* are deterministic: the token at position `p` is a function of (request seed, or the
 engine seed when the request has none; the prompt; `p`), drawn from the model's vocabulary
-without its special tokens (so an engine-side end-of-sequence never happens: requests run to
-`max_tokens`, the context length, or a stop condition the handler applies). The same request
-therefore yields the same tokens on any mocker, whether preempted, aggregated or disaggregated.
-Fake log-probabilities (the chosen token always the most likely) are produced on request.
+without its special tokens. The same request therefore yields the same tokens on any mocker,
+whether preempted, aggregated or disaggregated. Fake log-probabilities (the chosen token always
+the most likely) are produced on request.
+
+*Answer length.* A chat model answers in a few dozen tokens and then emits an end-of-sequence
+token; so does the mocker. A request that names its end-of-sequence tokens (`eos_token_ids`:
+the frontend always sends the model's, the handler drops them for `ignore_eos`) gets an answer
+length drawn once, from the same seed, from a log-normal distribution around
+`mean_output_tokens` (sigma `_LENGTH_SIGMA`, at least `min_tokens`), and its last token is the
+first of those ids (finish reason `eos`). `max_tokens` and the context still cut it short
+(`length`). Without end-of-sequence ids (engine-level callers, `ignore_eos`, benchmarks) a
+request runs to `max_tokens` or the context, as before.
 
 *Disaggregation.* A `prefill_only` request stops after its first token (its blocks stay in the
 prefill worker's prefix cache). A `transferred` request (decode side) has its prompt's KV
@@ -72,9 +80,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from hashlib import blake2b
 from typing import Any, Literal
@@ -94,8 +103,12 @@ __all__ = [
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _RECENT_METRICS = 1024
+#: Spread of the answer-length distribution (log-normal): about two thirds of the answers are
+#: between half and 1.8 times `mean_output_tokens`.
+_LENGTH_SIGMA = 0.6
+_UNIT = statistics.NormalDist()
 
-Finish = Literal["length", "cancelled", "error"]
+Finish = Literal["eos", "length", "cancelled", "error"]
 _Kind = Literal["prefill", "decode", "transfer"]
 
 
@@ -135,12 +148,20 @@ class MockerEngineArgs:
     speedup_ratio: float = 1.0
     context_length: int = 2048
     seed: int = 0
+    mean_output_tokens: int = 48
+    """Typical answer length of a request that names its end-of-sequence tokens."""
     timing: TimingModel = field(default_factory=TimingModel)
     metrics_interval: float = 0.05
     """Least seconds between two `LoadMetrics` publications while busy."""
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size",
+            "num_gpu_blocks",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "mean_output_tokens",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.speedup_ratio <= 0:
@@ -193,6 +214,8 @@ class _Seq:
     __slots__ = (
         "admitted",
         "arrival",
+        "eos_at",
+        "eos_token",
         "error",
         "generated",
         "hashes",
@@ -224,8 +247,11 @@ class _Seq:
         seed_key: int,
         logprobs: int | None,
         transferred: bool,
+        eos: tuple[int, int] | None = None,
     ) -> None:
         self.request_id = request_id
+        # (answer length, eos token): the `eos_at`-th generated token is `eos_token`
+        self.eos_at, self.eos_token = eos if eos is not None else (0, 0)
         self.tokens = list(prompt)
         self.prompt_len = len(prompt)
         self.max_tokens = max_tokens
@@ -290,6 +316,13 @@ def _mix(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
     return x ^ (x >> 31)
+
+
+def _answer_length(seed_key: int, mean: int, min_tokens: int) -> int:
+    """The request's answer length: log-normal around `mean`, drawn from its seed."""
+    u = ((_mix(seed_key ^ 0x5EED_1E57) >> 11) + 0.5) / float(1 << 53)  # uniform in (0, 1)
+    length = round(mean * math.exp(_LENGTH_SIGMA * _UNIT.inv_cdf(u)))
+    return max(1, min_tokens, length)
 
 
 def _seed_key(seed: int, prompt: list[int]) -> int:
@@ -378,13 +411,25 @@ class MockerEngine:
         logprobs: int | None = None,
         prefill_only: bool = False,
         transferred: bool = False,
+        eos_token_ids: Sequence[int] = (),
+        min_tokens: int = 0,
     ) -> AsyncGenerator[StepOutput, None]:
         """Run a request; yields new tokens as steps produce them, the last with a finish reason.
 
+        With `eos_token_ids`, the answer ends with the first of them after a sampled length
+        (never before `min_tokens`); without, it runs to `max_tokens` or the context.
         Closing the iterator early aborts the request (its blocks are freed at once).
         """
         seq = self._add(
-            request_id, token_ids, max_tokens, seed, logprobs, prefill_only, transferred
+            request_id,
+            token_ids,
+            max_tokens,
+            seed,
+            logprobs,
+            prefill_only,
+            transferred,
+            eos_token_ids,
+            min_tokens,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -415,6 +460,8 @@ class MockerEngine:
         logprobs: int | None,
         prefill_only: bool,
         transferred: bool,
+        eos_token_ids: Sequence[int] = (),
+        min_tokens: int = 0,
     ) -> _Seq:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
@@ -439,7 +486,10 @@ class MockerEngine:
             limit = min(limit, 1)
         self.start()
         key = _seed_key(args.seed if seed is None else seed, prompt)
-        seq = _Seq(request_id, prompt, limit, key, logprobs, transferred)
+        eos = None
+        if eos_token_ids:
+            eos = (_answer_length(key, args.mean_output_tokens, min_tokens), eos_token_ids[0])
+        seq = _Seq(request_id, prompt, limit, key, logprobs, transferred, eos)
         self._totals.requests += 1
         self._seqs[request_id] = seq
         if limit <= 0:
@@ -495,7 +545,7 @@ class MockerEngine:
 
         Blocks: `active` (in use by requests), `cached` (known by hash: what KV events
         describe), `evictable` (cached, unused), `free` (empty), `total`. Requests: `running`,
-        `waiting`, and totals `finished` (ran to their length), `cancelled` (aborted: the
+        `waiting`, and totals `finished` (ended with eos or at their length), `cancelled` (aborted: the
         caller left, or the handler ended them on a stop condition), `failed`. Tokens:
         `prefill_tokens` computed, `cached_tokens` hit at admission, `transferred_tokens`
         received from prefill workers, `output_tokens`. `simulated_ms` is the simulated clock.
@@ -728,7 +778,8 @@ class MockerEngine:
         pos = len(seq.tokens)
         x = _mix(seq.seed_key ^ ((pos * _GOLDEN) & _MASK))
         vocab = self._vocab
-        token = vocab[x % len(vocab)]
+        eos = seq.generated + 1 == seq.eos_at
+        token = seq.eos_token if eos else vocab[x % len(vocab)]
         seq.tokens.append(token)
         seq.generated += 1
         seq.metrics.output_tokens += 1
@@ -744,7 +795,9 @@ class MockerEngine:
                 top.append((vocab[y % len(vocab)], lp - float(k)))
             seq.out_lp.append(lp)
             seq.out_top.append(top)
-        if seq.generated >= seq.max_tokens:
+        if eos:
+            self._finish(seq, "eos")
+        elif seq.generated >= seq.max_tokens:
             self._finish(seq, "length")
         else:
             seq.notify()
@@ -761,7 +814,7 @@ class MockerEngine:
         seq.state = "done"
         seq.out_finish = reason
         seq.metrics.finish_reason = reason
-        if reason == "length":
+        if reason in ("eos", "length"):
             self._totals.finished += 1
         if self._seqs.get(seq.request_id) is seq:
             del self._seqs[seq.request_id]

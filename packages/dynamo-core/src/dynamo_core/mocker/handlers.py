@@ -50,6 +50,7 @@ class MockerHandler(BaseWorkerHandler):
         self, request: PreprocessedRequest, *, transferred: bool = False
     ) -> AsyncIterator[StepOutput]:
         assert request.request_id is not None  # set by `generate`
+        stop = request.stop_conditions
         return self.engine.generate(
             request.request_id,
             request.token_ids,
@@ -58,6 +59,8 @@ class MockerHandler(BaseWorkerHandler):
             logprobs=request.output_options.logprobs,
             prefill_only=request.prefill_only,
             transferred=transferred,
+            eos_token_ids=() if stop.ignore_eos else request.eos_token_ids,
+            min_tokens=stop.min_tokens or 0,
         )
 
     async def engine_generate(
@@ -105,7 +108,7 @@ class MockerPrefillHandler(MockerHandler, BasePrefillHandler):
             cached = out.cached_tokens
             if out.metrics is not None:
                 prefill_ms = out.metrics.prefill_time_ms
-            if out.finish_reason is not None and out.finish_reason != "length":
+            if out.finish_reason not in (None, "length", "eos"):
                 yield _engine_output(out)  # cancelled or failed: no hand-off
                 return
         params = {

@@ -106,6 +106,13 @@ class MockerConfig(RuntimeConfig):
     seed: int = Field(
         default=0, description="Seed of the generated tokens for requests without one."
     )
+    mean_output_tokens: int = Field(
+        default=48,
+        gt=0,
+        description="Typical answer length: each request ends with an end-of-sequence token "
+        "after a length drawn from its seed around this value (unless ignore_eos; max_tokens "
+        "still cuts it short).",
+    )
 
     def resolved_component(self) -> str:
         if self.component_name:
@@ -211,6 +218,7 @@ async def start_mocker(runtime: DistributedRuntime, config: MockerConfig) -> Moc
             speedup_ratio=config.speedup_ratio,
             context_length=context_length,
             seed=config.seed,
+            mean_output_tokens=config.mean_output_tokens,
         ),
         vocab_size=tokenizer.vocab_size,
         special_token_ids=_unprintable_token_ids(tokenizer),
