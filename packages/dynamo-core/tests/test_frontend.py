@@ -448,3 +448,15 @@ async def test_completion_echo_and_suffix(graph: Graph) -> None:
     assert texts[0] == "one two"
     with pytest.raises(openai.BadRequestError, match="suffix"):
         await graph.client.completions.create(model="tiny", prompt="x", suffix="y")
+
+
+async def test_the_path_a_worker_was_started_with_is_an_alias(graph: Graph) -> None:
+    # the graph's worker registered TINY as "tiny": a client may send the path instead
+    for name in (str(TINY), str(TINY.resolve())):
+        r = await graph.client.chat.completions.create(model=name, messages=chat("x"), max_tokens=2)
+        assert r.usage is not None and r.usage.completion_tokens == 2
+    assert [m.id for m in (await graph.client.models.list()).data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError):
+        await graph.client.chat.completions.create(
+            model=str(TINY / "nope"), messages=chat("x"), max_tokens=2
+        )

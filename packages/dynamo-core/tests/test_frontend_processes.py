@@ -272,3 +272,42 @@ def test_dynamo_run_unknown_engine_is_one_line() -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("dynamo-run: error: unknown engine 'nonesuch'")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "port_env", "flag"),
+    [
+        (["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", "{port}"],
+         {}, "--http-port"),
+        (["-m", "dynamo_core.mocker", "--model-path", str(TINY)],
+         {"DYN_SYSTEM_HOST": "127.0.0.1", "DYN_SYSTEM_PORT": "{port}"},
+         "--system-port (DYN_SYSTEM_PORT)"),
+        (["-m", "dynamo_core.mocker", "--model-path", str(TINY)],
+         {"DYN_TCP_HOST": "127.0.0.1", "DYN_TCP_PORT": "{port}"}, "--tcp-port (DYN_TCP_PORT)"),
+    ],
+    ids=["frontend-http", "status-port", "request-plane"],
+)  # fmt: skip
+def test_a_busy_port_is_one_line_naming_it_and_its_flag(
+    env: dict[str, str], argv: list[str], port_env: dict[str, str], flag: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = subprocess.run(
+            [sys.executable, *(a.replace("{port}", port) for a in argv)],
+            env={
+                **os.environ,
+                **env,
+                **{k: v.replace("{port}", port) for k, v in port_env.items()},
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 78, result.stderr  # EX_CONFIG: dynamo serve will not restart it
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: the port is already in use; "
+        f"choose another with {flag}"
+    )

@@ -131,6 +131,16 @@ def test_component_failing_at_start_stops_the_graph(serve) -> None:  # type: ign
         assert "graph ready" not in out
 
 
+def test_a_configuration_error_stops_the_graph_at_once(serve) -> None:  # type: ignore[no-untyped-def]
+    why = "max-model-len 4096 is more than the model's 2048 (max_position_embeddings)"
+    with serve("--backend.config-error", why, "--backend.replicas", "1") as proc:
+        assert proc.popen.wait(60) == 1
+        out = proc.output()
+    assert out.count(why) == 1, out  # said once, by the worker; never restarted
+    assert "backend (pid" in out and "configuration error (status 78): stopping the graph" in out
+    assert "restarting" not in out and "graph ready" not in out
+
+
 def test_straggler_out_of_group_is_swept(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     graph = tmp_path / "forker.yaml"
     graph.write_text(

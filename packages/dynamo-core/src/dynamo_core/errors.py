@@ -9,13 +9,21 @@ the exception's type name and message to the caller, which raises:
   and whose message reads `ValueError: <message>`.
 
 Only names and strings cross the wire, never pickled objects.
+
+`EXIT_CONFIG` (78, BSD's `EX_CONFIG`) is the exit status of a component that stopped on a
+`ConfigError`: an error that will recur identically on a restart (a bad flag value, a model that
+is not there, a port already taken). `dynamo serve` stops the graph on it instead of restarting.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar, Final
 
 __all__ = [
+    "EXIT_CONFIG",
     "AuthenticationError",
     "BackendUnavailableError",
     "CancelledError",
@@ -28,10 +36,15 @@ __all__ = [
     "InstanceNotFoundError",
     "InvalidRequestError",
     "NoInstancesError",
+    "PortInUseError",
     "ProtocolError",
     "error_from_wire",
     "error_to_wire",
+    "listen_errors",
 ]
+
+#: Exit status of a process that stopped on a `ConfigError` (sysexits.h `EX_CONFIG`).
+EXIT_CONFIG: Final = 78
 
 
 class DynamoError(Exception):
@@ -54,6 +67,31 @@ class ConfigError(DynamoError):
     """A flag, environment variable or config file is invalid."""
 
     http_status = 400
+
+
+class PortInUseError(ConfigError):
+    """A port this process must listen on is taken (or not ours to take)."""
+
+
+_LISTEN_REASONS = {
+    errno.EADDRINUSE: "the port is already in use",
+    errno.EACCES: "permission denied",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's",
+}
+
+
+@contextmanager
+def listen_errors(host: str, port: int, flag: str) -> Iterator[None]:
+    """Around a bind: an `OSError` a user can fix becomes one line naming the port and `flag`."""
+    try:
+        yield
+    except OSError as exc:
+        reason = _LISTEN_REASONS.get(exc.errno or 0)
+        if reason is None:
+            raise
+        raise PortInUseError(
+            f"cannot listen on {host}:{port}: {reason}; choose another with {flag}"
+        ) from None
 
 
 class BackendUnavailableError(DynamoError):

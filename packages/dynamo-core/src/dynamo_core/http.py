@@ -31,6 +31,8 @@ from typing import Any, cast
 
 import httptools
 
+from dynamo_core.errors import listen_errors
+
 __all__ = ["Final", "HttpServer", "Request", "Response", "StreamingResponse", "serve_http"]
 
 log = logging.getLogger("dynamo.http")
@@ -348,11 +350,13 @@ class HttpServer:
         self.port = 0
         self.host = ""
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, *, flag: str = "--http-port") -> None:
+        """Listen; a port that cannot be had is a `PortInUseError` naming `flag`."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
-        )
+        with listen_errors(host, port, flag):
+            self._server = await loop.create_server(
+                lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
+            )
         sockname: Any = self._server.sockets[0].getsockname()
         self.host, self.port = host, int(sockname[1])
 
@@ -369,7 +373,9 @@ class HttpServer:
                 conn.transport.close()
 
 
-async def serve_http(app: App, host: str, port: int, **kwargs: Any) -> HttpServer:
+async def serve_http(
+    app: App, host: str, port: int, *, flag: str = "--http-port", **kwargs: Any
+) -> HttpServer:
     server = HttpServer(app, **kwargs)
-    await server.start(host, port)
+    await server.start(host, port, flag=flag)
     return server

@@ -20,7 +20,8 @@ What happens, in order:
    its own pid, or its health port answering 200); then a summary (processes, pids, API URL,
    models, log dir). A process that exits is restarted with backoff, with a line saying so; one
    that keeps failing before the graph was ever ready (`--max-start-failures` times) stops the
-   graph, with its last lines, exit status 1.
+   graph, with its last lines, exit status 1. One that exits with `EXIT_CONFIG` (78: a bad
+   setting, a missing model, a taken port; its last line says which) stops the graph at once.
 4. **Stop** on SIGINT, SIGTERM or SIGHUP: ingress first, then the rest; SIGTERM, `--grace-period`
    seconds, SIGKILL; then a sweep of anything left in our process groups or below us. A second
    signal kills at once. Exit status 0 after a requested stop.
@@ -44,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dynamo_core.errors import BackendUnavailableError, ConfigError
+from dynamo_core.errors import EXIT_CONFIG, BackendUnavailableError, ConfigError
 from dynamo_serve.graph import (
     RUNTIME_FLAGS,
     ComponentInfo,
@@ -390,6 +391,14 @@ class _Run:
         state = self.readiness.exited(pid)
         if self.stop.is_set():
             return None
+        if code == EXIT_CONFIG:  # its own last line says why; a restart would say it again
+            self.console.system(
+                f"{label} (pid {pid}) exited with a configuration error (status {code}): "
+                "stopping the graph"
+            )
+            self.exit_code = 1
+            self.stop.set()
+            return 3600.0  # no restart while we stop
         was_ready = state is not None and state.ready
         if not was_ready and not self.readiness.ever_ready:
             failures = self.start_failures.get(comp.name, 0) + 1

@@ -1,6 +1,7 @@
 """A fake worker: registers `<namespace>.<component>.generate` and echoes requests.
 
 python -m serve_fakes.worker --model-path PATH [--component-name backend] [--fail-at-start]
+                             [--config-error TEXT]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import Field
 
 from dynamo_core.args import DynFlexibleArgumentParser
 from dynamo_core.deploy import BaseDeployment
+from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, dynamo_worker
 
 
@@ -27,6 +29,9 @@ class WorkerConfig(RuntimeConfig):
     component_name: str = Field("backend", description="Component to register as.")
     fail_at_start: bool = Field(False, description="Exit with status 3 at once.")
     tags: list[str] = Field(default_factory=list, description="Free tags (checks list flags).")
+    config_error: str | None = Field(
+        None, description="Stop with this ConfigError once the runtime is up (exit status 78)."
+    )
 
 
 def build_parser() -> DynFlexibleArgumentParser[WorkerConfig]:
@@ -37,6 +42,8 @@ def build_parser() -> DynFlexibleArgumentParser[WorkerConfig]:
 async def worker(runtime: DistributedRuntime, config: WorkerConfig) -> None:
     component = runtime.namespace(config.namespace).component(config.component_name)
     await component.create_service()
+    if config.config_error:
+        raise ConfigError(config.config_error)
 
     async def generate(request: Any) -> AsyncIterator[Any]:
         yield {"pid": os.getpid(), "echo": request, "model": config.model_path}

@@ -235,6 +235,7 @@ async def start_role(
         endpoint,
         model_path=engine.model_path,
         model_name=engine.model_name,
+        aliases=[str(args.model)],  # the --model text, as users will send it
         model_type=["prefill"] if role == "prefill" else None,
         context_length=engine.context_length,
         kv_block_size=engine.block_size,

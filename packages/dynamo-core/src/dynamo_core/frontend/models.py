@@ -271,7 +271,12 @@ class ModelManager:
         await self._changed.wait()
 
     def get(self, name: str) -> ModelEntry | None:
-        return self.models.get(name)
+        """The model served as `name`, or else the one that has `name` as an alias (the path
+        its worker was started with)."""
+        entry = self.models.get(name)
+        if entry is None:
+            entry = next((m for m in self.models.values() if name in m.card.aliases), None)
+        return entry
 
     def listed(self) -> list[ModelEntry]:
         """Models with at least one live instance."""

@@ -78,6 +78,9 @@ class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
     files: dict[str, str] = msgspec.field(default_factory=dict)
     """The model files the worker serves on `model_files`, name -> SHA-256."""
     extra: dict[str, object] = msgspec.field(default_factory=dict)
+    aliases: list[str] = msgspec.field(default_factory=list)
+    """Other names clients may send for this model: the path the worker was started with (as
+    given and resolved), so a request naming it is served. `/v1/models` lists `name` only."""
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
@@ -156,15 +159,20 @@ async def register_model(
     kv_block_size: int = 16,
     migration_limit: int = 0,
     extra: dict[str, object] | None = None,
+    aliases: list[str] | None = None,
 ) -> ModelCard:
     """Publish a `ModelCard` for `endpoint`, for as long as the endpoint is served.
 
-    `context_length` defaults to the model's config; engines pass their real limit.
+    `context_length` defaults to the model's config; engines pass their real limit. The model
+    is served as `model_name` (default: the folder's name) and also answers to `model_path`
+    (as given and resolved) and `aliases` (e.g. the `--model` text an engine was started with).
     """
     path, config_length, files = await asyncio.to_thread(_inspect_model_path, model_path)
     runtime = endpoint.runtime
+    name = model_name or path.name
     card = ModelCard(
-        name=model_name or path.name,
+        name=name,
+        aliases=sorted({str(model_path), str(path), *(aliases or ())} - {name}),
         endpoint=f"{endpoint.namespace_name}.{endpoint.component.name}.{endpoint.name}",
         model_path=str(path),
         model_type=model_type or ["chat", "completions"],

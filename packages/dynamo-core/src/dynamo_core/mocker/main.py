@@ -250,6 +250,7 @@ async def start_mocker(runtime: DistributedRuntime, config: MockerConfig) -> Moc
         endpoint,
         model_path=model_path,
         model_name=config.model_name,
+        aliases=[str(config.model_path)],
         model_type=["prefill"] if config.disaggregation_mode == "prefill" else None,
         context_length=context_length,
         kv_block_size=config.block_size,

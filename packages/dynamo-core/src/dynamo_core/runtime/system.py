@@ -35,7 +35,7 @@ class SystemStatusServer:
         self._server = HttpServer(self._handle)
 
     async def start(self) -> None:
-        await self._server.start(self.host, self.port)
+        await self._server.start(self.host, self.port, flag="--system-port (DYN_SYSTEM_PORT)")
         self.port = self._server.port
         log.info("system status on http://%s:%d (/health, /live, /metrics)", self.host, self.port)
 

@@ -14,8 +14,10 @@ environment, runs the coroutine, and shuts down cleanly on SIGINT/SIGTERM: the r
 taking requests, unregisters from discovery and lets in-flight streams finish within
 `graceful_shutdown_timeout`; a second signal ends the process at once. A backend that cannot be
 reached, a bad flag, or an engine that fails to start (any `DynamoError`) ends the process
-with one line naming it, not a traceback. `await worker.run_async(...)`
-runs the same inside an existing event loop.
+with one line naming it, not a traceback; the exit status is `EXIT_CONFIG` (78) for a
+`ConfigError` (it would recur identically on a restart, so `dynamo serve` stops the graph) and 1
+for anything else (worth a restart). `await worker.run_async(...)` runs the same inside an
+existing event loop.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, Protocol
 
-from dynamo_core.errors import DynamoError
+from dynamo_core.errors import EXIT_CONFIG, ConfigError, DynamoError
 from dynamo_core.runtime._core import DistributedRuntime
 from dynamo_core.runtime.config import RuntimeConfig
 
@@ -110,7 +112,10 @@ def dynamo_worker(
         def run(*args: P.args, **kwargs: P.kwargs) -> int:
             try:
                 run_uvloop(run_async(*args, **kwargs))
-            except DynamoError as exc:  # a backend, a flag, an engine that cannot start: one line
+            except ConfigError as exc:  # a flag, a model, a port: the same again on a restart
+                sys.stderr.write(f"error: {exc}\n")
+                return EXIT_CONFIG
+            except DynamoError as exc:  # a backend, an engine that failed: one line
                 sys.stderr.write(f"error: {exc}\n")
                 return 1
             except (KeyboardInterrupt, asyncio.CancelledError):

@@ -35,7 +35,12 @@ from typing import Any, cast
 
 import msgspec
 
-from dynamo_core.errors import AuthenticationError, ConnectionLostError, ProtocolError
+from dynamo_core.errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    ProtocolError,
+    listen_errors,
+)
 from dynamo_core.runtime.context import Context
 
 from .base import (
@@ -352,9 +357,10 @@ class TcpServer(RequestPlaneServer):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _ServerConnection(self), self.host, self.port, reuse_address=True
-        )
+        with listen_errors(self.host, self.port, "--tcp-port (DYN_TCP_PORT)"):
+            self._server = await loop.create_server(
+                lambda: _ServerConnection(self), self.host, self.port, reuse_address=True
+            )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         log.info(
