@@ -25,6 +25,7 @@ def test_public_names() -> None:
         "Namespace",
         "RuntimeConfig",
         "ServedEndpoint",
+        "configure_logging",
         "dynamo_worker",
         "install_uvloop",
         "run_uvloop",

@@ -257,7 +257,9 @@ def test_dynamo_run_batch(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(lines) == 4
-    assert [ln.get("tokens_out") for ln in lines] == [8, 5, 8, 4]
+    for line, limit in zip(lines, [8, 5, 8, 4], strict=True):  # at most max_tokens, or eos
+        reason = "length" if line["tokens_out"] == limit else "stop"
+        assert line["tokens_out"] <= limit and line["finish_reason"] == reason
     assert lines[0]["text"] == "Hello" and lines[0]["response"]
 
 

@@ -10,7 +10,6 @@ between tokens (0: as fast as the request plane goes).
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,7 +23,14 @@ from dynamo_core.deploy import BaseDeployment
 from dynamo_core.handlers import BaseWorkerHandler
 from dynamo_core.llm.model_card import register_model
 from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
-from dynamo_core.runtime import Context, DistributedRuntime, Endpoint, RuntimeConfig, dynamo_worker
+from dynamo_core.runtime import (
+    Context,
+    DistributedRuntime,
+    Endpoint,
+    RuntimeConfig,
+    configure_logging,
+    dynamo_worker,
+)
 
 __all__ = ["Deployment", "EchoConfig", "EchoHandler", "build_parser", "main", "start_engine"]
 
@@ -103,9 +109,7 @@ async def worker(runtime: DistributedRuntime, config: EchoConfig, parsed: Parsed
 
 def main(argv: list[str] | None = None) -> None:
     parsed = build_parser().parse_or_exit(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     sys.exit(worker(parsed.config, parsed))
 
 

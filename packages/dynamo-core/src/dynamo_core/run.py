@@ -13,10 +13,16 @@ Flags before the engine's: `--http-host`, `--http-port`, `--router-mode`, `--out
 `--concurrency` (batch), `--max-tokens` (text and batch defaults). The rest go to the engine's
 own parser.
 
+`in=text` is a chat on the terminal: each line is a user turn, the answer streams back, and
+the conversation is kept (and trimmed to the model's context, oldest turns first, with a note
+on stderr). Ctrl-C cancels the answer in progress, or leaves at the prompt; Ctrl-D leaves.
+Logs go to stderr at WARNING (`DYN_LOG` says otherwise). With stdin not a terminal it answers
+line after line and exits with status 1 if any line failed.
+
 `in=batch:FILE` reads one JSON object per line: `{"text": "..."}` (a user message),
 `{"messages": [...]}` (a chat) or `{"prompt": "..."}` (a plain completion), with optional
 `max_tokens`; it writes one JSON line per input line, in input order, with the response text,
-token counts, finish reason and latency.
+token counts, finish reason and latency; the exit status is 1 if any line failed.
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from dynamo_core.engines import find_engine
 from dynamo_core.errors import ConfigError, DynamoError
-from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, run_uvloop
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, configure_logging, run_uvloop
 
 __all__ = ["main"]
 
@@ -101,19 +110,20 @@ async def _run(source: str, target: str, own: argparse.Namespace, engine_argv: l
                         serving.result()
                         raise ConfigError(f"engine {target} stopped before serving a model")
                     await service.models.wait_for_change()
-            model = service.models.listed()[0].name
+            entry = service.models.listed()[0]
+            code = 0
             if source == "http":
                 await _serve_http(runtime, service, own)
             elif source == "text":
-                await _chat_loop(service, model, own)
+                code = await _chat_loop(service, entry.name, entry.card.context_length, own)
             else:
-                await _batch(service, model, Path(source[len("batch:") :]), own)
+                code = await _batch(service, entry.name, Path(source[len("batch:") :]), own)
         finally:
             runtime.request_shutdown()
             await service.close()
             await asyncio.wait([serving], timeout=10)
             await worker.close()
-    return 0
+    return code
 
 
 async def _serve_http(runtime: DistributedRuntime, service: Any, own: argparse.Namespace) -> None:
@@ -121,7 +131,7 @@ async def _serve_http(runtime: DistributedRuntime, service: Any, own: argparse.N
 
     from dynamo_core.http import serve_http
 
-    server = await serve_http(service.handle, own.http_host, own.http_port)
+    server = await serve_http(service.handle, own.http_host, own.http_port, flag="--http-port")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runtime.request_shutdown)
@@ -144,64 +154,207 @@ async def _complete(service: Any, body: dict[str, Any], path: str) -> dict[str, 
     return data
 
 
-async def _stream_chat(service: Any, body: dict[str, Any]) -> Any:
+class _Refused(DynamoError):
+    """The frontend answered a request with an error (its OpenAI `code`, and message)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _stream_chat(service: Any, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     from dynamo_core.http import Request, Response
 
     request = Request("POST", "/v1/chat/completions", "", {}, json.dumps(body).encode(), True)
     response = await service.handle(request)
     if isinstance(response, Response):
-        raise DynamoError(json.loads(response.body)["error"]["message"])
+        error = json.loads(response.body).get("error", {})
+        raise _Refused(error.get("message", f"HTTP {response.status}"), error.get("code"))
     async for chunk in response.body:
         for line in bytes(chunk).split(b"\n"):
             if line.startswith(b"data: {"):
-                yield json.loads(line[6:])
-
-
-async def _chat_loop(service: Any, model: str, own: argparse.Namespace) -> None:
-    """Interactive chat on the terminal; history is kept until EOF (Ctrl-D)."""
-    messages: list[dict[str, str]] = []
-    loop = asyncio.get_running_loop()
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            sys.stdout.write("? ")
-            sys.stdout.flush()
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            break
-        prompt = line.strip()
-        if not prompt:
-            continue
-        messages.append({"role": "user", "content": prompt})
-        body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
-        if own.max_tokens:
-            body["max_tokens"] = own.max_tokens
-        answer = []
-        try:
-            async for event in _stream_chat(service, body):
+                event = json.loads(line[6:])
                 if "error" in event:
                     raise DynamoError(event["error"]["message"])
-                for choice in event.get("choices", []):
-                    piece = choice.get("delta", {}).get("content") or ""
-                    answer.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        except DynamoError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            messages.pop()
-            continue
+                yield event
+
+
+class _StdinLines:
+    """Lines from stdin, read on the event loop, so that Ctrl-C never waits behind a blocked
+    read in a thread (and no thread is left to call back into a closed loop). A regular file
+    cannot be watched with epoll: it is read directly (such reads never block)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+        self._eof = False
+        self._ready = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._loop.add_reader(fd, self._on_readable)
+            self._watched = True
+        except PermissionError:
+            self._watched = False
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+            self._loop.remove_reader(self.fd)
+        self._ready.set()
+
+    async def readline(self) -> str | None:
+        """The next line without its newline; None at end of input (Ctrl-D)."""
+        while b"\n" not in self._buffer and not self._eof:
+            if not self._watched:
+                self._on_readable()
+                continue
+            self._ready.clear()
+            await self._ready.wait()
+        if not self._buffer:
+            return None
+        line, _, rest = self._buffer.partition(b"\n")
+        self._buffer = rest
+        return line.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self._watched and not self._eof:
+            self._loop.remove_reader(self.fd)
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(f"[{text}]\n")
+    sys.stderr.flush()
+
+
+class _Chat:
+    """One conversation with a model: turns kept, trimmed to its context oldest first."""
+
+    def __init__(self, service: Any, model: str, context_length: int, max_tokens: int) -> None:
+        self.service = service
+        self.model = model
+        self.context_length = context_length
+        self.max_tokens = max_tokens
+        self.messages: list[dict[str, str]] = []
+
+    async def answer(self, prompt: str) -> None:
+        """Stream the answer to `prompt` on stdout; the turn is kept only when it completes."""
+        self.messages.append({"role": "user", "content": prompt})
+        pieces: list[str] = []
+        try:
+            async for piece in self._stream():
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except BaseException:
+            self.messages.pop()
+            if pieces:
+                sys.stdout.write("\n")
+            raise
         sys.stdout.write("\n")
         sys.stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(answer)})
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    async def _stream(self) -> AsyncIterator[str]:
+        while True:
+            body = {
+                "model": self.model,
+                "messages": self.messages,
+                "max_tokens": self.max_tokens,
+                "stream": True,
+            }
+            try:
+                async for event in _stream_chat(self.service, body):
+                    for choice in event.get("choices", []):
+                        piece = choice.get("delta", {}).get("content")
+                        if piece:
+                            yield piece
+                return
+            except _Refused as exc:  # refused before the first token: nothing was shown
+                if exc.code != "context_length_exceeded" or len(self.messages) < 3:
+                    raise
+            del self.messages[:2]  # the oldest user turn and its answer
+            _note(
+                f"the conversation is longer than the model's {self.context_length}-token "
+                "context: dropped its oldest turn"
+            )
 
 
-async def _batch(service: Any, model: str, path: Path, own: argparse.Namespace) -> None:
+async def _chat_loop(service: Any, model: str, context_length: int, own: argparse.Namespace) -> int:
+    """The REPL (see the module docstring); returns the exit status."""
+    max_tokens = own.max_tokens or max(16, min(1024, context_length // 4))
+    chat = _Chat(service, model, context_length, max_tokens)
+    interactive = sys.stdin.isatty()
+    lines = _StdinLines(sys.stdin.fileno())
+    loop = asyncio.get_running_loop()
+    interrupt: asyncio.Future[None] = loop.create_future()
+
+    def on_sigint() -> None:
+        if not interrupt.done():
+            interrupt.set_result(None)
+
+    async def until_interrupted(work: asyncio.Future[Any]) -> bool:
+        """Wait for `work`; True (and `work` cancelled) if Ctrl-C came first."""
+        nonlocal interrupt
+        await asyncio.wait([work, interrupt], return_when=asyncio.FIRST_COMPLETED)
+        if not interrupt.done():
+            return False
+        interrupt = loop.create_future()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return True
+
+    failures = 0
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        while True:
+            if interactive:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
+            reading = asyncio.ensure_future(lines.readline())
+            if await until_interrupted(reading):
+                sys.stdout.write("\n")
+                break
+            line = reading.result()
+            if line is None:
+                if interactive:
+                    sys.stdout.write("\n")
+                break
+            prompt = line.strip()
+            if not prompt:
+                continue
+            answering = asyncio.ensure_future(chat.answer(prompt))
+            if await until_interrupted(answering):
+                _note("cancelled")
+                continue
+            exc = answering.exception()
+            if isinstance(exc, DynamoError):
+                failures += 1
+                sys.stderr.write(f"error: {exc}\n")
+            elif exc is not None:
+                raise exc
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        lines.close()
+        sys.stdout.flush()
+    return 1 if failures and not interactive else 0
+
+
+async def _batch(service: Any, model: str, path: Path, own: argparse.Namespace) -> int:
     try:
         lines = await asyncio.to_thread(path.read_text)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     entries = [ln for ln in lines.splitlines() if ln.strip()]
     results: list[str | None] = [None] * len(entries)
+    failed: list[int] = []
     sem = asyncio.Semaphore(max(1, own.concurrency))
 
     async def one(i: int, raw: str) -> None:
@@ -234,6 +387,7 @@ async def _batch(service: Any, model: str, path: Path, own: argparse.Namespace) 
                 }
             except (ValueError, KeyError, TypeError, DynamoError) as exc:
                 out = {"line": i + 1, "error": str(exc)}
+                failed.append(i + 1)
             results[i] = json.dumps(out, ensure_ascii=False)
 
     await asyncio.gather(*(one(i, raw) for i, raw in enumerate(entries)))
@@ -244,6 +398,10 @@ async def _batch(service: Any, model: str, path: Path, own: argparse.Namespace) 
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+    failed = sum(1 for r in results if r is not None and r.startswith('{"line"'))
+    if failed:
+        log.warning('%d of %d lines failed (see their "error")', failed, len(results))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,13 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         sys.stdout.write(f"usage: {USAGE}\n\n{__doc__}")
         return
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
         source, target, rest = _split(args)
+        # a chat's terminal is the conversation: only warnings unless DYN_LOG asks for more
+        configure_logging("warning" if source == "text" else "info")
         own, engine_argv = _own_flags().parse_known_args(rest)
         code = run_uvloop(_run(source, target, own, engine_argv))
     except ConfigError as exc:

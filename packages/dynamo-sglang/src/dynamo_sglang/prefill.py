@@ -22,7 +22,7 @@ from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.llm.kv import KV_EVENTS_TOPIC
 from dynamo_core.llm.model_card import register_model
-from dynamo_core.runtime import DistributedRuntime, dynamo_worker
+from dynamo_core.runtime import DistributedRuntime, configure_logging, dynamo_worker
 from dynamo_sglang.args import (
     INSTALL_HINT,
     SglangConfig,
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     if parsed.engine_args is None:
         sys.stderr.write(f"error: {INSTALL_HINT}\n")
         sys.exit(1)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     sys.exit(worker(parsed.config, parsed))
 
 

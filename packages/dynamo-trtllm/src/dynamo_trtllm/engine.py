@@ -266,9 +266,9 @@ def run_role(
     argv = list(sys.argv[1:] if argv is None else argv)
     parsed = trtllm_args.build_parser(role).parse_or_exit(argv)
     trtllm_args.require_engine()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from dynamo_core.runtime import configure_logging
+
+    configure_logging()
     try:
         maybe_relaunch(parsed.config.world_size, parsed.config.mpi_launcher, module, argv)
     except ConfigError as exc:

@@ -262,7 +262,7 @@ def run_role(
 
     parsed = parser.parse_or_exit(argv)
     require_vllm()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from dynamo_core.runtime import configure_logging
+
+    configure_logging()
     sys.exit(worker(parsed.config, parsed))

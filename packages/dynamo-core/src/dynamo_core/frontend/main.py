@@ -16,7 +16,7 @@ from pydantic import Field
 
 from dynamo_core.args import DynFlexibleArgumentParser
 from dynamo_core.deploy import BaseDeployment, Resources
-from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, dynamo_worker
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, configure_logging, dynamo_worker
 
 __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
 
@@ -91,7 +91,5 @@ async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     config = build_parser().parse_or_exit(argv).config
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     sys.exit(worker(config))

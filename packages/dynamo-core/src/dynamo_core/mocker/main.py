@@ -35,6 +35,7 @@ from dynamo_core.runtime import (
     Endpoint,
     EventPublisher,
     RuntimeConfig,
+    configure_logging,
     dynamo_worker,
 )
 
@@ -299,7 +300,5 @@ async def worker(runtime: DistributedRuntime, config: MockerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = build_parser().parse_or_exit(argv).config
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     return worker(config)

@@ -20,6 +20,7 @@ from dynamo_core.runtime._core import (
 from dynamo_core.runtime.config import RuntimeConfig
 from dynamo_core.runtime.context import Context
 from dynamo_core.runtime.events import Event, EventPublisher, EventSubscriber
+from dynamo_core.runtime.logs import configure_logging
 from dynamo_core.runtime.transport import ClientStream
 from dynamo_core.runtime.worker import dynamo_worker, install_uvloop, run_uvloop
 
@@ -37,6 +38,7 @@ __all__ = [
     "Namespace",
     "RuntimeConfig",
     "ServedEndpoint",
+    "configure_logging",
     "dynamo_worker",
     "install_uvloop",
     "run_uvloop",
