@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY
 from dynamo_core.errors import ConfigError
 from dynamo_vllm import worker
 from dynamo_vllm.args import engine_args
@@ -66,8 +66,8 @@ def test_graph_file_args_are_vllm_flags(tmp_path: Path) -> None:
     )
     args = engine_args(parsed)
     assert parsed.config.namespace == "vllm-cpu"
-    assert (args.dtype, args.enforce_eager) == ("bfloat16", True)
-    assert parsed.config.model == args.model
+    assert (args.max_model_len, args.block_size, args.enforce_eager) == (2048, 32, True)
+    assert parsed.config.model == args.model == "examples/models/tiny"
 
 
 def test_yaml_and_cli_mean_the_same(tmp_path: Path) -> None:
@@ -79,3 +79,108 @@ def test_yaml_and_cli_mean_the_same(tmp_path: Path) -> None:
     )
     assert from_file.config == from_cli.config
     assert vars(from_file.engine_args) == vars(from_cli.engine_args)
+
+
+def test_preflight_checks_max_model_len_against_the_models_config() -> None:
+    parser = worker.build_parser()
+    assert parser.check(["--model", str(TINY), "--max-model-len", "4096"]) == [
+        "--max-model-len 4096 is more than the model allows: 2048 (max_position_embeddings "
+        f"in {TINY / 'config.json'}); use --max-model-len 2048 or less"
+    ]
+    assert parser.check(["--model", str(TINY), "--max-model-len", "2048"]) == []
+    assert parser.check(["--model", str(TINY)]) == []
+    with pytest.raises(ConfigError, match="--max-model-len 4096 is more than"):
+        parser.parse(["--model", str(TINY), "--max-model-len", "4096"])
+
+
+def test_preflight_refuses_a_hub_name_that_is_not_cached_while_offline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parser = worker.build_parser()
+    assert parser.check(["--model", "nobody/no-such-model"]) == []  # online: vLLM will see
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (error,) = parser.check(["--model", "nobody/no-such-model"])
+    assert error.startswith("--model nobody/no-such-model: no such folder, and not in the")
+
+
+def test_a_start_failure_is_its_root_cause_in_one_line() -> None:
+    import pydantic
+
+    from dynamo_core.errors import EngineError
+    from dynamo_vllm.engine import start_error
+
+    class ModelConfig(pydantic.BaseModel):
+        max_model_len: int
+
+        @pydantic.model_validator(mode="after")
+        def fits(self) -> ModelConfig:  # vLLM's own words (0.32)
+            raise ValueError(
+                f"User-specified max_model_len ({self.max_model_len}) is greater than the "
+                "derived max_model_len (max_position_embeddings=2048.0 or model_max_length=None "
+                "in model's config.json). To allow overriding this maximum, set the env var "
+                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."
+            )
+
+    def failure(**values: object) -> BaseException:
+        try:
+            ModelConfig.model_validate(values)
+        except pydantic.ValidationError as exc:
+            return exc
+        raise AssertionError("no error")
+
+    error = start_error(failure(max_model_len=4096), "/m")
+    assert isinstance(error, ConfigError)  # exit status 78: dynamo serve does not restart it
+    assert str(error) == (
+        "vLLM cannot start: ModelConfig: User-specified max_model_len (4096) is greater than "
+        "the derived max_model_len (max_position_embeddings=2048.0 or model_max_length=None in "
+        "model's config.json)"
+    )
+    error = start_error(failure(max_model_len="x"), "/m")
+    assert str(error).startswith("vLLM cannot start: ModelConfig: max_model_len: Input should")
+
+    class LocalEntryNotFoundError(Exception):  # huggingface_hub's, by name
+        pass
+
+    try:
+        try:
+            raise LocalEntryNotFoundError("not in the cache")
+        except LocalEntryNotFoundError as exc:
+            raise OSError("We couldn't connect to 'https://huggingface.co'") from exc
+    except OSError as exc:
+        error = start_error(exc, "Qwen/Qwen3-0.6B")
+    assert isinstance(error, ConfigError) and "--model Qwen/Qwen3-0.6B is not a folder" in str(
+        error
+    )
+
+    error = start_error(RuntimeError("simulated OOM\nstack"), "/m")
+    assert type(error) is EngineError and str(error) == (
+        "vLLM failed to start: RuntimeError: simulated OOM"
+    )
+
+
+def test_worker_with_a_bad_max_model_len_is_one_line(fake_env: dict[str, str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynamo_vllm.worker",
+            "--model",
+            str(TINY),
+            "--max-model-len",
+            "4096",
+        ],
+        env={**os.environ, **fake_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "python -m dynamo_vllm.worker: error: --max-model-len 4096 is more than the model "
+        f"allows: 2048 (max_position_embeddings in {TINY / 'config.json'}); use "
+        "--max-model-len 2048 or less"
+    ]

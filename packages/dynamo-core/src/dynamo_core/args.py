@@ -72,6 +72,7 @@ __all__ = [
     "DynFlexibleArgumentParser",
     "EngineArgsBuilder",
     "ParsedArgs",
+    "Preflight",
     "parse_component_args",
 ]
 
@@ -80,6 +81,11 @@ C = TypeVar("C", bound=BaseModel)
 #: Adds the engine's flags to a parser (sglang `ServerArgs.add_cli_args`, vllm
 #: `AsyncEngineArgs.add_cli_args`); imports the engine inside, raising ImportError without it.
 EngineArgsBuilder = Callable[[argparse.ArgumentParser], object]
+
+#: Checks of the merged values that are cheap and need no engine (e.g. vLLM's --max-model-len
+#: against the model's config.json): one message per problem. They run on every parse and on
+#: `check()`, so `dynamo serve` and `--dry-run` report them before anything starts.
+Preflight = Callable[["ParsedArgs[Any]"], list[str]]
 
 #: `DYN_*` variables read by the runtime itself, not by any component's parser: never
 #: reported as unknown, however close they are to a field's variable.
@@ -559,6 +565,7 @@ class DynFlexibleArgumentParser(Generic[C]):
         engine_extra: str | None = None,
         group: str | None = None,
         env_allowlist: Iterable[str] = (),
+        preflight: Preflight | None = None,
     ) -> None:
         if not (isinstance(config_model, type) and issubclass(config_model, BaseModel)):
             raise TypeError(f"config_model must be a pydantic model class, got {config_model!r}")
@@ -571,6 +578,7 @@ class DynFlexibleArgumentParser(Generic[C]):
             f"dynamo-{self.engine_name}[{self.engine_name}]" if self.engine_name else None
         )
         self.env_allowlist = RUNTIME_ENV_ALLOWLIST | frozenset(env_allowlist)
+        self.preflight = preflight
         own_group = group or self.prog
         runtime_fields = (
             set(RuntimeConfig.model_fields) if issubclass(config_model, RuntimeConfig) else set()
@@ -1069,6 +1077,10 @@ class DynFlexibleArgumentParser(Generic[C]):
             engine_sources={d: o.source for d, o in engine_origin.items()},
             component=component,
         )
+        if self.preflight is not None:
+            problems = self.preflight(parsed)
+            if problems:
+                return _Outcome(problems)
         return _Outcome([], parsed, print_config)
 
     def _explain(self, err: Any, raws: dict[str, Any], origins: dict[str, _Origin]) -> str:

@@ -11,13 +11,22 @@ The worker gets a typed `VllmConfig` and `engine_args(parsed)`, vLLM's
 `AsyncEngineArgs.from_cli_args(...)` of the merged namespace. Nothing here imports vLLM at
 module import; without vLLM, `--help` lists Dynamo's flags plus a line naming the extra, and
 `require_vllm()` ends a worker with one line.
+
+`preflight(parsed)` checks what can be checked without vLLM, from the model's own files: a
+`--max-model-len` longer than the model's positions (`config.json`), and a Hugging Face name
+that is neither a folder nor in the local cache while the hub is off (`HF_HUB_OFFLINE=1`). It
+runs on every parse, so `dynamo serve` (and `--dry-run`) reports it before starting anything,
+instead of a worker failing the same way on every restart.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -35,6 +44,7 @@ __all__ = [
     "add_engine_args",
     "engine_args",
     "make_parser",
+    "preflight",
     "require_vllm",
 ]
 
@@ -111,7 +121,95 @@ def make_parser(prog: str, description: str) -> DynFlexibleArgumentParser[VllmCo
         engine_args=add_engine_args,
         engine_name="vllm",
         engine_extra=EXTRA,
+        preflight=preflight,
     )
+
+
+#: config.json keys vLLM derives a model's longest sequence from (the smallest one found wins).
+_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
+def _engine_value(parsed: ParsedArgs[VllmConfig], dest: str) -> Any:
+    """An engine flag's value: from vLLM's namespace, or (vLLM absent) the passed-through text."""
+    if parsed.engine_args is not None:
+        return getattr(parsed.engine_args, dest, None)
+    flag = "--" + dest.replace("_", "-")
+    tokens = parsed.passthrough
+    for i, token in enumerate(tokens):
+        if token == flag and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if token.startswith(flag + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def _model_positions(folder: Path) -> tuple[int, str] | None:
+    """The longest sequence the model's config.json allows, and the key that says so; None
+    when it cannot be told cheaply (no config, or RoPE scaling that stretches it)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    if not isinstance(config, dict) or config.get("rope_scaling"):
+        return None
+    found = [(v, k) for k in _LENGTH_KEYS if isinstance(v := config.get(k), int | float) and v > 0]
+    if not found:
+        return None
+    value, key = min(found)
+    return int(value), key
+
+
+def _max_len(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "", -1, "-1", "auto") else None
+    except (TypeError, ValueError):
+        return None  # vLLM's own parser reports it (e.g. "1k" is vLLM syntax)
+
+
+def preflight(parsed: ParsedArgs[VllmConfig]) -> list[str]:
+    """Problems vLLM would only find while starting (see the module docstring)."""
+    model = parsed.config.model or _engine_value(parsed, "model")
+    if not model:
+        return []
+    folder = Path(str(model)).expanduser()
+    if not folder.is_dir():
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _cached(
+            str(model)
+        ):
+            return [
+                f"--model {model}: no such folder, and not in the Hugging Face cache with "
+                "HF_HUB_OFFLINE set: give a model folder (e.g. one made by "
+                "examples/models/make_tiny.py) or download it first"
+            ]
+        return []
+    wanted = _max_len(_engine_value(parsed, "max_model_len"))
+    limit = _model_positions(folder)
+    allow_long = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "") in ("1", "true", "True")
+    if wanted is None or limit is None or allow_long or wanted <= limit[0]:
+        return []
+    return [
+        f"--max-model-len {wanted} is more than the model allows: {limit[0]} "
+        f"({limit[1]} in {folder / 'config.json'}); use --max-model-len {limit[0]} or less"
+    ]
+
+
+def _cached(name: str) -> bool:
+    """Whether the Hugging Face cache holds the model's config (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def require_vllm() -> None:

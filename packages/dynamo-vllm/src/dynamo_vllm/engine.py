@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dynamo_core.errors import ConfigError, EngineError
+from dynamo_core.errors import ConfigError, DynamoError, EngineError
 from dynamo_vllm.events import KvEventRelay, LoadMetricsLogger
 
 if TYPE_CHECKING:
@@ -42,9 +43,11 @@ Role = Literal["worker", "prefill", "decode"]
 __all__ = [
     "VllmEngine",
     "VllmWorker",
+    "explain_validation",
     "model_dir",
     "run_role",
     "served_model_name",
+    "start_error",
     "start_role",
     "start_vllm",
 ]
@@ -154,7 +157,7 @@ async def start_vllm(component: Component, config: VllmConfig, engine_args: Any)
         )
     except Exception as exc:
         log.debug("vLLM failed to start", exc_info=True)
-        raise EngineError(f"vLLM failed to start: {_first_line(exc)}") from exc
+        raise start_error(exc, engine_args.model) from exc
     vllm_config = llm.vllm_config
     model_config = vllm_config.model_config
     block_size = int(vllm_config.cache_config.block_size)
@@ -196,6 +199,55 @@ class VllmWorker:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+#: Exception names (anywhere in the chain) meaning "this model cannot be had from here".
+_NOT_FOUND = {"LocalEntryNotFoundError", "RepositoryNotFoundError", "GatedRepoError"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split()).removeprefix("Value error, ")
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+
+
+def explain_validation(exc: Any) -> str:
+    """A pydantic `ValidationError` of vLLM's config classes as one line: the class, and for
+    each error the field and the first sentence of vLLM's message (which names the values)."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{field}: " * bool(field) + _first_sentence(str(err.get("msg", ""))))
+    return f"{exc.title}: " + "; ".join(parts)
+
+
+def start_error(exc: BaseException, model: str) -> DynamoError:
+    """Why vLLM did not start, in one line. A configuration or a model that is not there
+    fails the same way on every restart: those are `ConfigError` (exit status 78, and
+    `dynamo serve` stops the graph); anything else stays an `EngineError`."""
+    chain = _chain(exc)
+    for err in chain:
+        if type(err).__name__ == "ValidationError" and hasattr(err, "errors"):
+            return ConfigError(f"vLLM cannot start: {explain_validation(err)}")
+    if any("Cannot find any model weights" in str(err) for err in chain):
+        return ConfigError(
+            f"vLLM cannot start: --model {model} holds no weights (*.safetensors); for the "
+            "tiny model: python examples/models/make_tiny.py --weights"
+        )
+    if any(type(err).__name__ in _NOT_FOUND for err in chain):
+        return ConfigError(
+            f"vLLM cannot start: --model {model} is not a folder here, not in the Hugging Face "
+            "cache, and the hub cannot be reached (offline?): give a model folder or download it"
+        )
+    return EngineError(f"vLLM failed to start: {_first_line(exc)}")
 
 
 async def start_role(

@@ -99,12 +99,7 @@ class EngineArgs:
             data = json.loads(generation.read_text())
             defaults = {k: data[k] for k in ("temperature", "top_p", "top_k") if k in data}
         derived = int(config.get("max_position_embeddings", 2048))
-        if self.max_model_len and self.max_model_len > derived:
-            # vllm/config/model.py (0.11+) rejects this while building the engine config
-            raise ValueError(
-                f"User-specified max_model_len ({self.max_model_len}) is greater than the derived "
-                f"max_model_len (max_position_embeddings={derived} in model's config.json)."
-            )
+        _check_max_model_len(self.max_model_len, derived)
         max_len = self.max_model_len or derived
         names = self.served_model_name
         served = (names[0] if isinstance(names, list) else names) or self.model
@@ -137,3 +132,27 @@ class AsyncEngineArgs(EngineArgs):
             deprecated=True,
         )
         return parser
+
+
+def _check_max_model_len(max_model_len: int | None, derived: int) -> None:
+    """vllm/config/model.py (0.11+) rejects a too long max_model_len while building the engine
+    config; `ModelConfig` being a pydantic dataclass, it arrives as a `ValidationError` titled
+    `ModelConfig` whose message is vLLM's text (the real one goes on with advice)."""
+    import pydantic
+
+    @pydantic.dataclasses.dataclass
+    class ModelConfig:
+        max_model_len: int | None
+
+        @pydantic.model_validator(mode="after")
+        def _fits(self) -> ModelConfig:
+            if self.max_model_len and self.max_model_len > derived:
+                raise ValueError(
+                    f"User-specified max_model_len ({self.max_model_len}) is greater than the "
+                    f"derived max_model_len (max_position_embeddings={derived} in model's "
+                    "config.json). To allow overriding this maximum, set the env var "
+                    "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."
+                )
+            return self
+
+    ModelConfig(max_model_len)
