@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+import yaml
 from pydantic import Field, SecretStr
 
 from dynamo_core.args import (
@@ -352,14 +353,57 @@ def test_print_config_shows_values_and_sources(
             environ={"DYN_NAMESPACE": "prod", "DYN_AUTH_TOKEN": "s3cret"},
         )
     assert exit_info.value.code == 0
-    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert lines["http-port"].split("#")[1].strip() == f"file {path}"
+    out = capsys.readouterr().out.splitlines()
+    lines = {line.split(":")[0]: line for line in out}
+    # a source too long for 100 columns goes on the line above its value
+    assert out[out.index("http-port: 7000") - 1] == f"# http-port: file {path}"
     assert lines["router-mode"].endswith("# cli")
     assert lines["namespace"].endswith("# env DYN_NAMESPACE")
     assert '"prod"' in lines["namespace"]
     assert lines["event-plane"].endswith("# default")
     assert "s3cret" not in lines["auth-token"]
     assert "***" in lines["auth-token"]
+
+
+def test_print_config_shows_engine_flags_that_differ_and_all_on_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = make_parser(engine_args=fake_engine, engine_name="fake")
+
+    def printed(*flags: str) -> list[str]:
+        with pytest.raises(SystemExit):
+            parser.parse(["--model", "/m", "--tp-size", "1", "--schedule-policy", "lpm", *flags])
+        out = capsys.readouterr().out
+        assert yaml.safe_load(out)  # still a config file
+        lines = out.splitlines()
+        assert max(len(line) for line in lines) <= 100
+        return lines
+
+    lines = printed("--print-config")
+    tail = lines[lines.index("# fake engine: Scheduling") :]
+    assert [ln.split("#")[0].strip() for ln in tail[1:-1]] == ['schedule-policy: "lpm"']
+    assert tail[-1] == (
+        "# fake engine: every other flag at fake's defaults (2 not shown; "
+        "--print-config=all lists them)"
+    )  # tp-size 1 is its default, whatever its source; model-path is Dynamo's model-path above
+    assert lines.index("# fake engine: Scheduling") > max(
+        i for i, ln in enumerate(lines) if ln.startswith("namespace:")
+    )  # Dynamo's flags first
+    every = printed("--print-config=all")
+    assert any(ln.startswith("tp-size: 1 ") and ln.endswith("# cli") for ln in every)
+    assert any(ln.startswith("enable-mixed-chunk: false") for ln in every)
+
+
+def test_print_config_folds_long_values_under_100_columns() -> None:
+    from dynamo_core.args import _format_rows
+
+    lines = _format_rows(
+        [("short", 1, "default"), ("big-map", {f"key{i}": "v" * 8 for i in range(12)}, "cli")]
+    )
+    assert lines[0] == "short: 1  # default"
+    assert lines[1] == "# big-map: cli" and lines[2] == "big-map: {"
+    assert max(len(ln) for ln in lines) <= 100
+    assert yaml.safe_load("\n".join(lines))["big-map"]["key11"] == "v" * 8
 
 
 def test_secret_field_is_a_secret() -> None:

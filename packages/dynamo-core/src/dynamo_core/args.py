@@ -39,13 +39,17 @@ Choices worth knowing in review:
   `ConfigError` (messages joined by "; "), `parse_or_exit()`/`parse_component_args()` write one
   line each to stderr and exit 2. `--help` and `--print-config` write to stdout and exit 0.
 - `--print-config` prints `key: value  # source` lines: valid YAML, usable as a `--config`
-  file, with secrets masked.
+  file, with secrets masked, readable at 100 columns (a long value goes on indented lines, its
+  source on the line above). Dynamo's flags come first, all of them; then the engine's, under
+  the engine's own group titles, only those whose value differs from the engine's default
+  (an engine has hundreds); `--print-config=all` lists every one.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections.abc
+import dataclasses
 import difflib
 import enum
 import json
@@ -520,7 +524,7 @@ class ParsedArgs(Generic[C]):
 class _Outcome(Generic[C]):
     errors: list[str]
     parsed: ParsedArgs[C] | None = None
-    print_config: bool = False
+    print_config: str | None = None  # "changed" or "all"
 
 
 class _Collected:
@@ -641,39 +645,25 @@ class DynFlexibleArgumentParser(Generic[C]):
             raise SystemExit(0)
         return self._resolve(args, environ)
 
-    def _finish(self, parsed: ParsedArgs[C], print_config: bool) -> ParsedArgs[C]:
+    def _finish(self, parsed: ParsedArgs[C], print_config: str | None) -> ParsedArgs[C]:
         if print_config:
-            sys.stdout.write(self.format_config(parsed))
+            sys.stdout.write(self.format_config(parsed, everything=print_config == "all"))
             raise SystemExit(0)
         return parsed
 
-    def format_config(self, parsed: ParsedArgs[C]) -> str:
-        """The `--print-config` text: `key: value  # source` lines (valid YAML)."""
+    def format_config(self, parsed: ParsedArgs[C], *, everything: bool = False) -> str:
+        """The `--print-config` text: `key: value  # source` lines (valid YAML), Dynamo's flags
+        first, then the engine's by group: those that differ from its defaults, or all."""
         built = self._build()
         dumped = parsed.config.model_dump(mode="json")
         rows = [
-            (f.flag, json.dumps(dumped.get(name), default=str), parsed.origins.get(name, "default"))
+            (f.flag, dumped.get(name), parsed.origins.get(name, "default"))
             for name, f in self._fields.items()
         ]
         out = [f"# {self.prog}: merged configuration (default < file < env < cli)"]
-        out += self._format_rows(rows)
+        out += _format_rows(rows)
         if parsed.engine_args is not None:
-            engine_rows: list[tuple[str, str, str]] = []
-            seen: set[str] = set()
-            for action in built.engine_actions:
-                if action.dest in seen or not hasattr(parsed.engine_args, action.dest):
-                    continue
-                seen.add(action.dest)
-                value = getattr(parsed.engine_args, action.dest)
-                engine_rows.append(
-                    (
-                        _long_flag(action).lstrip("-"),
-                        json.dumps(value, default=str),
-                        parsed.engine_sources.get(action.dest, "default"),
-                    )
-                )
-            out.append(f"# {self.engine_name} engine")
-            out += self._format_rows(engine_rows)
+            out += self._engine_config(built, parsed, everything)
         elif built.engine_missing:
             out.append(
                 f"# {self.engine_name} engine not installed: pip install '{self.engine_extra}'"
@@ -682,12 +672,44 @@ class DynFlexibleArgumentParser(Generic[C]):
             out.append("# passed through unchecked: " + " ".join(parsed.passthrough))
         return "\n".join(out) + "\n"
 
-    # -- building ---------------------------------------------------------------------------
+    def _engine_config(self, built: _Built, parsed: ParsedArgs[C], everything: bool) -> list[str]:
+        """The engine's rows, under its group titles; defaults left out unless `everything`."""
+        values = parsed.engine_args
+        assert values is not None
+        with _parsing_mode(built.parser, sparse=False):
+            defaults, _ = built.parser.parse_known_args([])
+        shared = {a.dest for a in built.shared.values()}  # shown with Dynamo's flags
+        engine = {id(a) for a in built.engine_actions}
+        out: list[str] = []
+        hidden = 0
+        seen: set[str] = set()
+        for group in built.parser._action_groups:
+            rows: list[tuple[str, Any, str]] = []
+            for action in group._group_actions:
+                dest = action.dest
+                if id(action) not in engine or dest in seen or dest in shared:
+                    continue
+                if not hasattr(values, dest):
+                    continue
+                seen.add(dest)
+                value = getattr(values, dest)
+                if not everything and value == getattr(defaults, dest, None):
+                    hidden += 1
+                    continue
+                source = parsed.engine_sources.get(dest, "default")
+                rows.append((_long_flag(action).lstrip("-"), value, source))
+            if rows:
+                out.append(f"# {group.title}")
+                out += _format_rows(rows)
+        if hidden:
+            what = "every other flag" if out else f"all {hidden} flags"
+            out.append(
+                f"# {self.engine_name} engine: {what} at {self.engine_name}'s defaults "
+                f"({hidden} not shown; --print-config=all lists them)"
+            )
+        return out
 
-    @staticmethod
-    def _format_rows(rows: list[tuple[str, str, str]]) -> list[str]:
-        width = max((len(k) + len(v) for k, v, _ in rows), default=0) + 2
-        return [f"{f'{k}: {v}':<{width}}  # {src}" for k, v, src in rows]
+    # -- building ---------------------------------------------------------------------------
 
     def _build(self) -> _Built:
         if self._built is None:
@@ -722,8 +744,12 @@ class DynFlexibleArgumentParser(Generic[C]):
         parser.add_argument(
             "--print-config",
             dest=_DEST_PREFIX + "print_config",
-            action="store_true",
-            help="Print the merged configuration and where each value came from, then exit.",
+            nargs="?",
+            const="changed",
+            choices=["changed", "all"],
+            metavar="all",
+            help="Print the merged configuration and where each value came from, then exit: "
+            "Dynamo's flags, and the engine's that differ from its defaults (=all: every one).",
         )
 
         groups: dict[str, argparse._ArgumentGroup] = {}
@@ -856,7 +882,7 @@ class DynFlexibleArgumentParser(Generic[C]):
         cli = vars(ns)
         config_path: str | None = cli.pop(_DEST_PREFIX + "config", None)
         component: str | None = cli.pop(_DEST_PREFIX + "component", None)
-        print_config = bool(cli.pop(_DEST_PREFIX + "print_config", False))
+        print_config: str | None = cli.pop(_DEST_PREFIX + "print_config", None)
         cli.pop("help", None)
 
         if config_path is not None:
@@ -1015,7 +1041,7 @@ class DynFlexibleArgumentParser(Generic[C]):
             got.engine[dest] = (parsed, origin)
 
     def _merge(
-        self, built: _Built, got: _Collected, component: str | None, print_config: bool
+        self, built: _Built, got: _Collected, component: str | None, print_config: str | None
     ) -> _Outcome[C]:
         # Errors already found (a misspelt key, a bad value) come first and alone for their
         # field: a "missing required flag" next to "unknown key 'modle-path'" would only confuse.
@@ -1098,6 +1124,48 @@ class DynFlexibleArgumentParser(Generic[C]):
         shown = "'***'" if f.secret else repr(_show(raw))
         where = f.flag + "".join(f"[{p}]" for p in loc[1:])
         return f"invalid value {shown} for '{where}' {origin.where}: {err.get('msg')}"
+
+
+#: `--print-config` fits this many columns; sources line up at most this far in.
+_PRINT_WIDTH = 100
+_SOURCE_COLUMN = 48
+
+
+def _plain(value: Any) -> Any:
+    """An engine's config object (a dataclass or a pydantic model, as vLLM's `--*-config`
+    defaults are) as the JSON map its flag would take, rather than its repr."""
+    try:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return json.loads(json.dumps(dataclasses.asdict(value), default=str))
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+    except Exception:  # a config object that will not flatten: shown as its repr
+        return value
+    return value
+
+
+def _format_rows(rows: list[tuple[str, Any, str]]) -> list[str]:
+    """`key: value  # source` lines, sources aligned; a line that would pass `_PRINT_WIDTH`
+    gets its source on the line above and, for a map or a list, its value as indented JSON
+    (still YAML)."""
+    rows = [(k, _plain(v), src) for k, v, src in rows]
+    texts = [(k, json.dumps(v, default=str), src) for k, v, src in rows]
+    fits = [len(k) + 2 + len(v) for k, v, _ in texts]
+    column = min(max((n for n in fits if n <= _SOURCE_COLUMN), default=0), _SOURCE_COLUMN)
+    out = []
+    for (key, text, source), (_, value, _), n in zip(texts, rows, fits, strict=True):
+        line = f"{key}: {text}"
+        if max(n, column) + 4 + len(source) <= _PRINT_WIDTH:
+            out.append(f"{line:<{column}}  # {source}")
+            continue
+        out.append(f"# {key}: {source}")
+        if n > _PRINT_WIDTH and isinstance(value, dict | list) and value:
+            body = json.dumps(value, default=str, indent=2).splitlines()
+            out.append(f"{key}: {body[0]}")
+            out += [f"  {ln}" for ln in body[1:]]
+        else:
+            out.append(line)
+    return out
 
 
 def _is_number(token: str) -> bool:
