@@ -50,7 +50,8 @@ def parse_log_spec(spec: str) -> tuple[int | None, dict[str, int]]:
 def configure_logging(default: str = "info", environ: Mapping[str, str] | None = None) -> None:
     """Log to stderr at `DYN_LOG`'s levels, else at `default`."""
     env = os.environ if environ is None else environ
-    root, loggers = _LEVELS[default], {}
+    root = _LEVELS[default]
+    loggers: dict[str, int] = {}
     problem = None
     spec = env.get("DYN_LOG", "").strip()
     if spec:
