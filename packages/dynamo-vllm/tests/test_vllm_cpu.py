@@ -37,6 +37,16 @@ pytestmark = [
 GRAPH = REPO / "examples/graphs/vllm-cpu.yaml"
 CONTEXT = 2048  # the graph's max-model-len
 
+#: What makes vLLM start fast on a CPU (about 8 s to ready on the tiny model), for tests that
+#: start a worker themselves (test_vllm_exact); the graph's `env:` says the same.
+CPU_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "OMP_NUM_THREADS": "1",
+}
+CPU_FLAGS = ["--enforce-eager", "--distributed-executor-backend", "uni", "--block-size", "32"]
+MAX_MODEL_LEN = 768
+
 
 def free_port() -> int:
     with socket.socket() as s:
