@@ -374,3 +374,20 @@ def test_engine_graphs_dry_run_prints_each_nodes_commands(graph: str) -> None:
     modules = {c.split(" -m ", 1)[1].split()[0] for c in done.stdout.splitlines() if " -m " in c}
     assert "dynamo_core.frontend" in modules
     assert any(m.startswith(f"dynamo_{engine}.") for m in modules), done.stdout
+
+
+def test_a_busy_frontend_port_stops_the_graph_with_one_line(serve: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with serve(AGG, "--frontend.http-port", str(port)) as graph:
+            assert graph.proc.popen.wait(60) == 1
+            out = graph.proc.output()
+    line = (
+        f"error: cannot listen on 0.0.0.0:{port}: the port is already in use; choose another "
+        "with --http-port"
+    )
+    assert out.count(line) == 1, out  # said once: a configuration error is not restarted
+    assert "frontend (pid" in out and "configuration error (status 78): stopping the graph" in out
+    assert "Traceback" not in out and "restarting" not in out
