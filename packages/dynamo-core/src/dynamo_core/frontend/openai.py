@@ -30,11 +30,23 @@ __all__ = [
 
 _json = msgspec.json.Encoder()
 
+# Every number is range-checked here, at the edge: what passes must be encodable on the request
+# plane (msgpack: 64-bit integers) and within what every engine accepts (counts are int32 in
+# vLLM, SGLang and TensorRT-LLM; a seed is 64-bit; SGLang caps the repetition penalty at 2).
+# A value outside gets a 400 that names the field, never an error deep in a worker.
+INT32_MAX = 2**31 - 1
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-PositiveInt = Annotated[int, Meta(ge=1)]
-NonNegativeInt = Annotated[int, Meta(ge=0)]
+RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=2.0)]
+PositiveInt = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+NonNegativeInt = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+TopK = Annotated[int, Meta(ge=-1, le=INT32_MAX)]
+"""-1 (or 0) means no top-k limit."""
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+Choices = Annotated[int, Meta(ge=1, le=128)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 
 
 class StreamOptions(msgspec.Struct):
@@ -44,9 +56,9 @@ class StreamOptions(msgspec.Struct):
 class NvExt(msgspec.Struct):
     ignore_eos: bool | None = None
     min_tokens: NonNegativeInt | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
 
 
 class _Sampling(msgspec.Struct, kw_only=True):
@@ -55,14 +67,14 @@ class _Sampling(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: int | None = None
-    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    seed: int | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    seed: Seed | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop: str | list[str] | None = None
-    n: PositiveInt | None = None
+    n: Choices | None = None
     ignore_eos: bool | None = None
     min_tokens: NonNegativeInt | None = None
     user: str | None = None
@@ -89,7 +101,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -107,7 +119,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     prompt: str | list[Any]
     """A string, a list of token ids, or a one-element list of either."""
     max_tokens: NonNegativeInt | None = 16
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    logprobs: TopLogprobs | None = None
     echo: bool = False
     suffix: str | None = None
 
