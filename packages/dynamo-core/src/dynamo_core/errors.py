@@ -36,6 +36,7 @@ __all__ = [
     "InstanceNotFoundError",
     "InvalidRequestError",
     "NoInstancesError",
+    "OverloadedError",
     "PortInUseError",
     "ProtocolError",
     "error_from_wire",
@@ -104,6 +105,14 @@ class NoInstancesError(DynamoError):
     """No live instance serves the endpoint."""
 
     http_status = 503
+
+
+class OverloadedError(DynamoError):
+    """Every worker of the model is busy and the queue is full (admission control)."""
+
+    http_status = 503
+    #: Seconds a client should wait before retrying (the HTTP `Retry-After` header).
+    retry_after: ClassVar[int] = 1
 
 
 class InstanceNotFoundError(DynamoError):

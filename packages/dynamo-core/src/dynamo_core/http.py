@@ -24,18 +24,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import math
+import resource
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any, cast
 
 import httptools
 
 from dynamo_core.errors import listen_errors
 
-__all__ = ["Final", "HttpServer", "Request", "Response", "StreamingResponse", "serve_http"]
+__all__ = [
+    "Final",
+    "HttpLimits",
+    "HttpServer",
+    "Request",
+    "Response",
+    "StreamingResponse",
+    "raise_open_file_limit",
+    "return_freed_memory",
+    "serve_http",
+]
 
 log = logging.getLogger("dynamo.http")
+
+KiB = 1024
+MiB = 1024 * KiB
 
 _REASONS = {
     200: b"OK",
@@ -44,18 +64,76 @@ _REASONS = {
     401: b"Unauthorized",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Payload Too Large",
+    414: b"URI Too Long",
     422: b"Unprocessable Entity",
     429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
     499: b"Client Closed Request",
     500: b"Internal Server Error",
     501: b"Not Implemented",
     503: b"Service Unavailable",
 }
 
+#: Requests a client may pipeline ahead of the one being answered before reading pauses.
+MAX_PIPELINED = 16
+#: How long a refused connection (over the cap) stays open to let its 503 be read.
+_REFUSED_LINGER = 1.0
+#: File descriptors kept free of client connections (worker links, discovery, files, logs).
+_FD_RESERVE = 128
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one client may ask of the server; each is a frontend flag (see `FrontendConfig`).
+
+    A request over a size limit is answered with its status (413 body, 414 request line, 431
+    headers) and the connection is closed; a connection over `max_connections` gets a 503 at once.
+    A request head not complete within `header_timeout` of its first byte (slowloris), or a body
+    that stalls that long, closes the connection (408); so does `idle_timeout` without a request
+    on a kept-alive connection.
+    """
+
+    max_body: int = 8 * MiB
+    max_header_bytes: int = 64 * KiB
+    max_headers: int = 100
+    max_url: int = 8 * KiB
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 8192
+
+
+class _Refuse(Exception):
+    """Raised inside a parser callback: stop parsing, answer `status`, close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _DateHeader:
+    """The `date` header line, formatted once per second (RFC 9110 wants it on every response)."""
+
+    __slots__ = ("_line", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._line = b""
+
+    def line(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._line = b"date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+        return self._line
+
+
+_date = _DateHeader()
+
 
 class Request:
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query")
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query", "version")
 
     def __init__(
         self,
@@ -65,6 +143,7 @@ class Request:
         headers: dict[str, str],
         body: bytes,
         keep_alive: bool,
+        version: str = "1.1",
     ) -> None:
         self.method = method
         self.path = path
@@ -72,6 +151,7 @@ class Request:
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
+        self.version = version
 
 
 class Response:
@@ -121,6 +201,7 @@ def _head(
     lines = [
         b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
         b"content-type: " + content_type.encode() + b"\r\n",
+        _date.line(),
     ]
     for name, value in headers:
         lines.append(f"{name}: {value}\r\n".encode("latin-1"))
@@ -135,64 +216,162 @@ def _error_body(status: int, message: str) -> bytes:
     import json
 
     kind = "invalid_request_error" if status < 500 else "internal_error"
+    if status == 503:
+        kind = "service_unavailable"
     return json.dumps(
         {"error": {"message": message, "type": kind, "param": None, "code": status}}
     ).encode()
 
 
+def _error_response(status: int, message: str, extra: bytes = b"") -> bytes:
+    body = _error_body(status, message)
+    head = _head(
+        status, "application/json", [], extra + b"content-length: %d\r\n" % len(body), False
+    )
+    return head + body
+
+
+# what the connection is reading
+_IDLE, _HEAD, _BODY = 0, 1, 2
+
+
 class _Connection(asyncio.Protocol):
+    """One client connection: parses requests (httptools), answers them in order.
+
+    Limits are enforced as bytes arrive, before anything large is buffered: the request head gets
+    a byte budget (`max_header_bytes`) so a 64 MB header line is refused after 64 KiB, not after
+    httptools has joined it; the body is counted chunk by chunk. Timeouts are deadlines that the
+    server's sweep checks (no timer per request): `header_timeout` while a request is being read,
+    `idle_timeout` between requests, none while the app works on one.
+    """
+
     def __init__(self, server: HttpServer) -> None:
         self.server = server
+        self.limits = server.limits
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: dict[str, str] = {}
+        self._header_count = 0
         self._body: list[bytes] = []
         self._body_size = 0
-        self._too_large = False
+        self._reading = _IDLE
+        self._head_left = self.limits.max_header_bytes
+        self._deadline = math.inf
         self._queue: list[Request] = []
         self._task: asyncio.Task[None] | None = None
         self._paused = False
+        self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._heads = 0  # request heads parsed so far
+        self._no_more_requests = False  # after an upgrade request or a refusal
+        self._failure: bytes | None = None  # an error answer waiting for the responses before it
+        self.refused = False
         self.closed = False
 
     # -- connection ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            self._refuse_connection()
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
+        server.connections.add(self)
+        # a connection that never sends a complete head is a slowloris: the header deadline
+        self._deadline = time.monotonic() + self.limits.header_timeout
+
+    def _refuse_connection(self) -> None:
+        """Over the connection cap: a fast 503, then the connection lingers briefly (reading and
+        dropping what the client sends) so the client reads the 503 instead of a reset."""
+        assert self.transport is not None
+        self.refused = True
+        self._no_more_requests = True
+        server = self.server
+        server.refused_total += 1
+        self.transport.write(
+            _error_response(503, "the server has too many connections", b"retry-after: 1\r\n")
+        )
+        if len(server.refused) >= _FD_RESERVE // 2 or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        server.refused.add(self)
+        self._deadline = time.monotonic() + _REFUSED_LINGER
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        self.server.refused.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client went away: stop its request
         self._wake()
 
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's sweep: close a connection past its deadline."""
+        if now < self._deadline or self.transport is None or self.transport.is_closing():
+            return
+        if self.refused:
+            self.transport.abort()
+        elif self._reading != _IDLE and (self._task is None or self._task.done()):
+            log.info("closing a connection: request not received within the timeout")
+            self._fail(408, "the request was not received in time")
+        else:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self._no_more_requests:
+            return
         try:
-            self.parser.feed_data(data)
+            if self._reading != _BODY and len(data) > self._head_left:
+                self._feed_over_budget(data)
+            else:
+                if self._reading != _BODY:
+                    self._head_left -= len(data)
+                self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(501, "protocol upgrades are not supported")
+            # The request is complete (and queued); what follows is not HTTP. Serve it, then
+            # close: upgrades are not supported, and RFC 9110 lets a server ignore `Upgrade`.
+            self._no_more_requests = True
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+            refusal = exc.__context__
+            if isinstance(refusal, _Refuse):
+                self._fail(refusal.status, str(refusal))
+            else:
+                self._fail(400, f"malformed HTTP request: {exc}")
+
+    def _feed_over_budget(self, data: bytes) -> None:
+        """Feed only what the request head may still take; refuse a head that needs more."""
+        view = memoryview(data)
+        while view:
+            budget = self._head_left
+            if self._reading == _BODY or len(view) <= budget:
+                if self._reading != _BODY:
+                    self._head_left -= len(view)
+                self.parser.feed_data(view)
+                return
+            heads = self._heads
+            self.parser.feed_data(view[:budget])
+            if self._heads == heads:  # the head did not end within its budget
+                raise _head_too_large(self.limits.max_header_bytes)
+            view = view[budget:]
 
     def _fail(self, status: int, message: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            body = _error_body(status, message)
-            head = _head(
-                status,
-                "application/json",
-                [],
-                b"content-length: %d\r\n" % len(body),
-                keep_alive=False,
-            )
-            self.transport.write(head + body)
-            self.transport.close()
+        """Answer `status` and close; after the responses in progress, if there are any."""
+        self._no_more_requests = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._task is not None and not self._task.done():
+            self._failure = _error_response(status, message)  # `_serve` writes it in turn
+            transport.pause_reading()
+            return
+        transport.write(_error_response(status, message))
+        transport.close()
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -215,38 +394,46 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = {}
+        self._header_count = 0
         self._body = []
         self._body_size = 0
-        self._too_large = False
+        self._reading = _HEAD
+        self._deadline = time.monotonic() + self.limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self.limits.max_url:
+            raise _Refuse(414, f"the request line exceeds {self.limits.max_url} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            raise _Refuse(431, f"more than {self.limits.max_headers} header fields")
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        self._heads += 1
+        self._reading = _BODY
+        self._deadline = time.monotonic() + self.limits.header_timeout  # a stalled body too
         declared = self._headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.server.max_body:
+        if declared.isdigit() and int(declared) > self.limits.max_body:
             # refuse now rather than wait for (and drop) a body we would never accept
-            self._too_large = True
-            self._fail(413, f"request body exceeds {self.server.max_body} bytes")
-            return
+            raise _Refuse(413, f"request body exceeds {self.limits.max_body} bytes")
         # curl sends `Expect: 100-continue` with bodies over 1 KiB and waits a second for it
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        if self._body_size > self.server.max_body:
-            self._too_large = True
-        elif not self._too_large:
-            self._body.append(body)
+        if self._body_size > self.limits.max_body:
+            raise _Refuse(413, f"request body exceeds {self.limits.max_body} bytes")
+        self._body.append(body)
+        self._deadline = time.monotonic() + self.limits.header_timeout
 
     def on_message_complete(self) -> None:
-        if self._too_large:
-            self._fail(413, f"request body exceeds {self.server.max_body} bytes")
-            return
+        self._reading = _IDLE
+        self._head_left = self.limits.max_header_bytes
+        self._deadline = math.inf  # the app has it now
         parsed = httptools.parse_url(self._url)
         request = Request(
             method=self.parser.get_method().decode(),
@@ -255,11 +442,16 @@ class _Connection(asyncio.Protocol):
             headers=self._headers,
             body=b"".join(self._body),
             keep_alive=self.parser.should_keep_alive(),
+            version=self.parser.get_http_version(),
         )
+        self._body = []
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._serve(request))
-        else:
-            self._queue.append(request)  # pipelined: served in order
+            return
+        self._queue.append(request)  # pipelined: served in order
+        if len(self._queue) >= MAX_PIPELINED and self.transport is not None:
+            self.transport.pause_reading()  # the client is far ahead: let TCP push back
+            self._reading_paused = True
 
     # -- responses ----------------------------------------------------------------------
 
@@ -275,22 +467,34 @@ class _Connection(asyncio.Protocol):
                 response = Response(_error_body(500, "internal server error"), status=500)
             try:
                 if isinstance(response, StreamingResponse):
-                    await self._write_stream(response, keep_alive)
+                    if request.version != "1.1":
+                        keep_alive = False  # no chunked encoding: the end of the body is the close
+                    await self._write_stream(response, keep_alive, request)
                 else:
-                    self._write_whole(response, keep_alive)
+                    self._write_whole(response, keep_alive, request.method == "HEAD")
             except asyncio.CancelledError:
                 return
             if self.closed:
                 return
+            transport = self.transport
+            assert transport is not None
             if not keep_alive:
-                assert self.transport is not None
-                self.transport.close()
+                transport.close()
                 return
             if not self._queue:
+                if self._no_more_requests:
+                    if self._failure is not None:
+                        transport.write(self._failure)
+                    transport.close()
+                elif self._reading == _IDLE:
+                    self._deadline = time.monotonic() + self.limits.idle_timeout
                 return
             request = self._queue.pop(0)
+            if self._reading_paused and len(self._queue) < MAX_PIPELINED // 2:
+                self._reading_paused = False
+                transport.resume_reading()
 
-    def _write_whole(self, response: Response, keep_alive: bool) -> None:
+    def _write_whole(self, response: Response, keep_alive: bool, head_only: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         body = response.body
@@ -301,76 +505,167 @@ class _Connection(asyncio.Protocol):
             b"content-length: %d\r\n" % len(body),
             keep_alive,
         )
-        self.transport.write(head + body)
+        self.transport.write(head if head_only else head + body)
 
-    async def _write_stream(self, response: StreamingResponse, keep_alive: bool) -> None:
+    async def _write_stream(
+        self, response: StreamingResponse, keep_alive: bool, request: Request
+    ) -> None:
         transport = self.transport
         assert transport is not None
+        chunked = request.version == "1.1"
         head = _head(
             response.status,
             response.content_type,
             response.headers,
-            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n",
+            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n"
+            if chunked
+            else b"cache-control: no-cache\r\n",
             keep_alive,
         )
-        pending = head
         body = response.body
+        if request.method == "HEAD":
+            transport.write(head)
+            await _aclose(body)
+            return
+        pending = head
+        end = b"0\r\n\r\n" if chunked else b""
         try:
             async for chunk in body:
                 if self.closed:
                     break
                 if not chunk:
                     continue
-                data = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+                data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else bytes(chunk)
                 if pending:
                     data = pending + data
                     pending = b""
                 if isinstance(chunk, Final):
-                    data += b"0\r\n\r\n"
-                    transport.write(data)
+                    transport.write(data + end)
                     return
                 transport.write(data)
                 if self._paused:
                     await self.drain()
             if not self.closed:
-                transport.write(pending + b"0\r\n\r\n")
+                transport.write(pending + end)
         finally:
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(body)
+
+
+async def _aclose(body: AsyncIterator[bytes]) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _head_too_large(limit: int) -> httptools.HttpParserError:
+    """The error `data_received` turns into a 431 (as if a parser callback had refused)."""
+    error = httptools.HttpParserError("request head too large")
+    error.__context__ = _Refuse(431, f"the request head exceeds {limit} bytes")
+    return error
 
 
 class HttpServer:
-    def __init__(self, app: App, *, max_body: int = 32 * 1024 * 1024) -> None:
+    def __init__(self, app: App, *, limits: HttpLimits | None = None) -> None:
         self.app = app
-        self.max_body = max_body
+        self.limits = limits or HttpLimits()
+        self.max_connections = self.limits.max_connections
         self.connections: set[_Connection] = set()
+        self.refused: set[_Connection] = set()
+        self.refused_total = 0
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self.port = 0
         self.host = ""
 
     async def start(self, host: str, port: int, *, flag: str = "--http-port") -> None:
         """Listen; a port that cannot be had is a `PortInUseError` naming `flag`."""
         loop = asyncio.get_running_loop()
+        self.max_connections = _connection_cap(self.limits.max_connections)
         with listen_errors(host, port, flag):
             self._server = await loop.create_server(
                 lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
             )
         sockname: Any = self._server.sockets[0].getsockname()
         self.host, self.port = host, int(sockname[1])
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Close connections past their deadline; runs a few times per shortest timeout."""
+        now = time.monotonic()
+        for conn in list(self.connections):
+            conn.check_deadline(now)
+        for conn in list(self.refused):
+            conn.check_deadline(now)
+        limits = self.limits
+        every = max(0.02, min(1.0, limits.header_timeout / 4, limits.idle_timeout / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(every, self._sweep)
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop accepting; let responses in progress finish for up to `grace` seconds."""
         self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         busy = [c._task for c in self.connections if c._task is not None and not c._task.done()]
         if busy:
             await asyncio.wait(busy, timeout=grace)
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.refused]:
             if conn.transport is not None:
                 conn.transport.close()
+
+
+def _connection_cap(wanted: int) -> int:
+    """`wanted`, lowered to what the open-file limit allows with a reserve for everything else."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    allowed = max(1, soft - _FD_RESERVE)
+    if wanted > allowed:
+        log.warning(
+            "at most %d HTTP connections (open-file limit %d); raise `ulimit -n` for more",
+            allowed,
+            soft,
+        )
+        return allowed
+    return wanted
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; the new soft limit.
+
+    Each client connection is a file descriptor: the usual soft limit of 1,024 would let a few
+    hundred idle clients lock everyone else out long before the connection cap.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def return_freed_memory() -> None:
+    """Make glibc return large freed buffers to the OS at once.
+
+    glibc serves allocations of 128 KiB and more with their own mappings, unmapped on free, but
+    after the first such free it raises that threshold (up to 32 MiB) to the freed size: from
+    then on, request bodies and prompts of a few MB come from the heap and stay in the process
+    after a burst of large requests. Fixing the threshold turns that adjustment off. A no-op
+    where the C library has no `mallopt` (musl, macOS).
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 128 * KiB)
 
 
 async def serve_http(

@@ -16,6 +16,8 @@ from pydantic import Field
 
 from dynamo_core.args import DynFlexibleArgumentParser
 from dynamo_core.deploy import BaseDeployment, Resources
+from dynamo_core.http import HttpLimits
+from dynamo_core.router.admission import AdmissionLimits
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, configure_logging, dynamo_worker
 
 __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
@@ -46,8 +48,51 @@ class FrontendConfig(RuntimeConfig):
         ge=0,
         description="Times a broken stream may move to another worker (default: the model card's).",
     )
+    active_requests_threshold: int | None = Field(
+        1024,
+        gt=0,
+        description="A worker with this many requests in flight (counted by this frontend) is "
+        "busy; when every worker of a model is busy, new requests queue, then get 503 with "
+        "Retry-After (admission control). Empty: no limit.",
+    )
+    active_decode_blocks_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="A worker whose KV cache is this full (fraction, from its load metrics) is "
+        "busy, as with --active-requests-threshold. Default: not checked.",
+    )
+    max_queued_requests: int = Field(
+        1024, ge=0, description="Requests that may wait for a worker while all are busy."
+    )
+    queue_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for a worker before a 503."
+    )
     max_request_bytes: int = Field(
-        32 * 1024 * 1024, gt=0, description="Largest request body accepted."
+        8 * 1024 * 1024,
+        gt=0,
+        description="Largest request body accepted (larger: 413). Prompts are bounded by the "
+        "model's context anyway: 8 MiB holds a prompt of about 2M tokens.",
+    )
+    http_max_header_bytes: int = Field(
+        64 * 1024, gt=0, description="Largest request head: request line and headers (431)."
+    )
+    http_max_headers: int = Field(100, gt=0, description="Most header fields in a request (431).")
+    http_max_url_bytes: int = Field(8 * 1024, gt=0, description="Longest request target (414).")
+    http_header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request head, and the longest pause in a "
+        "body; past it the connection is closed (slowloris).",
+    )
+    http_idle_timeout: float = Field(
+        60.0, gt=0, description="Seconds a kept-alive connection may wait for its next request."
+    )
+    http_max_connections: int = Field(
+        8192,
+        gt=0,
+        description="Open client connections; past it a new one gets a 503 at once. Lowered to "
+        "fit the open-file limit (whose soft value is raised to the hard one at start).",
     )
 
 
@@ -68,7 +113,10 @@ def build_parser() -> DynFlexibleArgumentParser[FrontendConfig]:
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
     from dynamo_core.frontend.service import OpenAIService
-    from dynamo_core.http import serve_http
+    from dynamo_core.http import raise_open_file_limit, return_freed_memory, serve_http
+
+    raise_open_file_limit()
+    return_freed_memory()
 
     service = OpenAIService(
         runtime,
@@ -77,16 +125,34 @@ async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
         migration_limit=config.migration_limit,
         kv_overlap_weight=config.kv_overlap_score_weight,
         router_temperature=config.router_temperature,
+        admission=AdmissionLimits(
+            active_requests=config.active_requests_threshold,
+            active_decode_blocks=config.active_decode_blocks_threshold,
+            max_queued=config.max_queued_requests,
+            queue_timeout=config.queue_timeout,
+        ),
     )
     await service.start()
     server = await serve_http(
-        service.handle, config.http_host, config.http_port, max_body=config.max_request_bytes
+        service.handle, config.http_host, config.http_port, limits=http_limits(config)
     )
     host = "localhost" if config.http_host in ("0.0.0.0", "::") else config.http_host
     log.info("OpenAI API on http://%s:%d/v1 (namespace %s)", host, server.port, config.namespace)
     await runtime.wait_for_shutdown()
     await server.close(grace=config.graceful_shutdown_timeout)
     await service.close()
+
+
+def http_limits(config: FrontendConfig) -> HttpLimits:
+    return HttpLimits(
+        max_body=config.max_request_bytes,
+        max_header_bytes=config.http_max_header_bytes,
+        max_headers=config.http_max_headers,
+        max_url=config.http_max_url_bytes,
+        header_timeout=config.http_header_timeout,
+        idle_timeout=config.http_idle_timeout,
+        max_connections=config.http_max_connections,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,9 +18,10 @@ import msgspec
 
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.chat_template import ChatTemplate
-from dynamo_core.llm.kv import KV_EVENTS_TOPIC
+from dynamo_core.llm.kv import KV_EVENTS_TOPIC, LOAD_METRICS_TOPIC, LoadMetrics
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard, fetch_model_files
 from dynamo_core.llm.tokenizer import Tokenizer
+from dynamo_core.router.admission import Admission, AdmissionLimits
 from dynamo_core.router.kv import KvRouter
 from dynamo_core.router.policies import RoutingPolicy, make_policy
 
@@ -58,6 +59,9 @@ class ModelEntry:
     card_instances: set[int] = field(default_factory=set)
     created: int = 0
     kv_task: asyncio.Task[None] | None = None
+    load_task: asyncio.Task[None] | None = None
+    #: the gate in front of this model's workers (set by `ModelManager` when the entry is made)
+    admission: Admission = field(init=False)
 
     def live_instances(self) -> list[int]:
         return [i for i in self.client.instance_ids() if i in self.card_instances]
@@ -76,8 +80,10 @@ class ModelManager:
         *,
         kv_overlap_weight: float = 1.0,
         router_temperature: float = 0.0,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self.runtime = runtime
+        self.admission = admission or AdmissionLimits()
         self.namespace = namespace
         self.router_mode = router_mode
         self.kv_overlap_weight = kv_overlap_weight
@@ -138,8 +144,9 @@ class ModelManager:
                     log.info("model %s has no instances left: removed", name)
                     del self.models[name]
                     self.retired.add(name)
-                    if entry.kv_task is not None:
-                        entry.kv_task.cancel()
+                    for task in (entry.kv_task, entry.load_task):
+                        if task is not None:
+                            task.cancel()
                     self.runtime.spawn(entry.client.close())
             self._notify()
 
@@ -221,12 +228,16 @@ class ModelManager:
             card_instances=instances,
             created=int(time.time()),
         )
+        entry.admission = Admission(policy, entry.live_instances, self.admission)
         self.models[card.name] = entry
         self.retired.discard(card.name)
         if isinstance(policy, KvRouter):
             entry.kv_task = self.runtime.spawn(self._follow_kv_events(entry, policy))
+        if self.admission.active_decode_blocks is not None:
+            entry.load_task = self.runtime.spawn(self._follow_load_metrics(entry))
         log.info("model %s added (endpoint %s)", card.name, card.endpoint)
         client.on_change(self._notify)
+        client.on_change(entry.admission.instances_changed)
         self._notify()
 
     def _policy_for(self, card: ModelCard) -> RoutingPolicy:
@@ -260,6 +271,23 @@ class ModelManager:
                     router.indexer.apply(event.publisher_id, event.payload)
                 except (msgspec.ValidationError, TypeError, ValueError) as exc:
                     log.warning("bad KV event from %x: %s", event.publisher_id, exc)
+        finally:
+            await subscriber.close()
+
+    async def _follow_load_metrics(self, entry: ModelEntry) -> None:
+        """Feed the workers' `load_metrics` to the model's admission control."""
+        ns, component, _ = entry.card.endpoint.split(".")
+        subscriber = (
+            await self.runtime.namespace(ns).component(component).subscribe(LOAD_METRICS_TOPIC)
+        )
+        try:
+            async for event in subscriber:
+                try:
+                    metrics = msgspec.convert(event.payload, LoadMetrics)
+                except (msgspec.ValidationError, TypeError) as exc:
+                    log.warning("bad load metrics from %x: %s", event.publisher_id, exc)
+                    continue
+                entry.admission.report(event.publisher_id, metrics)
         finally:
             await subscriber.close()
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import msgspec
@@ -38,6 +40,8 @@ from dynamo_core.frontend.openai import (
 )
 from dynamo_core.http import Final, Request, Response, StreamingResponse
 from dynamo_core.llm.detokenizer import IncrementalDetokenizer, LogprobTokens, StopStringMatcher
+from dynamo_core.llm.tokenizer import ASYNC_ENCODE_THRESHOLD
+from dynamo_core.router.admission import AdmissionLimits
 from dynamo_core.runtime import Context, DistributedRuntime
 
 __all__ = ["OpenAIService"]
@@ -53,6 +57,10 @@ _MIGRATABLE = (
 )
 Batches = AsyncGenerator[list[dict[str, Any]], None]
 _Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
+_Prepared = TypeVar("_Prepared")
+#: Requests with a body larger than this are templated and tokenized in the preprocessing pool
+#: (a thread hop costs about what tokenizing this much text does).
+OFFLOAD_BODY_BYTES = ASYNC_ENCODE_THRESHOLD
 
 
 def _error(
@@ -254,6 +262,7 @@ class OpenAIService:
         metrics: FrontendMetrics | None = None,
         kv_overlap_weight: float = 1.0,
         router_temperature: float = 0.0,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         self.runtime = runtime
         self.models = ModelManager(
@@ -262,9 +271,15 @@ class OpenAIService:
             router_mode,
             kv_overlap_weight=kv_overlap_weight,
             router_temperature=router_temperature,
+            admission=admission,
         )
         self.migration_limit = migration_limit
         self.metrics = metrics or FrontendMetrics()
+        # large prompts are prepared here, off the event loop; the work per request is bounded
+        # by the model's context length (`Tokenizer.encode_within`)
+        self._preprocess = ThreadPoolExecutor(
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="dynamo-preprocess"
+        )
         self._routes = {
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
@@ -273,21 +288,31 @@ class OpenAIService:
             ("GET", "/live"): self.live,
             ("GET", "/metrics"): self.prometheus,
         }
+        methods: dict[str, list[str]] = {}
+        for m, path in self._routes:
+            methods.setdefault(path, []).extend([m, "HEAD"] if m == "GET" else [m])
+        self._allowed = {path: ", ".join(ms) for path, ms in methods.items()}
 
     async def start(self) -> None:
         await self.models.start()
 
     async def close(self) -> None:
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
         await self.models.close()
 
     async def handle(self, request: Request) -> Response | StreamingResponse:
-        route = self._routes.get((request.method, request.path.rstrip("/") or "/"))
+        path = request.path.rstrip("/") or "/"
+        method = "GET" if request.method == "HEAD" else request.method  # the server drops the body
+        route = self._routes.get((method, path))
         if route is not None:
             return await route(request)
-        if any(path == request.path for (_, path) in self._routes):
-            return _error(
+        allowed = self._allowed.get(path)
+        if allowed is not None:
+            response = _error(
                 405, f"{request.method} is not allowed on {request.path}", "invalid_request_error"
             )
+            response.headers.append(("allow", allowed))
+            return response
         return _error(404, f"no route {request.method} {request.path}", "not_found_error")
 
     # -- simple routes --------------------------------------------------------------------
@@ -336,25 +361,9 @@ class OpenAIService:
         if isinstance(checked, Response):
             return checked
         body, entry = checked
-        if not body.messages:
-            return _error(
-                400, "messages must not be empty", "invalid_request_error", param="messages"
-            )
-        for i, message in enumerate(body.messages):
-            if not isinstance(message.get("role"), str):
-                return _error(
-                    400, f"messages[{i}] has no role", "invalid_request_error", param="messages"
-                )
-        try:
-            prompt = entry.template.render(
-                body.messages,
-                add_generation_prompt=True,
-                tools=body.tools,
-                **(body.chat_template_kwargs or {}),
-            )
-        except errors.InvalidRequestError as exc:
-            return _error(400, str(exc), "invalid_request_error", param="messages")
-        token_ids = await entry.tokenizer.encode_async(prompt, add_special_tokens=False)
+        token_ids = await self._off_loop_if_large(request, _chat_prompt, entry, body)
+        if isinstance(token_ids, Response):
+            return token_ids
         return await self._generate(
             entry, body, token_ids, ChatStreamFormatter(body.model), "chat_completions"
         )
@@ -364,38 +373,27 @@ class OpenAIService:
         if isinstance(checked, Response):
             return checked
         body, entry = checked
-        prompt: Any = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                return _error(
-                    400,
-                    "batched prompts are not supported: send one prompt per request",
-                    "invalid_request_error",
-                    param="prompt",
-                )
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            token_ids = await entry.tokenizer.encode_async(prompt, add_special_tokens=True)
-        else:
-            vocab = entry.tokenizer.vocab_size
-            if not all(type(t) is int and 0 <= t < vocab for t in prompt):
-                return _error(
-                    400,
-                    f"prompt must be a string or a list of token ids in [0, {vocab})",
-                    "invalid_request_error",
-                    param="prompt",
-                )
-            token_ids = list(prompt)
-        if not token_ids:
-            return _error(400, "prompt must not be empty", "invalid_request_error", param="prompt")
-        if body.suffix:
-            return _error(400, "suffix is not supported", "invalid_request_error", param="suffix")
-        echo = ""
-        if body.echo:
-            echo = prompt if isinstance(prompt, str) else entry.tokenizer.decode(token_ids)
+        prepared = await self._off_loop_if_large(request, _completion_prompt, entry, body)
+        if isinstance(prepared, Response):
+            return prepared
+        token_ids, echo = prepared
         return await self._generate(
             entry, body, token_ids, CompletionStreamFormatter(body.model, echo), "completions"
         )
+
+    async def _off_loop_if_large(
+        self,
+        request: Request,
+        prepare: Callable[[ModelEntry, _Body], _Prepared],
+        entry: ModelEntry,
+        body: _Body,
+    ) -> _Prepared:
+        """`prepare(entry, body)`: inline for a small request, in the preprocessing pool for a
+        large one, so that templating and tokenizing a long prompt never stalls the loop."""
+        if len(request.body) <= OFFLOAD_BODY_BYTES:
+            return prepare(entry, body)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._preprocess, prepare, entry, body)
 
     async def _generate(
         self,
@@ -417,6 +415,12 @@ class OpenAIService:
         logprobs = body.logprobs_count()
         preq = _preprocessed(entry, body, token_ids, max_tokens, logprobs, fmt.id)
         model = entry.name
+        try:
+            await entry.admission.admit()
+        except errors.OverloadedError as exc:
+            kind = "stream" if body.stream else "unary"
+            self.metrics.requests.labels(model, endpoint, kind, "overloaded").inc()
+            return _overloaded(exc)
         ctx = Context(fmt.id)
         batches = self._engine_batches(entry, preq, ctx)
         try:
@@ -470,6 +474,7 @@ class OpenAIService:
         finally:
             if prefill is not None:
                 prefill.close()
+            entry.admission.wake()  # a slot is free: a queued request may go
 
     async def _decode_batches(
         self,
@@ -750,6 +755,79 @@ def _decode(body: bytes, kind: type[Any]) -> Any:
         return _error(400, f"invalid JSON body: {exc}", "invalid_request_error")
 
 
+def _chat_prompt(entry: ModelEntry, body: ChatCompletionRequest) -> list[int] | Response:
+    """The prompt's token ids (template applied), or the error; work bounded by the context."""
+    if not body.messages:
+        return _error(400, "messages must not be empty", "invalid_request_error", param="messages")
+    for i, message in enumerate(body.messages):
+        if not isinstance(message.get("role"), str):
+            return _error(
+                400, f"messages[{i}] has no role", "invalid_request_error", param="messages"
+            )
+    try:
+        prompt = entry.template.render(
+            body.messages,
+            add_generation_prompt=True,
+            tools=body.tools,
+            **(body.chat_template_kwargs or {}),
+        )
+    except errors.InvalidRequestError as exc:
+        return _error(400, str(exc), "invalid_request_error", param="messages")
+    context_length = entry.card.context_length
+    encoded = entry.tokenizer.encode_within(prompt, context_length, add_special_tokens=False)
+    if not encoded.complete:
+        return _context_error(context_length, len(encoded.ids), None, at_least=True)
+    return encoded.ids
+
+
+def _completion_prompt(
+    entry: ModelEntry, body: CompletionRequest
+) -> tuple[list[int], str] | Response:
+    """The prompt's token ids and the text `echo` repeats, or the error."""
+    prompt: Any = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            return _error(
+                400,
+                "batched prompts are not supported: send one prompt per request",
+                "invalid_request_error",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    context_length = entry.card.context_length
+    if isinstance(prompt, str):
+        encoded = entry.tokenizer.encode_within(prompt, context_length, add_special_tokens=True)
+        if not encoded.complete:
+            return _context_error(context_length, len(encoded.ids), None, at_least=True)
+        token_ids = encoded.ids
+    else:
+        if len(prompt) > context_length:  # before looking at every id of a huge list
+            return _context_error(context_length, len(prompt), None)
+        vocab = entry.tokenizer.vocab_size
+        if not all(type(t) is int and 0 <= t < vocab for t in prompt):
+            return _error(
+                400,
+                f"prompt must be a string or a list of token ids in [0, {vocab})",
+                "invalid_request_error",
+                param="prompt",
+            )
+        token_ids = list(prompt)
+    if not token_ids:
+        return _error(400, "prompt must not be empty", "invalid_request_error", param="prompt")
+    if body.suffix:
+        return _error(400, "suffix is not supported", "invalid_request_error", param="suffix")
+    echo = ""
+    if body.echo:
+        echo = prompt if isinstance(prompt, str) else entry.tokenizer.decode(token_ids)
+    return token_ids, echo
+
+
+def _overloaded(exc: errors.OverloadedError) -> Response:
+    response = _error(503, str(exc), "service_unavailable", "overloaded")
+    response.headers.append(("retry-after", str(exc.retry_after)))
+    return response
+
+
 def _model_not_found(model: str, retired: set[str]) -> Response:
     if model in retired:
         return _error(
@@ -764,11 +842,15 @@ def _model_not_found(model: str, retired: set[str]) -> Response:
     )
 
 
-def _context_error(context_length: int, prompt_len: int, max_tokens: int | None) -> Response:
+def _context_error(
+    context_length: int, prompt_len: int, max_tokens: int | None, *, at_least: bool = False
+) -> Response:
+    """`at_least`: `prompt_len` counts a prefix only (the prompt was not tokenized to its end)."""
     if max_tokens is None or prompt_len >= context_length:
         msg = (
             f"This model's maximum context length is {context_length} tokens. "
-            f"However, your prompt has {prompt_len} tokens."
+            f"However, your prompt has {'more than ' if at_least else ''}"
+            f"{context_length if at_least else prompt_len} tokens."
         )
     else:
         msg = (

@@ -16,9 +16,11 @@ transformers is not needed (the frontend must start fast and stay light). `encod
 `PreTrainedTokenizerFast` with ``clean_up_tokenization_spaces=False``, which is what Llama-3, Qwen
 and most recent models ship; the cleanup step (``" ." -> "."``) is deliberately not reproduced.
 
-Encoding runs in Rust with the GIL released, so a long prompt can go to a worker thread without
-blocking the event loop while other requests proceed. Short texts are encoded inline:
-a thread hop costs more (tens of microseconds) than encoding a few hundred bytes.
+Long texts. `tokenizers.Tokenizer.encode` holds the GIL for the whole encoding (about a second
+per MB): run in a thread it still stalls the event loop. `encode_batch` releases it, so every
+encoding of a long text here goes through `encode_batch([text])`; what still needs the GIL (the
+list of ids, freeing the Rust encoding) is proportional to the token count. Short texts are encoded
+inline: a thread hop costs more (tens of microseconds) than encoding a few hundred bytes.
 `encode_async` picks by length (`ASYNC_ENCODE_THRESHOLD` characters).
 
 One token on its own, for log-probabilities: `token_string` is the text vLLM shows for it
@@ -28,6 +30,13 @@ character: its string ends in U+FFFD, its bytes are the real ones (what OpenAI's
 is for). Both read the token's vocabulary piece by the tokenizer's kind (byte-level BPE maps each
 character back to a byte, byte fallback spells a byte ``<0xE4>``, Metaspace marks a space ``▁``);
 both are cached per id.
+
+Bounded work. A prompt only matters up to the model's context length, so `encode_within(text,
+limit)` never tokenizes much more than `limit` tokens' worth of text: it encodes growing prefixes
+(cut just before a whitespace, where pre-tokenizers split, so a prefix's tokens are the first
+tokens of the whole text) and stops as soon as a prefix has more than `limit` tokens. A 30 MB
+prompt for a 32k-token model costs what a few hundred KB cost, in time and in memory (a full
+encoding holds about 200 bytes per token in Rust and Python objects).
 """
 
 from __future__ import annotations
@@ -37,16 +46,41 @@ import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import tokenizers
 
-__all__ = ["ASYNC_ENCODE_THRESHOLD", "Tokenizer"]
+__all__ = ["ASYNC_ENCODE_THRESHOLD", "Encoded", "Tokenizer"]
 
 logger = logging.getLogger(__name__)
 
 #: Texts longer than this (in characters) are encoded in a worker thread by `encode_async`.
 ASYNC_ENCODE_THRESHOLD = 4096
+
+#: `encode_within`'s first prefix, in characters per token of the limit (English averages about 4).
+_PROBE_CHARS_PER_TOKEN = 4
+#: How far back from a prefix's end `encode_within` looks for whitespace to cut at.
+_CUT_WINDOW = 1024
+
+
+class Encoded(NamedTuple):
+    """What `Tokenizer.encode_within` found."""
+
+    ids: list[int]
+    """The text's token ids; when not `complete`, those of a prefix (more than the limit)."""
+    complete: bool
+    """False: the text was not tokenized to its end, because a prefix already exceeds the limit."""
+
+
+def _cut(text: str, end: int) -> tuple[int, bool]:
+    """Where to end a prefix of about `end` characters: before a whitespace when there is one
+    close by (a pre-token boundary: exact counts), else at `end` (the last word may differ)."""
+    low = max(0, end - _CUT_WINDOW)
+    at = max(text.rfind(" ", low, end), text.rfind("\n", low, end))
+    if at > low:
+        return at, True
+    return end, False
+
 
 # transformers' sentinel for "no limit" (int(1e30)); treated as unknown here.
 _VERY_LARGE_INTEGER = int(1e20)
@@ -235,11 +269,35 @@ class Tokenizer:
         ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return ids
 
+    def encode_released(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """`encode`, with the GIL released while Rust works (for long texts, off the loop)."""
+        encoding = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        ids: list[int] = encoding.ids
+        return ids
+
     async def encode_async(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """`encode`, in a worker thread when `text` is long enough to stall the event loop."""
         if len(text) <= ASYNC_ENCODE_THRESHOLD:
             return self.encode(text, add_special_tokens)
-        return await asyncio.to_thread(self.encode, text, add_special_tokens)
+        return await asyncio.to_thread(self.encode_released, text, add_special_tokens)
+
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = False) -> Encoded:
+        """`text`'s token ids if it has at most `limit` tokens, with work bounded by `limit`.
+
+        Blocking for long texts: call it from a thread (see the module docstring).
+        """
+        encode = self.encode if len(text) <= ASYNC_ENCODE_THRESHOLD else self.encode_released
+        size = max(ASYNC_ENCODE_THRESHOLD, limit * _PROBE_CHARS_PER_TOKEN)
+        # past a cut inside a word, the prefix's last word may take a few more tokens than it does
+        # in the whole text: leave room for that before calling the text too long
+        margin = max(16, limit // 16)
+        while size < len(text):
+            end, exact = _cut(text, size)
+            ids = encode(text[:end], add_special_tokens)
+            if len(ids) > limit + (0 if exact else margin):
+                return Encoded(ids, complete=False)
+            size *= 2
+        return Encoded(encode(text, add_special_tokens), complete=True)
 
     def encode_batch(
         self, texts: Sequence[str], add_special_tokens: bool = False

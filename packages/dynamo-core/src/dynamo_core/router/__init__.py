@@ -1,8 +1,9 @@
 """Routing: policies that pick a worker for each request (round-robin, random, least-loaded,
-and kv: KV-cache-aware, from the workers' KV events)."""
+and kv: KV-cache-aware, from the workers' KV events), and admission control in front of them."""
 
 from __future__ import annotations
 
+from dynamo_core.router.admission import Admission, AdmissionLimits
 from dynamo_core.router.kv import KvIndexer, KvRouter
 from dynamo_core.router.policies import (
     LeastLoaded,
@@ -14,6 +15,8 @@ from dynamo_core.router.policies import (
 )
 
 __all__ = [
+    "Admission",
+    "AdmissionLimits",
     "KvIndexer",
     "KvRouter",
     "LeastLoaded",

@@ -43,8 +43,10 @@ class SystemStatusServer:
         await self._server.close(grace=1.0)
 
     async def _handle(self, request: Request) -> Response:
-        if request.method != "GET":
-            return Response(b'{"error":"method not allowed"}', status=405)
+        if request.method not in ("GET", "HEAD"):  # the server answers HEAD without a body
+            return Response(
+                b'{"error":"method not allowed"}', status=405, headers=[("allow", "GET, HEAD")]
+            )
         if request.path == "/live":
             return Response(b'{"status":"live"}')
         if request.path == "/health":

@@ -1,0 +1,176 @@
+"""Admission control: queue, then shed, new requests when every worker of a model is busy.
+
+A worker is *busy* when it is over one of the configured thresholds (each off when None):
+
+- `active_requests`: requests in flight on it, as this router counts them at dispatch time
+  (`RoutingPolicy.inflight`: exact for this frontend, never late);
+- `active_decode_blocks`: the fraction of its KV cache in use, from the `load_metrics` it
+  publishes, or the blocks this router has dispatched to it (kv mode) when that is higher.
+  NVIDIA Dynamo's `--active-decode-blocks-threshold`.
+
+When every live worker is busy, a new request waits in a FIFO queue bounded in count
+(`max_queued`) and in time (`queue_timeout`). A full queue, or a wait that times out, refuses the
+request with `OverloadedError`, which the frontend answers with 503 and `Retry-After` (OpenAI's
+clients retry those). Waiters are woken when a request ends, a worker reports less load, or a
+worker joins; a woken waiter holds a reservation until it dispatches, so one freed slot lets one
+request through, not all of them.
+
+What happens when a peer misbehaves: a worker that stops publishing load metrics keeps its last
+report until it leaves discovery (`forget`); a worker that dies frees its slots when its requests
+fail over. In disaggregated serving, the decode leg is what is counted (a request in its prefill
+leg is not yet in flight on a decode worker).
+
+Issue 16's router work shares this: `busy()` is the one definition of a busy worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dynamo_core.errors import OverloadedError
+from dynamo_core.llm.kv import LoadMetrics
+from dynamo_core.router.policies import RoutingPolicy
+
+__all__ = ["Admission", "AdmissionLimits"]
+
+log = logging.getLogger("dynamo.router.admission")
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """When a worker counts as busy (None: that check is off), and how long the queue may get."""
+
+    active_requests: int | None = 1024
+    """Requests in flight on the worker (dispatched by this router, not yet ended)."""
+    active_decode_blocks: float | None = None
+    """Fraction (0-1] of the worker's KV cache blocks in use."""
+    max_queued: int = 1024
+    """Requests that may wait for a worker; past it, new ones are refused at once."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait for a worker before it is refused."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.active_requests is not None or self.active_decode_blocks is not None
+
+
+class Admission:
+    """The gate in front of one model's workers (see the module docstring)."""
+
+    def __init__(
+        self,
+        policy: RoutingPolicy,
+        instances: Callable[[], Sequence[int]],
+        limits: AdmissionLimits,
+    ) -> None:
+        self.policy = policy
+        self.instances = instances
+        self.limits = limits
+        self.loads: dict[int, LoadMetrics] = {}
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._reserved = 0  # waiters woken, not yet dispatched
+        self.shed_total = 0
+
+    # -- what workers report -------------------------------------------------------------
+
+    def report(self, worker: int, metrics: LoadMetrics) -> None:
+        """A worker's `load_metrics` event."""
+        self.loads[worker] = metrics
+        self.wake()
+
+    def instances_changed(self) -> None:
+        """Workers joined or left: forget the reports of those gone, let waiters try the new."""
+        live = set(self.instances())
+        for gone in [w for w in self.loads if w not in live]:
+            del self.loads[gone]
+        self.wake()
+
+    # -- the decision --------------------------------------------------------------------
+
+    def busy(self, worker: int) -> bool:
+        """Whether `worker` is over one of the thresholds."""
+        limits = self.limits
+        if (
+            limits.active_requests is not None
+            and self.policy.inflight.get(worker, 0) >= limits.active_requests
+        ):
+            return True
+        if limits.active_decode_blocks is not None:
+            load = self.loads.get(worker)
+            if load is not None and load.total_blocks > 0:
+                counted: dict[int, int] = getattr(self.policy, "active_blocks", {})
+                used = max(load.active_blocks, counted.get(worker, 0))
+                if used >= limits.active_decode_blocks * load.total_blocks:
+                    return True
+        return False
+
+    def free_slots(self) -> float:
+        """Requests the live workers can take before all are busy (inf: no request limit, or no
+        live worker at all: then routing answers, at once, that none serves the model)."""
+        instances = self.instances()
+        if not instances:
+            return math.inf
+        slots = 0.0
+        limit = self.limits.active_requests
+        for worker in instances:
+            if self.busy(worker):
+                continue
+            if limit is None:
+                return math.inf
+            slots += limit - self.policy.inflight.get(worker, 0)
+        return slots - self._reserved
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def admit(self) -> None:
+        """Return when the request may be dispatched; raise `OverloadedError` to refuse it."""
+        limits = self.limits
+        if not limits.enabled:
+            return
+        if not self._waiters and self.free_slots() > 0:
+            return
+        if len(self._waiters) >= limits.max_queued:
+            self.shed_total += 1
+            raise OverloadedError(
+                f"every worker is busy and {len(self._waiters)} requests are already waiting"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(limits.queue_timeout):
+                await waiter
+        except TimeoutError:
+            self._give_up(waiter)
+            self.shed_total += 1
+            raise OverloadedError(
+                f"every worker stayed busy for {limits.queue_timeout:g} s"
+            ) from None
+        except BaseException:  # cancelled: the client left while queued
+            self._give_up(waiter)
+            raise
+        self._reserved -= 1  # dispatched: the router counts it from now on
+
+    def _give_up(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done() and not waiter.cancelled():
+            self._reserved -= 1  # woken but leaving: its room goes to the next one
+            self.wake()
+            return
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def wake(self) -> None:
+        """Let queued requests through while there is room (a request ended, load changed)."""
+        while self._waiters and self.free_slots() > 0:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._reserved += 1
+                waiter.set_result(None)
