@@ -31,8 +31,9 @@ nox.options.sessions = [
 PYTHON = "3.11"
 CORE = "packages/dynamo-core"
 TEST_DEPS = ["pytest>=8", "pytest-asyncio>=1.0", "pytest-timeout>=2.3"]
-# What the core tests compare against or drive: transformers' chat templates (no torch needed)
-# and the real OpenAI client; hypothesis for the parsers' property tests (random split points).
+# What the core tests compare against or drive: transformers' chat templates (no torch needed),
+# the real OpenAI client, and hypothesis (the parsers' property tests; fuzzing of the HTTP edge
+# and the request plane).
 CORE_TEST_DEPS = ["transformers>=4.45", "openai>=1.40", "httpx>=0.27", "hypothesis>=6.100"]
 PYTEST = ["pytest", "-c", "pyproject.toml", "--rootdir", ".", "--timeout", "300"]
 

@@ -9,12 +9,26 @@ from typing import Any
 import pytest
 import tokenizers
 import uvloop
+from hypothesis import HealthCheck, settings
 
 from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 from dynamo_core.testing.servers import EtcdServer, NatsServer, require_binary
 
 HERE = Path(__file__).parent
+
+# Fuzzing (the HTTP edge, request-plane frames) is part of CI: the same examples on every run
+# (derandomized, no example database), bounded in count, no per-example deadline (a loaded CI
+# machine is slow, not wrong).
+settings.register_profile(
+    "dynamo",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("dynamo")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:

@@ -460,3 +460,104 @@ async def test_the_path_a_worker_was_started_with_is_an_alias(graph: Graph) -> N
         await graph.client.chat.completions.create(
             model=str(TINY / "nope"), messages=chat("x"), max_tokens=2
         )
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"top_k": 2**70}, "top_k"),
+        ({"min_tokens": 2**40}, "min_tokens"),
+        ({"max_tokens": 2**31}, "max_tokens"),
+        ({"nvext": {"top_k": 2**64}}, "top_k"),
+        ({"n": 10**30}, "n"),
+        ({"repetition_penalty": 1e300}, "repetition_penalty"),
+        ({"top_logprobs": 2**63, "logprobs": True}, "top_logprobs"),
+    ],
+)
+async def test_numbers_out_of_range_are_a_400_naming_the_field(
+    graph: Graph, extra: dict[str, Any], field: str
+) -> None:
+    body = {"model": "tiny", "messages": chat("x"), "max_tokens": 2, **extra}
+    async with asyncio.timeout(5):  # before: an OverflowError on the way to the worker, no answer
+        r = await graph.http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+    ok = await graph.http.post(
+        "/v1/chat/completions",
+        json={**body, **dict.fromkeys(extra)},  # the same, without it
+    )
+    assert ok.status_code == 200, ok.text
+
+
+async def test_head_and_405_carry_allow_and_no_body(graph: Graph) -> None:
+    r = await graph.http.head("/v1/models")
+    assert r.status_code == 200 and r.content == b"" and int(r.headers["content-length"]) > 0
+    r = await graph.http.head("/v1/chat/completions")
+    assert r.status_code == 405 and r.content == b"" and r.headers["allow"] == "POST"
+    r = await graph.http.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]
+    r = await graph.http.delete("/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    assert "date" in r.headers
+    assert (await graph.http.get("/v1/models")).status_code == 200  # the connection still works
+
+
+async def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it(
+    graph: Graph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entry = graph.service.models.get("tiny")
+    assert entry is not None
+    tokenized: list[int] = []
+    encode = entry.tokenizer.encode_released
+
+    def counting(text: str, add_special_tokens: bool = False) -> list[int]:
+        tokenized.append(len(text))
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(entry.tokenizer, "encode_released", counting)
+    words = "The quick brown fox jumps over the lazy dog. " * 50_000  # 2.2 MB
+    for route, body in (
+        ("/v1/chat/completions", {"messages": chat(words)}),
+        ("/v1/completions", {"prompt": words}),
+        ("/v1/completions", {"prompt": list(range(100)) * 10_000}),
+    ):
+        r = await graph.http.post(route, json={"model": "tiny", **body}, timeout=30)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded", error
+        assert "maximum context length is 64" in error["message"]
+    assert tokenized and max(tokenized) < 50_000  # prefixes only: bounded by the context (64)
+
+
+async def test_all_workers_busy_queues_then_sheds_with_retry_after(namespace: str) -> None:
+    from dynamo_core.router.admission import AdmissionLimits
+
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(cfg) as rt:
+        handler = EchoHandler(delay=0.05)
+        await add_worker(rt, handler)
+        limits = AdmissionLimits(active_requests=2, max_queued=2, queue_timeout=30)
+        service = OpenAIService(rt, namespace=namespace, admission=limits)
+        await service.start()
+        server = await serve_http(service.handle, "127.0.0.1", 0)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+                body = {"model": "tiny", "messages": chat("x"), "max_tokens": 5, "ignore_eos": True}
+                replies = await asyncio.gather(
+                    *(http.post("/v1/chat/completions", json=body, timeout=30) for _ in range(8))
+                )
+                codes = sorted(r.status_code for r in replies)
+                # 2 run, 2 wait for them, the other 4 are refused at once
+                assert codes == [200] * 4 + [503] * 4, codes
+                shed = [r for r in replies if r.status_code == 503]
+                assert all(r.headers["retry-after"] == "1" for r in shed)
+                assert all(r.json()["error"]["code"] == "overloaded" for r in shed)
+                assert handler.metrics.requests_total == 4
+                # the queue drained: everything is accepted again
+                r = await http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200
+        finally:
+            await server.close()
+            await service.close()

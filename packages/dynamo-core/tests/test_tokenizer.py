@@ -218,3 +218,50 @@ def test_sentencepiece_pieces(sentencepiece: Tokenizer) -> None:
     assert of("ok") == ("ok", b"ok")
     assert of("<0xE4>") == ("\ufffd", b"\xe4")
     assert of("<s>") == ("<s>", b"<s>")
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_encode_within_matches_encode_below_the_limit(tok: Tokenizer, special: bool) -> None:
+    for text in [*TEXTS, "The cat sees the house. 中文 🙂 " * 3000, "x" * 30_000]:
+        full = tok.encode(text, add_special_tokens=special)
+        encoded = tok.encode_within(text, len(full) + 1, add_special_tokens=special)
+        assert encoded.complete and encoded.ids == full
+        assert tok.encode_released(text, special) == full
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox jumps over the lazy dog. " * 100_000,  # 4.5 MB of words
+        "word\n" * 500_000,
+        "x" * 3_000_000,  # one pre-token: no whitespace to cut at
+        "中文日本語" * 400_000,
+    ],
+)
+def test_encode_within_stops_early_past_the_limit(tok: Tokenizer, text: str) -> None:
+    limit = 2048
+    seen: list[int] = []
+    real = tok.encode_released
+
+    def counting(t: str, add_special_tokens: bool = False) -> list[int]:
+        seen.append(len(t))
+        return real(t, add_special_tokens)
+
+    tok.encode_released = counting  # type: ignore[method-assign]
+    try:
+        encoded = tok.encode_within(text, limit)
+    finally:
+        del tok.encode_released
+    assert not encoded.complete and len(encoded.ids) > limit
+    # the work is bounded by the limit, not by the text (a few prefixes, each small)
+    assert sum(seen) < 64 * limit < len(text) // 10
+    # the prefix's tokens are the first tokens of the whole text
+    assert tok.encode(text[: 100 * limit])[: limit // 2] == encoded.ids[: limit // 2]
+
+
+def test_encode_within_exact_at_the_boundary(tok: Tokenizer) -> None:
+    text = "alpha beta gamma delta " * 2000
+    n = len(tok.encode(text))
+    assert tok.encode_within(text, n).ids == tok.encode(text)
+    over = tok.encode_within(text, n - 1)  # all of it, or a prefix already over the limit
+    assert len(over.ids) == n if over.complete else len(over.ids) > n - 1

@@ -78,8 +78,8 @@ _REASONS = {
 
 #: Requests a client may pipeline ahead of the one being answered before reading pauses.
 MAX_PIPELINED = 16
-#: How long a refused connection (over the cap) stays open to let its 503 be read.
-_REFUSED_LINGER = 1.0
+#: How long a refused connection stays half-closed so that the client reads its answer.
+_LINGER = 1.0
 #: File descriptors kept free of client connections (worker links, discovery, files, logs).
 _FD_RESERVE = 128
 
@@ -266,7 +266,7 @@ class _Connection(asyncio.Protocol):
         self._heads = 0  # request heads parsed so far
         self._no_more_requests = False  # after an upgrade request or a refusal
         self._failure: bytes | None = None  # an error answer waiting for the responses before it
-        self.refused = False
+        self.lingering = False  # answered and half-closed: dropping what the client still sends
         self.closed = False
 
     # -- connection ---------------------------------------------------------------------
@@ -289,19 +289,30 @@ class _Connection(asyncio.Protocol):
         """Over the connection cap: a fast 503, then the connection lingers briefly (reading and
         dropping what the client sends) so the client reads the 503 instead of a reset."""
         assert self.transport is not None
-        self.refused = True
-        self._no_more_requests = True
         server = self.server
         server.refused_total += 1
-        self.transport.write(
+        if len(server.refused) >= _FD_RESERVE // 2:
+            self.transport.abort()  # a flood: not even a 503
+            return
+        server.refused.add(self)
+        self._answer_and_linger(
             _error_response(503, "the server has too many connections", b"retry-after: 1\r\n")
         )
-        if len(server.refused) >= _FD_RESERVE // 2 or not self.transport.can_write_eof():
-            self.transport.close()
+
+    def _answer_and_linger(self, answer: bytes) -> None:
+        """Write `answer`, half-close, and drop what the client still sends for a moment: a
+        plain close with unread request bytes would reset the connection, and the client could
+        lose the answer."""
+        transport = self.transport
+        assert transport is not None
+        self._no_more_requests = True
+        transport.write(answer)
+        if not transport.can_write_eof():
+            transport.close()
             return
-        self.transport.write_eof()
-        server.refused.add(self)
-        self._deadline = time.monotonic() + _REFUSED_LINGER
+        transport.write_eof()
+        self.lingering = True
+        self._deadline = time.monotonic() + _LINGER
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -315,7 +326,7 @@ class _Connection(asyncio.Protocol):
         """Called by the server's sweep: close a connection past its deadline."""
         if now < self._deadline or self.transport is None or self.transport.is_closing():
             return
-        if self.refused:
+        if self.lingering:
             self.transport.abort()
         elif self._reading != _IDLE and (self._task is None or self._task.done()):
             log.info("closing a connection: request not received within the timeout")
@@ -370,8 +381,7 @@ class _Connection(asyncio.Protocol):
             self._failure = _error_response(status, message)  # `_serve` writes it in turn
             transport.pause_reading()
             return
-        transport.write(_error_response(status, message))
-        transport.close()
+        self._answer_and_linger(_error_response(status, message))
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -484,8 +494,10 @@ class _Connection(asyncio.Protocol):
             if not self._queue:
                 if self._no_more_requests:
                     if self._failure is not None:
-                        transport.write(self._failure)
-                    transport.close()
+                        transport.resume_reading()
+                        self._answer_and_linger(self._failure)
+                    else:
+                        transport.close()
                 elif self._reading == _IDLE:
                     self._deadline = time.monotonic() + self.limits.idle_timeout
                 return

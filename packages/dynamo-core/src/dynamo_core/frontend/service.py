@@ -468,10 +468,12 @@ class OpenAIService:
             prefill = await _PrefillLeg.start(pool, preq, ctx)
             if prefill.params is not None:
                 request = {**preq, "disaggregated_params": prefill.params}
+        decode = self._decode_batches(entry, request, preq, ctx, limit, prefill)
         try:
-            async for batch in self._decode_batches(entry, request, preq, ctx, limit, prefill):
+            async for batch in decode:
                 yield batch
         finally:
+            await decode.aclose()  # now, not when collected: the router counts the request ended
             if prefill is not None:
                 prefill.close()
             entry.admission.wake()  # a slot is free: a queued request may go

@@ -69,7 +69,7 @@ class Encoded(NamedTuple):
     ids: list[int]
     """The text's token ids; when not `complete`, those of a prefix (more than the limit)."""
     complete: bool
-    """False: the text was not tokenized to its end, because a prefix already exceeds the limit."""
+    """False: the text was not tokenized to its end: a prefix already exceeds the limit."""
 
 
 def _cut(text: str, end: int) -> tuple[int, bool]:
@@ -282,7 +282,9 @@ class Tokenizer:
         return await asyncio.to_thread(self.encode_released, text, add_special_tokens)
 
     def encode_within(self, text: str, limit: int, add_special_tokens: bool = False) -> Encoded:
-        """`text`'s token ids if it has at most `limit` tokens, with work bounded by `limit`.
+        """`text`'s token ids, or a prefix's once they number more than `limit`: the work is
+        bounded by `limit`, not by the text. `complete` says which (the whole text's ids may
+        still exceed `limit` by a little: the caller checks their count).
 
         Blocking for long texts: call it from a thread (see the module docstring).
         """

@@ -12,9 +12,11 @@ Wire format: frames of a 4-byte big-endian length and a msgpack array (msgspec; 
     client -> server  CREDIT  [7, sid, n]
 
 The server speaks first with a random nonce; nothing but AUTH is accepted until the client has
-proven the shared secret (when one is set), so the secret itself never crosses the wire. A frame
-that does not decode, a frame larger than `max_frame`, an unknown message, or a handshake that does
-not finish within `handshake_timeout` closes that connection and nothing else.
+proven the shared secret (when one is set), so the secret itself never crosses the wire. Until
+then a peer may send one frame of at most `PREAUTH_MAX_FRAME` bytes (an AUTH is about 40), so an
+unauthenticated connection costs the server a few KB, never `max_frame`. A frame that does not
+decode, a frame larger than the limit, an unknown message, or a handshake that does not finish
+within `handshake_timeout` closes that connection and nothing else.
 
 Writes are batched: items and control messages queue up and go out in one `write` per event-loop
 iteration; consecutive items of one stream share one ITEMS frame. Each socket has TCP_NODELAY.
@@ -60,6 +62,7 @@ log = logging.getLogger("dynamo.request_plane.tcp")
 VERSION = 1
 HELLO, AUTH, REQUEST, ITEMS, END, ERROR, CANCEL, CREDIT = range(8)
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+PREAUTH_MAX_FRAME = 4 * 1024  # what a peer may send before it has proven the token
 SPLIT_FRAME = 8 * 1024 * 1024  # batches of items above this go out as several frames
 _LEN = struct.Struct(">I")
 
@@ -79,15 +82,19 @@ def _proof(token: bytes, nonce: bytes) -> bytes:
 
 
 class _FrameReader:
-    """Splits a byte stream into decoded msgpack frames."""
+    """Splits a byte stream into decoded msgpack frames.
 
-    __slots__ = ("_buf", "_max")
+    `max_frame` may change between frames (the server raises it once the peer is authenticated);
+    with `single`, `feed` stops after one frame and keeps the rest buffered for the next call.
+    """
+
+    __slots__ = ("_buf", "max_frame")
 
     def __init__(self, max_frame: int) -> None:
         self._buf = bytearray()
-        self._max = max_frame
+        self.max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes, single: bool = False) -> list[Any]:
         buf = self._buf
         buf += data
         out: list[Any] = []
@@ -97,8 +104,10 @@ class _FrameReader:
         try:
             while end - pos >= 4:
                 (size,) = _LEN.unpack_from(buf, pos)
-                if size > self._max:
-                    raise ProtocolError(f"frame of {size} bytes exceeds the limit of {self._max}")
+                if size > self.max_frame:
+                    raise ProtocolError(
+                        f"frame of {size} bytes exceeds the limit of {self.max_frame}"
+                    )
                 if end - pos - 4 < size:
                     break
                 try:
@@ -109,6 +118,8 @@ class _FrameReader:
                     raise ProtocolError("frame is not a message")
                 out.append(msg)
                 pos += 4 + size
+                if single:
+                    break
         finally:
             view.release()
         if pos:
@@ -225,7 +236,7 @@ class _ServerConnection(asyncio.Protocol):
     def __init__(self, server: TcpServer) -> None:
         self.server = server
         self.writer = _FrameWriter()
-        self.reader = _FrameReader(server.max_frame)
+        self.reader = _FrameReader(PREAUTH_MAX_FRAME)  # raised to max_frame after AUTH
         self.streams: dict[int, _TcpServerStream] = {}
         self.nonce = os.urandom(16)
         self.authenticated = False
@@ -255,10 +266,17 @@ class _ServerConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
+            if not self.authenticated:
+                # one small frame, the AUTH, before anything else is even decoded
+                for msg in self.reader.feed(data, single=True):
+                    self._handle(msg)
+                if not self.authenticated:
+                    return
+                data = b""
             messages = self.reader.feed(data)
             for msg in messages:
                 self._handle(msg)
-        except (ProtocolError, ValueError, TypeError, IndexError) as exc:
+        except (ProtocolError, ValueError, TypeError, IndexError, ArithmeticError) as exc:
             self._refuse(str(exc) or type(exc).__name__)
 
     def _handle(self, msg: list[Any]) -> None:
@@ -279,6 +297,7 @@ class _ServerConnection(asyncio.Protocol):
                         self.transport.close()
                     return
             self.authenticated = True
+            self.reader.max_frame = self.server.max_frame
             if self._timer is not None:
                 self._timer.cancel()
             return
@@ -342,7 +361,7 @@ class TcpServer(RequestPlaneServer):
         advertise_host: str | None = None,
         token: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
-        handshake_timeout: float = 10.0,
+        handshake_timeout: float = 5.0,
     ) -> None:
         super().__init__(registry)
         self.host = host
