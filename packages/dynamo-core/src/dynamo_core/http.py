@@ -18,14 +18,24 @@ FastAPI/uvicorn per streamed request. What matters, and what this server does:
 
 The app is `async def app(request: Request) -> Response | StreamingResponse`; it never sees
 HTTP framing, so the server stays a configuration choice.
+
+Hostile and careless clients (`HttpLimits`, each a frontend flag): sizes are checked as bytes
+arrive, so nothing large is buffered before it is refused (413 body, 414 request line, 431 head);
+timeouts are per-connection deadlines checked by one sweep a few times per second (no timer per
+request on the hot path): a head that does not arrive (slowloris) gets a 408, an idle kept-alive
+connection is closed; past the connection cap a new connection gets a 503 at once. An error answer
+is followed by a half-close and a short drain, so the client reads it instead of a reset.
+
+HTTP details clients rely on: every response has `Date`; a `HEAD` gets the headers of the `GET`
+and no body; HTTP/1.0 clients get no chunked encoding (the body ends with the connection);
+pipelined requests are answered in order (reading pauses when a client is far ahead); a request
+asking for a protocol upgrade is answered as a plain request, then the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import math
 import resource
@@ -48,7 +58,6 @@ __all__ = [
     "Response",
     "StreamingResponse",
     "raise_open_file_limit",
-    "return_freed_memory",
     "serve_http",
 ]
 
@@ -467,7 +476,8 @@ class _Connection(asyncio.Protocol):
 
     async def _serve(self, request: Request) -> None:
         while True:
-            keep_alive = request.keep_alive and not self.server.closing
+            # HTTP/1.0 keep-alive is a legacy extension: answer and close, always correct
+            keep_alive = request.keep_alive and request.version == "1.1" and not self.server.closing
             try:
                 response = await self.server.app(request)
             except asyncio.CancelledError:
@@ -477,8 +487,6 @@ class _Connection(asyncio.Protocol):
                 response = Response(_error_body(500, "internal server error"), status=500)
             try:
                 if isinstance(response, StreamingResponse):
-                    if request.version != "1.1":
-                        keep_alive = False  # no chunked encoding: the end of the body is the close
                     await self._write_stream(response, keep_alive, request)
                 else:
                     self._write_whole(response, keep_alive, request.method == "HEAD")
@@ -658,26 +666,6 @@ def raise_open_file_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
     return soft
-
-
-def return_freed_memory() -> None:
-    """Make glibc return large freed buffers to the OS at once.
-
-    glibc serves allocations of 128 KiB and more with their own mappings, unmapped on free, but
-    after the first such free it raises that threshold (up to 32 MiB) to the freed size: from
-    then on, request bodies and prompts of a few MB come from the heap and stay in the process
-    after a burst of large requests. Fixing the threshold turns that adjustment off. A no-op
-    where the C library has no `mallopt` (musl, macOS).
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return
-    m_mmap_threshold = -3
-    mallopt(m_mmap_threshold, 128 * KiB)
 
 
 async def serve_http(

@@ -112,11 +112,12 @@ def build_parser() -> DynFlexibleArgumentParser[FrontendConfig]:
 
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
+    from dynamo_core._memory import return_large_blocks
     from dynamo_core.frontend.service import OpenAIService
-    from dynamo_core.http import raise_open_file_limit, return_freed_memory, serve_http
+    from dynamo_core.http import raise_open_file_limit, serve_http
 
     raise_open_file_limit()
-    return_freed_memory()
+    return_large_blocks()
 
     service = OpenAIService(
         runtime,

@@ -1,8 +1,13 @@
 """The OpenAI service: routes, preprocessing, routing, streaming, detokenizing, migration.
 
 Per request: validate the body (OpenAI error shape on bad input), render the chat template,
-tokenize, check the context, build the `PreprocessedRequest` map, pick a worker (the model's
-routing policy), and stream its `EngineOutput` maps back. The first batch of output is awaited
+tokenize, check the context, build the `PreprocessedRequest` map, pass admission control (a
+queue, then 503 with Retry-After, when every worker is busy), pick a worker (the model's routing
+policy), and stream its `EngineOutput` maps back.
+
+Large requests (bodies over `OFFLOAD_BODY_BYTES`) are templated and tokenized in a thread pool,
+never on the event loop, and a prompt is only tokenized as far as the model's context can hold
+(`Tokenizer.encode_within`): a 6 MB prompt for a 2k-token model is refused after a few KB. The first batch of output is awaited
 before any HTTP header goes out, so errors a worker reports at once (bad request, no instance)
 become proper HTTP errors; later failures end the stream with an error event.
 
@@ -27,6 +32,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from dynamo_core import errors
+from dynamo_core._memory import Trimmer
 from dynamo_core.frontend.metrics import FrontendMetrics
 from dynamo_core.frontend.models import ModelEntry, ModelManager, PrefillPool
 from dynamo_core.frontend.openai import (
@@ -280,6 +286,7 @@ class OpenAIService:
         self._preprocess = ThreadPoolExecutor(
             max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="dynamo-preprocess"
         )
+        self._trimmer = Trimmer()
         self._routes = {
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
@@ -393,7 +400,17 @@ class OpenAIService:
         if len(request.body) <= OFFLOAD_BODY_BYTES:
             return prepare(entry, body)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._preprocess, prepare, entry, body)
+        return await loop.run_in_executor(self._preprocess, self._prepare, prepare, entry, body)
+
+    def _prepare(
+        self, prepare: Callable[[ModelEntry, _Body], _Prepared], entry: ModelEntry, body: _Body
+    ) -> _Prepared:
+        """In the preprocessing pool: `prepare`, then give its memory back after a burst."""
+        self._trimmer.started()
+        try:
+            return prepare(entry, body)
+        finally:
+            self._trimmer.ended()
 
     async def _generate(
         self,

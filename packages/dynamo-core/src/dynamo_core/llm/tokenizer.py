@@ -21,7 +21,9 @@ per MB): run in a thread it still stalls the event loop. `encode_batch` releases
 encoding of a long text here goes through `encode_batch([text])`; what still needs the GIL (the
 list of ids, freeing the Rust encoding) is proportional to the token count. Short texts are encoded
 inline: a thread hop costs more (tens of microseconds) than encoding a few hundred bytes.
-`encode_async` picks by length (`ASYNC_ENCODE_THRESHOLD` characters).
+`encode_async` picks by length (`ASYNC_ENCODE_THRESHOLD` characters). Long texts use
+`encode_batch_fast`, which skips the offsets nobody here reads: it is several times faster and
+its result costs nothing to free.
 
 One token on its own, for log-probabilities: `token_string` is the text vLLM shows for it
 (``decode([id])``, with the leading space a SentencePiece ``▁`` stands for put back), and
@@ -230,6 +232,9 @@ class Tokenizer:
         self._pieces: _Pieces | None = None
         self._strings: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
+        # without offsets: 5x faster on long texts, and its result is freed at once (the full
+        # encoding's per-token strings take longer to free than to compute, with the GIL held)
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -271,7 +276,7 @@ class Tokenizer:
 
     def encode_released(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """`encode`, with the GIL released while Rust works (for long texts, off the loop)."""
-        encoding = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        encoding = self._encode_batch([text], add_special_tokens=add_special_tokens)[0]
         ids: list[int] = encoding.ids
         return ids
 
