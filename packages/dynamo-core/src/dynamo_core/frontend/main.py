@@ -53,7 +53,7 @@ class FrontendConfig(RuntimeConfig):
         gt=0,
         description="A worker with this many requests in flight (counted by this frontend) is "
         "busy; when every worker of a model is busy, new requests queue, then get 503 with "
-        "Retry-After (admission control). Empty: no limit.",
+        "Retry-After (admission control). none: no limit.",
     )
     active_decode_blocks_threshold: float | None = Field(
         None,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,21 +108,24 @@ class Admission:
                     return True
         return False
 
-    def free_slots(self) -> float:
-        """Requests the live workers can take before all are busy (inf: no request limit, or no
-        live worker at all: then routing answers, at once, that none serves the model)."""
+    def has_room(self) -> bool:
+        """Whether one more request may be dispatched now (stops at the first worker with room:
+        the common case costs one check, however many workers there are)."""
         instances = self.instances()
         if not instances:
-            return math.inf
-        slots = 0.0
+            return True  # routing answers at once that no instance serves the model
         limit = self.limits.active_requests
+        slots = -self._reserved
+        inflight = self.policy.inflight
         for worker in instances:
             if self.busy(worker):
                 continue
             if limit is None:
-                return math.inf
-            slots += limit - self.policy.inflight.get(worker, 0)
-        return slots - self._reserved
+                return True
+            slots += limit - inflight.get(worker, 0)
+            if slots > 0:
+                return True
+        return False
 
     @property
     def queued(self) -> int:
@@ -134,7 +136,7 @@ class Admission:
         limits = self.limits
         if not limits.enabled:
             return
-        if not self._waiters and self.free_slots() > 0:
+        if not self._waiters and self.has_room():
             return
         if len(self._waiters) >= limits.max_queued:
             self.shed_total += 1
@@ -169,7 +171,7 @@ class Admission:
 
     def wake(self) -> None:
         """Let queued requests through while there is room (a request ended, load changed)."""
-        while self._waiters and self.free_slots() > 0:
+        while self._waiters and self.has_room():
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._reserved += 1
