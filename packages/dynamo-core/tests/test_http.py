@@ -204,3 +204,24 @@ def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_half_closed_client_still_gets_its_answer(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /slow?s=0.1 HTTP/1.1\r\n\r\n")
+    writer.write_eof()
+    async with asyncio.timeout(5):
+        reply = await reader.read()
+    assert status(reply) == 200 and reply.endswith(b'{"path":"/slow","size":0}')
+    writer.close()
+
+
+async def test_a_bad_request_behind_a_slow_answer_is_refused_after_it(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /slow?s=0.6 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nx: " + b"v" * 5000)
+    async with asyncio.timeout(5):
+        code, _, body = await read_response(reader)  # outlives the header timeout (0.3 s)
+        assert code == 200 and body == b'{"path":"/slow","size":0}'
+        rest = await reader.read()
+    assert status(rest) == 431
+    writer.close()

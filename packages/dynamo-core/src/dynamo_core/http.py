@@ -343,6 +343,11 @@ class _Connection(asyncio.Protocol):
         else:
             self.transport.close()
 
+    def eof_received(self) -> bool | None:
+        """The client half-closed: answer what it sent (keep the transport open), then close."""
+        self._no_more_requests = True
+        return True if self._task is not None and not self._task.done() else None
+
     def data_received(self, data: bytes) -> None:
         if self._no_more_requests:
             return
@@ -388,6 +393,8 @@ class _Connection(asyncio.Protocol):
             return
         if self._task is not None and not self._task.done():
             self._failure = _error_response(status, message)  # `_serve` writes it in turn
+            self._reading = _IDLE
+            self._deadline = math.inf  # the response in progress may take its time
             transport.pause_reading()
             return
         self._answer_and_linger(_error_response(status, message))
