@@ -1,18 +1,20 @@
 """KV block hashing: stable across processes and runs, chained, full blocks only."""
 
+import struct
 import subprocess
 import sys
 
 import msgspec
 import pytest
+from xxhash import xxh3_64_intdigest
 
 from dynamo_core.llm.kv import (
+    XXH3_SEED,
     KvEventBatch,
     KvRemoved,
     KvStored,
     block_hashes,
-    local_block_hashes,
-    sequence_hash,
+    stored_block_hashes,
 )
 
 TOKENS = list(range(40))
@@ -20,8 +22,16 @@ TOKENS = list(range(40))
 
 def test_pinned_values() -> None:
     # changing these breaks every router/worker pair of different versions: on purpose only
-    assert local_block_hashes(TOKENS, 16) == [3502644936733289510, 16380102497802194615]
-    assert block_hashes(TOKENS, 16) == [17030930648542911313, 12444287323397084015]
+    assert block_hashes(TOKENS, 16) == [15310707395893867146, 1260210480290786575]
+    assert block_hashes(TOKENS, 16, salt=b"lora-a") == [11219941903931608229, 3357353714630529459]
+
+
+def test_definition_is_xxh3_of_uint32_tokens_seeded_by_the_parent() -> None:
+    first = xxh3_64_intdigest(struct.pack("<16I", *TOKENS[:16]), XXH3_SEED)
+    second = xxh3_64_intdigest(struct.pack("<16I", *TOKENS[16:32]), first)
+    assert block_hashes(TOKENS, 16) == [first, second]
+    salted = xxh3_64_intdigest(struct.pack("<16I", *TOKENS[:16]), xxh3_64_intdigest(b"s", 1337))
+    assert block_hashes(TOKENS[:16], 16, salt=b"s") == [salted]
 
 
 def test_same_in_another_process() -> None:
@@ -41,22 +51,37 @@ def test_chained_prefix_semantics() -> None:
     c = block_hashes([9] * 16 + [2] * 16, 16)
     assert a[0] == b[0] and a[1] != b[1]  # same first block, different second
     assert a[1] != c[1]  # the same tokens after a different prefix are a different block
-    assert (
-        local_block_hashes([9] * 16 + [2] * 16, 16)[1]
-        == local_block_hashes(TOKENS[:0] + [1] * 16 + [2] * 16, 16)[1]
-    )
     # continuing from a parent gives the same chain as hashing the whole sequence
     assert block_hashes([2] * 16, 16, parent=a[0]) == [a[1]]
-    assert sequence_hash(None, local_block_hashes([1] * 16, 16)[0]) == a[0]
+    # a stored event's per-block token lists give the same chain
+    assert stored_block_hashes([[1] * 16, [2] * 16], 16) == a
+    assert stored_block_hashes([[2] * 16], 16, parent=a[0]) == [a[1]]
+
+
+def test_inputs_that_are_not_token_lists() -> None:
+    import array
+
+    # any sequence of ints: a tuple, an array (what a tokenizer or numpy hands over)
+    assert block_hashes(tuple(TOKENS), 16) == block_hashes(array.array("I", TOKENS), 16)
+    assert block_hashes(TOKENS, 16) == block_hashes(tuple(TOKENS), 16)
+    with pytest.raises(ValueError, match="token ids"):
+        block_hashes([-1] * 16, 16)
+    with pytest.raises(ValueError, match="token ids"):
+        block_hashes([2**32] * 16, 16)
+    with pytest.raises(ValueError, match="16 tokens"):
+        stored_block_hashes([[1] * 16, [2] * 15], 16)
 
 
 def test_salt_separates_caches() -> None:
     assert block_hashes(TOKENS, 16, salt=b"lora-a") != block_hashes(TOKENS, 16)
+    assert block_hashes(TOKENS, 16, salt=b"lora-a") != block_hashes(TOKENS, 16, salt=b"lora-b")
 
 
 def test_bad_block_size() -> None:
     with pytest.raises(ValueError):
         block_hashes(TOKENS, 0)
+    with pytest.raises(ValueError):
+        stored_block_hashes([TOKENS], 0)
 
 
 def test_event_batch_round_trips_as_tagged_maps() -> None:

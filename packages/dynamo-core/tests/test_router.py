@@ -6,6 +6,7 @@ import asyncio
 import random
 from pathlib import Path
 
+import msgspec
 import openai
 import pytest
 
@@ -61,8 +62,53 @@ def test_indexer_stored_removed_cleared() -> None:
     # removing a middle block cuts the prefix there
     idx.apply(7, KvEventBatch(event_id=2, block_size=BS, events=[KvRemoved(block_hashes=[102])]))
     assert idx.overlaps(hashes, [7]) == {7: 1}
+    assert idx.holders(hashes[0]) == {7} and idx.holders(hashes[1]) == set()
     idx.apply(7, KvEventBatch(event_id=3, block_size=BS, events=[KvCleared()]))
-    assert idx.overlaps(hashes, [7]) == {7: 0} and idx.blocks == {}
+    assert idx.overlaps(hashes, [7]) == {7: 0} and len(idx) == 0
+    # after a clear, the worker stores again under the same engine ids
+    idx.apply(7, stored(4, tokens, [101, 102, 103]))
+    assert idx.overlaps(hashes, [7]) == {7: 3}
+
+
+def test_indexer_applies_a_batch_of_events_in_order() -> None:
+    idx = KvIndexer(BS)
+    a, b = list(range(100, 116)), list(range(200, 208))
+    batch = KvEventBatch(
+        event_id=0,
+        block_size=BS,
+        events=[
+            KvStored(
+                block_hashes=[1, 2, 3, 4], token_ids=[a[i : i + BS] for i in range(0, 16, BS)]
+            ),
+            KvStored(block_hashes=[5, 6], token_ids=[b[:BS], b[BS:]]),
+            KvRemoved(block_hashes=[4, 6, 999]),  # 999 was never stored: ignored
+            KvStored(block_hashes=[7], token_ids=[b[BS:]], parent_hash=5),  # 6 again, new id
+        ],
+    )
+    idx.apply(3, batch)
+    assert idx.overlaps(block_hashes(a, BS), [3]) == {3: 3}
+    assert idx.overlaps(block_hashes(b, BS), [3]) == {3: 2}
+    assert idx.events_applied == 4 and idx.blocks_applied == 7
+    assert len(idx.cached_blocks(3)) == 5 == len(idx)
+
+
+def test_indexer_counts_engine_ids_behind_one_block() -> None:
+    """An engine may hold the same tokens under two ids (keys the router does not see): the
+    block stays indexed until its last id goes. An id announced again names its new block."""
+    idx = KvIndexer(BS)
+    tokens = list(range(8))
+    hashes = block_hashes(tokens, BS)
+    idx.apply(1, stored(0, tokens, [11, 12]))
+    idx.apply(1, stored(1, tokens, [21, 22]))  # the same blocks again, as other ids
+    idx.apply(1, KvEventBatch(event_id=2, block_size=BS, events=[KvRemoved(block_hashes=[12])]))
+    assert idx.overlaps(hashes, [1]) == {1: 2}
+    idx.apply(1, KvEventBatch(event_id=3, block_size=BS, events=[KvRemoved(block_hashes=[22])]))
+    assert idx.overlaps(hashes, [1]) == {1: 1}
+    idx.apply(1, stored(4, list(range(100, 104)), [11]))  # id 11 reused for other tokens
+    assert idx.overlaps(hashes, [1]) == {1: 1}  # 21 still holds the first block
+    idx.apply(1, KvEventBatch(event_id=5, block_size=BS, events=[KvRemoved(block_hashes=[21])]))
+    assert idx.overlaps(hashes, [1]) == {1: 0}
+    assert idx.cached_blocks(1) == set(block_hashes(list(range(100, 104)), BS))
 
 
 def test_indexer_two_workers_and_worker_removal() -> None:
@@ -73,6 +119,69 @@ def test_indexer_two_workers_and_worker_removal() -> None:
     assert idx.overlaps(hashes, [1, 2]) == {1: 2, 2: 1}
     idx.remove_worker(1)
     assert idx.overlaps(hashes, [1, 2]) == {1: 0, 2: 1}
+    assert idx.workers() == {2} and len(idx) == 1
+    # a new worker reuses the removed one's slot without inheriting its blocks
+    idx.apply(3, stored(0, list(range(4)), [31]))
+    assert idx.overlaps(hashes, [1, 2, 3]) == {1: 0, 2: 1, 3: 1}
+    idx.remove_worker(2)
+    idx.remove_worker(3)
+    assert len(idx) == 0
+
+
+def test_indexer_overlaps_over_many_workers() -> None:
+    idx = KvIndexer(BS)
+    tokens = list(range(40))  # 10 blocks
+    workers = list(range(1000, 1100))  # more workers than bits in a machine word
+    for n, w in enumerate(workers):
+        depth = n % 11
+        if depth:
+            idx.apply(w, stored(0, tokens[: depth * BS], list(range(depth))))
+    got = idx.overlaps(block_hashes(tokens, BS), workers)
+    assert got == {w: n % 11 for n, w in enumerate(workers)}
+    # only the candidates asked for are reported
+    assert idx.overlaps(block_hashes(tokens, BS), workers[5:7]) == {1005: 5, 1006: 6}
+
+
+def test_indexer_matches_a_reference_model_under_random_events() -> None:
+    """Random stores, evictions, clears and removals on 5 workers, checked against a plain
+    dict-of-sets model after every batch."""
+    rng = random.Random(7)
+    idx = KvIndexer(BS)
+    model: dict[int, dict[int, int]] = {w: {} for w in range(5)}  # worker -> engine id -> hash
+    prompts = [[rng.randrange(50) for _ in range(6 * BS)] for _ in range(6)]
+    event_ids = dict.fromkeys(range(5), 0)
+    next_id = 1
+    for _ in range(300):
+        w = rng.randrange(5)
+        roll = rng.random()
+        if roll < 0.6:
+            tokens = rng.choice(prompts)[: rng.randrange(1, 7) * BS]
+            ids = list(range(next_id, next_id + len(tokens) // BS))
+            next_id += len(ids)
+            idx.apply(w, stored(event_ids[w], tokens, ids))
+            model[w].update(zip(ids, block_hashes(tokens, BS), strict=True))
+        elif roll < 0.9 and model[w]:
+            gone = rng.sample(sorted(model[w]), rng.randrange(1, len(model[w]) + 1))
+            removed = KvRemoved(block_hashes=gone)
+            idx.apply(w, KvEventBatch(event_id=event_ids[w], block_size=BS, events=[removed]))
+            for e in gone:
+                del model[w][e]
+        elif roll < 0.95:
+            idx.apply(w, KvEventBatch(event_id=event_ids[w], block_size=BS, events=[KvCleared()]))
+            model[w].clear()
+        else:
+            idx.remove_worker(w)
+            model[w].clear()
+            event_ids[w] = -1
+        event_ids[w] += 1
+        for prompt in prompts:
+            hashes = block_hashes(prompt, BS)
+            want = {}
+            for v, held in model.items():
+                have = set(held.values())
+                want[v] = next((i for i, h in enumerate(hashes) if h not in have), len(hashes))
+            assert idx.overlaps(hashes, list(range(5))) == want
+        assert len(idx) == len({h for held in model.values() for h in held.values()})
 
 
 def test_indexer_ignores_what_it_cannot_place() -> None:
@@ -83,12 +192,23 @@ def test_indexer_ignores_what_it_cannot_place() -> None:
     )
     idx.apply(1, wrong)  # another block size
     idx.apply(1, msgspec_map(stored(2, list(range(4)), [12])))  # maps are accepted too
-    assert len(idx.blocks) == 1
+    assert len(idx) == 1
+    partial = KvEventBatch(
+        event_id=3,
+        block_size=BS,
+        events=[
+            KvStored(block_hashes=[13], token_ids=[list(range(4, 8))], parent_hash=12),
+            KvStored(block_hashes=[14], token_ids=[[1, 2]]),
+        ],
+    )
+    with pytest.raises(ValueError, match="tokens"):
+        idx.apply(1, partial)
+    assert len(idx) == 2  # the good event before the bad one stayed applied
+    with pytest.raises(msgspec.ValidationError):
+        idx.apply(1, {"event_id": 4, "events": "garbage", "block_size": BS})
 
 
 def msgspec_map(batch: KvEventBatch) -> dict[str, object]:
-    import msgspec
-
     return msgspec.to_builtins(batch)  # type: ignore[no-any-return]
 
 
@@ -164,7 +284,7 @@ async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
 
             assert await ask("What is the first question?") == 0
             async with asyncio.timeout(5):  # the stored events reach the router
-                while not router.indexer.blocks:
+                while not len(router.indexer):
                     await asyncio.sleep(0.01)
             cached = [await ask(f"And question number {i}?") for i in range(4)]
             # every follow-up went where the shared system prompt is cached

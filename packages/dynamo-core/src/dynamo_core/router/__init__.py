@@ -4,7 +4,8 @@ and kv: KV-cache-aware, from the workers' KV events), and admission control in f
 from __future__ import annotations
 
 from dynamo_core.router.admission import Admission, AdmissionLimits
-from dynamo_core.router.kv import KvIndexer, KvRouter
+from dynamo_core.router.indexer import KvIndexer
+from dynamo_core.router.kv import KvRouter
 from dynamo_core.router.policies import (
     LeastLoaded,
     RandomPolicy,

@@ -1,9 +1,6 @@
 """KV-aware routing: send a request where its prompt's prefix is already cached.
 
-The indexer follows every worker's KV events (`kv_events` topic): `stored` events carry each new
-block's tokens, so the router hashes them itself (`dynamo_core.llm.kv.block_hashes`: chained, so
-equal hashes mean equal prefixes) and never depends on how an engine hashes; it keeps each
-worker's engine-id -> router-hash map only to apply `removed` events.
+The indexer (`dynamo_core.router.indexer.KvIndexer`) follows every worker's KV events.
 
 For a request, the router hashes the prompt's full blocks and finds, per worker, how many
 leading blocks that worker holds. The cost of a worker is
@@ -17,118 +14,15 @@ over the costs, which spreads load among near-equal workers.
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Sequence
-from typing import Any
 
-import msgspec
-
-from dynamo_core.llm.kv import (
-    KvCleared,
-    KvEventBatch,
-    KvRemoved,
-    KvStored,
-    block_hashes,
-    local_block_hashes,
-    sequence_hash,
-)
+from dynamo_core.llm.kv import block_hashes
+from dynamo_core.router.indexer import KvIndexer
 from dynamo_core.router.policies import RoutingPolicy
 
 __all__ = ["KvIndexer", "KvRouter"]
-
-log = logging.getLogger("dynamo.router.kv")
-
-
-class KvIndexer:
-    """Which worker holds which block, from the workers' KV events."""
-
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self.blocks: dict[int, set[int]] = {}  # router hash -> workers
-        self._engine_to_router: dict[int, dict[int, int]] = {}  # worker -> engine id -> hash
-        self._last_event: dict[int, int] = {}
-        self.events_applied = 0
-
-    def apply(self, worker: int, batch: KvEventBatch | dict[str, Any]) -> None:
-        """Apply one `kv_events` message from `worker` (a `KvEventBatch` or its map)."""
-        if not isinstance(batch, KvEventBatch):
-            batch = msgspec.convert(batch, KvEventBatch)
-        last = self._last_event.get(worker)
-        if last is not None and batch.event_id != last + 1:
-            log.warning(
-                "worker %x: KV events %d..%d were lost; its index may be stale",
-                worker,
-                last + 1,
-                batch.event_id - 1,
-            )
-        self._last_event[worker] = batch.event_id
-        mapping = self._engine_to_router.setdefault(worker, {})
-        for event in batch.events:
-            if isinstance(event, KvStored):
-                self._stored(worker, mapping, event, batch.block_size)
-            elif isinstance(event, KvRemoved):
-                for engine_id in event.block_hashes:
-                    h = mapping.pop(engine_id, None)
-                    if h is not None:
-                        self._drop(worker, h)
-            elif isinstance(event, KvCleared):
-                self.remove_worker(worker)
-                self._engine_to_router[worker] = mapping = {}
-            self.events_applied += 1
-
-    def _stored(
-        self, worker: int, mapping: dict[int, int], event: KvStored, block_size: int
-    ) -> None:
-        if block_size != self.block_size:
-            log.warning(
-                "worker %x uses blocks of %d tokens, the router %d: ignoring its events",
-                worker,
-                block_size,
-                self.block_size,
-            )
-            return
-        parent = mapping.get(event.parent_hash) if event.parent_hash is not None else None
-        if event.parent_hash is not None and parent is None:
-            return  # the parent block is unknown (its event was lost): the chain cannot continue
-        for engine_id, tokens in zip(event.block_hashes, event.token_ids, strict=False):
-            local = local_block_hashes(tokens, self.block_size)
-            if len(local) != 1:
-                return
-            parent = sequence_hash(parent, local[0])
-            mapping[engine_id] = parent
-            self.blocks.setdefault(parent, set()).add(worker)
-
-    def _drop(self, worker: int, h: int) -> None:
-        holders = self.blocks.get(h)
-        if holders is not None:
-            holders.discard(worker)
-            if not holders:
-                del self.blocks[h]
-
-    def remove_worker(self, worker: int) -> None:
-        for h in self._engine_to_router.pop(worker, {}).values():
-            self._drop(worker, h)
-        self._last_event.pop(worker, None)
-
-    def overlaps(self, hashes: Sequence[int], workers: Sequence[int]) -> dict[int, int]:
-        """Per worker: how many leading blocks of `hashes` it holds."""
-        matched = dict.fromkeys(workers, 0)
-        active = set(workers)
-        for depth, h in enumerate(hashes):
-            holders = self.blocks.get(h)
-            if not holders:
-                break
-            active &= holders
-            if not active:
-                break
-            for w in active:
-                matched[w] = depth + 1
-        return matched
-
-    def cached_blocks(self, worker: int) -> set[int]:
-        return set(self._engine_to_router.get(worker, {}).values())
 
 
 class KvRouter(RoutingPolicy):
@@ -155,7 +49,7 @@ class KvRouter(RoutingPolicy):
 
     def overlaps(self, instances: Sequence[int], token_ids: Sequence[int]) -> dict[int, int]:
         """Per instance: leading blocks of the prompt it has cached."""
-        return self.indexer.overlaps(block_hashes(list(token_ids), self.block_size), instances)
+        return self.indexer.overlaps(block_hashes(token_ids, self.block_size), instances)
 
     def costs(self, instances: Sequence[int], token_ids: Sequence[int]) -> dict[int, float]:
         overlaps = self.overlaps(instances, token_ids)
