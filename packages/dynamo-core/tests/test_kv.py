@@ -13,6 +13,7 @@ from dynamo_core.llm.kv import (
     KvEventBatch,
     KvRemoved,
     KvStored,
+    LoadMetrics,
     block_hashes,
     stored_block_hashes,
 )
@@ -96,3 +97,12 @@ def test_event_batch_round_trips_as_tagged_maps() -> None:
     wire = msgspec.to_builtins(batch)
     assert wire["events"][0]["type"] == "stored"
     assert msgspec.convert(wire, KvEventBatch) == batch
+
+
+def test_load_metrics_speeds_are_optional_on_the_wire() -> None:
+    # a worker of an older version (or an engine that measures nothing) sends no speeds
+    old = msgspec.convert({"active_blocks": 3, "total_blocks": 10}, LoadMetrics)
+    assert old.prefill_tokens_per_s is None and old.decode_step_ms is None
+    assert msgspec.to_builtins(old) == {"active_blocks": 3, "total_blocks": 10}
+    new = LoadMetrics(active_blocks=3, total_blocks=10, prefill_tokens_per_s=1e4, decode_step_ms=4)
+    assert msgspec.convert(msgspec.to_builtins(new), LoadMetrics) == new

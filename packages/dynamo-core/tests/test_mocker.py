@@ -15,7 +15,7 @@ from dynamo_core.errors import InvalidRequestError
 from dynamo_core.handlers import BaseWorkerHandler
 from dynamo_core.llm.kv import KvCleared, KvEventBatch, KvRemoved, KvStored, block_hashes
 from dynamo_core.llm.tokenizer import Tokenizer
-from dynamo_core.mocker.engine import MockerEngine, MockerEngineArgs, StepOutput
+from dynamo_core.mocker.engine import MockerEngine, MockerEngineArgs, StepOutput, TimingModel
 from dynamo_core.mocker.handlers import MockerDecodeHandler, MockerHandler, MockerPrefillHandler
 from dynamo_core.mocker.kv_cache import KvCache
 from dynamo_core.runtime import Context
@@ -316,6 +316,30 @@ async def test_load_metrics_are_published_and_end_idle() -> None:
         assert seen[-1].total_blocks == 16384 and seen[-1].cached_blocks == 3
     finally:
         await e.close()
+
+
+async def test_unchanged_load_metrics_are_published_again_for_late_subscribers() -> None:
+    e = make_engine(metrics_refresh=0.02)
+    seen: list[Any] = []
+    e.on_load_metrics = seen.append
+    try:
+        await run(e, list(range(10, 30)), 2)
+        async with asyncio.timeout(5):
+            while len(seen) < 2 or seen[-1] != seen[-2]:
+                await asyncio.sleep(0.01)
+        assert seen[-1].running_requests == 0
+    finally:
+        await e.close()
+
+
+def test_load_metrics_carry_the_timing_models_speeds_in_wall_clock() -> None:
+    """What a KV router plans with: prefill tokens/s and the decode step at the current batch,
+    scaled by the speedup ratio."""
+    timing = TimingModel(step_base_ms=4.0, prefill_ms_per_token=0.1, decode_ms_per_seq=0.5)
+    e = make_engine(timing=timing, speedup_ratio=2.0)
+    m = e.load_metrics()
+    assert m.prefill_tokens_per_s == pytest.approx(2.0 * 1000 / 0.1)
+    assert m.decode_step_ms == pytest.approx((4.0 + 0.5) / 2.0)  # a batch of one at least
 
 
 # -- handlers --------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ async def test_kv_events_on_the_event_plane_replay_to_the_cache(
             if load.running_requests == 0 and load.active_blocks == 0:
                 break
     assert load.total_blocks == 40
+    assert load.prefill_tokens_per_s > 0 and load.decode_step_ms > 0  # what a router plans with
     await events.close()
     await metrics.close()
 

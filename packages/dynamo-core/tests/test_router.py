@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -13,8 +14,25 @@ import pytest
 from dynamo_core.errors import NoInstancesError
 from dynamo_core.frontend.service import OpenAIService
 from dynamo_core.http import serve_http
-from dynamo_core.llm.kv import KvCleared, KvEventBatch, KvRemoved, KvStored, block_hashes
-from dynamo_core.router import KvIndexer, KvRouter, LeastLoaded, RandomPolicy, RoundRobin
+from dynamo_core.llm.kv import (
+    KV_EVENTS_TOPIC,
+    LOAD_METRICS_TOPIC,
+    KvCleared,
+    KvEventBatch,
+    KvRemoved,
+    KvStored,
+    LoadMetrics,
+    block_hashes,
+)
+from dynamo_core.router import (
+    KvIndexer,
+    KvRouter,
+    LeastLoaded,
+    RandomPolicy,
+    RoundRobin,
+    follow_worker_events,
+)
+from dynamo_core.router.kv import DEFAULT_DECODE_STEP_S, DEFAULT_PREFILL_TOKENS_PER_S
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
@@ -212,27 +230,215 @@ def msgspec_map(batch: KvEventBatch) -> dict[str, object]:
     return msgspec.to_builtins(batch)  # type: ignore[no-any-return]
 
 
-def test_kv_router_prefers_cached_prefix_until_load_outweighs_it() -> None:
-    router = KvRouter(BS, overlap_weight=1.0, rng=random.Random(1))
-    prompt = list(range(40))  # 10 blocks
-    router.indexer.apply(1, stored(0, prompt[:32], list(range(100, 108))))  # 8 blocks on worker 1
-    assert router.select([1, 2], prompt) == 1
-    assert router.costs([1, 2], prompt) == {1: 2.0, 2: 10.0}
-    for _ in range(3):  # three requests of 10 blocks in flight on worker 1
-        router.started(1, prompt)
-    assert router.costs([1, 2], prompt) == {1: 32.0, 2: 10.0}
-    assert router.select([1, 2], prompt) == 2
-    for _ in range(3):
-        router.finished(1, prompt)
-    assert router.active_blocks == {}
-    assert router.select([1, 2], prompt) == 1
+# -- the cost model: estimated time to first token ------------------------------------------
+
+PROMPT = list(range(2000, 3300))  # 1,300 tokens: 325 blocks of 4
+RATE = 10_000.0  # prefill tokens per second
+STEP_MS = 5.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def kv_router(**kwargs: object) -> tuple[KvRouter, Clock]:
+    clock = Clock()
+    router = KvRouter(BS, rng=random.Random(1), clock=clock, **kwargs)  # type: ignore[arg-type]
+    return router, clock
+
+
+def report(router: KvRouter, worker: int, **fields: float) -> None:
+    values: dict[str, float] = {
+        "active_blocks": 0,
+        "total_blocks": 10_000,
+        "prefill_tokens_per_s": RATE,
+        "decode_step_ms": STEP_MS,
+    }
+    values.update(fields)
+    router.update_load(worker, msgspec.convert(values, LoadMetrics))
+
+
+def cache(router: KvRouter, worker: int, tokens: list[int]) -> None:
+    ids = list(range(len(tokens) // BS))
+    router.indexer.apply(worker, stored(0, tokens[: len(ids) * BS], ids))
+
+
+def test_estimate_is_the_time_to_first_token_in_seconds() -> None:
+    router, _ = kv_router()
+    report(router, 1)
+    report(router, 2)
+    cache(router, 1, PROMPT[:1200])  # 300 of the 325 blocks
+    costs = router.costs([1, 2], PROMPT)
+    assert costs[1] == pytest.approx(100 / RATE + STEP_MS / 1000)
+    assert costs[2] == pytest.approx(1300 / RATE + STEP_MS / 1000)
+
+
+def test_prefers_the_cached_worker_when_prefill_dominates() -> None:
+    router, _ = kv_router()
+    report(router, 1, running_requests=6, active_blocks=400, decode_step_ms=STEP_MS + 0.3)
+    report(router, 2)
+    cache(router, 1, PROMPT[:1200])
+    for i in range(3):  # decoding requests of this router on the cached worker, prefill done
+        router.started(1, PROMPT, f"r{i}")
+        router.first_token(1, PROMPT, f"r{i}")
+    assert router.load_key(1) > router.load_key(2)
+    assert router.select([1, 2], PROMPT) == 1
+
+
+def test_prefers_the_idle_worker_when_load_dominates() -> None:
+    router, clock = kv_router()
+    report(router, 1)
+    report(router, 2)
+    cache(router, 1, PROMPT[:1200])
+    others = [[9000 + i] * 1300 for i in range(2)]
+    for i, other in enumerate(others):  # two cold prompts queued for prefill on worker 1
+        router.started(1, other, f"q{i}")
+    assert router.costs([1, 2], PROMPT)[1] == pytest.approx((2600 + 100) / RATE + 0.005)
+    assert router.select([1, 2], PROMPT) == 2
+    # the queue drains with time: half a second later the cached worker is free again
+    clock.now += 0.5
+    assert router.select([1, 2], PROMPT) == 1
+
+
+def test_decode_load_alone_can_outweigh_a_cache_hit() -> None:
+    router, _ = kv_router()
+    report(router, 1, running_requests=200, decode_step_ms=150.0)  # a saturated decode batch
+    report(router, 2)
+    cache(router, 1, PROMPT[:1200])
+    assert router.select([1, 2], PROMPT) == 2
+
+
+def test_no_per_workload_weight_the_speeds_decide() -> None:
+    """The same defaults pick differently when the measured speeds change the arithmetic."""
+    router, _ = kv_router()
+    cache(router, 1, PROMPT[:1200])
+    router.started(1, [7] * 800, "queued")  # 800 tokens of prefill queued on the cached worker
+    report(router, 1, prefill_tokens_per_s=RATE)
+    report(router, 2, prefill_tokens_per_s=RATE)
+    # equal speeds: 0.09 s queued + 0.01 s own on worker 1 beats 0.13 s on worker 2
+    assert router.select([1, 2], PROMPT) == 1
+    # worker 2 measures three times faster: 0.043 s from scratch beats waiting on worker 1
+    report(router, 2, prefill_tokens_per_s=3 * RATE)
+    assert router.select([1, 2], PROMPT) == 2
+
+
+def test_queue_accounting_follows_first_tokens_and_ends() -> None:
+    router, clock = kv_router()
+    report(router, 1)
+    load = lambda: router.loads[1]  # noqa: E731
+    other = [7] * 1300
+    router.started(1, PROMPT, "a")
+    router.started(1, other, "b")
+    assert load().queued_s(clock.now) == pytest.approx(2 * 1300 / RATE)
+    clock.now += 0.05
+    router.first_token(1, PROMPT, "a")  # faster than estimated: only b's share is left
+    assert load().queued_s(clock.now) == pytest.approx(1300 / RATE)
+    router.finished(1, other, "b")  # b cancelled before its first token: nothing is queued
+    assert load().queued_s(clock.now) == 0
+    assert (load().requests, load().blocks) == (1, 326)
+    router.finished(1, PROMPT, "a")
+    assert (load().requests, load().blocks, load().pending) == (0, 0, {})
+    assert router.inflight == {}
+    # unknown ids and repeated ends change nothing
+    router.first_token(1, PROMPT, "zzz")
+    router.finished(1, PROMPT, "a")
+    assert router.inflight == {} and load().requests == 0
+
+
+def test_a_prefix_in_flight_counts_as_cached_on_its_worker() -> None:
+    """Two requests for one new prefix: the second queues behind the first's prefill (which
+    will leave the prefix cached there) rather than computing it again on an idle worker."""
+    router, clock = kv_router()
+    report(router, 1)
+    report(router, 2)
+    first = [*PROMPT, 1, 2, 3]
+    second = [*PROMPT, 4, 5, 6]
+    assert router.select([1, 2], first) in (1, 2)
+    router.started(1, first, "first")
+    costs = router.costs([1, 2], second)
+    assert costs[1] == pytest.approx(1303 / RATE + 3 / RATE + 0.005)  # its queue + 3 tokens
+    assert router.select([1, 2], second) == 1
+    router.started(1, second, "second")
+    assert router.loads[1].blocks == 326 + 1  # the shared prefix is not counted twice
+    # once both ended, only the KV events (not sent here) say what worker 1 holds
+    router.finished(1, first, "first")
+    router.finished(1, second, "second")
+    clock.now += 1
+    assert router.overlaps([1, 2], second) == {1: 0, 2: 0}
+
+
+def test_requests_without_ids_are_tracked_by_their_token_list() -> None:
+    router, _ = kv_router()
+    a, b = list(PROMPT), list(PROMPT)
+    router.started(1, a)
+    router.started(1, b)
+    router.finished(1, a)
+    assert router.loads[1].requests == 1 and router.inflight == {1: 1}
+    router.finished(1, b)
+    assert 1 not in router.loads and router.inflight == {}
+
+
+def test_load_reports_correct_the_dispatch_accounting() -> None:
+    router, _ = kv_router()
+    report(router, 1, total_blocks=400, active_blocks=350, running_requests=5)
+    report(router, 2, total_blocks=400)
+    cache(router, 1, PROMPT[:1200])
+    # other routers' requests fill worker 1: 350 + 26 new blocks fit in 400
+    assert router.load_key(1) == (5, 350)
+    assert router.select([1, 2], PROMPT) == 1
+    router.started(1, [5] * 1600, "mine")  # 401 more blocks, counted at once
+    router.first_token(1, [5] * 1600, "mine")  # prefilled: it holds memory, queues nothing
+    assert router.load_key(1) == (6, 751)
+    # 377 blocks over capacity: recomputing them costs more than the cache saves
+    costs = router.costs([1, 2], PROMPT)
+    assert costs[1] == pytest.approx(0.01 + 0.005 + 377 * BS / RATE)
+    assert router.select([1, 2], PROMPT) == 2
+    # the next report includes this router's request: it is not counted twice
+    report(router, 1, total_blocks=400, active_blocks=751, running_requests=6)
+    assert router.load_key(1) == (6, 751)
+    router.finished(1, [5] * 1600, "mine")
+    assert router.load_key(1) == (5, 350)
+
+
+def test_ties_go_to_the_least_loaded_then_take_turns() -> None:
+    router, _ = kv_router()
+    report(router, 1, running_requests=3, active_blocks=30)
+    report(router, 2, running_requests=1, active_blocks=10)
+    report(router, 3, running_requests=2, active_blocks=5)
+    assert {router.select([1, 2, 3], PROMPT) for _ in range(10)} == {2}
+    report(router, 3, running_requests=1, active_blocks=5)
+    picks = [router.select([1, 2, 3], PROMPT) for _ in range(10)]
+    assert picks[::2] == [picks[0]] * 5 and picks[1::2] == [picks[1]] * 5
+    assert {picks[0], picks[1]} == {2, 3}
+
+
+def test_unreported_workers_are_assumed_as_fast_as_the_others() -> None:
+    router, _ = kv_router()
+    assert router.speeds(1) == (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)
+    report(router, 1, prefill_tokens_per_s=4000, decode_step_ms=20)
+    report(router, 2, prefill_tokens_per_s=8000, decode_step_ms=10)
+    assert router.speeds(3) == (6000, 0.015)
+    router.remove_worker(1)
+    assert router.speeds(3) == (8000, 0.010)
+
+
+def test_overlap_weight_overrides_the_balance() -> None:
+    router, _ = kv_router(overlap_weight=0.0)  # load only: the cache is not worth anything
+    report(router, 1, running_requests=1)
+    report(router, 2)
+    cache(router, 1, PROMPT[:1200])
+    assert router.select([1, 2], PROMPT) == 2
 
 
 def test_kv_router_temperature_spreads_choices() -> None:
-    router = KvRouter(BS, temperature=5.0, rng=random.Random(0))
-    prompt = list(range(8))
-    router.indexer.apply(1, stored(0, prompt[:4], [1]))
-    picks = [router.select([1, 2], prompt) for _ in range(200)]
+    router, _ = kv_router(temperature=1.0)
+    prompt = list(range(80))
+    cache(router, 1, prompt[:40])
+    picks = [router.select([1, 2], prompt) for _ in range(400)]
     assert picks.count(1) > picks.count(2) > 0
 
 
@@ -291,6 +497,16 @@ async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
             assert all(c >= 48 for c in cached), cached
             totals = sorted(w.engine.stats()["requests_total"] for w in workers)
             assert totals == [0, 5]
+            # every request ended in the router's accounting (first token, then its end) ...
+            assert all(not load.requests and not load.pending for load in router.loads.values())
+            assert router.inflight == {}
+            # ... and the workers' reports carry their speeds (13.3k tokens/s at speedup 1000)
+            async with asyncio.timeout(5):
+                while len([m for m in router.loads.values() if m.metrics]) < 2:
+                    await asyncio.sleep(0.01)
+            for load in router.loads.values():
+                assert load.metrics is not None
+                assert load.metrics.prefill_tokens_per_s == pytest.approx(1000 * 1000 / 0.075)
         finally:
             await client.close()
             await server.close()
@@ -300,3 +516,62 @@ async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
             await asyncio.gather(*tasks)
             for w in workers:
                 await w.close()
+
+
+async def test_router_follows_events_skips_garbage_and_forgets_dead_workers(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that sends malformed KV events or load metrics costs a log line each, never the
+    subscription; a worker that leaves discovery leaves the router's index and load tables."""
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(cfg) as front:
+        worker_rt = DistributedRuntime(cfg)
+        await worker_rt.start()
+        component = worker_rt.namespace(namespace).component("backend")
+        await component.create_service()
+        kv_pub = await component.event_publisher(KV_EVENTS_TOPIC)
+        load_pub = await component.event_publisher(LOAD_METRICS_TOPIC)
+
+        async def handler(request: object) -> AsyncIterator[dict[str, object]]:
+            yield {}
+
+        serving = asyncio.create_task(component.endpoint("generate").serve_endpoint(handler))
+        client = await front.endpoint(f"{namespace}.backend.generate").client()
+        router = KvRouter(BS)
+        follow = asyncio.create_task(
+            follow_worker_events(router, front.namespace(namespace).component("backend"), client)
+        )
+        try:
+            await client.wait_for_instances()
+            (worker,) = client.instance_ids()
+            async with asyncio.timeout(5):  # both subscriptions reached the publishers
+                while not (kv_pub.subscriber_count and load_pub.subscriber_count):
+                    await asyncio.sleep(0.01)
+            kv_pub.publish({"event_id": 0, "events": "garbage", "block_size": BS})
+            kv_pub.publish("not a batch at all")
+            kv_pub.publish(msgspec_map(stored(1, [5, 6, 7], [1])))  # a partial block
+            load_pub.publish({"active_blocks": "many"})
+            kv_pub.publish(msgspec_map(stored(2, list(range(8)), [1, 2])))
+            load_pub.publish({"active_blocks": 3, "total_blocks": 10, "decode_step_ms": 7.0})
+            async with asyncio.timeout(5):
+                while not len(router.indexer) or worker not in router.loads:
+                    await asyncio.sleep(0.01)
+            assert router.overlaps([worker], list(range(8))) == {worker: 2}
+            assert router.speeds(worker)[1] == 0.007
+            bad = [r for r in caplog.records if r.getMessage().startswith("bad ")]
+            assert len(bad) == 4, [r.getMessage() for r in bad]
+            assert not follow.done()
+
+            worker_rt.request_shutdown()  # the worker leaves discovery
+            await serving
+            async with asyncio.timeout(5):
+                while router.indexer.workers() or worker in router.loads:
+                    await client.wait_for_change()
+            assert router.overlaps([worker], list(range(8))) == {worker: 0}
+        finally:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+            await client.close()
+            await kv_pub.close()
+            await load_pub.close()
+            await worker_rt.shutdown()

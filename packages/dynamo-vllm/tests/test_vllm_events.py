@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -148,20 +149,19 @@ async def test_relay_follows_a_publisher_that_binds(caplog: pytest.LogCaptureFix
         await relay.close()
 
 
+def vllm_config(num_gpu_blocks: int) -> Any:
+    """What the logger reads of vLLM's `VllmConfig`."""
+    return SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=num_gpu_blocks))
+
+
 def test_load_metrics_logger_publishes_changes_only() -> None:
-    class Cache:
-        num_gpu_blocks = 200
-
-    class Config:
-        cache_config = Cache()
-
     class Stats:
         num_running_reqs = 3
         num_waiting_reqs = 1
         kv_cache_usage = 0.25
 
     sent: list[Any] = []
-    logger = LoadMetricsLogger.factory(sent.append)(Config(), 0)
+    logger = LoadMetricsLogger.factory(sent.append)(vllm_config(200), 0)
     logger.log_engine_initialized()
     logger.record(Stats(), None)
     logger.record(Stats(), None, None, 0)
@@ -169,3 +169,32 @@ def test_load_metrics_logger_publishes_changes_only() -> None:
     assert sent == [
         {"active_blocks": 50, "total_blocks": 200, "waiting_requests": 1, "running_requests": 3}
     ]
+
+
+def test_load_metrics_logger_measures_speeds_from_iteration_stats() -> None:
+    class Sched:
+        num_running_reqs = 2
+        num_waiting_reqs = 0
+        kv_cache_usage = 0.5
+
+    class Prompt:
+        def __init__(self, computed: int) -> None:
+            self.computed = computed
+
+    class Iteration:  # vLLM's IterationStats, the fields the logger reads
+        def __init__(self, at: float, computed: int, itl: list[float]) -> None:
+            self.iteration_timestamp = at
+            self.prompt_token_stats = Prompt(computed)
+            self.inter_token_latencies_iter = itl
+
+    sent: list[Any] = []
+    logger = LoadMetricsLogger.factory(sent.append)(vllm_config(100), 0)
+    logger.record(Sched(), Iteration(100.00, 0, []))
+    logger.record(Sched(), Iteration(100.01, 0, [0.01, 0.01]))  # decode steps of 10 ms
+    logger.record(Sched(), Iteration(100.02, 0, [0.01, 0.01]))
+    # a step that also prefilled 1,000 new tokens took 90 ms more than a decode step
+    logger.record(Sched(), Iteration(100.12, 1000, [0.1, 0.1]))
+    last = sent[-1]
+    assert last["decode_step_ms"] == 10.0
+    assert last["prefill_tokens_per_s"] == pytest.approx(1000 / 0.09, rel=1e-2)
+    assert last["active_blocks"] == 50 and last["running_requests"] == 2

@@ -30,18 +30,20 @@ class FrontendConfig(RuntimeConfig):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
     router_mode: Literal["round-robin", "random", "least-loaded", "kv"] = Field(
         "round-robin",
-        description="How a worker is chosen for each request (kv: where the prompt's prefix "
-        "is cached, from the workers' KV events, balanced against their load).",
+        description="How a worker is chosen for each request (kv: the lowest estimated time to "
+        "first token, from the prefix each worker has cached, its queued prefill and its load).",
     )
     kv_overlap_score_weight: float = Field(
         1.0,
         ge=0,
-        description="With --router-mode kv: weight of prefill work against load (0: load only).",
+        description="With --router-mode kv: weight of the request's own prefill time in the "
+        "estimate (1: as measured; more favours cache hits; 0: load only).",
     )
     router_temperature: float = Field(
         0.0,
         ge=0,
-        description="With --router-mode kv: softmax temperature of the choice (0: always the best).",
+        description="With --router-mode kv: softmax temperature over the estimates normalised to "
+        "[0, 1] (0: always the best).",
     )
     migration_limit: int | None = Field(
         None,

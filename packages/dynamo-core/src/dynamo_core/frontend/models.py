@@ -18,11 +18,11 @@ import msgspec
 
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.chat_template import ChatTemplate
-from dynamo_core.llm.kv import KV_EVENTS_TOPIC, LOAD_METRICS_TOPIC, LoadMetrics
+from dynamo_core.llm.kv import LOAD_METRICS_TOPIC, LoadMetrics
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard, fetch_model_files
 from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.router.admission import Admission, AdmissionLimits
-from dynamo_core.router.kv import KvRouter
+from dynamo_core.router.kv import KvRouter, follow_worker_events
 from dynamo_core.router.policies import RoutingPolicy, make_policy
 
 if TYPE_CHECKING:
@@ -250,29 +250,11 @@ class ModelManager:
         return make_policy(self.router_mode)
 
     async def _follow_kv_events(self, entry: ModelEntry, router: KvRouter) -> None:
-        """Keep the model's KV index current from its workers' `kv_events`."""
+        """Keep the model's KV router current from its workers' KV events and load metrics."""
         ns, component, _ = entry.card.endpoint.split(".")
-        subscriber = (
-            await self.runtime.namespace(ns).component(component).subscribe(KV_EVENTS_TOPIC)
+        await follow_worker_events(
+            router, self.runtime.namespace(ns).component(component), entry.client
         )
-        live: set[int] = set(entry.client.instance_ids())
-
-        def forget_dead() -> None:
-            nonlocal live
-            now = set(entry.client.instance_ids())
-            for gone in live - now:
-                router.indexer.remove_worker(gone)
-            live = now
-
-        entry.client.on_change(forget_dead)
-        try:
-            async for event in subscriber:
-                try:
-                    router.indexer.apply(event.publisher_id, event.payload)
-                except (msgspec.ValidationError, TypeError, ValueError) as exc:
-                    log.warning("bad KV event from %x: %s", event.publisher_id, exc)
-        finally:
-            await subscriber.close()
 
     async def _follow_load_metrics(self, entry: ModelEntry) -> None:
         """Feed the workers' `load_metrics` to the model's admission control."""

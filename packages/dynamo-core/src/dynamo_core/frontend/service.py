@@ -509,7 +509,7 @@ class OpenAIService:
         policy = entry.policy
         while True:
             iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
-            policy.started(iid, preq["token_ids"])
+            policy.started(iid, preq["token_ids"], ctx.id)
             stream = None
             received = False
             try:
@@ -517,6 +517,8 @@ class OpenAIService:
                 if prefill is not None:
                     prefill.watch(stream)
                 async for item in stream:
+                    if not received:
+                        policy.first_token(iid, preq["token_ids"], ctx.id)
                     received = True
                     batch = [item]
                     more = stream.take_ready()
@@ -551,7 +553,7 @@ class OpenAIService:
                         "request %s: instance %x unreachable (%s); trying another", ctx.id, iid, exc
                     )
             finally:
-                policy.finished(iid, preq["token_ids"])
+                policy.finished(iid, preq["token_ids"], ctx.id)
                 if stream is not None:
                     stream.cancel()
 

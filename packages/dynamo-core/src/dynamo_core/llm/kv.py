@@ -157,10 +157,19 @@ class KvEventBatch(msgspec.Struct, kw_only=True):
 
 
 class LoadMetrics(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One message on the `load_metrics` topic."""
+    """One message on the `load_metrics` topic: a worker's load and its measured speeds.
+
+    The speeds let a router estimate a request's time to first token on this worker without a
+    per-workload weight (`dynamo_core.router.kv`); None (absent on the wire) means the engine
+    does not measure them. Both are wall-clock figures, as a client sees them.
+    """
 
     active_blocks: int
     total_blocks: int
     waiting_requests: int = 0
     running_requests: int = 0
     cached_blocks: int = 0
+    prefill_tokens_per_s: float | None = None
+    """New (uncached) prompt tokens the engine computes per second while prefilling."""
+    decode_step_ms: float | None = None
+    """One engine step at the current batch (the inter-token latency of running requests)."""

@@ -46,7 +46,10 @@ and the loop sleeps `step_ms / 1000 / speedup_ratio` seconds with `asyncio.sleep
 are of the order of an 8B model on one modern GPU (about 13k prefill tokens/s, a 4 ms decode
 step at small batch growing by 0.05 ms per sequence). Each request's share of simulated time is
 recorded (`RequestMetrics.prefill_time_ms`: simulated time of the steps up to its first token),
-which makes cache effects measurable independently of the host's speed.
+which makes cache effects measurable independently of the host's speed. The published
+`LoadMetrics` carry the model's speeds in wall-clock terms (prefill tokens per second, and the
+decode step at the current batch, both scaled by `speedup_ratio`), which is what a KV router
+plans with.
 
 *Tokens* are deterministic: the token at position `p` is a function of (request seed, or the
 engine seed when the request has none; the prompt; `p`), drawn from the model's vocabulary
@@ -153,6 +156,9 @@ class MockerEngineArgs:
     timing: TimingModel = field(default_factory=TimingModel)
     metrics_interval: float = 0.05
     """Least seconds between two `LoadMetrics` publications while busy."""
+    metrics_refresh: float = 1.0
+    """Seconds after which unchanged `LoadMetrics` are published again (a router that subscribed
+    after the last change learns this worker's load and speeds within that time)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -531,13 +537,18 @@ class MockerEngine:
         return self._event_id
 
     def load_metrics(self) -> LoadMetrics:
-        cache = self.cache
+        """Load now, and the speeds a router plans with (from the timing model, wall-clock)."""
+        args, cache = self.args, self.cache
+        timing, speedup = args.timing, args.speedup_ratio
+        per_token = timing.prefill_ms_per_token
         return LoadMetrics(
             active_blocks=cache.active_blocks,
             total_blocks=cache.capacity,
             waiting_requests=len(self._waiting),
             running_requests=len(self._running),
             cached_blocks=cache.cached_blocks,
+            prefill_tokens_per_s=1000.0 * speedup / per_token if per_token > 0 else None,
+            decode_step_ms=timing.step_ms(0, max(1, len(self._running))) / speedup,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -589,7 +600,10 @@ class MockerEngine:
             if not self._running and not self._waiting:
                 self._publish_metrics(force=True)
                 wake.clear()
-                await wake.wait()
+                try:  # idle: wake up now and then to publish the same metrics again
+                    await asyncio.wait_for(wake.wait(), self.args.metrics_refresh)
+                except TimeoutError:
+                    pass
                 continue
             try:
                 batch = self._schedule()
@@ -854,7 +868,10 @@ class MockerEngine:
         if not force and now - self._last_metrics_at < self.args.metrics_interval:
             return
         metrics = self.load_metrics()
-        if metrics == self._last_metrics:
+        if (
+            metrics == self._last_metrics
+            and now - self._last_metrics_at < self.args.metrics_refresh
+        ):
             return
         self._last_metrics = metrics
         self._last_metrics_at = now

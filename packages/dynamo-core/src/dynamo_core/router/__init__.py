@@ -1,11 +1,12 @@
 """Routing: policies that pick a worker for each request (round-robin, random, least-loaded,
-and kv: KV-cache-aware, from the workers' KV events), and admission control in front of them."""
+and kv: the lowest estimated time to first token, from the workers' KV events and load reports),
+and admission control in front of them."""
 
 from __future__ import annotations
 
 from dynamo_core.router.admission import Admission, AdmissionLimits
 from dynamo_core.router.indexer import KvIndexer
-from dynamo_core.router.kv import KvRouter
+from dynamo_core.router.kv import KvRouter, WorkerLoad, follow_worker_events
 from dynamo_core.router.policies import (
     LeastLoaded,
     RandomPolicy,
@@ -25,5 +26,7 @@ __all__ = [
     "RoundRobin",
     "RouterMode",
     "RoutingPolicy",
+    "WorkerLoad",
+    "follow_worker_events",
     "make_policy",
 ]

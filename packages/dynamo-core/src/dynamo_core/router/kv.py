@@ -1,32 +1,157 @@
-"""KV-aware routing: send a request where its prompt's prefix is already cached.
+"""KV-aware routing: each request goes to the worker where its first token is expected soonest.
 
-The indexer (`dynamo_core.router.indexer.KvIndexer`) follows every worker's KV events.
+A cached prefix is worth what it saves in time, and a busy worker costs what it delays in time, so
+the router compares workers in one unit, seconds of estimated time to first token (TTFT):
 
-For a request, the router hashes the prompt's full blocks and finds, per worker, how many
-leading blocks that worker holds. The cost of a worker is
+    ttft(w) = overlap_weight * new_tokens(w) / prefill_rate(w)   this request's own prefill
+            + queued_prefill(w)                                  prefill sent to w, not done yet
+            + decode_step(w)                                     the step that emits the token
+            + overflow_blocks(w) * block_size / prefill_rate(w)  KV memory it would run out of
 
-    overlap_weight * (prompt blocks it would have to prefill) + (blocks of requests in flight on it)
+- `new_tokens(w)`: the prompt tokens left after the prefix `w` holds, at least one. What `w`
+  holds is what the `KvIndexer` learnt from its KV events, plus the prompts this router has in
+  flight there: a request for a prefix that is being prefilled right now (its KV events are not
+  out yet) will find it cached once that prefill is done, so it queues behind it there instead
+  of prefilling it a second time elsewhere. (In-flight prompts are indexed by their first block;
+  chained hashes make the common prefix of two prompts a binary search.)
+- `queued_prefill(w)`: this router's own dispatch accounting, kept as a time backlog: each request
+  sent to `w` adds its estimated prefill time, the backlog drains with the clock, and a request's
+  first token (or its end) takes its share off at once, so an estimate that was too long corrects
+  itself when the worker answers.
+- `decode_step(w)`: one engine step at the worker's current batch, as the worker measures it.
+- overflow: the KV blocks the worker is using (counted at dispatch by this router, corrected by
+  the worker's reports, which also see other routers' requests) plus the new request's blocks,
+  beyond its capacity: an engine preempts and recomputes about that much.
 
-where in-flight blocks are counted by this router at dispatch time (a worker's own load report
-always lags). The lowest cost wins; with a temperature > 0 the choice is sampled from a softmax
-over the costs, which spreads load among near-equal workers.
+`prefill_rate` and `decode_step` are the speeds each worker reports in its `LoadMetrics` (the
+mocker from its timing model, vLLM from its iteration stats), so there is no per-workload weight:
+a cache hit wins when the prefill it saves exceeds the queue it joins. A worker that reports no
+speeds is assumed as fast as the mean of those that do (or `DEFAULT_PREFILL_TOKENS_PER_S` and
+`DEFAULT_DECODE_STEP_S` when none does).
+
+The lowest estimate wins. Estimates within one decode step of it are a tie (an engine's clock
+ticks in steps: closer than that, the estimate cannot tell them apart), broken by load: first the
+work the request adds (its tokens to prefill there: when two workers are as fast, the one that
+has its prefix computes less and keeps the other free), then the active sequences, then in turn
+(as round-robin would).
+
+Overrides: `overlap_weight` (`--kv-overlap-score-weight`) scales the request's own prefill term
+(>1 favours cache hits more, 0 balances load only); `temperature` (`--router-temperature`) > 0
+samples the choice from a softmax over the estimates normalised to [0, 1], spreading load among
+near-equal workers.
+
+`follow_worker_events` keeps a router current from a component's `kv_events` and
+`load_metrics`; workers that leave discovery are forgotten. A malformed event is logged and
+skipped, never fatal; a worker that stops reporting keeps its last report until it leaves.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from dynamo_core.llm.kv import block_hashes
+import msgspec
+
+from dynamo_core.llm.kv import KV_EVENTS_TOPIC, LOAD_METRICS_TOPIC, LoadMetrics, block_hashes
 from dynamo_core.router.indexer import KvIndexer
 from dynamo_core.router.policies import RoutingPolicy
 
-__all__ = ["KvIndexer", "KvRouter"]
+if TYPE_CHECKING:
+    from dynamo_core.runtime import Client, Component
+
+__all__ = [
+    "DEFAULT_DECODE_STEP_S",
+    "DEFAULT_PREFILL_TOKENS_PER_S",
+    "KvIndexer",
+    "KvRouter",
+    "WorkerLoad",
+    "follow_worker_events",
+]
+
+log = logging.getLogger("dynamo.router.kv")
+
+DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0
+"""Prefill speed assumed for a worker when no worker of the model reports one."""
+DEFAULT_DECODE_STEP_S = 0.010
+"""Decode step assumed for a worker when no worker of the model reports one."""
+
+
+class WorkerLoad:
+    """One worker's load as this router sees it: its own dispatches, corrected by reports."""
+
+    __slots__ = ("_base", "blocks", "busy_until", "metrics", "pending", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        """Requests this router has in flight on the worker."""
+        self.blocks = 0
+        """KV blocks those requests add (their prompts beyond the cached prefix)."""
+        self.pending: dict[Hashable, float] = {}
+        """Requests still prefilling -> their estimated prefill seconds."""
+        self.busy_until = 0.0
+        """When the worker is expected to have finished the prefill sent to it (monotonic)."""
+        self.metrics: LoadMetrics | None = None
+        self._base = (0, 0)  # (requests, blocks) of this router when `metrics` arrived
+
+    def report(self, metrics: LoadMetrics) -> None:
+        self.metrics = metrics
+        self._base = (self.requests, self.blocks)
+
+    def sequences(self) -> int:
+        """Active sequences: the last report plus this router's dispatches since."""
+        m = self.metrics
+        if m is None:
+            return self.requests
+        reported = m.running_requests + m.waiting_requests
+        return max(self.requests, reported + self.requests - self._base[0])
+
+    def active_blocks(self) -> int:
+        """KV blocks in use: the last report plus this router's dispatches since."""
+        m = self.metrics
+        if m is None:
+            return self.blocks
+        return max(self.blocks, m.active_blocks + self.blocks - self._base[1])
+
+    def queued_s(self, now: float) -> float:
+        return self.busy_until - now if self.busy_until > now else 0.0
+
+    def prefilled(self, key: Hashable, now: float, cancelled: bool) -> None:
+        """A pending request's prefill ended (first token), or it ended before that."""
+        work = self.pending.pop(key, 0.0)
+        left = sum(self.pending.values())
+        busy = self.busy_until - work if cancelled else self.busy_until
+        self.busy_until = min(busy, now + left)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Blocks two chains share, given that they share the first (equal hash, equal prefix)."""
+    low, high = 1, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+class _Routed:
+    __slots__ = ("blocks", "hashes", "prefilling", "worker")
+
+    def __init__(self, worker: int, blocks: int, hashes: list[int]) -> None:
+        self.worker = worker
+        self.blocks = blocks
+        self.hashes = hashes  # its prompt's block hashes
+        self.prefilling = True
 
 
 class KvRouter(RoutingPolicy):
-    """A routing policy on top of `KvIndexer` (`--router-mode kv`)."""
+    """A routing policy that minimises the estimated time to first token (`--router-mode kv`)."""
 
     def __init__(
         self,
@@ -34,49 +159,251 @@ class KvRouter(RoutingPolicy):
         overlap_weight: float = 1.0,
         temperature: float = 0.0,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.indexer = KvIndexer(block_size)
         self.block_size = block_size
         self.overlap_weight = overlap_weight
         self.temperature = temperature
+        self.loads: dict[int, WorkerLoad] = {}
         self._rng = rng or random.Random()
-        self.active_blocks: dict[int, int] = {}
+        self._clock = clock
+        self._routed: dict[Hashable, _Routed] = {}
+        self._turn = 0  # the last ties take turns
+        self._by_first: dict[int, dict[Hashable, _Routed]] = {}  # in flight, by first block
+        # the last prompt costed: (its token list, its block hashes, overlaps), for `started`
+        self._last: tuple[Sequence[int], list[int], dict[int, int]] | None = None
+        self._rates = [0.0, 0]  # sum and count of reported prefill rates
+        self._steps = [0.0, 0]  # sum and count of reported decode steps (ms)
 
-    def request_blocks(self, token_ids: Sequence[int]) -> int:
-        """KV blocks a request holds while it runs (its prompt; output grows it further)."""
-        return max(1, math.ceil(len(token_ids) / self.block_size))
+    # -- what workers report --------------------------------------------------------------
+
+    def update_load(self, worker: int, metrics: LoadMetrics | Mapping[str, Any]) -> None:
+        """Apply one `load_metrics` message from `worker` (a `LoadMetrics` or its wire map)."""
+        if not isinstance(metrics, LoadMetrics):
+            metrics = msgspec.convert(metrics, LoadMetrics)
+        load = self.loads.get(worker)
+        if load is None:
+            load = self.loads[worker] = WorkerLoad()
+        self._count_speeds(load.metrics, -1)
+        self._count_speeds(metrics, 1)
+        load.report(metrics)
+
+    def remove_worker(self, worker: int) -> None:
+        """Forget a worker's cache and reports (it left discovery)."""
+        self.indexer.remove_worker(worker)
+        load = self.loads.get(worker)
+        if load is not None:
+            self._count_speeds(load.metrics, -1)
+            load.metrics = None
+            if not load.requests:
+                del self.loads[worker]
+
+    def _count_speeds(self, metrics: LoadMetrics | None, sign: int) -> None:
+        if metrics is None:
+            return
+        for total, value in (
+            (self._rates, metrics.prefill_tokens_per_s),
+            (self._steps, metrics.decode_step_ms),
+        ):
+            if value:
+                total[1] += sign
+                total[0] = total[0] + sign * value if total[1] else 0.0
+
+    def speeds(self, worker: int) -> tuple[float, float]:
+        """(prefill tokens per second, decode step seconds) of `worker`, reported or assumed."""
+        load = self.loads.get(worker)
+        m = load.metrics if load is not None else None
+        if m is not None and m.prefill_tokens_per_s:
+            rate = m.prefill_tokens_per_s
+        else:
+            rate = (
+                self._rates[0] / self._rates[1] if self._rates[1] else DEFAULT_PREFILL_TOKENS_PER_S
+            )
+        if m is not None and m.decode_step_ms:
+            step = m.decode_step_ms / 1000.0
+        elif self._steps[1]:
+            step = self._steps[0] / self._steps[1] / 1000.0
+        else:
+            step = DEFAULT_DECODE_STEP_S
+        return rate, step
+
+    # -- the estimate ---------------------------------------------------------------------
+
+    def request_blocks(self, prompt_tokens: int) -> int:
+        """KV blocks a prompt takes (with room for its first output token)."""
+        return prompt_tokens // self.block_size + 1
 
     def overlaps(self, instances: Sequence[int], token_ids: Sequence[int]) -> dict[int, int]:
-        """Per instance: leading blocks of the prompt it has cached."""
-        return self.indexer.overlaps(block_hashes(token_ids, self.block_size), instances)
+        """Per instance: leading blocks of the prompt it has cached (or has in flight)."""
+        hashes = block_hashes(token_ids, self.block_size)
+        overlaps = self.indexer.overlaps(hashes, instances)
+        inflight = self._by_first.get(hashes[0]) if hashes else None
+        for routed in (inflight or {}).values():
+            w = routed.worker
+            if w in overlaps and overlaps[w] < len(hashes):
+                overlaps[w] = max(overlaps[w], _common_prefix(routed.hashes, hashes))
+        self._last = (token_ids, hashes, overlaps)
+        return overlaps
 
     def costs(self, instances: Sequence[int], token_ids: Sequence[int]) -> dict[int, float]:
+        """Per instance: the request's estimated time to first token there, in seconds."""
         overlaps = self.overlaps(instances, token_ids)
-        total = self.request_blocks(token_ids)
-        return {
-            w: self.overlap_weight * (total - overlaps[w]) + self.active_blocks.get(w, 0)
-            for w in instances
-        }
+        now = self._clock()
+        n = len(token_ids)
+        blocks = self.request_blocks(n)
+        return {w: self._ttft(w, n, blocks, overlaps[w], now) for w in instances}
+
+    def _ttft(self, worker: int, tokens: int, blocks: int, cached: int, now: float) -> float:
+        rate, step = self.speeds(worker)
+        new_tokens = max(1, tokens - cached * self.block_size)
+        ttft = self.overlap_weight * new_tokens / rate + step
+        load = self.loads.get(worker)
+        if load is None:
+            return ttft
+        ttft += load.queued_s(now)
+        m = load.metrics
+        if m is not None and m.total_blocks > 0:
+            overflow = load.active_blocks() + blocks - cached - m.total_blocks
+            if overflow > 0:
+                ttft += overflow * self.block_size / rate
+        return ttft
+
+    def load_key(self, worker: int) -> tuple[int, int]:
+        """The worker's load: (active sequences, active KV blocks), as corrected by reports."""
+        load = self.loads.get(worker)
+        return (0, 0) if load is None else (load.sequences(), load.active_blocks())
 
     def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
         costs = self.costs(instances, token_ids)
-        low = min(costs.values())
-        if self.temperature > 0 and len(costs) > 1:
-            weights = [math.exp(-(c - low) / self.temperature) for c in costs.values()]
-            return self._rng.choices(list(costs), weights=weights)[0]
-        ties = [w for w, c in costs.items() if c == low]
-        return ties[self._rng.randrange(len(ties))] if len(ties) > 1 else ties[0]
+        if len(costs) == 1:
+            return next(iter(costs))
+        best = min(costs, key=costs.__getitem__)
+        low = costs[best]
+        if self.temperature > 0:
+            return self._sample(costs, low)
+        window = low + self.speeds(best)[1]
+        ties = [w for w, c in costs.items() if c <= window]
+        if len(ties) > 1:
+            assert self._last is not None
+            overlaps = self._last[2] if self.overlap_weight > 0 else dict.fromkeys(ties, 0)
+            keys = {w: (-overlaps[w], self.load_key(w)[0]) for w in ties}
+            least = min(keys.values())
+            ties = [w for w in ties if keys[w] == least]
+        if len(ties) == 1:
+            return ties[0]
+        self._turn += 1
+        return ties[self._turn % len(ties)]
 
-    def started(self, instance_id: int, token_ids: Sequence[int] = ()) -> None:
-        super().started(instance_id, token_ids)
-        blocks = self.request_blocks(token_ids)
-        self.active_blocks[instance_id] = self.active_blocks.get(instance_id, 0) + blocks
+    def _sample(self, costs: dict[int, float], low: float) -> int:
+        spread = max(costs.values()) - low
+        if spread <= 0:
+            return list(costs)[self._rng.randrange(len(costs))]
+        scale = spread * self.temperature
+        weights = [math.exp(-(c - low) / scale) for c in costs.values()]
+        return self._rng.choices(list(costs), weights=weights)[0]
 
-    def finished(self, instance_id: int, token_ids: Sequence[int] = ()) -> None:
-        super().finished(instance_id, token_ids)
-        left = self.active_blocks.get(instance_id, 0) - self.request_blocks(token_ids)
-        if left > 0:
-            self.active_blocks[instance_id] = left
-        else:
-            self.active_blocks.pop(instance_id, None)
+    # -- dispatch accounting ----------------------------------------------------------------
+
+    def _cached_on(self, worker: int, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """The prompt's block hashes and the blocks `worker` has of it (from `select` if it
+        just costed this very token list)."""
+        last, self._last = self._last, None
+        if last is None or last[0] is not token_ids or worker not in last[2]:
+            self.overlaps([worker], token_ids)
+            last, self._last = self._last, None
+            assert last is not None
+        return last[1], last[2][worker]
+
+    def started(
+        self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
+    ) -> None:
+        key = request_id if request_id is not None else id(token_ids)
+        if key in self._routed:  # started twice without an end: the first attempt is over
+            self.finished(self._routed[key].worker, token_ids, request_id)
+        super().started(instance_id, token_ids, request_id)
+        n = len(token_ids)
+        hashes, cached = self._cached_on(instance_id, token_ids)
+        rate, _ = self.speeds(instance_id)
+        prefill_s = max(1, n - cached * self.block_size) / rate
+        blocks = max(1, self.request_blocks(n) - cached)
+        load = self.loads.get(instance_id)
+        if load is None:
+            load = self.loads[instance_id] = WorkerLoad()
+        now = self._clock()
+        load.busy_until = max(now, load.busy_until) + prefill_s
+        load.pending[key] = prefill_s
+        load.requests += 1
+        load.blocks += blocks
+        routed = self._routed[key] = _Routed(instance_id, blocks, hashes)
+        if hashes:
+            self._by_first.setdefault(hashes[0], {})[key] = routed
+
+    def first_token(
+        self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
+    ) -> None:
+        key = request_id if request_id is not None else id(token_ids)
+        routed = self._routed.get(key)
+        if routed is None or routed.worker != instance_id or not routed.prefilling:
+            return
+        routed.prefilling = False
+        self.loads[instance_id].prefilled(key, self._clock(), cancelled=False)
+
+    def finished(
+        self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
+    ) -> None:
+        super().finished(instance_id, token_ids, request_id)
+        key = request_id if request_id is not None else id(token_ids)
+        routed = self._routed.get(key)
+        if routed is None or routed.worker != instance_id:
+            return
+        del self._routed[key]
+        load = self.loads[instance_id]
+        load.requests -= 1
+        load.blocks -= routed.blocks
+        if routed.hashes:
+            same_start = self._by_first[routed.hashes[0]]
+            del same_start[key]
+            if not same_start:
+                del self._by_first[routed.hashes[0]]
+        if routed.prefilling:
+            load.prefilled(key, self._clock(), cancelled=True)
+        if not load.requests and load.metrics is None:
+            del self.loads[instance_id]
+
+
+async def follow_worker_events(router: KvRouter, component: Component, client: Client) -> None:
+    """Keep `router` current from `component`'s `kv_events` and `load_metrics` until cancelled.
+
+    Workers that leave `client`'s instances are forgotten (their cache and reports dropped).
+    """
+    live: set[int] = set(client.instance_ids())
+
+    def forget_dead() -> None:
+        nonlocal live
+        now = set(client.instance_ids())
+        for gone in live - now:
+            router.remove_worker(gone)
+        live = now
+
+    client.on_change(forget_dead)
+    kv_events = await component.subscribe(KV_EVENTS_TOPIC)
+    try:
+        load_metrics = await component.subscribe(LOAD_METRICS_TOPIC)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_apply_each(kv_events, router.indexer.apply, "KV event"))
+                tasks.create_task(_apply_each(load_metrics, router.update_load, "load metrics"))
+        finally:
+            await load_metrics.close()
+    finally:
+        await kv_events.close()
+
+
+async def _apply_each(subscriber: Any, apply: Callable[[int, Any], None], what: str) -> None:
+    async for event in subscriber:
+        try:
+            apply(event.publisher_id, event.payload)
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            log.warning("bad %s from %x: %s", what, event.publisher_id, exc)

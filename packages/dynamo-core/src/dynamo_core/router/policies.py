@@ -1,8 +1,10 @@
 """Routing policies: which live instance gets the next request.
 
 A policy sees the live instance ids of one model (in a stable order) and the request's token ids,
-and is told when a request it routed starts and ends, so load-aware policies count in-flight
-requests at dispatch time (not when the worker reports load, which is always late).
+and is told when a request it routed starts, when its first token arrives and when it ends, so
+load-aware policies count in-flight requests at dispatch time (not when the worker reports load,
+which is always late). The caller names each request (`request_id`) in those three calls; without
+a name, the `token_ids` object itself identifies it, so pass the same list to each call.
 
     round-robin   each instance in turn
     random        uniformly at random
@@ -47,11 +49,21 @@ class RoutingPolicy(ABC):
             raise NoInstancesError("no live instance serves this model")
         return self._pick(candidates, token_ids)
 
-    def started(self, instance_id: int, token_ids: Sequence[int] = ()) -> None:
+    def started(
+        self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
+    ) -> None:
         """A request routed to `instance_id` was sent."""
         self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
 
-    def finished(self, instance_id: int, token_ids: Sequence[int] = ()) -> None:
+    def first_token(
+        self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
+    ) -> None:
+        """That request's first output arrived (its prefill is done)."""
+        return  # only policies that model prefill queues care
+
+    def finished(
+        self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
+    ) -> None:
         """That request ended (finished, failed or cancelled)."""
         n = self.inflight.get(instance_id, 0) - 1
         if n > 0:
