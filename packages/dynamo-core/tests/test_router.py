@@ -416,6 +416,17 @@ def test_ties_go_to_the_least_loaded_then_take_turns() -> None:
     assert {picks[0], picks[1]} == {2, 3}
 
 
+def test_a_removed_workers_late_events_are_ignored() -> None:
+    router, _ = kv_router()
+    router.apply_kv_events(1, stored(0, list(range(8)), [1, 2]))
+    report(router, 1)
+    router.remove_worker(1)
+    router.apply_kv_events(1, msgspec_map(stored(1, list(range(8, 16)), [3, 4])))
+    report(router, 1)
+    assert len(router.indexer) == 0 and router.indexer.workers() == set()
+    assert 1 not in router.loads
+
+
 def test_unreported_workers_are_assumed_as_fast_as_the_others() -> None:
     router, _ = kv_router()
     assert router.speeds(1) == (DEFAULT_PREFILL_TOKENS_PER_S, DEFAULT_DECODE_STEP_S)

@@ -41,8 +41,9 @@ samples the choice from a softmax over the estimates normalised to [0, 1], sprea
 near-equal workers.
 
 `follow_worker_events` keeps a router current from a component's `kv_events` and
-`load_metrics`; workers that leave discovery are forgotten. A malformed event is logged and
-skipped, never fatal; a worker that stops reporting keeps its last report until it leaves.
+`load_metrics`; workers that leave discovery are forgotten (and their late events ignored). A
+malformed event is logged and skipped, never fatal; a worker that stops reporting keeps its last
+report until it leaves.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from dynamo_core.llm.kv import KV_EVENTS_TOPIC, LOAD_METRICS_TOPIC, LoadMetrics, block_hashes
+from dynamo_core.llm.kv import (
+    KV_EVENTS_TOPIC,
+    LOAD_METRICS_TOPIC,
+    KvEventBatch,
+    LoadMetrics,
+    block_hashes,
+)
 from dynamo_core.router.indexer import KvIndexer
 from dynamo_core.router.policies import RoutingPolicy
 
@@ -79,6 +86,7 @@ DEFAULT_PREFILL_TOKENS_PER_S = 10_000.0
 """Prefill speed assumed for a worker when no worker of the model reports one."""
 DEFAULT_DECODE_STEP_S = 0.010
 """Decode step assumed for a worker when no worker of the model reports one."""
+_GONE_KEPT = 4096
 
 
 class WorkerLoad:
@@ -174,15 +182,23 @@ class KvRouter(RoutingPolicy):
         self._by_first: dict[int, dict[Hashable, _Routed]] = {}  # in flight, by first block
         # the last prompt costed: (its token list, its block hashes, overlaps), for `started`
         self._last: tuple[Sequence[int], list[int], dict[int, int]] | None = None
+        self._gone: dict[int, None] = {}  # workers removed lately, oldest first
         self._rates = [0.0, 0]  # sum and count of reported prefill rates
         self._steps = [0.0, 0]  # sum and count of reported decode steps (ms)
 
     # -- what workers report --------------------------------------------------------------
 
+    def apply_kv_events(self, worker: int, batch: KvEventBatch | Mapping[str, Any]) -> None:
+        """Apply one `kv_events` message from `worker` (see `KvIndexer.apply`)."""
+        if worker not in self._gone:  # a removed worker's last events come too late
+            self.indexer.apply(worker, batch)
+
     def update_load(self, worker: int, metrics: LoadMetrics | Mapping[str, Any]) -> None:
         """Apply one `load_metrics` message from `worker` (a `LoadMetrics` or its wire map)."""
         if not isinstance(metrics, LoadMetrics):
             metrics = msgspec.convert(metrics, LoadMetrics)
+        if worker in self._gone:
+            return
         load = self.loads.get(worker)
         if load is None:
             load = self.loads[worker] = WorkerLoad()
@@ -191,7 +207,11 @@ class KvRouter(RoutingPolicy):
         load.report(metrics)
 
     def remove_worker(self, worker: int) -> None:
-        """Forget a worker's cache and reports (it left discovery)."""
+        """Forget a worker's cache and reports (it left discovery): its events that were still
+        on their way are ignored (instance ids are never reused)."""
+        self._gone[worker] = None
+        if len(self._gone) > _GONE_KEPT:
+            del self._gone[next(iter(self._gone))]
         self.indexer.remove_worker(worker)
         load = self.loads.get(worker)
         if load is not None:
@@ -393,7 +413,7 @@ async def follow_worker_events(router: KvRouter, component: Component, client: C
         load_metrics = await component.subscribe(LOAD_METRICS_TOPIC)
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_apply_each(kv_events, router.indexer.apply, "KV event"))
+                tasks.create_task(_apply_each(kv_events, router.apply_kv_events, "KV event"))
                 tasks.create_task(_apply_each(load_metrics, router.update_load, "load metrics"))
         finally:
             await load_metrics.close()
