@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -183,6 +184,9 @@ async def test_kv_events_on_the_event_plane_replay_to_the_cache(
 async def test_cancelling_a_stream_frees_its_blocks(
     runtime: DistributedRuntime, namespace: str, mocker: MockerWorker
 ) -> None:
+    # real-time steps: at the fixture's speed the request would run to the end of the cache
+    # (80 steps) in well under a millisecond, before the test could look at it
+    mocker.engine.args = dataclasses.replace(mocker.engine.args, speedup_ratio=1.0)
     client = await client_for(runtime, namespace, "generate")
     ctx = Context()
     stream = await client.round_robin(
