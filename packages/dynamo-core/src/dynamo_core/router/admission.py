@@ -102,8 +102,7 @@ class Admission:
         if limits.active_decode_blocks is not None:
             load = self.loads.get(worker)
             if load is not None and load.total_blocks > 0:
-                counted: dict[int, int] = getattr(self.policy, "active_blocks", {})
-                used = max(load.active_blocks, counted.get(worker, 0))
+                used = max(load.active_blocks, self.policy.routed_blocks(worker))
                 if used >= limits.active_decode_blocks * load.total_blocks:
                     return True
         return False

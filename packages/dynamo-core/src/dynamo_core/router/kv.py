@@ -290,6 +290,10 @@ class KvRouter(RoutingPolicy):
                 ttft += overflow * self.block_size / rate
         return ttft
 
+    def routed_blocks(self, instance_id: int) -> int:
+        load = self.loads.get(instance_id)
+        return 0 if load is None else load.blocks
+
     def load_key(self, worker: int) -> tuple[int, int]:
         """The worker's load: (active sequences, active KV blocks), as corrected by reports."""
         load = self.loads.get(worker)

@@ -61,6 +61,11 @@ class RoutingPolicy(ABC):
         """That request's first output arrived (its prefill is done)."""
         return  # only policies that model prefill queues care
 
+    def routed_blocks(self, instance_id: int) -> int:
+        """KV blocks this router's requests in flight hold on `instance_id` (0 where the policy
+        does not count blocks)."""
+        return 0
+
     def finished(
         self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
     ) -> None:
