@@ -8,10 +8,19 @@ validation per request) and yields `EngineOutput`s (or equivalent dicts).
 Finish reasons an engine reports: `eos` (an end-of-sequence token), `stop` (a stop token id or
 stop string), `length` (max_tokens or the context), `cancelled`, `error`. The frontend shows
 `eos` and `stop` to OpenAI clients as "stop".
+
+Structured output travels as one `GuidedDecoding` per request (`PreprocessedRequest.guided_decoding`):
+a JSON schema, any JSON object, a regex, a choice of strings or an EBNF grammar. Each engine turns
+it into its own constraint (vLLM's `StructuredOutputsParams`, SGLang's `json_schema`/`regex`/`ebnf`
+sampling params, TensorRT-LLM's `GuidedDecodingParams`; the mocker generates conforming text); an
+engine that cannot honour it refuses the request with `InvalidRequestError`, never ignores it.
+The frontend builds it from an OpenAI request with `GuidedDecoding.from_response_format(...)` and
+`GuidedDecoding.from_guided_fields(...)` (vLLM's `guided_json`/`guided_regex`/... extensions).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 import msgspec
@@ -19,6 +28,8 @@ import msgspec
 __all__ = [
     "EngineOutput",
     "FinishReason",
+    "GuidedDecoding",
+    "GuidedKind",
     "OutputOptions",
     "PreprocessedRequest",
     "SamplingOptions",
@@ -27,6 +38,145 @@ __all__ = [
 ]
 
 FinishReason = Literal["eos", "stop", "length", "cancelled", "error"]
+GuidedKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+#: Characters a regex must escape to stand for themselves (the subset every engine's dialect
+#: shares: Python `re`, xgrammar, outlines), and control characters as escapes.
+_REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}")
+_REGEX_CONTROL = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\f": "\\f", "\v": "\\v"}
+
+
+def _regex_literal(text: str) -> str:
+    return "".join("\\" + c if c in _REGEX_SPECIAL else _REGEX_CONTROL.get(c, c) for c in text)
+
+
+class GuidedDecoding(msgspec.Struct, omit_defaults=True, kw_only=True, forbid_unknown_fields=True):
+    """A structured-output constraint: the engine may only generate text that it accepts.
+
+    Exactly one field is set (the names are vLLM's, which NVIDIA Dynamo's wire type shares):
+
+    - `json`: a JSON Schema (a map); the output is one JSON value valid against it;
+    - `json_object`: the output is one JSON object, any (OpenAI's ``json_object`` mode);
+    - `regex`: the whole output matches the regular expression (the dialect engines share:
+      literals, classes, groups, alternation, quantifiers; no look-around or back-references);
+    - `choice`: the output is exactly one of these strings;
+    - `grammar`: the output is derived from the EBNF grammar's ``root`` rule, in the GBNF syntax
+      xgrammar reads (the grammar backend vLLM, SGLang and TensorRT-LLM have in common).
+
+    The output ends where the constraint is satisfied: the engine then emits end-of-sequence (a
+    `max_tokens` reached first cuts it, with finish reason `length`). Unknown fields are refused
+    (`forbid_unknown_fields`): a worker that does not know a kind of constraint must not drop it.
+    It is validated once, when the request is decoded (`__post_init__`).
+    """
+
+    json: dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            found = ", ".join(kinds) if kinds else "none"
+            raise ValueError(
+                f"guided_decoding needs exactly one of json, json_object, regex, choice, "
+                f"grammar (found: {found})"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("guided_decoding.choice must list at least one string")
+        if self.grammar is not None and not self.grammar.strip():
+            raise ValueError("guided_decoding.grammar must not be empty")
+
+    def kinds(self) -> list[GuidedKind]:
+        """The kinds set on this constraint (exactly one once validated)."""
+        found: list[GuidedKind] = []
+        if self.json is not None:
+            found.append("json")
+        if self.json_object:
+            found.append("json_object")
+        if self.regex is not None:
+            found.append("regex")
+        if self.choice is not None:
+            found.append("choice")
+        if self.grammar is not None:
+            found.append("grammar")
+        return found
+
+    @property
+    def kind(self) -> GuidedKind:
+        return self.kinds()[0]
+
+    def choice_regex(self) -> str:
+        """`choice` as a regex (``(a|b|c)``, each choice escaped), for engines without a
+        choice constraint of their own (SGLang, TensorRT-LLM)."""
+        return "(" + "|".join(_regex_literal(c) for c in self.choice or ()) + ")"
+
+    @classmethod
+    def from_response_format(cls, response_format: Any) -> GuidedDecoding | None:
+        """The constraint of an OpenAI ``response_format`` (None for ``{"type": "text"}``).
+
+        ``{"type": "json_object"}`` is `json_object`; ``{"type": "json_schema", "json_schema":
+        {"name": ..., "schema": {...}, "strict": ...}}`` is `json` (without a ``schema``, any
+        JSON object). Raises `ValueError` with a message for the client on anything else.
+        """
+        if not isinstance(response_format, dict):
+            raise ValueError("response_format must be an object")
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls(json_object=True)
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict):
+                raise ValueError("response_format.json_schema must be an object")
+            schema = spec.get("schema")
+            if schema is None:
+                return cls(json_object=True)
+            if not isinstance(schema, dict):
+                raise ValueError("response_format.json_schema.schema must be an object")
+            return cls(json=schema)
+        raise ValueError(
+            f"response_format.type must be one of 'text', 'json_object', 'json_schema'; "
+            f"got {kind!r}"
+        )
+
+    @classmethod
+    def from_guided_fields(
+        cls,
+        *,
+        guided_json: Any = None,
+        guided_regex: str | None = None,
+        guided_choice: list[str] | None = None,
+        guided_grammar: str | None = None,
+    ) -> GuidedDecoding | None:
+        """The constraint of vLLM's request extensions (None when none is set).
+
+        `guided_json` is a schema map or its JSON text. Raises `ValueError` when several are
+        set or a value has the wrong shape.
+        """
+        if isinstance(guided_json, str):
+            try:
+                guided_json = json.loads(guided_json)
+            except ValueError as exc:
+                raise ValueError(f"guided_json is not valid JSON: {exc}") from None
+        if guided_json is not None and not isinstance(guided_json, dict):
+            raise ValueError("guided_json must be a JSON schema object")
+        if all(v is None for v in (guided_json, guided_regex, guided_choice, guided_grammar)):
+            return None
+        try:
+            return msgspec.convert(
+                {
+                    "json": guided_json,
+                    "regex": guided_regex,
+                    "choice": guided_choice,
+                    "grammar": guided_grammar,
+                },
+                cls,
+            )
+        except msgspec.ValidationError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class StopConditions(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -76,6 +226,8 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Set by the frontend on the prefill leg of a disaggregated request."""
     estimated_prefix_hit_blocks: int | None = None
     """The router's estimate of cached prefix blocks on the chosen worker."""
+    guided_decoding: GuidedDecoding | None = None
+    """Structured output: the constraint the output must satisfy (see `GuidedDecoding`)."""
 
     @classmethod
     def from_wire(cls, data: Any) -> PreprocessedRequest:

@@ -19,8 +19,10 @@ of its engine (written against the engine's real Python API):
             handler.engine.fail_next = RuntimeError("CUDA error: out of memory")
 
 Capability flags switch groups on or off: `supports_logprobs`, `supports_disaggregation`
-(then also `prefill_handler` and `decode_handler` fixtures), `deterministic` (same prompt, same
-seed, same tokens: needed for the stop-token test).
+(then also `prefill_handler` and `decode_handler` fixtures), `supports_guided_decoding` (every
+kind of `GuidedDecoding` constraint is served; what the engine receives is the package's own
+test), `deterministic` (same prompt, same seed, same tokens: needed for the stop-token test).
+A malformed constraint is refused by every handler, whatever its flags.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class HandlerConformance:
 
     supports_logprobs: ClassVar[bool] = False
     supports_disaggregation: ClassVar[bool] = False
+    supports_guided_decoding: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
     prompt: ClassVar[list[int]] = list(range(10, 42))
 
@@ -215,6 +218,11 @@ class HandlerConformance:
             {"token_ids": "not a list"},
             {"no_tokens": True},
             {"token_ids": [1, 2], "stop_conditions": {"max_tokens": -1}},
+            {"token_ids": [1, 2], "guided_decoding": {}},
+            {"token_ids": [1, 2], "guided_decoding": {"regex": "a+", "choice": ["a"]}},
+            {"token_ids": [1, 2], "guided_decoding": {"choice": []}},
+            {"token_ids": [1, 2], "guided_decoding": {"structural_tag": "<x>"}},
+            {"token_ids": [1, 2], "guided_decoding": {"json": "not a schema map"}},
         ],
     )
     async def test_invalid_requests_are_rejected(
@@ -241,6 +249,29 @@ class HandlerConformance:
         outs = await collect(handler, make_request(self.prompt, max_tokens=3, logprobs=0))
         assert len([lp for out in outs for lp in (out.get("log_probs") or [])]) == 3
         assert all(top == [] for out in outs for top in (out.get("top_logprobs") or []))
+
+    @pytest.mark.parametrize(
+        "guided",
+        [
+            {"json": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+            {"json_object": True},
+            {"regex": "[a-z]{2,4}"},
+            {"choice": ["yes", "no"]},
+            {"grammar": 'root ::= "a" | "b"'},
+        ],
+        ids=["json", "json_object", "regex", "choice", "grammar"],
+    )
+    async def test_guided_decoding_is_served(
+        self, handler: BaseWorkerHandler, guided: dict[str, Any]
+    ) -> None:
+        if not self.supports_guided_decoding:
+            pytest.skip("engine does not take structured-output constraints")
+        outs = await collect(
+            handler, make_request(self.prompt, max_tokens=64, guided_decoding=guided)
+        )
+        assert outs[-1]["finish_reason"] in ("eos", "stop", "length")
+        assert 0 < len(tokens_of(outs)) <= 64
+        assert self.active_requests(handler) == 0
 
     @pytest.fixture
     def prefill_handler(self) -> BaseWorkerHandler:
