@@ -77,6 +77,7 @@ __all__ = [
     "EngineArgsBuilder",
     "ParsedArgs",
     "Preflight",
+    "load_yaml_file",
     "parse_component_args",
 ]
 
@@ -1174,6 +1175,21 @@ def _is_number(token: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def load_yaml_file(path: Path, flag: str) -> Any:
+    """The YAML (or JSON) document in the file a flag names; `ConfigError` as one line that
+    names the flag and the file when it cannot be read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{flag} {path}: invalid YAML{at}") from None
 
 
 def _load_yaml(path: str, errors: list[str]) -> dict[str, Any] | None:

@@ -35,10 +35,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, load_yaml_file
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
@@ -199,18 +198,7 @@ def require_engine() -> None:
 
 def load_extra_engine_args(path: Path) -> dict[str, Any]:
     """The `--extra-engine-args` file: a map of `LLM(...)` keyword arguments."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"--extra-engine-args {path}: cannot read it ({exc.strerror or exc})"
-        ) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"--extra-engine-args {path}: invalid YAML{at}") from None
+    data = load_yaml_file(path, "--extra-engine-args")
     if data is None:
         return {}
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
