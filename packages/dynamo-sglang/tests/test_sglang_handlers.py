@@ -4,6 +4,7 @@ the conformance kit, cumulative output, finish reasons, bootstrap hand-off."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import Any
@@ -57,6 +58,7 @@ def disagg_pair(engines: list[Any], sglang: ModuleType) -> tuple[PrefillHandler,
 class TestWorkerHandler(HandlerConformance):
     supports_logprobs = True
     supports_disaggregation = True
+    supports_guided_decoding = True
 
     @pytest.fixture
     def handler(self, engines: list[Any], fake_sglang: ModuleType) -> WorkerHandler:
@@ -185,6 +187,48 @@ async def test_cached_tokens_reported(engines: list[Any], fake_sglang: ModuleTyp
     again = await collect(handler, make_request(prompt, max_tokens=2))
     assert first[-1]["usage"]["cached_tokens"] == 0
     assert again[-1]["usage"]["cached_tokens"] == 20
+
+
+@pytest.mark.parametrize(
+    ("guided", "expected"),
+    [
+        (
+            {"json": {"type": "object", "required": ["a"]}},
+            {"json_schema": '{"type": "object", "required": ["a"]}'},
+        ),
+        ({"json_object": True}, {"json_schema": '{"type": "object"}'}),
+        ({"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+        ({"choice": ["x|y", "z"]}, {"regex": r"(x\|y|z)"}),
+        ({"grammar": 'root ::= "x"'}, {"ebnf": 'root ::= "x"'}),
+    ],
+)
+async def test_guided_decoding_becomes_sglang_sampling_params(
+    engines: list[Any], fake_sglang: ModuleType, guided: dict[str, Any], expected: dict[str, str]
+) -> None:
+    handler = WorkerHandler(start(engines, fake_sglang))
+    outs = await collect(handler, make_request([5, 6, 7], max_tokens=3, guided_decoding=guided))
+    assert outs[-1]["finish_reason"] == "length"
+    params = handler.engine.calls[-1]["sampling_params"]
+    assert {k: params[k] for k in ("json_schema", "regex", "ebnf") if k in params} == expected
+    assert json.loads(params.get("json_schema", "{}")) == guided.get(
+        "json", json.loads(params.get("json_schema", "{}"))
+    )
+
+
+async def test_sglang_refusing_a_constraint_is_invalid_request(
+    engines: list[Any], fake_sglang: ModuleType
+) -> None:
+    """SGLang aborts a constrained request (status 400) when it has no grammar backend, or
+    when the grammar does not compile: the client is told, the engine keeps serving."""
+    handler = WorkerHandler(start(engines, fake_sglang, grammar_backend="none"))
+    req = make_request([5, 6, 7], guided_decoding={"regex": "[a-z]+"})
+    with pytest.raises(InvalidRequestError, match="--grammar-backend none"):
+        await collect(handler, req)
+    handler = WorkerHandler(start(engines, fake_sglang))
+    with pytest.raises(InvalidRequestError, match="Invalid grammar request"):
+        await collect(handler, make_request([5, 6, 7], guided_decoding={"regex": "(unclosed"}))
+    assert handler.engine.tokenizer_manager.rid_to_state == {}
+    assert len(tokens_of(await collect(handler, make_request([5, 6, 7], max_tokens=2)))) == 2
 
 
 def test_sampling_params_only_what_is_set() -> None:

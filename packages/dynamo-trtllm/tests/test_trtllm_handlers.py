@@ -29,7 +29,11 @@ map shapes as consumed by ai-dynamo/dynamo components/src/dynamo/trtllm/publishe
     SamplingParams(*, end_id=None, pad_id=None, max_tokens=32, stop=None, stop_token_ids=None,
         n=1, top_k=None, top_p=None, seed=None, temperature=None, min_tokens=None,
         repetition_penalty=None, presence_penalty=None, frequency_penalty=None, min_p=None,
-        logprobs=None, ignore_eos=False, detokenize=True, ...)
+        logprobs=None, ignore_eos=False, detokenize=True, guided_decoding=None, ...)
+    tensorrt_llm.llmapi.GuidedDecodingParams(*, json: str | BaseModel | dict | None = None,
+        regex=None, grammar=None, json_object: bool = False, structural_tag=None)
+        # one guide per request (ValueError otherwise, from SamplingParams.__post_init__);
+        # enforced only with LLM(guided_decoding_backend="xgrammar" | "llguidance")
     tensorrt_llm.llmapi.KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=0.9,
         event_buffer_max_size=0, dtype="auto", ...)   # pydantic, extra="forbid"
     tensorrt_llm.llmapi.DisaggregatedParams(*, request_type: "context_only" | "generation_only" |
@@ -76,12 +80,13 @@ def new_llm(trt: Any, **kwargs: Any) -> Any:
 class TestTrtllmHandler(HandlerConformance):
     supports_logprobs = True
     supports_disaggregation = True
+    supports_guided_decoding = True
 
     @pytest.fixture
     def handler(self, fake_trtllm: Any) -> BaseWorkerHandler:
         from dynamo_trtllm.handlers import TrtllmHandler
 
-        return TrtllmHandler(new_llm(fake_trtllm))
+        return TrtllmHandler(new_llm(fake_trtllm, guided_decoding_backend="xgrammar"))
 
     def active_requests(self, handler: BaseWorkerHandler) -> int:
         return len(handler.engine.running)
@@ -103,6 +108,50 @@ class TestTrtllmHandler(HandlerConformance):
 
 
 # -- request -> SamplingParams ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("guided", "expected"),
+    [
+        ({"json": {"type": "integer"}}, {"json": {"type": "integer"}}),
+        ({"json_object": True}, {"json_object": True}),
+        ({"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+        ({"choice": ["a.b", "c"]}, {"regex": r"(a\.b|c)"}),
+        ({"grammar": 'root ::= "x"'}, {"grammar": 'root ::= "x"'}),
+    ],
+)
+async def test_guided_decoding_becomes_guided_decoding_params(
+    fake_trtllm: Any, guided: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    from dynamo_trtllm.handlers import TrtllmHandler
+
+    handler = TrtllmHandler(new_llm(fake_trtllm, guided_decoding_backend="xgrammar"))
+    params = handler.sampling_params(
+        PreprocessedRequest.from_wire(make_request(PROMPT, guided_decoding=guided))
+    )
+    assert isinstance(params.guided_decoding, fake_trtllm.llmapi.GuidedDecodingParams)
+    empty = fake_trtllm.llmapi.GuidedDecodingParams()
+    for name in ("json", "regex", "grammar", "json_object", "structural_tag"):
+        assert getattr(params.guided_decoding, name) == expected.get(name, getattr(empty, name))
+    assert PreprocessedRequest.from_wire(make_request(PROMPT)).guided_decoding is None
+    assert (
+        handler.sampling_params(PreprocessedRequest.from_wire(make_request(PROMPT))).guided_decoding
+        is None
+    )
+
+
+async def test_guided_decoding_without_a_backend_is_refused(fake_trtllm: Any) -> None:
+    """Without `guided_decoding_backend` TensorRT-LLM would generate unconstrained text."""
+    from dynamo_trtllm.handlers import TrtllmHandler
+
+    llm = new_llm(fake_trtllm)
+    handler = TrtllmHandler(llm)
+    req = make_request(PROMPT, guided_decoding={"json_object": True})
+    with pytest.raises(InvalidRequestError, match="guided_decoding_backend: xgrammar"):
+        await collect(handler, req)
+    assert llm.running == set()
+    outs = await collect(handler, make_request(PROMPT, max_tokens=3))  # still serving
+    assert len(tokens_of(outs)) == 3
 
 
 def test_sampling_params_from_request(fake_trtllm: Any) -> None:

@@ -2,7 +2,8 @@
 module the way the README says: `python examples/models/make_tiny.py --weights`, then
 `dynamo serve examples/graphs/vllm-cpu.yaml` from the repository root, as shipped (only the HTTP
 port moved). The tests drive it with the `openai` client: vLLM's limits in the model card,
-streaming, the context limit, cancellation reaching the engine, the model path as an alias.
+streaming, the context limit, cancellation reaching the engine, the model path as an alias; and
+with the runtime's client, a `json_schema` constraint whose answer validates.
 Engine starts are what this session pays for (several seconds each), so there is one; the
 configuration errors are checked without starting an engine. Skipped where vLLM is not
 installed."""
@@ -10,6 +11,7 @@ installed."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -21,12 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
 from conftest import REPO, TINY, real_vllm_installed
+from dynamo_core.errors import InvalidRequestError
+from dynamo_core.llm.chat_template import ChatTemplate
+from dynamo_core.llm.detokenizer import IncrementalDetokenizer
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
+from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.testing.conformance import make_request
 
 pytestmark = [
     pytest.mark.engine,
@@ -176,6 +184,56 @@ async def test_streaming_limits_cancellation_and_the_path_as_a_name(served: Serv
         assert done.usage is not None and 0 < done.usage.completion_tokens <= 5
     finally:
         await client.close()
+    assert served.popen.poll() is None
+
+
+#: A schema whose every answer is short, so a model with random weights finishes it.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "size": {"enum": [1, 2, 3]},
+    },
+    "required": ["color", "ok", "size"],
+    "additionalProperties": False,
+}
+
+
+async def test_a_json_schema_answer_validates(served: Served) -> None:
+    """Structured output on the real engine: a `PreprocessedRequest` with a `json_schema`
+    constraint (what the frontend will send for `response_format`) reaches vLLM as
+    `structured_outputs`; the answer, detokenized as the frontend does, is valid against the
+    schema and ends with the model's eos. What vLLM's backend refuses is the client's error."""
+    tok = Tokenizer.from_dir(TINY)
+    chat = ChatTemplate.from_tokenizer(tok).render(
+        [{"role": "user", "content": "Pick a color as JSON."}]
+    )
+    prompt = tok.encode(chat)
+    config = RuntimeConfig(file_kv=served.kv_dir, namespace="vllm-cpu")
+    async with DistributedRuntime(config) as rt:
+        (card,) = [
+            ModelCard.decode(v) for v in (await rt.discovery.get_prefix(MODELS_PREFIX)).values()
+        ]
+        generate = await rt.endpoint(card.endpoint).client()
+        for seed in (1, 2):
+            req = make_request(
+                prompt,
+                max_tokens=200,
+                ignore_eos=False,
+                seed=seed,
+                eos_token_ids=tok.eos_token_ids,
+                guided_decoding={"json": SCHEMA},
+            )
+            req["sampling_options"]["temperature"] = 1.0
+            outs = [o async for o in await generate.round_robin(req)]
+            assert outs[-1]["finish_reason"] == "eos", outs[-1]
+            detok = IncrementalDetokenizer(tok, prompt_tail=prompt[-6:])
+            text = "".join(detok.push(o.get("token_ids", [])) for o in outs)
+            jsonschema.validate(json.loads(text), SCHEMA)
+        bad = make_request(prompt, guided_decoding={"regex": "a(?=b)"})
+        with pytest.raises(InvalidRequestError, match="vLLM rejected the request"):
+            [o async for o in await generate.round_robin(bad)]
     assert served.popen.poll() is None
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import TINY
-from dynamo_core.errors import EngineError
+from dynamo_core.errors import EngineError, InvalidRequestError
 from dynamo_core.handlers import BaseWorkerHandler
 from dynamo_core.llm.protocol import PreprocessedRequest
 from dynamo_core.runtime import Context
@@ -41,6 +41,7 @@ def _fake(fake_vllm: Path) -> Iterator[None]:
 class TestVllmHandlerConformance(HandlerConformance):
     supports_logprobs = True
     supports_disaggregation = True
+    supports_guided_decoding = True
 
     @pytest.fixture
     def handler(self) -> BaseWorkerHandler:
@@ -77,6 +78,54 @@ def test_sampling_params_from_the_request() -> None:
     assert (params.ignore_eos, params.logprobs) == (True, 3)
     assert params.output_kind is RequestOutputKind.DELTA
     assert params.detokenize is False
+
+
+@pytest.mark.parametrize(
+    ("guided", "expected"),
+    [
+        ({"json": {"type": "array", "items": {"type": "integer"}}},
+         {"json": {"type": "array", "items": {"type": "integer"}}}),
+        ({"json_object": True}, {"json_object": True}),
+        ({"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+        ({"choice": ["yes", "no"]}, {"choice": ["yes", "no"]}),
+        ({"grammar": 'root ::= "x"'}, {"grammar": 'root ::= "x"'}),
+    ],
+)  # fmt: skip
+async def test_guided_decoding_becomes_structured_outputs(
+    guided: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    handler = WorkerHandler(make_engine())
+    outs = await collect(handler, make_request([1, 2, 3], max_tokens=3, guided_decoding=guided))
+    assert outs[-1]["finish_reason"] == "length"
+    ((_, params),) = handler.engine.seen
+    assert isinstance(params.structured_outputs, StructuredOutputsParams)
+    for name in ("json", "regex", "choice", "grammar", "json_object", "structural_tag"):
+        assert getattr(params.structured_outputs, name) == expected.get(name)
+    plain = sampling_params(PreprocessedRequest.from_wire(make_request([1, 2, 3])))
+    assert plain.structured_outputs is None
+
+
+async def test_prefill_and_decode_legs_carry_the_constraint() -> None:
+    prefill = PrefillHandler(make_engine("--kv-transfer-config", CONNECTOR))
+    decode = DecodeHandler(make_engine("--kv-transfer-config", CONNECTOR))
+    req = make_request([1, 2, 3], max_tokens=4, guided_decoding={"regex": "[ab]+"})
+    (out,) = await collect(prefill, {**req, "stop_conditions": {"max_tokens": 1}})
+    await collect(decode, {**req, "disaggregated_params": out["disaggregated_params"]})
+    for engine in (prefill.engine, decode.engine):
+        ((_, params),) = engine.seen
+        assert params.structured_outputs.regex == "[ab]+"
+
+
+async def test_vllm_refusing_a_constraint_is_invalid_request() -> None:
+    """vLLM's own validation (a `VLLMValidationError`, a client error) reaches the client as
+    `InvalidRequestError`, not as an engine failure."""
+    handler = WorkerHandler(make_engine())
+    with pytest.raises(InvalidRequestError, match="vLLM rejected the request: Failed to convert"):
+        await collect(handler, make_request([1, 2, 3], guided_decoding={"regex": "(unclosed"}))
+    assert handler.engine.requests == set()
+    assert len(await collect(handler, make_request([1, 2, 3], max_tokens=2))) >= 1
 
 
 async def test_generation_config_defaults_and_request_seed_reach_the_engine() -> None:

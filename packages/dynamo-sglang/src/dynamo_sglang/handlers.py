@@ -20,19 +20,32 @@ the engine is an error (`InvalidRequestError` for status 400, `EngineError` othe
 Cancellation reaches `engine.tokenizer_manager.abort_request(rid)`; the Dynamo request id is
 SGLang's `rid`.
 
+A `guided_decoding` constraint becomes SGLang's own sampling params (`guided_params`):
+`json_schema` (the schema as JSON text), `regex`, `ebnf` (a grammar); `json_object` is
+`json_schema='{"type": "object"}'` and `choice` a regex alternation, as SGLang's OpenAI server
+does. SGLang compiles them with its grammar backend (`--grammar-backend`, xgrammar by default);
+with `--grammar-backend none` it refuses constrained requests itself, an abort with status 400
+that reaches the client as `InvalidRequestError`.
+
 Written against SGLang 0.5.x (`sglang.srt.entrypoints.engine.Engine.async_generate`,
 `sglang.srt.managers.tokenizer_manager.TokenizerManager`).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 from dynamo_core.errors import EngineError, InvalidRequestError
 from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
-from dynamo_core.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest
+from dynamo_core.llm.protocol import (
+    EngineOutput,
+    FinishReason,
+    GuidedDecoding,
+    PreprocessedRequest,
+)
 from dynamo_core.runtime import Context
 
 __all__ = [
@@ -41,6 +54,7 @@ __all__ = [
     "PrefillHandler",
     "WorkerHandler",
     "finish_reason",
+    "guided_params",
     "sampling_params",
 ]
 
@@ -78,7 +92,25 @@ def sampling_params(request: PreprocessedRequest) -> dict[str, Any]:
         params["top_k"] = opts.top_k
     if opts.seed is not None:
         params["sampling_seed"] = opts.seed
+    if request.guided_decoding is not None:
+        params.update(guided_params(request.guided_decoding))
     return params
+
+
+def guided_params(guided: GuidedDecoding) -> dict[str, str]:
+    """SGLang's sampling params for a constraint (exactly one of json_schema, regex, ebnf)."""
+    kind = guided.kind
+    if kind == "json":
+        return {"json_schema": json.dumps(guided.json)}
+    if kind == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    if kind == "regex":
+        assert guided.regex is not None
+        return {"regex": guided.regex}
+    if kind == "choice":
+        return {"regex": guided.choice_regex()}
+    assert guided.grammar is not None
+    return {"ebnf": guided.grammar}
 
 
 def finish_reason(reason: Any, eos_token_ids: list[int]) -> FinishReason | None:

@@ -25,6 +25,13 @@ How engine outputs become `EngineOutput`s:
   the KV cache before the decode worker pulls it);
 - usage: the base class counts tokens; cached prompt tokens come from `RequestOutput.cached_tokens`
   where the release reports it.
+
+A `guided_decoding` constraint becomes `SamplingParams.guided_decoding`, a `GuidedDecodingParams`
+(json: the schema, json_object, regex, grammar; `choice` as a regex alternation, TensorRT-LLM
+having no choice constraint). TensorRT-LLM enforces it only when the LLM was built with a
+`guided_decoding_backend` (xgrammar or llguidance, in `--extra-engine-args`); without one it
+would silently generate unconstrained text, so the handler refuses such a request with
+`InvalidRequestError` saying how to turn it on.
 """
 
 from __future__ import annotations
@@ -37,7 +44,12 @@ from typing import Any
 
 from dynamo_core.errors import InvalidRequestError
 from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
-from dynamo_core.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest
+from dynamo_core.llm.protocol import (
+    EngineOutput,
+    FinishReason,
+    GuidedDecoding,
+    PreprocessedRequest,
+)
 from dynamo_core.runtime import Context
 
 __all__ = [
@@ -125,10 +137,11 @@ class TrtllmHandler(BaseWorkerHandler):
     def __init__(self, llm: Any, *, name: str | None = None) -> None:
         super().__init__(llm, name=name)
         from tensorrt_llm import SamplingParams
-        from tensorrt_llm.llmapi import DisaggregatedParams
+        from tensorrt_llm.llmapi import DisaggregatedParams, GuidedDecodingParams
 
         self._sampling_class = SamplingParams
         self._params_class = DisaggregatedParams
+        self._guided_class = GuidedDecodingParams
         #: request id -> the engine's RequestOutput, while the engine works on it
         self.active: dict[str, Any] = {}
         self._cached: dict[str, int] = {}
@@ -163,7 +176,24 @@ class TrtllmHandler(BaseWorkerHandler):
             kwargs["stop_token_ids"] = stop_ids
         if request.output_options.logprobs is not None:
             kwargs["logprobs"] = max(1, request.output_options.logprobs)
+        if request.guided_decoding is not None:
+            kwargs["guided_decoding"] = self.guided_params(request.guided_decoding)
         return self._sampling_class(**kwargs)
+
+    def guided_params(self, guided: GuidedDecoding) -> Any:
+        """`GuidedDecodingParams` for a constraint; refused when the LLM cannot enforce it."""
+        args = getattr(self.engine, "args", None)
+        if getattr(args, "guided_decoding_backend", None) is None:
+            raise InvalidRequestError(
+                "structured output is off on this TensorRT-LLM worker: start it with "
+                "'guided_decoding_backend: xgrammar' in --extra-engine-args"
+            )
+        kind = guided.kind
+        if kind == "json_object":
+            return self._guided_class(json_object=True)
+        if kind == "choice":
+            return self._guided_class(regex=guided.choice_regex())
+        return self._guided_class(**{kind: getattr(guided, kind)})
 
     def _max_tokens(self, request: PreprocessedRequest) -> int:
         limit = request.stop_conditions.max_tokens

@@ -12,7 +12,12 @@
 
 The request's sampling options, stop token ids, `min_tokens`, `ignore_eos`, seed and logprobs
 become vLLM `SamplingParams` (the model's generation-config defaults below them, as vLLM's own
-server does); detokenization is off (the frontend detokenizes). vLLM's finish reasons map to
+server does); detokenization is off (the frontend detokenizes). A `guided_decoding` constraint
+becomes `SamplingParams.structured_outputs` (`StructuredOutputsParams` with the same field set:
+json, json_object, regex, choice or grammar), compiled by the engine's structured-outputs backend
+(`--structured-outputs-config`, xgrammar by default); a constraint vLLM refuses (a
+`VLLMClientError`: a schema feature its backend lacks, a grammar that does not parse) reaches the
+client as `InvalidRequestError`. vLLM's finish reasons map to
 Dynamo's: `stop` with a `stop_reason` is `stop`, `stop` without one (an end-of-sequence token)
 is `eos`, `length` is `length`, `abort` is `cancelled`. Cancellation calls `engine.abort(id)`;
 usage, stop enforcement and error mapping come from the base class.
@@ -24,9 +29,14 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any
 
-from dynamo_core.errors import EngineError
+from dynamo_core.errors import EngineError, InvalidRequestError
 from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
-from dynamo_core.llm.protocol import EngineOutput, FinishReason, PreprocessedRequest
+from dynamo_core.llm.protocol import (
+    EngineOutput,
+    FinishReason,
+    GuidedDecoding,
+    PreprocessedRequest,
+)
 from dynamo_core.runtime import Context
 
 __all__ = [
@@ -37,6 +47,7 @@ __all__ = [
     "finish_reason",
     "logprobs",
     "sampling_params",
+    "structured_outputs",
 ]
 
 #: The key of vLLM's transfer parameters inside `disaggregated_params` (vLLM's own name).
@@ -79,8 +90,28 @@ def sampling_params(
         output_kind=RequestOutputKind.DELTA,
         detokenize=False,
     )
+    if request.guided_decoding is not None:
+        kwargs["structured_outputs"] = structured_outputs(request.guided_decoding)
     kwargs.update(overrides)
     return SamplingParams(**kwargs)
+
+
+def structured_outputs(guided: GuidedDecoding) -> Any:
+    """vLLM's `StructuredOutputsParams` for a constraint: the one field it sets, the others
+    None (vLLM counts every field that is not None, `json_object=False` included)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind = guided.kind
+    value = True if kind == "json_object" else getattr(guided, kind)
+    return StructuredOutputsParams(**{kind: value})
+
+
+def _client_error(exc: BaseException) -> InvalidRequestError | None:
+    """vLLM's own "the request is at fault" errors (`VLLMClientError`), as Dynamo's."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ == "VLLMClientError":
+            return InvalidRequestError(f"vLLM rejected the request: {exc}")
+    return None
 
 
 def finish_reason(output: Any) -> FinishReason | None:
@@ -166,6 +197,11 @@ class WorkerHandler(BaseWorkerHandler):
                         top_logprobs=tops,
                     ),
                 )
+        except Exception as exc:
+            error = _client_error(exc)
+            if error is None:
+                raise
+            raise error from exc
         finally:
             self._cached.pop(request_id, None)
             await stream.aclose()

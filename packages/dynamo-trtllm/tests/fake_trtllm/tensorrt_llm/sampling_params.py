@@ -1,9 +1,25 @@
-"""`tensorrt_llm.sampling_params.SamplingParams` (1.0): a kw-only dataclass; `max_tokens`
-defaults to 32."""
+"""`tensorrt_llm.sampling_params` (1.0): `SamplingParams`, a kw-only dataclass whose
+`max_tokens` defaults to 32, and `GuidedDecodingParams` (one guide per request, checked when the
+`SamplingParams` is built)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(slots=True, kw_only=True)
+class GuidedDecodingParams:
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | None = None
+
+    def _validate(self) -> None:
+        num_guides = sum(bool(getattr(self, f.name)) for f in fields(self))
+        if num_guides > 1:
+            raise ValueError(f"Only one guide can be used for a request, but got {num_guides}.")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -33,3 +49,8 @@ class SamplingParams:
     detokenize: bool = True
     add_special_tokens: bool = True
     skip_special_tokens: bool = True
+    guided_decoding: GuidedDecodingParams | None = None
+
+    def __post_init__(self) -> None:
+        if self.guided_decoding is not None:
+            self.guided_decoding._validate()

@@ -29,6 +29,7 @@ class ServerArgs:
     disaggregation_mode: str = "null"
     disaggregation_transfer_backend: str = "mooncake"
     disaggregation_bootstrap_port: int = 8998
+    grammar_backend: str | None = None
     config: str | None = None
 
     def resolved_dict(self) -> dict[str, Any]:
@@ -73,6 +74,12 @@ class ServerArgs:
             choices=["mooncake", "nixl", "ascend", "fake", "mori", "mooncake_tcp"],
         )
         parser.add_argument("--disaggregation-bootstrap-port", type=int, default=8998)
+        parser.add_argument(
+            "--grammar-backend",
+            type=str,
+            default=None,
+            choices=["xgrammar", "outlines", "llguidance", "none"],
+        )
         parser.add_argument("--config", type=str, help="Read CLI options from a YAML file.")
 
     @classmethod

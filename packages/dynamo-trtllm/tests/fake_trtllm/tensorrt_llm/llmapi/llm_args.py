@@ -56,6 +56,7 @@ class TorchLlmArgs(StrictBaseModel):
     max_beam_width: int | None = 1
     kv_cache_config: KvCacheConfig = KvCacheConfig()
     enable_chunked_prefill: bool = False
+    guided_decoding_backend: Literal["xgrammar", "llguidance"] | None = None
     enable_iter_perf_stats: bool = False
     return_perf_metrics: bool = False
     disable_overlap_scheduler: bool = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -24,6 +25,36 @@ SAMPLING_KEYS = {
     "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed", "json_schema",
     "regex", "ebnf", "logit_bias", "custom_params", "spaces_between_special_tokens",
 }  # fmt: skip
+
+
+GRAMMAR_KEYS = ("json_schema", "regex", "ebnf", "structural_tag")
+
+
+def check_grammar(params: dict[str, Any]) -> str | None:
+    """What SGLang checks of a constrained request: `SamplingParams` types (msgspec), `verify`
+    (one of json_schema, regex, ebnf), then the grammar backend compiling it. Raises as
+    `async_generate` does; returns the abort message the scheduler would finish it with."""
+    given = [k for k in GRAMMAR_KEYS if params.get(k) is not None]
+    for key in given:
+        if not isinstance(params[key], str):
+            raise TypeError(
+                f"Expected `str | null`, got `{type(params[key]).__name__}` - at `$.{key}`"
+            )
+    if sum(k != "structural_tag" for k in given) > 1:
+        raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
+    if not given:
+        return None
+    if "json_schema" in given:
+        try:
+            json.loads(params["json_schema"])
+        except ValueError:
+            return f"Invalid grammar request: key=('json', {params['json_schema']!r})"
+    if "regex" in given:
+        try:
+            re.compile(params["regex"])
+        except re.error:
+            return f"Invalid grammar request: key=('regex', {params['regex']!r})"
+    return None
 
 
 def token_at(prompt_digest: bytes, seed: int, pos: int) -> int:
@@ -265,6 +296,13 @@ class Engine:
         unknown = set(params) - SAMPLING_KEYS
         if unknown:
             raise TypeError(f"SamplingParams got unexpected keyword arguments {sorted(unknown)}")
+        grammar_error = check_grammar(params)
+        if any(params.get(k) is not None for k in GRAMMAR_KEYS):
+            if tm.server_args.grammar_backend == "none":
+                grammar_error = (
+                    "Grammar-based generation (json_schema, regex, ebnf, structural_tag) is not "
+                    "supported when the server is launched with --grammar-backend none"
+                )
         state = ReqState(rid)
         tm.rid_to_state[rid] = state
         held: socket.socket | None = None
@@ -325,6 +363,9 @@ class Engine:
                     [(lp - 0.5 * k, tok if k == 0 else tok + k, None) for k in range(max(1, top_n))]
                 )
 
+            if grammar_error is not None:  # the scheduler aborts it before it runs
+                yield item({"type": "abort", "message": grammar_error, "status_code": 400}, 0)
+                return
             host, port, room = bootstrap
             first: int | None = None
             if self.mode in ("prefill", "decode") and room is None:

@@ -9,6 +9,9 @@ mirrors vLLM:
   `max_tokens` -> "length"; a `stop_token_ids` hit -> "stop" with `stop_reason` (the token is
   in `token_ids`); the model's eos (unless `ignore_eos`, not before `min_tokens`) -> "stop"
   with `stop_reason=None`; `abort(id)` -> a last output with "abort";
+- `structured_outputs` is checked as vLLM checks it when the request is added (a
+  `VLLMValidationError` for an empty choice list, JSON that does not parse, a bad regex); the
+  fake's tokens do not follow it (the handler tests check what reaches the engine);
 - logprobs: per token `{token_id: Logprob(logprob, rank)}`, the chosen token plus the top N;
 - prefix caching: `num_cached_tokens` counts full blocks seen before; with `kv_events_config`
   the engine publishes `BlockStored` batches through its ZMQ publisher;
@@ -160,6 +163,8 @@ class AsyncLLM:
         if request_id in self.requests:
             raise ValueError(f"Request id {request_id} already running.")
         self.seen.append((request_id, params))
+        if params.structured_outputs is not None:
+            params.structured_outputs.validate()
         max_model_len = self.vllm_config.model_config.max_model_len
         if len(tokens_in) >= max_model_len:
             raise ValueError(
