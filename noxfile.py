@@ -32,9 +32,16 @@ PYTHON = "3.11"
 CORE = "packages/dynamo-core"
 TEST_DEPS = ["pytest>=8", "pytest-asyncio>=1.0", "pytest-timeout>=2.3"]
 # What the core tests compare against or drive: transformers' chat templates (no torch needed),
-# the real OpenAI client, and hypothesis (the parsers' property tests; fuzzing of the HTTP edge
-# and the request plane).
-CORE_TEST_DEPS = ["transformers>=4.45", "openai>=1.40", "httpx>=0.27", "hypothesis>=6.100"]
+# the real OpenAI client, hypothesis (the parsers' and the mocker's structured-output property
+# tests; fuzzing of the HTTP edge and the request plane), and jsonschema (structured output
+# validates; tests only).
+CORE_TEST_DEPS = [
+    "transformers>=4.45",
+    "openai>=1.40",
+    "httpx>=0.27",
+    "hypothesis>=6.100",
+    "jsonschema>=4.18",
+]
 PYTEST = ["pytest", "-c", "pyproject.toml", "--rootdir", ".", "--timeout", "300"]
 
 
