@@ -18,6 +18,7 @@ from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.mocker.engine import MockerEngine, MockerEngineArgs, StepOutput, TimingModel
 from dynamo_core.mocker.handlers import MockerDecodeHandler, MockerHandler, MockerPrefillHandler
 from dynamo_core.mocker.kv_cache import KvCache
+from dynamo_core.mocker.replies import Replies
 from dynamo_core.runtime import Context
 from dynamo_core.testing.conformance import HandlerConformance, collect, make_request
 
@@ -351,9 +352,15 @@ def tiny_vocab() -> tuple[int, frozenset[int]]:
     return tok.vocab_size, tok.special_token_ids
 
 
+@pytest.fixture(scope="session")
+def tiny_replies() -> Replies:
+    return Replies.for_model(Tokenizer.from_dir(TINY))
+
+
 class TestMockerConformance(HandlerConformance):
     supports_logprobs = True
     supports_disaggregation = True
+    supports_guided_decoding = True
 
     def _engine(self, tiny_vocab: tuple[int, frozenset[int]]) -> MockerEngine:
         vocab, special = tiny_vocab
@@ -371,8 +378,10 @@ class TestMockerConformance(HandlerConformance):
             await e.close()
 
     @pytest.fixture
-    def handler(self, tiny_vocab: tuple[int, frozenset[int]]) -> BaseWorkerHandler:
-        return MockerHandler(self._engine(tiny_vocab))
+    def handler(
+        self, tiny_vocab: tuple[int, frozenset[int]], tiny_replies: Replies
+    ) -> BaseWorkerHandler:
+        return MockerHandler(self._engine(tiny_vocab), replies=tiny_replies)
 
     @pytest.fixture
     def prefill_handler(self, tiny_vocab: tuple[int, frozenset[int]]) -> BaseWorkerHandler:

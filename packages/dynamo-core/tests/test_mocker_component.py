@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -12,10 +13,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import msgspec
 import pytest
+import yaml
 
 from dynamo_core.deploy import load_deployment, load_parser
+from dynamo_core.errors import InvalidRequestError
+from dynamo_core.llm.chat_template import ChatTemplate
+from dynamo_core.llm.detokenizer import IncrementalDetokenizer
 from dynamo_core.llm.kv import (
     KV_EVENTS_TOPIC,
     LOAD_METRICS_TOPIC,
@@ -26,6 +32,7 @@ from dynamo_core.llm.kv import (
     LoadMetrics,
 )
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
+from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.mocker import Deployment, MockerConfig, MockerWorker, build_parser, start_mocker
 from dynamo_core.runtime import Client, Context, DistributedRuntime, RuntimeConfig
 from dynamo_core.testing.conformance import make_request
@@ -249,3 +256,73 @@ async def test_mocker_process_serves_a_runtime_client(
         finally:
             await rt.shutdown()
     assert "dynamo.mocker" in proc.output()
+
+
+async def test_mocker_process_honours_a_json_schema_and_a_reply_script(
+    kv_dir: Path, namespace: str, proc_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A runtime client sends `PreprocessedRequest`s with a constraint to `python -m
+    dynamo_core.mocker --reply-script ...`: the answer validates against the schema, a scripted
+    prompt gets its reply, and a constraint the mocker cannot honour fails that request only."""
+    script = tmp_path / "replies.yaml"
+    script.write_text(
+        yaml.safe_dump([{"when": {"user": "ping"}, "reply": "<think>a game</think>pong"}]),
+        encoding="utf-8",
+    )
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "population": {"type": "integer", "minimum": 0},
+            "districts": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        },
+        "required": ["city", "population", "districts"],
+        "additionalProperties": False,
+    }
+    tok = Tokenizer.from_dir(TINY)
+    template = ChatTemplate.from_tokenizer(tok)
+
+    def chat(text: str) -> list[int]:
+        return tok.encode(template.render([{"role": "user", "content": text}]))
+
+    def shown(prompt: list[int], outs: list[dict[str, Any]]) -> str:
+        detok = IncrementalDetokenizer(tok, prompt_tail=prompt[-6:])
+        return "".join(detok.push(o.get("token_ids", [])) for o in outs)
+
+    args = [
+        "-m",
+        "dynamo_core.mocker",
+        "--model-path",
+        str(TINY),
+        "--speedup-ratio",
+        "1000",
+        "--reply-script",
+        str(script),
+    ]
+    env = {**proc_env, "DYN_NAMESPACE": namespace}
+    with run_python(args, env=env):
+        config = RuntimeConfig.model_validate({"file_kv": kv_dir, "namespace": namespace})
+        rt = await DistributedRuntime.create(config)
+        try:
+            client = await client_for(rt, namespace, "generate")
+            eos = {"ignore_eos": False, "eos_token_ids": tok.eos_token_ids}
+            prompt = chat("Describe a city as JSON.")
+            for seed in (1, 2):
+                req = make_request(
+                    prompt, max_tokens=300, seed=seed, **eos, guided_decoding={"json": schema}
+                )
+                outs = await collect(await client.round_robin(req))
+                assert outs[-1]["finish_reason"] == "eos"
+                jsonschema.validate(json.loads(shown(prompt, outs)), schema)
+
+            ping = chat("ping?")
+            outs = await collect(await client.round_robin(make_request(ping, max_tokens=50, **eos)))
+            assert shown(ping, outs) == "<think>a game</think>pong"
+
+            bad = make_request(prompt, guided_decoding={"json": {"not": {"type": "null"}}})
+            with pytest.raises(InvalidRequestError, match="keyword 'not'"):
+                await collect(await client.round_robin(bad))
+            outs = await collect(await client.round_robin(make_request(prompt, max_tokens=4)))
+            assert len(tokens_of(outs)) == 4
+        finally:
+            await rt.shutdown()

@@ -3,7 +3,10 @@
 `python -m dynamo_core.mocker --model-path DIR` serves it as a component (`main.py`);
 `start_mocker(runtime, config)` runs the same inside a process. The simulation (continuous
 batching, paged KV cache with prefix reuse, timing, KV events) is in `engine.py` and
-`kv_cache.py`; the handlers on the core bases in `handlers.py`.
+`kv_cache.py`; the handlers on the core bases in `handlers.py`. What a request is answered with
+when it is not random tokens is in `replies.py`: a reply script's text (`script.py`,
+`--reply-script`) or text satisfying its structured-output constraint (`guided.py`, with the
+regex and grammar generator in `_textgen.py`).
 
 Only the component surface is imported eagerly (cheap, no LLM layer); the engine and handler
 classes load on first access.

@@ -51,6 +51,13 @@ which makes cache effects measurable independently of the host's speed. The publ
 decode step at the current batch, both scaled by `speedup_ratio`), which is what a KV router
 plans with.
 
+*Replies.* A request may come with its answer decided (`output=`: a reply script's text or the
+text of a structured-output constraint, as token ids, `dynamo_core.mocker.replies`): the engine
+emits those tokens instead of random ones, one per decode step like any others, then its
+end-of-sequence token right away (finish reason `eos`; `min_tokens` does not lengthen it, as a
+satisfied constraint leaves an engine nothing else to emit), or, without eos ids, it finishes
+with `stop`. `max_tokens` and the context still cut it short (`length`).
+
 *Tokens* are deterministic: the token at position `p` is a function of (request seed, or the
 engine seed when the request has none; the prompt; `p`), drawn from the model's vocabulary
 without its special tokens. The same request therefore yields the same tokens on any mocker,
@@ -111,7 +118,7 @@ _RECENT_METRICS = 1024
 _LENGTH_SIGMA = 0.6
 _UNIT = statistics.NormalDist()
 
-Finish = Literal["eos", "length", "cancelled", "error"]
+Finish = Literal["eos", "length", "stop", "cancelled", "error"]
 _Kind = Literal["prefill", "decode", "transfer"]
 
 
@@ -238,6 +245,7 @@ class _Seq:
         "private",
         "prompt_len",
         "request_id",
+        "script",
         "seed_key",
         "state",
         "tokens",
@@ -254,10 +262,12 @@ class _Seq:
         logprobs: int | None,
         transferred: bool,
         eos: tuple[int, int] | None = None,
+        script: list[int] | None = None,
     ) -> None:
         self.request_id = request_id
         # (answer length, eos token): the `eos_at`-th generated token is `eos_token`
         self.eos_at, self.eos_token = eos if eos is not None else (0, 0)
+        self.script = script
         self.tokens = list(prompt)
         self.prompt_len = len(prompt)
         self.max_tokens = max_tokens
@@ -419,12 +429,15 @@ class MockerEngine:
         transferred: bool = False,
         eos_token_ids: Sequence[int] = (),
         min_tokens: int = 0,
+        output: list[int] | None = None,
     ) -> AsyncGenerator[StepOutput, None]:
         """Run a request; yields new tokens as steps produce them, the last with a finish reason.
 
         With `eos_token_ids`, the answer ends with the first of them after a sampled length
         (never before `min_tokens`); without, it runs to `max_tokens` or the context.
-        Closing the iterator early aborts the request (its blocks are freed at once).
+        `output`: the answer's tokens, instead of random ones (then the eos token, or, without
+        `eos_token_ids`, finish reason `stop`). Closing the iterator early aborts the request
+        (its blocks are freed at once).
         """
         seq = self._add(
             request_id,
@@ -436,6 +449,7 @@ class MockerEngine:
             transferred,
             eos_token_ids,
             min_tokens,
+            output,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -468,6 +482,7 @@ class MockerEngine:
         transferred: bool,
         eos_token_ids: Sequence[int] = (),
         min_tokens: int = 0,
+        output: list[int] | None = None,
     ) -> _Seq:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
@@ -494,12 +509,20 @@ class MockerEngine:
         key = _seed_key(args.seed if seed is None else seed, prompt)
         eos = None
         if eos_token_ids:
-            eos = (_answer_length(key, args.mean_output_tokens, min_tokens), eos_token_ids[0])
-        seq = _Seq(request_id, prompt, limit, key, logprobs, transferred, eos)
+            # a decided answer ends right after its last token (as a satisfied constraint does)
+            length = len(output) + 1 if output is not None else None
+            eos = (
+                length or _answer_length(key, args.mean_output_tokens, min_tokens),
+                eos_token_ids[0],
+            )
+        seq = _Seq(request_id, prompt, limit, key, logprobs, transferred, eos, output)
         self._totals.requests += 1
         self._seqs[request_id] = seq
         if limit <= 0:
             self._finish(seq, "length")
+            return seq
+        if output == [] and eos is None:
+            self._finish(seq, "stop")  # nothing to say, and no eos token to say it with
             return seq
         self._waiting.append(seq)
         self._kick()
@@ -556,8 +579,9 @@ class MockerEngine:
 
         Blocks: `active` (in use by requests), `cached` (known by hash: what KV events
         describe), `evictable` (cached, unused), `free` (empty), `total`. Requests: `running`,
-        `waiting`, and totals `finished` (ended with eos or at their length), `cancelled` (aborted: the
-        caller left, or the handler ended them on a stop condition), `failed`. Tokens:
+        `waiting`, and totals `finished` (ended with eos, at their length or at their reply's
+        end), `cancelled` (aborted: the caller left, or the handler ended them on a stop
+        condition), `failed`. Tokens:
         `prefill_tokens` computed, `cached_tokens` hit at admission, `transferred_tokens`
         received from prefill workers, `output_tokens`. `simulated_ms` is the simulated clock.
         """
@@ -793,7 +817,13 @@ class MockerEngine:
         x = _mix(seq.seed_key ^ ((pos * _GOLDEN) & _MASK))
         vocab = self._vocab
         eos = seq.generated + 1 == seq.eos_at
-        token = seq.eos_token if eos else vocab[x % len(vocab)]
+        script = seq.script
+        if eos:
+            token = seq.eos_token
+        elif script is not None:
+            token = script[seq.generated]
+        else:
+            token = vocab[x % len(vocab)]
         seq.tokens.append(token)
         seq.generated += 1
         seq.metrics.output_tokens += 1
@@ -813,6 +843,8 @@ class MockerEngine:
             self._finish(seq, "eos")
         elif seq.generated >= seq.max_tokens:
             self._finish(seq, "length")
+        elif script is not None and seq.generated >= len(script) and not seq.eos_at:
+            self._finish(seq, "stop")
         else:
             seq.notify()
 
@@ -828,7 +860,7 @@ class MockerEngine:
         seq.state = "done"
         seq.out_finish = reason
         seq.metrics.finish_reason = reason
-        if reason in ("eos", "length"):
+        if reason in ("eos", "length", "stop"):
             self._totals.finished += 1
         if self._seqs.get(seq.request_id) is seq:
             del self._seqs[seq.request_id]

@@ -10,6 +10,11 @@ Every handler also serves `stats` (a unary endpoint): the engine's counters, the
 and on request one request's metrics (`{"request_id": ...}`) or the cached block hashes
 (`{"cached_block_hashes": true}`). Stop conditions, usage and error mapping come from the base
 class; cancellation reaches `MockerEngine.abort`, which frees the request's blocks at once.
+
+What a request says is decided before it runs (`replies`, a `dynamo_core.mocker.replies.Replies`
+built from the model's tokenizer): a reply script's text, the text of its `guided_decoding`
+constraint, or (neither) the engine's random tokens. A handler built without `replies` refuses a
+constrained request with `InvalidRequestError` rather than ignore the constraint.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dynamo_core.errors import InvalidRequestError
 from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
 from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_core.mocker.engine import MockerEngine, StepOutput
+from dynamo_core.mocker.replies import Replies
 from dynamo_core.runtime import Context
 
 __all__ = ["MockerDecodeHandler", "MockerHandler", "MockerPrefillHandler"]
@@ -43,14 +49,29 @@ class MockerHandler(BaseWorkerHandler):
 
     engine: MockerEngine
 
-    def __init__(self, engine: MockerEngine, *, name: str | None = None) -> None:
+    def __init__(
+        self, engine: MockerEngine, *, replies: Replies | None = None, name: str | None = None
+    ) -> None:
         super().__init__(engine, name=name)
+        self.replies = replies
+
+    def reply_tokens(self, request: PreprocessedRequest) -> list[int] | None:
+        """The tokens this request is to get, or None for the engine's random ones."""
+        if self.replies is not None:
+            return self.replies.tokens(request)
+        if request.guided_decoding is not None:
+            raise InvalidRequestError(
+                "this mocker has no tokenizer to write structured output with "
+                "(build its handler with `replies=`)"
+            )
+        return None
 
     def _run_engine(
         self, request: PreprocessedRequest, *, transferred: bool = False
     ) -> AsyncIterator[StepOutput]:
         assert request.request_id is not None  # set by `generate`
         stop = request.stop_conditions
+        output = self.reply_tokens(request)
         return self.engine.generate(
             request.request_id,
             request.token_ids,
@@ -61,6 +82,7 @@ class MockerHandler(BaseWorkerHandler):
             transferred=transferred,
             eos_token_ids=() if stop.ignore_eos else request.eos_token_ids,
             min_tokens=stop.min_tokens or 0,
+            output=output,
         )
 
     async def engine_generate(
@@ -108,8 +130,8 @@ class MockerPrefillHandler(MockerHandler, BasePrefillHandler):
             cached = out.cached_tokens
             if out.metrics is not None:
                 prefill_ms = out.metrics.prefill_time_ms
-            if out.finish_reason not in (None, "length", "eos"):
-                yield _engine_output(out)  # cancelled or failed: no hand-off
+            if out.finish_reason in ("cancelled", "error"):
+                yield _engine_output(out)  # no hand-off
                 return
         params = {
             PARAMS_KEY: {

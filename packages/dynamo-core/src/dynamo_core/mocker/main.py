@@ -114,6 +114,12 @@ class MockerConfig(RuntimeConfig):
         "after a length drawn from its seed around this value (unless ignore_eos; max_tokens "
         "still cuts it short).",
     )
+    reply_script: Path | None = Field(
+        default=None,
+        description="YAML/JSON list of rules ({when: {user|user_regex|prompt|prompt_regex|"
+        "tools: ...}, reply: TEXT}): the first rule matching a request's prompt gives its "
+        "reply, word for word (dynamo_core.mocker.script explains the format).",
+    )
 
     def resolved_component(self) -> str:
         if self.component_name:
@@ -197,15 +203,19 @@ async def start_mocker(runtime: DistributedRuntime, config: MockerConfig) -> Moc
         MockerHandler,
         MockerPrefillHandler,
     )
+    from dynamo_core.mocker.replies import Replies
+    from dynamo_core.mocker.script import ReplyScript
 
     model_path = config.model_path.resolve()
     if not (model_path / "tokenizer.json").is_file():
         raise ConfigError(f"--model-path {config.model_path}: no tokenizer.json in that folder")
+    script = ReplyScript.load(config.reply_script) if config.reply_script else None
     name = config.resolved_component()
     component = runtime.namespace(config.namespace).component(name)
     await component.create_service()
 
     tokenizer = await asyncio.to_thread(Tokenizer.from_dir, model_path)
+    replies = Replies.for_model(tokenizer, script, seed=config.seed)
     context_length = (
         config.context_length or await asyncio.to_thread(_context_length, model_path) or 2048
     )
@@ -241,7 +251,7 @@ async def start_mocker(runtime: DistributedRuntime, config: MockerConfig) -> Moc
         "prefill": MockerPrefillHandler,
         "decode": MockerDecodeHandler,
     }[config.disaggregation_mode]
-    handler = handler_class(engine, name=f"dynamo.mocker.{name}")
+    handler = handler_class(engine, replies=replies, name=f"dynamo.mocker.{name}")
 
     endpoint = component.endpoint(config.endpoint)
     stats_endpoint = component.endpoint("stats")
