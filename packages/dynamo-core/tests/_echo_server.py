@@ -27,6 +27,11 @@ class Handlers:
             if request.get("delay"):
                 await asyncio.sleep(float(request["delay"]))
 
+    async def late(self, request: dict[str, Any]) -> AsyncIterator[Any]:
+        # a long prefill: the first item only after `wait` seconds, the event loop free
+        await asyncio.sleep(float(request["wait"]))
+        yield "late"
+
     async def whoami(self, request: Any) -> AsyncIterator[Any]:
         yield {"tag": self.tag, "pid": os.getpid()}
 
@@ -59,6 +64,7 @@ async def worker(runtime: DistributedRuntime, config: RuntimeConfig, tag: str) -
     h = Handlers(tag)
     endpoints = {
         "generate": h.gen,
+        "late": h.late,
         "whoami": h.whoami,
         "fail": h.fail,
         "endless": h.endless,

@@ -65,21 +65,39 @@ from pathlib import Path
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import yaml
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime.config import RuntimeConfig, env_var_name
 
 __all__ = [
+    "DEFAULT_MIGRATION_LIMIT",
     "RUNTIME_ENV_ALLOWLIST",
     "DynFlexibleArgumentParser",
     "EngineArgsBuilder",
     "ParsedArgs",
     "Preflight",
     "load_yaml_file",
+    "migration_limit_field",
     "parse_component_args",
 ]
+
+#: How often a broken stream may move to another worker, by default: on, as a user expects. The
+#: frontend's `--migration-limit` and each worker's (its model card's) default to it; the
+#: frontend uses the smaller of the two, so a worker can lower it for its model (0: never).
+DEFAULT_MIGRATION_LIMIT = 3
+
+
+def migration_limit_field() -> Any:
+    """A worker's `--migration-limit` flag, declared once for every engine."""
+    return Field(
+        default=DEFAULT_MIGRATION_LIMIT,
+        ge=0,
+        description="How often the frontend may move a broken stream of this model to another "
+        "worker (the frontend's own --migration-limit may lower it; 0: never).",
+    )
+
 
 C = TypeVar("C", bound=BaseModel)
 

@@ -47,10 +47,14 @@ class EchoHandler(BaseWorkerHandler):
         rid = request.request_id or context.id
         self.active.add(rid)
         try:
-            prompt = request.token_ids
+            # a migrated request goes on where the first worker stopped (token-exact)
+            done = request.generated_tokens
+            prompt = (
+                request.token_ids[: len(request.token_ids) - done] if done else request.token_ids
+            )
             limit = request.stop_conditions.max_tokens
             n = len(prompt) if limit is None else limit
-            for i in range(n):
+            for i in range(done, done + n):
                 if self.delay:
                     await asyncio.sleep(self.delay)
                 yield EngineOutput(token_ids=[prompt[i % len(prompt)]])

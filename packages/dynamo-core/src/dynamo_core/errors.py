@@ -29,6 +29,7 @@ __all__ = [
     "CancelledError",
     "ConfigError",
     "ConnectionLostError",
+    "DrainingError",
     "DynamoError",
     "EndpointNotFoundError",
     "EngineError",
@@ -133,14 +134,27 @@ class ConnectionLostError(DynamoError):
     http_status = 503
 
 
+class DrainingError(DynamoError):
+    """The instance is shutting down: it refused a new request before doing any work on it.
+
+    Nothing was generated, so the caller sends the request to another instance at once (the
+    frontend does, without counting it as a migration)."""
+
+    http_status = 503
+
+
 class ProtocolError(DynamoError):
     """A peer sent bytes that are not a valid frame."""
 
 
 class AuthenticationError(DynamoError):
-    """The peer did not prove it holds the shared secret (`DYN_AUTH_TOKEN`)."""
+    """The peer did not prove it holds the shared secret (`DYN_AUTH_TOKEN`).
 
-    http_status = 401
+    Between a frontend and its workers this is the operator's problem (the secret differs), not
+    the HTTP client's: it is answered 503, never 401 (which OpenAI clients read as a bad API key).
+    """
+
+    http_status = 503
 
 
 class CancelledError(DynamoError):

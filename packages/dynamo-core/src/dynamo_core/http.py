@@ -14,7 +14,10 @@ FastAPI/uvicorn per streamed request. What matters, and what this server does:
 - TCP_NODELAY on every connection (no delayed-ACK stall on reused connections);
 - backpressure: a slow client pauses the response (transport high-water mark), never buffers
   the whole stream in memory;
-- a client that disconnects cancels the request's task, which cancels the worker's request.
+- a client that disconnects cancels the request's task, which cancels the worker's request;
+- on `close(grace)`, a stream still open when the grace runs out ends with the response's
+  `on_shutdown()` bytes (the frontend's error event and `data: [DONE]`) and the terminating
+  chunk, so the client sees a complete response that says why, never a cut body.
 
 The app is `async def app(request: Request) -> Response | StreamingResponse`; it never sees
 HTTP framing, so the server stays a configuration choice.
@@ -186,7 +189,10 @@ class Final(bytes):
 
 
 class StreamingResponse:
-    __slots__ = ("body", "content_type", "headers", "status")
+    """A chunked response; `on_shutdown()` gives the last bytes to send if the server stops
+    before `body` ends (made only then)."""
+
+    __slots__ = ("body", "content_type", "headers", "on_shutdown", "status")
 
     def __init__(
         self,
@@ -194,11 +200,13 @@ class StreamingResponse:
         status: int = 200,
         content_type: str = "text/event-stream",
         headers: list[tuple[str, str]] | None = None,
+        on_shutdown: Callable[[], bytes] | None = None,
     ) -> None:
         self.body = body
         self.status = status
         self.content_type = content_type
         self.headers = headers or []
+        self.on_shutdown = on_shutdown
 
 
 App = Callable[[Request], Awaitable[Response | StreamingResponse]]
@@ -574,6 +582,13 @@ class _Connection(asyncio.Protocol):
                     await self.drain()
             if not self.closed:
                 transport.write(pending + end)
+        except asyncio.CancelledError:
+            last = response.on_shutdown
+            if self.server.closing and not self.closed and last is not None:
+                chunk = last()
+                data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+                transport.write(pending + data + end)
+            raise
         finally:
             await _aclose(body)
 
@@ -629,7 +644,8 @@ class HttpServer:
         self._sweeper = asyncio.get_running_loop().call_later(every, self._sweep)
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop accepting; let responses in progress finish for up to `grace` seconds."""
+        """Stop accepting; let responses in progress finish for up to `grace` seconds; then end
+        the streams still open (with their `on_shutdown` bytes) and close every connection."""
         self.closing = True
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -637,7 +653,12 @@ class HttpServer:
             self._server.close()
         busy = [c._task for c in self.connections if c._task is not None and not c._task.done()]
         if busy:
-            await asyncio.wait(busy, timeout=grace)
+            _, late = await asyncio.wait(busy, timeout=grace)
+            if late:
+                log.warning("%d response(s) still running after %gs: ending them", len(late), grace)
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late, timeout=1.0)
         for conn in [*self.connections, *self.refused]:
             if conn.transport is not None:
                 conn.transport.close()

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, migration_limit_field
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
@@ -54,11 +54,7 @@ class SglangConfig(RuntimeConfig):
         "Named --component-name because --component selects a graph file's section.",
     )
     endpoint: str = Field(default="generate", description="Endpoint that serves token streams.")
-    migration_limit: int = Field(
-        default=0,
-        ge=0,
-        description="How often the frontend may move a broken stream to another worker.",
-    )
+    migration_limit: int = migration_limit_field()
     bootstrap_host: str | None = Field(
         default=None,
         description="Prefill mode: the address decode workers reach this worker's bootstrap "

@@ -37,7 +37,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, load_yaml_file
+from dynamo_core.args import (
+    DynFlexibleArgumentParser,
+    ParsedArgs,
+    load_yaml_file,
+    migration_limit_field,
+)
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
@@ -132,9 +137,7 @@ class TrtllmConfig(RuntimeConfig):
         description="Tokens per KV cache block, as the engine pages them (TensorRT-LLM's "
         "tokens_per_block, 32 by default): the router hashes blocks of this size.",
     )
-    migration_limit: int = Field(
-        0, ge=0, description="How often the frontend may move a broken stream to another worker."
-    )
+    migration_limit: int = migration_limit_field()
     publish_events_and_metrics: bool = Field(
         True,
         description="Publish the engine's KV cache events and load metrics for KV-aware routing "

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, migration_limit_field
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
@@ -66,11 +66,7 @@ class VllmConfig(RuntimeConfig):
         "worker). Named --component-name because --component selects a graph file's section.",
     )
     endpoint: str = Field(default="generate", description="Endpoint that serves token streams.")
-    migration_limit: int = Field(
-        default=0,
-        ge=0,
-        description="How often the frontend may move a broken stream to another worker.",
-    )
+    migration_limit: int = migration_limit_field()
     kv_events: bool = Field(
         default=True,
         description="Publish the engine's KV cache events (blocks stored and removed) for "

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser
+from dynamo_core.args import DEFAULT_MIGRATION_LIMIT, DynFlexibleArgumentParser
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.http import HttpLimits
 from dynamo_core.router.admission import AdmissionLimits
@@ -45,10 +45,11 @@ class FrontendConfig(RuntimeConfig):
         description="With --router-mode kv: softmax temperature over the estimates normalised to "
         "[0, 1] (0: always the best).",
     )
-    migration_limit: int | None = Field(
-        None,
+    migration_limit: int = Field(
+        DEFAULT_MIGRATION_LIMIT,
         ge=0,
-        description="Times a broken stream may move to another worker (default: the model card's).",
+        description="Times a broken stream may move to another worker (a model card may lower "
+        "it; 0: never).",
     )
     active_requests_threshold: int | None = Field(
         1024,

@@ -14,9 +14,22 @@ become proper HTTP errors; later failures end the stream with an error event.
 Streaming cost per token is a dict lookup, an incremental detokenizer step and one bytes join:
 items that arrive together (the request plane batches them) leave in one SSE write.
 
-Migration: when the worker's connection breaks mid-stream (it died, or shut down past its grace
-period), the request is re-sent to another instance with the tokens generated so far appended to
-the prompt, up to `migration_limit` times; the client sees one unbroken stream.
+Off the happy path (ARCHITECTURE.md, "Off the happy path"):
+
+- *Migration*: when the worker's stream breaks mid-way (it died, stopped answering heartbeats,
+  or shut down past its grace period), the request is re-sent to another instance with the
+  tokens generated so far appended to the prompt (`generated_tokens` says how many, so an engine
+  that seeds per request continues token-exactly), up to the migration limit: the smaller of
+  `--migration-limit` (default 3) and the model card's. Streaming and whole responses alike;
+  the client sees one unbroken answer.
+- *Retry elsewhere*: a worker that fails before sending anything (unreachable, draining, its
+  auth token differs) is skipped at once, without counting against that limit: nothing was
+  generated, nothing reached the client.
+- *Errors to clients* never carry internal addresses: failures of the request plane become a
+  generic 503 (or an error event mid-stream), and the detail goes to the log. An auth mismatch
+  between frontend and worker is the operator's problem: logged, 503, never 401.
+- *Shutdown*: a stream still open when the HTTP server's grace runs out ends with an error
+  event and `data: [DONE]` (`StreamingResponse.on_shutdown`), never a cut body.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import msgspec
 
 from dynamo_core import errors
 from dynamo_core._memory import Trimmer
+from dynamo_core.args import DEFAULT_MIGRATION_LIMIT
 from dynamo_core.frontend.metrics import FrontendMetrics
 from dynamo_core.frontend.models import ModelEntry, ModelManager, PrefillPool
 from dynamo_core.frontend.openai import (
@@ -55,12 +69,20 @@ __all__ = ["OpenAIService"]
 log = logging.getLogger("dynamo.frontend")
 
 _DONE = b"data: [DONE]\n\n"
+#: A worker's stream ended by one of these can be continued (or, if nothing came yet, retried)
+#: on another instance.
 _MIGRATABLE = (
     errors.ConnectionLostError,
     errors.InstanceNotFoundError,
     errors.EndpointNotFoundError,
     errors.CancelledError,  # the worker shut down before finishing
+    errors.DrainingError,  # it refused the request: shutting down
+    errors.AuthenticationError,  # our DYN_AUTH_TOKEN differs from its own
+    errors.ProtocolError,
 )
+#: Failures of the request plane: the message names internal hosts and ports, for the log only.
+_INTERNAL = (*_MIGRATABLE, errors.BackendUnavailableError)
+_UNAVAILABLE = "no worker could serve the request right now; try again"
 Batches = AsyncGenerator[list[dict[str, Any]], None]
 _Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
 _Prepared = TypeVar("_Prepared")
@@ -75,16 +97,26 @@ def _error(
     return Response(error_body(message, kind, code, param), status=status)
 
 
-def _error_for(exc: errors.DynamoError) -> Response:
-    status = exc.http_status
-    if isinstance(exc, errors.HandlerError):
-        status = 500
+def _public(exc: errors.DynamoError) -> tuple[int, str, str]:
+    """(HTTP status, OpenAI error type, message) to show a client for `exc`: request-plane
+    failures become a generic 503 (their messages name internal addresses: log them instead)."""
+    if isinstance(exc, _INTERNAL):
+        return 503, "service_unavailable", _UNAVAILABLE
+    status = 500 if isinstance(exc, errors.HandlerError) else exc.http_status
     kind = {
         400: "invalid_request_error",
         404: "not_found_error",
         503: "service_unavailable",
     }.get(status, "internal_error")
-    return _error(status, str(exc), kind)
+    return status, kind, str(exc)
+
+
+def _error_for(exc: errors.DynamoError, request_id: str) -> Response:
+    """The error response for `exc`; what the client is not shown is logged."""
+    status, kind, message = _public(exc)
+    if message != str(exc):
+        log.warning("request %s failed: %s", request_id, exc)
+    return _error(status, message, kind)
 
 
 #: Prompt ids the detokenizer keeps as left context for the first generated ones.
@@ -264,7 +296,7 @@ class OpenAIService:
         *,
         namespace: str,
         router_mode: str = "round-robin",
-        migration_limit: int | None = None,
+        migration_limit: int = DEFAULT_MIGRATION_LIMIT,
         metrics: FrontendMetrics | None = None,
         kv_overlap_weight: float = 1.0,
         router_temperature: float = 0.0,
@@ -449,7 +481,7 @@ class OpenAIService:
             self.metrics.requests.labels(
                 model, endpoint, "stream" if body.stream else "unary", "error"
             ).inc()
-            return _error_for(exc)
+            return _error_for(exc, fmt.id)
         out = _Output(
             entry,
             body.stop_strings(),
@@ -463,7 +495,7 @@ class OpenAIService:
             stream = self._sse(
                 entry, fmt, out, first, batches, body.include_usage(), prompt_len, t0, endpoint
             )
-            return StreamingResponse(stream)
+            return StreamingResponse(stream, on_shutdown=lambda: _shutdown_event(fmt))
         return await self._whole(entry, fmt, out, first, batches, prompt_len, t0, endpoint)
 
     async def _engine_batches(
@@ -475,9 +507,7 @@ class OpenAIService:
         is simply skipped: nothing reached the client. One that fails mid-stream is replaced
         up to the migration limit, continuing from the tokens generated so far.
         """
-        limit = (
-            self.migration_limit if self.migration_limit is not None else entry.card.migration_limit
-        )
+        limit = min(self.migration_limit, entry.card.migration_limit)
         request = preq
         prefill: _PrefillLeg | None = None
         pool = self.models.prefill_pool(entry.name)
@@ -508,7 +538,12 @@ class OpenAIService:
         generated: list[int] = []
         policy = entry.policy
         while True:
-            iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
+            try:
+                iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
+            except errors.NoInstancesError:
+                raise errors.NoInstancesError(
+                    f"The model `{entry.name}` has no live instances."
+                ) from None
             policy.started(iid, preq["token_ids"], ctx.id)
             stream = None
             received = False
@@ -538,6 +573,12 @@ class OpenAIService:
                 exclude.append(iid)
                 if received:
                     if limit <= 0:
+                        log.warning(
+                            "request %s: instance %x failed (%s); migration limit reached",
+                            ctx.id,
+                            iid,
+                            exc,
+                        )
                         raise
                     limit -= 1
                     log.warning(
@@ -548,9 +589,21 @@ class OpenAIService:
                         len(generated),
                     )
                     request = _continuation(preq, generated)
+                elif isinstance(exc, errors.AuthenticationError):
+                    log.error(
+                        "request %s: instance %x refused us (%s): the frontend's and the "
+                        "worker's DYN_AUTH_TOKEN differ; trying another",
+                        ctx.id,
+                        iid,
+                        exc,
+                    )
                 else:
+                    # nothing was generated: not a migration, not counted against the limit
                     log.info(
-                        "request %s: instance %x unreachable (%s); trying another", ctx.id, iid, exc
+                        "request %s: instance %x did not take it (%s); trying another",
+                        ctx.id,
+                        iid,
+                        exc,
                     )
             finally:
                 policy.finished(iid, preq["token_ids"], ctx.id)
@@ -625,7 +678,8 @@ class OpenAIService:
         except errors.DynamoError as exc:
             status = "error"
             log.warning("request %s failed mid-stream: %s", fmt.id, exc)
-            yield Final(fmt.error(str(exc)) + _DONE)
+            _, kind, message = _public(exc)
+            yield Final(fmt.error(message, kind) + _DONE)
         except (asyncio.CancelledError, GeneratorExit):
             status = "cancelled"
             raise
@@ -676,7 +730,7 @@ class OpenAIService:
                     batch = await anext(batches, None)
         except errors.DynamoError as exc:
             status = "error"
-            return _error_for(exc)
+            return _error_for(exc, fmt.id)
         finally:
             await batches.aclose()
             m.ended(model, endpoint, "unary", status, out.completion_tokens, t0)
@@ -765,6 +819,13 @@ class _PrefillLeg:
         self.parent.remove_stop_callback(self.ctx.stop_generating)
         if self.task is not None and not self.task.done():
             self.task.cancel()
+
+
+def _shutdown_event(fmt: ChatStreamFormatter | CompletionStreamFormatter) -> bytes:
+    """How a stream ends when the frontend stops before it finished."""
+    return (
+        fmt.error("the server is shutting down; retry the request", "service_unavailable") + _DONE
+    )
 
 
 def _decode(body: bytes, kind: type[Any]) -> Any:
@@ -928,9 +989,12 @@ def _preprocessed(
 
 
 def _continuation(preq: dict[str, Any], generated: list[int]) -> dict[str, Any]:
-    """The request that continues `preq` on another worker after `generated` tokens."""
+    """The request that continues `preq` on another worker after `generated` tokens: they are
+    appended to the prompt, and `generated_tokens` says how many were (so that an engine which
+    seeds per request seeds from the original prompt, and goes on token-exactly)."""
     request = dict(preq)
     request["token_ids"] = preq["token_ids"] + generated
+    request["generated_tokens"] = len(generated)
     stop = dict(preq["stop_conditions"])
     stop["max_tokens"] = max(1, stop["max_tokens"] - len(generated))
     if stop.get("min_tokens"):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from dynamo_core.args import DEFAULT_MIGRATION_LIMIT
 from dynamo_core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -72,8 +73,8 @@ class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
     input_type: Literal["tokens"] = "tokens"
     context_length: int = 2048
     kv_block_size: int = 16
-    migration_limit: int = 0
-    """How often the frontend may move a broken stream to another instance."""
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT
+    """How often the frontend may move a broken stream to another instance (it may lower it)."""
     instance_id: int = 0
     files: dict[str, str] = msgspec.field(default_factory=dict)
     """The model files the worker serves on `model_files`, name -> SHA-256."""
@@ -157,7 +158,7 @@ async def register_model(
     model_type: list[ModelType] | None = None,
     context_length: int | None = None,
     kv_block_size: int = 16,
-    migration_limit: int = 0,
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT,
     extra: dict[str, object] | None = None,
     aliases: list[str] | None = None,
 ) -> ModelCard:

@@ -228,6 +228,10 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     """The router's estimate of cached prefix blocks on the chosen worker."""
     guided_decoding: GuidedDecoding | None = None
     """Structured output: the constraint the output must satisfy (see `GuidedDecoding`)."""
+    generated_tokens: int = 0
+    """On a migration continuation: how many of the last `token_ids` an earlier worker generated
+    (the original prompt is the rest). An engine that seeds sampling per request seeds from the
+    original prompt, so that the continuation is the sequence the first worker would have made."""
 
     @classmethod
     def from_wire(cls, data: Any) -> PreprocessedRequest:

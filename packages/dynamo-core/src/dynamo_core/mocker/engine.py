@@ -61,8 +61,10 @@ with `stop`. `max_tokens` and the context still cut it short (`length`).
 *Tokens* are deterministic: the token at position `p` is a function of (request seed, or the
 engine seed when the request has none; the prompt; `p`), drawn from the model's vocabulary
 without its special tokens. The same request therefore yields the same tokens on any mocker,
-whether preempted, aggregated or disaggregated. Fake log-probabilities (the chosen token always
-the most likely) are produced on request.
+whether preempted, aggregated, disaggregated or migrated mid-stream (a continuation says how
+many of its prompt tokens were generated, `generated`, and is seeded, and its answer length
+drawn, from the prompt before them). Fake log-probabilities (the chosen token always the most
+likely) are produced on request.
 
 *Answer length.* A chat model answers in a few dozen tokens and then emits an end-of-sequence
 token; so does the mocker. A request that names its end-of-sequence tokens (`eos_token_ids`:
@@ -430,14 +432,17 @@ class MockerEngine:
         eos_token_ids: Sequence[int] = (),
         min_tokens: int = 0,
         output: list[int] | None = None,
+        generated: int = 0,
     ) -> AsyncGenerator[StepOutput, None]:
         """Run a request; yields new tokens as steps produce them, the last with a finish reason.
 
         With `eos_token_ids`, the answer ends with the first of them after a sampled length
         (never before `min_tokens`); without, it runs to `max_tokens` or the context.
         `output`: the answer's tokens, instead of random ones (then the eos token, or, without
-        `eos_token_ids`, finish reason `stop`). Closing the iterator early aborts the request
-        (its blocks are freed at once).
+        `eos_token_ids`, finish reason `stop`). `generated`: the last tokens of `token_ids` that
+        another engine generated (a migrated request; `output` is then what is left of the
+        answer): the sequence goes on exactly as it would have there. Closing the iterator
+        early aborts the request (its blocks are freed at once).
         """
         seq = self._add(
             request_id,
@@ -450,6 +455,7 @@ class MockerEngine:
             eos_token_ids,
             min_tokens,
             output,
+            generated,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -483,6 +489,7 @@ class MockerEngine:
         eos_token_ids: Sequence[int] = (),
         min_tokens: int = 0,
         output: list[int] | None = None,
+        generated: int = 0,
     ) -> _Seq:
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
@@ -506,15 +513,20 @@ class MockerEngine:
         if prefill_only:
             limit = min(limit, 1)
         self.start()
-        key = _seed_key(args.seed if seed is None else seed, prompt)
+        # a continuation is seeded from the original prompt, and its answer length is what is
+        # left of the original's (min_tokens arrives reduced by what was generated)
+        original = prompt[: len(prompt) - generated] if 0 < generated < len(prompt) else prompt
+        key = _seed_key(args.seed if seed is None else seed, original)
         eos = None
         if eos_token_ids:
             # a decided answer ends right after its last token (as a satisfied constraint does)
-            length = len(output) + 1 if output is not None else None
-            eos = (
-                length or _answer_length(key, args.mean_output_tokens, min_tokens),
-                eos_token_ids[0],
-            )
+            if output is not None:
+                length = len(output) + 1
+            else:
+                length = (
+                    _answer_length(key, args.mean_output_tokens, min_tokens + generated) - generated
+                )
+            eos = (max(1, length), eos_token_ids[0])
         seq = _Seq(request_id, prompt, limit, key, logprobs, transferred, eos, output)
         self._totals.requests += 1
         self._seqs[request_id] = seq

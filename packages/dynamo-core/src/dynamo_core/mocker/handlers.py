@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from dynamo_core.errors import InvalidRequestError
 from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
 from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
@@ -56,7 +58,15 @@ class MockerHandler(BaseWorkerHandler):
         self.replies = replies
 
     def reply_tokens(self, request: PreprocessedRequest) -> list[int] | None:
-        """The tokens this request is to get, or None for the engine's random ones."""
+        """The tokens this request is to get, or None for the engine's random ones. A migrated
+        request gets what is left of the original request's reply (token-exact)."""
+        done = request.generated_tokens
+        if done and self.replies is not None:
+            original = msgspec.structs.replace(
+                request, token_ids=request.token_ids[:-done], generated_tokens=0
+            )
+            whole = self.reply_tokens(original)
+            return None if whole is None else whole[done:]
         if self.replies is not None:
             return self.replies.tokens(request)
         if request.guided_decoding is not None:
@@ -83,6 +93,7 @@ class MockerHandler(BaseWorkerHandler):
             eos_token_ids=() if stop.ignore_eos else request.eos_token_ids,
             min_tokens=stop.min_tokens or 0,
             output=output,
+            generated=request.generated_tokens,
         )
 
     async def engine_generate(

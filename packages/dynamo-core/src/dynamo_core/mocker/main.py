@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, migration_limit_field
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import (
@@ -99,11 +99,7 @@ class MockerConfig(RuntimeConfig):
         gt=1,
         description="Longest sequence, prompt plus output (default: config.json).",
     )
-    migration_limit: int = Field(
-        default=0,
-        ge=0,
-        description="How often the frontend may move a broken stream to another worker.",
-    )
+    migration_limit: int = migration_limit_field()
     seed: int = Field(
         default=0, description="Seed of the generated tokens for requests without one."
     )

@@ -31,6 +31,8 @@ import msgspec
 from dynamo_core.errors import (
     ConfigError,
     ConnectionLostError,
+    DrainingError,
+    DynamoError,
     InstanceNotFoundError,
     NoInstancesError,
 )
@@ -42,6 +44,7 @@ from dynamo_core.runtime.transport import (
     ClientStream,
     EndpointRegistry,
     HandlerEntry,
+    InstanceHealth,
     RequestPlaneClient,
     RequestPlaneServer,
 )
@@ -97,6 +100,8 @@ class DistributedRuntime:
         self._server: RequestPlaneServer | None = None
         self._server_lock = asyncio.Lock()
         self._clients: dict[str, RequestPlaneClient] = {}
+        #: instances this process routes around (hung, unreachable or draining), for every client
+        self.health = InstanceHealth()
         self._served: set[ServedEndpoint] = set()
         self._endpoint_keys: dict[str, list[str]] = {}
         self._shutdown = asyncio.Event()
@@ -214,7 +219,12 @@ class DistributedRuntime:
         if cfg.request_plane == "nats":
             from dynamo_core.runtime.transport.nats import NatsServer
 
-            return NatsServer(self.registry, await self.nats(), self.instance_id)
+            return NatsServer(
+                self.registry,
+                await self.nats(),
+                self.instance_id,
+                heartbeat_timeout=cfg.heartbeat_timeout,
+            )
         if cfg.request_plane == "inproc":
             from dynamo_core.runtime.transport.inproc import InprocServer
 
@@ -231,7 +241,12 @@ class DistributedRuntime:
                 advertise = _local_address(_discovery_host(cfg))
             token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
             return TcpServer(
-                self.registry, host=bind, port=cfg.tcp_port, advertise_host=advertise, token=token
+                self.registry,
+                host=bind,
+                port=cfg.tcp_port,
+                advertise_host=advertise,
+                token=token,
+                heartbeat_timeout=cfg.heartbeat_timeout,
             )
         raise ConfigError(f"request plane {cfg.request_plane!r} is not available in this version")
 
@@ -243,19 +258,23 @@ class DistributedRuntime:
         return client
 
     async def _make_client(self, kind: str) -> RequestPlaneClient:
+        liveness: dict[str, Any] = {
+            "health": self.health,
+            "heartbeat_timeout": self.config.heartbeat_timeout,
+        }
         if kind == "nats":
             from dynamo_core.runtime.transport.nats import NatsClient
 
-            return NatsClient(await self.nats())
+            return NatsClient(await self.nats(), **liveness)
         if kind == "inproc":
             from dynamo_core.runtime.transport.inproc import InprocClient
 
-            return InprocClient()
+            return InprocClient(**liveness)
         if kind == "tcp":
             from dynamo_core.runtime.transport.tcp import TcpClient
 
             token = self.config.auth_token
-            return TcpClient(token=token.get_secret_value() if token else None)
+            return TcpClient(token=token.get_secret_value() if token else None, **liveness)
         raise ConfigError(f"request plane {kind!r} is not available in this version")
 
 
@@ -399,48 +418,75 @@ class ServedEndpoint:
         return len(self.entry.inflight)
 
     async def stop(self, drain: bool = True) -> None:
+        """Drain, in this order: refuse new requests (`DrainingError`: the caller retries them
+        elsewhere at once), leave discovery, let the streams in flight finish within
+        `graceful_shutdown_timeout`, cancel what is left (its callers migrate it), unregister.
+
+        Refusing comes first so that no request is accepted, and then cut, by a process that is
+        on its way out: a caller that has not yet seen the discovery change is told at once.
+        """
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
             return
         self._stopped = asyncio.get_running_loop().create_future()
         runtime = self.endpoint.runtime
+        path = self.endpoint.path
         try:
-            await runtime.discovery.delete(self.endpoint.instance_key(runtime.instance_id))
-            for key in runtime._endpoint_keys.pop(self.endpoint.path, []):
-                await runtime.discovery.delete(key)
-            timeout = runtime.config.graceful_shutdown_timeout if drain else 0.0
-            streams = list(self.entry.inflight)
-            if streams:
-                log.info(
-                    "%s: waiting up to %.0fs for %d in-flight request(s)",
-                    self.endpoint.path,
-                    timeout,
-                    len(streams),
-                )
-                tasks = [s.task for s in streams if s.task is not None]
-                if tasks and timeout > 0:
-                    await asyncio.wait(tasks, timeout=timeout)
-                for s in list(self.entry.inflight):
-                    if s.task is not None and not s.task.done():
-                        s.task.cancel()
-                tasks = [s.task for s in streams if s.task is not None]
-                if tasks:
-                    await asyncio.wait(tasks, timeout=1.0)
-            if runtime.registry.entries.get(self.endpoint.path) is self.entry:
-                runtime.registry.remove(self.endpoint.path)
+            self.entry.draining = True
+            await self._leave_discovery()
+            grace = runtime.config.graceful_shutdown_timeout if drain else 0.0
+            streams = list(self.entry.inflight.values())
+            tasks = [s.task for s in streams if s.task is not None and not s.task.done()]
+            if tasks:
+                log.info("%s: draining %d request(s), up to %gs", path, len(tasks), grace)
+                done: set[asyncio.Task[None]] = set()
+                pending = set(tasks)
+                if grace > 0:
+                    done, pending = await asyncio.wait(tasks, timeout=grace)
+                if pending:
+                    log.warning(
+                        "%s: %d request(s) still running after %gs: cancelled (their callers "
+                        "move them elsewhere)",
+                        path,
+                        len(pending),
+                        grace,
+                    )
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.wait(pending, timeout=1.0)
+                log.info("%s: drained (%d finished)", path, len(done))
+            if runtime.registry.entries.get(path) is self.entry:
+                runtime.registry.remove(path)
         finally:
             runtime._served.discard(self)
             self._stopped.set_result(None)
 
+    async def _leave_discovery(self) -> None:
+        runtime = self.endpoint.runtime
+        keys = [self.endpoint.instance_key(runtime.instance_id)]
+        keys += runtime._endpoint_keys.pop(self.endpoint.path, [])
+        for key in keys:
+            try:
+                await runtime.discovery.delete(key)
+            except DynamoError as exc:  # the lease takes the key with it when we exit
+                log.warning("could not remove %s from discovery: %s", key, exc)
+
 
 class Client:
-    """Calls one endpoint on its live instances, tracked by a discovery watch."""
+    """Calls one endpoint on its live instances, tracked by a discovery watch.
+
+    "Live" means registered in discovery *and* available in the runtime's `InstanceHealth`:
+    an instance that stopped answering heartbeats, cannot be reached, or refused a request
+    while draining is left out of `instance_ids()` (and so out of routing) until it answers
+    again or discovery drops it. `direct()` still reaches any registered instance.
+    """
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.runtime = endpoint.runtime
         self._instances: dict[int, Instance] = {}
-        self._ids: list[int] = []
+        self._registered: list[int] = []  # in discovery, sorted
+        self._ids: list[int] = []  # of those, the available ones
         self._rr = 0
         self._changed = asyncio.Event()
         self._watch: Watch | None = None
@@ -449,6 +495,7 @@ class Client:
 
     async def _start(self) -> None:
         await self.runtime.start()
+        self.runtime.health.on_change(self._refresh)
         self._watch = await self.runtime.discovery.watch_prefix(self.endpoint.discovery_prefix)
         for event in self._watch.pending():
             self._apply(event)
@@ -478,7 +525,16 @@ class Client:
                 plane = self.runtime._clients.get(str(gone.transport.get("kind")))
                 if plane is not None:
                     plane.instance_gone(iid)
-        self._ids = sorted(self._instances)
+        self._registered = sorted(self._instances)
+        self._refresh(force=True)
+
+    def _refresh(self, force: bool = False) -> None:
+        """Recompute the available instances (discovery or health changed); tell listeners."""
+        health = self.runtime.health
+        ids = [i for i in self._registered if health.available(i)]
+        if ids == self._ids and not force:
+            return
+        self._ids = ids
         self._changed.set()
         self._changed = asyncio.Event()
         for listener in list(self._listeners):
@@ -562,8 +618,8 @@ class Client:
             iid = pick(candidates)
             try:
                 return await self._open(self._instances[iid], request, context, window)
-            except ConnectionLostError:
-                # a dead instance discovery has not dropped yet: try the others
+            except (ConnectionLostError, DrainingError):
+                # a dead instance discovery has not dropped yet, or one shutting down: the others
                 candidates.remove(iid)
                 if not candidates:
                     raise
@@ -582,6 +638,7 @@ class Client:
         )
 
     async def close(self) -> None:
+        self.runtime.health.remove_listener(self._refresh)
         if self._watch is not None:
             self._watch.close()
         if self._task is not None:

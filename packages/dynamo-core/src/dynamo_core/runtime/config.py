@@ -95,6 +95,14 @@ class RuntimeConfig(BaseModel):
         gt=0,
         description="Seconds a registration outlives its process when it stops renewing.",
     )
+    heartbeat_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Seconds a request-plane peer may stay silent (heartbeats are sent every "
+        "fifth of it) before it is declared hung or unreachable: its streams move to another "
+        "instance and it gets no new request until it answers again.",
+    )
     graceful_shutdown_timeout: float = Field(
         30.0,
         ge=0,

@@ -7,6 +7,7 @@ from .base import (
     ClientStream,
     EndpointRegistry,
     HandlerEntry,
+    InstanceHealth,
     RequestPlaneClient,
     RequestPlaneServer,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "ClientStream",
     "EndpointRegistry",
     "HandlerEntry",
+    "InstanceHealth",
     "RequestPlaneClient",
     "RequestPlaneServer",
 ]

@@ -9,9 +9,18 @@ A request plane moves one request to a handler and the handler's items back, in 
   disconnects stops the handler: its `Context` is stopped and its task cancelled, so a handler
   blocked on an engine call stops at once;
 - **typed errors**: an exception in the handler ends the stream with the exception's type name and
-  message (`dynamo_core.errors.error_from_wire` rebuilds it on the caller's side).
+  message (`dynamo_core.errors.error_from_wire` rebuilds it on the caller's side);
+- **admission** (`EndpointRegistry.admit`, the same on every plane): a request for an endpoint
+  that is draining is refused with `DrainingError` before any work is done (the caller sends it
+  elsewhere); one whose request id is already running on that endpoint is refused with
+  `InvalidRequestError`, and the running one is left alone;
+- **liveness** (`InstanceHealth`): each plane sends heartbeats that the peer's transport answers
+  from its own callback, never from a handler, so a busy engine still answers and only a hung
+  or cut-off process goes silent. A peer silent for `heartbeat_timeout` seconds is
+  *quarantined*: its open streams fail with `ConnectionLostError` (the frontend migrates them),
+  and no client of this process routes a new request to it until it answers again.
 
-Transports (`inproc`, `tcp`, later `nats`) only carry these events; the logic lives here.
+Transports (`inproc`, `tcp`, `nats`) only carry these events; the logic lives here.
 """
 
 from __future__ import annotations
@@ -24,7 +33,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from dynamo_core.errors import ConnectionLostError, DynamoError, error_from_wire, error_to_wire
+from dynamo_core.errors import (
+    ConnectionLostError,
+    DrainingError,
+    DynamoError,
+    EndpointNotFoundError,
+    InvalidRequestError,
+    error_from_wire,
+    error_to_wire,
+)
 from dynamo_core.runtime.context import Context
 
 __all__ = [
@@ -32,6 +49,8 @@ __all__ = [
     "ClientStream",
     "EndpointRegistry",
     "HandlerEntry",
+    "HeartbeatClock",
+    "InstanceHealth",
     "RequestPlaneClient",
     "RequestPlaneServer",
     "ServerStream",
@@ -41,12 +60,58 @@ log = logging.getLogger("dynamo.request_plane")
 
 DEFAULT_WINDOW = 256
 Handler = Callable[..., Any]
+#: Heartbeats per `heartbeat_timeout`. A peer silent for `timeout - interval` is declared gone at
+#: the next tick, so a hang is noticed within the timeout of the last sign of life, and an alive
+#: peer would have to miss three answers in a row to be mistaken for a dead one.
+HEARTBEATS_PER_TIMEOUT = 5
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """Seconds between two heartbeats for a detection bound of `timeout` seconds."""
+    return max(0.01, timeout / HEARTBEATS_PER_TIMEOUT)
+
+
+class HeartbeatClock:
+    """The ticks of a client's liveness watch, and its verdicts.
+
+    Each transport stamps a peer's `last_rx` (the event loop's clock, free to read) whenever
+    something arrives from it; once per tick it sends the peer a ping and asks `gone()`. A tick
+    that came late (our own event loop was stalled) judges nobody: what the peer sent during
+    the stall may not have been read yet.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.interval = heartbeat_interval(timeout)
+        self.limit = timeout - self.interval
+
+    async def ticks(self) -> AsyncIterator[tuple[float, bool]]:
+        """(now, fair) once per interval; `fair` is False after a stall of our own."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(self.interval)
+            now = loop.time()
+            fair = now - last < 2 * self.interval
+            last = now
+            yield now, fair
+
+    def gone(self, last_rx: float, now: float) -> bool:
+        return now - last_rx >= self.limit
 
 
 class HandlerEntry:
     """A user handler, adapted once to `call(request, context) -> AsyncIterator`."""
 
-    __slots__ = ("errors", "fn", "inflight", "name", "requests", "takes_context", "unary")
+    __slots__ = (
+        "draining",
+        "errors",
+        "fn",
+        "inflight",
+        "name",
+        "requests",
+        "takes_context",
+        "unary",
+    )
 
     def __init__(self, name: str, fn: Handler) -> None:
         self.name = name
@@ -68,7 +133,9 @@ class HandlerEntry:
         self.takes_context = len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
         if not params:
             raise TypeError(f"handler for {name!r} must take (request) or (request, context)")
-        self.inflight: set[ServerStream] = set()
+        #: streams being served, by request id (one request id runs once per endpoint)
+        self.inflight: dict[str, ServerStream] = {}
+        self.draining = False
         self.requests = 0
         self.errors = 0
 
@@ -100,16 +167,28 @@ class EndpointRegistry:
     def remove(self, path: str) -> HandlerEntry | None:
         return self.entries.pop(path, None)
 
+    def admit(self, path: str, request_id: str | None) -> HandlerEntry:
+        """The entry that serves a new request, or the `DynamoError` that refuses it."""
+        entry = self.entries.get(path)
+        if entry is None:
+            raise EndpointNotFoundError(f"endpoint {path} is not served here")
+        if entry.draining:
+            raise DrainingError(f"{path} is shutting down: send the request to another instance")
+        if request_id is not None and request_id in entry.inflight:
+            raise InvalidRequestError(f"request id {request_id!r} is already running on {path}")
+        return entry
+
 
 class ServerStream(ABC):
     """The serving side of one stream: runs the handler, honours the caller's window."""
 
-    __slots__ = ("_credit", "_credit_waiter", "cancelled_by_peer", "context", "task")
+    __slots__ = ("_credit", "_credit_waiter", "_ran", "cancelled_by_peer", "context", "task")
 
     def __init__(self, context: Context, window: int) -> None:
         self.context = context
         self._credit = window
         self._credit_waiter: asyncio.Future[None] | None = None
+        self._ran = False
         self.cancelled_by_peer = False
         self.task: asyncio.Task[None] | None = None
 
@@ -142,9 +221,28 @@ class ServerStream(ABC):
         if self.task is not None:
             self.task.cancel()
 
-    async def run(self, entry: HandlerEntry, request: Any) -> None:
-        entry.inflight.add(self)
+    def start(self, entry: HandlerEntry, request: Any) -> asyncio.Task[None]:
+        """Serve `request` in a task of its own. The stream counts as in flight from now on (so a
+        second request with its id is refused even within the same batch of frames) until the
+        task is done, however it ends."""
+        key = self.context.id
+        entry.inflight[key] = self
         entry.requests += 1
+        task = asyncio.get_running_loop().create_task(self._run(entry, request))
+        self.task = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            if entry.inflight.get(key) is self:
+                del entry.inflight[key]
+            if not self._ran and not self.cancelled_by_peer:
+                # cancelled before its first step (a shutdown right after it arrived)
+                self._fail("CancelledError", "request cancelled: the worker is shutting down")
+
+        task.add_done_callback(done)
+        return task
+
+    async def _run(self, entry: HandlerEntry, request: Any) -> None:
+        self._ran = True
         try:
             async for item in entry.call(request, self.context):
                 while self._credit <= 0:
@@ -169,8 +267,6 @@ class ServerStream(ABC):
             else:
                 log.exception("handler %s raised", entry.name)
             self._fail(type_name, message)
-        finally:
-            entry.inflight.discard(self)
 
 
 class ClientStream:
@@ -309,6 +405,68 @@ class ClientStream:
                 pass
 
 
+class InstanceHealth:
+    """The instances this process must not route new requests to, and why.
+
+    - *quarantined*: a request plane found the instance hung or unreachable (heartbeats went
+      unanswered, the connection broke or was refused); it is released the moment the
+      instance answers again;
+    - *draining*: the instance refused a request because it is shutting down; it stays out
+      until discovery drops it (it left discovery when it began to drain).
+
+    One per runtime, shared by its request-plane clients and every `Client`, so what one stream
+    learns about a process applies at once to every endpoint and model it serves.
+    """
+
+    def __init__(self) -> None:
+        self.quarantined: dict[int, str] = {}
+        self.draining: set[int] = set()
+        self._listeners: list[Callable[[], None]] = []
+
+    def available(self, instance_id: int) -> bool:
+        return instance_id not in self.quarantined and instance_id not in self.draining
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def quarantine(self, instance_id: int, why: str) -> None:
+        if instance_id in self.quarantined:
+            return
+        self.quarantined[instance_id] = why
+        log.warning(
+            "instance %x quarantined (no new requests until it answers): %s", instance_id, why
+        )
+        self._changed()
+
+    def release(self, instance_id: int) -> None:
+        if self.quarantined.pop(instance_id, None) is not None:
+            log.warning("instance %x answers again: back in service", instance_id)
+            self._changed()
+
+    def drain(self, instance_id: int) -> None:
+        if instance_id not in self.draining:
+            self.draining.add(instance_id)
+            log.info("instance %x is draining: no new requests go to it", instance_id)
+            self._changed()
+
+    def forget(self, instance_id: int) -> None:
+        """Discovery dropped the instance: nothing to remember about it."""
+        changed = self.quarantined.pop(instance_id, None) is not None
+        if instance_id in self.draining:
+            self.draining.discard(instance_id)
+            changed = True
+        if changed:
+            self._changed()
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+
 class RequestPlaneServer(ABC):
     """Serves this process's endpoints to other processes."""
 
@@ -329,7 +487,25 @@ class RequestPlaneServer(ABC):
 
 
 class RequestPlaneClient(ABC):
-    """Opens streams to instances, given their transport info."""
+    """Opens streams to instances, given their transport info; watches their liveness.
+
+    `health` is the runtime's `InstanceHealth` (a private one when the client is made alone);
+    `heartbeat_timeout` is the bound within which a silent instance is declared gone.
+    """
+
+    def __init__(
+        self, *, health: InstanceHealth | None = None, heartbeat_timeout: float = 5.0
+    ) -> None:
+        self.health = health if health is not None else InstanceHealth()
+        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval(heartbeat_timeout)
+
+    def refused(self, stream: ClientStream, type_name: str, message: str) -> None:
+        """An instance ended `stream` with an error: fail it; a draining instance is set
+        aside at once for every client of this process."""
+        if type_name == "DrainingError":
+            self.health.drain(stream.instance_id)
+        stream.fail_from_wire(type_name, message)
 
     @abstractmethod
     async def open_stream(
@@ -343,8 +519,9 @@ class RequestPlaneClient(ABC):
         window: int = DEFAULT_WINDOW,
     ) -> ClientStream: ...
 
-    def instance_gone(self, instance_id: int) -> None:  # noqa: B027 - only some planes need it
-        """Discovery says `instance_id` is gone: fail its streams (planes that cannot tell)."""
+    def instance_gone(self, instance_id: int) -> None:
+        """Discovery says `instance_id` is gone: forget what we knew of its health."""
+        self.health.forget(instance_id)
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 from typing import Any
 
-from dynamo_core.errors import EndpointNotFoundError, InstanceNotFoundError
+from dynamo_core.errors import DrainingError, InstanceNotFoundError
 from dynamo_core.runtime.context import Context
 
 from .base import (
@@ -69,11 +69,7 @@ class InprocServer(RequestPlaneServer):
     def open(
         self, path: str, request: Any, context: Context, instance_id: int, window: int
     ) -> ClientStream:
-        entry = self.registry.entries.get(path)
-        if entry is None:
-            raise EndpointNotFoundError(
-                f"endpoint {path} is not served by instance {instance_id:x}"
-            )
+        entry = self.registry.admit(path, context.id)
         server_ctx = Context(context.id, dict(context.metadata))
         holder: list[_InprocServerStream] = []
 
@@ -92,8 +88,7 @@ class InprocServer(RequestPlaneServer):
         )
         stream = _InprocServerStream(server_ctx, window, client)
         holder.append(stream)
-        task = asyncio.get_running_loop().create_task(stream.run(entry, request))
-        stream.task = task
+        task = stream.start(entry, request)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return client
@@ -113,7 +108,11 @@ class InprocClient(RequestPlaneClient):
         server = _SERVERS.get(int(transport["server"]))
         if server is None:
             raise InstanceNotFoundError(f"instance {instance_id:x} is gone")
-        return server.open(path, request, context, instance_id, window)
+        try:
+            return server.open(path, request, context, instance_id, window)
+        except DrainingError:
+            self.health.drain(instance_id)
+            raise
 
     async def close(self) -> None:
         pass

@@ -2,19 +2,25 @@
 
 Subjects:
 
-    dyn.rp.<instance:x>     what a process serves: REQUEST, CANCEL and CREDIT messages, in order
+    dyn.rp.<instance:x>     what a process serves: REQUEST, CANCEL, CREDIT and PING messages
     <inbox>.<sid>           one reply subject per stream: ITEMS, END, ERROR
+    <inbox>.h<instance:x>   the answers to our PINGs of that instance: PONG
 
     REQUEST [2, sid, path, request, request_id, window]   (reply subject: <inbox>.<sid>)
-    ITEMS   [3, [item, ...]]    END [4]    ERROR [5, type_name, message]    HEARTBEAT [8]
+    ITEMS   [3, [item, ...]]    END [4]    ERROR [5, type_name, message]
     CANCEL  [6, inbox, sid]     CREDIT [7, inbox, sid, n]
+    PING    [9, inbox, interval_ms]   (reply subject: <inbox>.h<instance:x>)    PONG [10]
 
-The window, cancellation and error typing are those of every request plane (`base.py`). NATS
-does not tell a caller that the serving process died, so a stream fails when: the request has no
-responder (NATS's no-responders status); nothing arrives on it for `LIVENESS_TIMEOUT` seconds
-(the server sends a heartbeat on every stream that has been quiet for a second, so only a dead
-or partitioned server goes silent); or our connection to NATS drops (messages in flight may be
-lost). The frontend then retries or migrates, as it does on a broken TCP connection.
+The window, cancellation, admission and error typing are those of every request plane
+(`base.py`). NATS does not tell a caller that the serving process died, so liveness is ours:
+each client pings every instance it has sent requests to, once per heartbeat interval (a fifth
+of `heartbeat_timeout`), and the server answers from its subscription callback, whatever its
+handlers are doing. An instance that has not answered for four intervals (declared at the next
+tick, within the timeout), or whose subject has no subscriber any more (NATS's no-responders
+status), is quarantined in `InstanceHealth` and its
+streams fail with `ConnectionLostError` (the frontend migrates them); it is released by its next
+PONG. Our own connection to NATS dropping fails every stream too (messages in flight may be
+lost). The server, in turn, cancels the streams of a client inbox that stopped pinging.
 """
 
 from __future__ import annotations
@@ -27,16 +33,25 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from dynamo_core.errors import ConnectionLostError, ProtocolError
+from dynamo_core.errors import (
+    ConnectionLostError,
+    DrainingError,
+    DynamoError,
+    ProtocolError,
+    error_to_wire,
+)
 from dynamo_core.runtime.context import Context
 
 from .base import (
     DEFAULT_WINDOW,
     ClientStream,
     EndpointRegistry,
+    HeartbeatClock,
+    InstanceHealth,
     RequestPlaneClient,
     RequestPlaneServer,
     ServerStream,
+    heartbeat_interval,
 )
 
 if TYPE_CHECKING:
@@ -46,11 +61,10 @@ __all__ = ["NatsClient", "NatsServer"]
 
 log = logging.getLogger("dynamo.request_plane.nats")
 
-REQUEST, ITEMS, END, ERROR, CANCEL, CREDIT, HEARTBEAT = 2, 3, 4, 5, 6, 7, 8
-HEARTBEAT_INTERVAL = 1.0
-LIVENESS_TIMEOUT = 3.5
+REQUEST, ITEMS, END, ERROR, CANCEL, CREDIT, PING, PONG = 2, 3, 4, 5, 6, 7, 9, 10
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
+_PONG = _encode([PONG])
 
 
 def instance_subject(instance_id: int) -> str:
@@ -58,7 +72,7 @@ def instance_subject(instance_id: int) -> str:
 
 
 class _NatsServerStream(ServerStream):
-    __slots__ = ("_items", "_nats", "_reply", "_scheduled", "last_sent")
+    __slots__ = ("_items", "_nats", "_reply", "_scheduled")
 
     def __init__(self, context: Context, window: int, nats: NatsConnection, reply: str) -> None:
         super().__init__(context, window)
@@ -66,12 +80,6 @@ class _NatsServerStream(ServerStream):
         self._reply = reply
         self._items: list[Any] = []
         self._scheduled = False
-        self.last_sent = time.monotonic()
-
-    def heartbeat(self, now: float) -> None:
-        if now - self.last_sent >= HEARTBEAT_INTERVAL:
-            self.last_sent = now
-            self._nats.publish(self._reply, _encode([HEARTBEAT]))
 
     def _emit(self, item: Any) -> None:
         self._items.append(item)
@@ -83,7 +91,6 @@ class _NatsServerStream(ServerStream):
         self._scheduled = False
         if self._items:
             items, self._items = self._items, []
-            self.last_sent = time.monotonic()
             self._publish_items(items)
 
     def _publish_items(self, items: list[Any]) -> None:
@@ -109,32 +116,52 @@ class _NatsServerStream(ServerStream):
         self._nats.publish(self._reply, _encode([ERROR, type_name, message]))
 
 
+class _Caller:
+    """What the server knows of one client inbox: is it still pinging?"""
+
+    __slots__ = ("interval", "rx", "seen")
+
+    def __init__(self, now: float) -> None:
+        self.rx = False
+        self.seen = now
+        self.interval: float | None = None
+
+
 class NatsServer(RequestPlaneServer):
     kind = "nats"
 
-    def __init__(self, registry: EndpointRegistry, nats: NatsConnection, instance_id: int) -> None:
+    def __init__(
+        self,
+        registry: EndpointRegistry,
+        nats: NatsConnection,
+        instance_id: int,
+        *,
+        heartbeat_timeout: float = 5.0,
+    ) -> None:
         super().__init__(registry)
         self.nats = nats
         self.subject = instance_subject(instance_id)
+        self.heartbeat_timeout = heartbeat_timeout
         self.streams: dict[tuple[str, int], _NatsServerStream] = {}
+        self._callers: dict[str, _Caller] = {}
         self._sub: Any = None
-        self._beat: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.closing = False
 
     async def start(self) -> None:
         self._sub = await self.nats.subscribe(self.subject, self._on_message)
         self.nats.on_disconnect.append(self._on_disconnect)
-        self._beat = asyncio.get_running_loop().create_task(self._heartbeats())
-
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL / 2)
-            now = time.monotonic()
-            for stream in list(self.streams.values()):
-                stream.heartbeat(now)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_callers())
 
     def transport_info(self) -> dict[str, Any]:
         return {"kind": "nats", "subject": self.subject}
+
+    def _heard(self, inbox: str) -> _Caller:
+        caller = self._callers.get(inbox)
+        if caller is None:
+            caller = self._callers[inbox] = _Caller(time.monotonic())
+        caller.rx = True
+        return caller
 
     async def _on_message(self, msg: Any) -> None:
         try:
@@ -143,13 +170,19 @@ class NatsServer(RequestPlaneServer):
             if kind == REQUEST:
                 self._start(data, msg.reply)
             elif kind == CANCEL:
+                self._heard(data[1])
                 stream = self.streams.pop((data[1], data[2]), None)
                 if stream is not None:
                     stream.cancel()
             elif kind == CREDIT:
+                self._heard(data[1])
                 stream = self.streams.get((data[1], data[2]))
                 if stream is not None:
                     stream.add_credit(int(data[3]))
+            elif kind == PING:
+                if msg.reply:
+                    self.nats.publish(msg.reply, _PONG)
+                self._heard(str(data[1])).interval = max(0.01, int(data[2]) / 1000)
             else:
                 raise ProtocolError(f"unexpected message type {kind}")
         except (msgspec.DecodeError, ProtocolError, IndexError, TypeError, ValueError) as exc:
@@ -159,25 +192,58 @@ class NatsServer(RequestPlaneServer):
         _, sid, path, request, request_id, window = data
         if not reply or type(sid) is not int or not isinstance(path, str):
             raise ProtocolError("malformed REQUEST")
-        entry = self.registry.entries.get(path)
-        if entry is None or self.closing:
-            self.nats.publish(
-                reply,
-                _encode([ERROR, "EndpointNotFoundError", f"endpoint {path} is not served here"]),
-            )
-            return
         inbox = reply.rsplit(".", 1)[0]
-        stream = _NatsServerStream(
-            Context(str(request_id) if request_id is not None else None),
-            max(1, int(window)),
-            self.nats,
-            reply,
-        )
+        self._heard(inbox)
         key = (inbox, sid)
+        if key in self.streams:
+            log.warning("caller %s reused running stream id %d: request dropped", inbox, sid)
+            return
+        request_id = str(request_id) if request_id is not None else None
+        try:
+            if self.closing:
+                raise DrainingError("this process is shutting down: send the request elsewhere")
+            entry = self.registry.admit(path, request_id)
+        except DynamoError as exc:
+            self.nats.publish(reply, _encode([ERROR, *error_to_wire(exc)]))
+            return
+        stream = _NatsServerStream(Context(request_id), max(1, int(window)), self.nats, reply)
         self.streams[key] = stream
-        task = asyncio.get_running_loop().create_task(stream.run(entry, request))
-        stream.task = task
-        task.add_done_callback(lambda _: self.streams.pop(key, None))
+        task = stream.start(entry, request)
+        task.add_done_callback(lambda _: self._forget(key, stream))
+
+    def _forget(self, key: tuple[str, int], stream: _NatsServerStream) -> None:
+        if self.streams.get(key) is stream:
+            del self.streams[key]
+
+    async def _watch_callers(self) -> None:
+        """Cancel the streams of callers that stopped pinging (dead or cut off)."""
+        tick = heartbeat_interval(self.heartbeat_timeout)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            busy = {inbox for inbox, _ in self.streams}
+            for inbox, caller in list(self._callers.items()):
+                if caller.rx:
+                    caller.rx = False
+                    caller.seen = now
+                    continue
+                silence = now - caller.seen
+                if caller.interval is None:
+                    if inbox not in busy and silence > self.heartbeat_timeout:
+                        del self._callers[inbox]  # a caller that does not ping: forget it idle
+                    continue
+                if silence > max(self.heartbeat_timeout, 5 * caller.interval) + tick:
+                    del self._callers[inbox]
+                    gone = [k for k in self.streams if k[0] == inbox]
+                    if gone:
+                        log.warning(
+                            "caller %s silent for %.1fs: cancelling its %d stream(s)",
+                            inbox,
+                            silence,
+                            len(gone),
+                        )
+                    for k in gone:
+                        self.streams.pop(k).cancel()
 
     def _on_disconnect(self) -> None:
         # replies are being lost: the callers will fail these streams and retry elsewhere
@@ -187,8 +253,8 @@ class NatsServer(RequestPlaneServer):
 
     async def close(self) -> None:
         self.closing = True
-        if self._beat is not None:
-            self._beat.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()
@@ -198,13 +264,33 @@ class NatsServer(RequestPlaneServer):
             self.nats.on_disconnect.remove(self._on_disconnect)
 
 
+class _Peer:
+    """An instance this client sends requests to, and whether it still answers our pings."""
+
+    __slots__ = ("iid", "last_rx", "ping", "quarantined", "subject")
+
+    def __init__(self, iid: int, subject: str, ping: bytes, now: float) -> None:
+        self.iid = iid
+        self.subject = subject
+        self.ping = ping
+        self.last_rx = now
+        self.quarantined = False
+
+
 class NatsClient(RequestPlaneClient):
-    def __init__(self, nats: NatsConnection) -> None:
+    def __init__(
+        self,
+        nats: NatsConnection,
+        *,
+        health: InstanceHealth | None = None,
+        heartbeat_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(health=health, heartbeat_timeout=heartbeat_timeout)
         self.nats = nats
         self.inbox = ""
         self._sids = itertools.count(1)
         self.streams: dict[int, ClientStream] = {}
-        self.last_seen: dict[int, float] = {}
+        self._peers: dict[int, _Peer] = {}
         self._sub: Any = None
         self._lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
@@ -218,32 +304,72 @@ class NatsClient(RequestPlaneClient):
                     self.nats.on_disconnect.append(self._on_disconnect)
                     self._watchdog = asyncio.get_running_loop().create_task(self._watch())
 
+    def _peer(self, iid: int, subject: str) -> _Peer:
+        peer = self._peers.get(iid)
+        if peer is None or peer.subject != subject:
+            interval_ms = max(1, round(self.heartbeat_interval * 1000))
+            ping = _encode([PING, self.inbox, interval_ms])
+            now = asyncio.get_running_loop().time()
+            peer = self._peers[iid] = _Peer(iid, subject, ping, now)
+            # the first ping at once: the server learns our interval before our first request
+            self.nats.publish(subject, ping, reply=f"{self.inbox}.h{iid:x}")
+        return peer
+
     async def _watch(self) -> None:
-        """Fail streams whose server went silent (dead or cut off: no heartbeat)."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_INTERVAL)
-            now = time.monotonic()
-            for sid, seen in list(self.last_seen.items()):
-                if now - seen > LIVENESS_TIMEOUT:
-                    self.last_seen.pop(sid, None)
-                    stream = self.streams.pop(sid, None)
-                    if stream is not None:
-                        stream.fail(
-                            ConnectionLostError(
-                                f"instance {stream.instance_id:x} went silent for {LIVENESS_TIMEOUT}s"
-                            )
-                        )
+        """Every interval: ping each instance we talk to; quarantine those that went silent."""
+        clock = HeartbeatClock(self.heartbeat_timeout)
+        async for now, fair in clock.ticks():
+            if not self.nats.connected:
+                # our own link is down (`_on_disconnect` failed the streams): silence now says
+                # nothing about the instances
+                for peer in self._peers.values():
+                    peer.last_rx = now
+                continue
+            for peer in list(self._peers.values()):
+                if fair and not peer.quarantined and clock.gone(peer.last_rx, now):
+                    self._unreachable(peer, f"no answer for {now - peer.last_rx:.1f}s")
+                self.nats.publish(peer.subject, peer.ping, reply=f"{self.inbox}.h{peer.iid:x}")
+
+    def _unreachable(self, peer: _Peer, why: str) -> None:
+        peer.quarantined = True
+        self.health.quarantine(peer.iid, why)
+        error = ConnectionLostError(f"instance {peer.iid:x} stopped answering ({why})")
+        for sid, stream in list(self.streams.items()):
+            if stream.instance_id == peer.iid:
+                del self.streams[sid]
+                stream.fail(error)
+                # if it is only slow, let it stop the work too
+                self.nats.publish(peer.subject, _encode([CANCEL, self.inbox, sid]))
+
+    def _on_pong(self, token: str, headers: Any) -> None:
+        try:
+            iid = int(token[1:], 16)
+        except ValueError:
+            return
+        peer = self._peers.get(iid)
+        if peer is None:
+            return
+        if headers and headers.get("Status") == "503":
+            if not peer.quarantined:
+                self._unreachable(peer, "no process serves it (NATS: no responders)")
+            return
+        peer.last_rx = asyncio.get_running_loop().time()
+        if peer.quarantined:
+            peer.quarantined = False
+            self.health.release(iid)
 
     async def _on_reply(self, msg: Any) -> None:
+        token = msg.subject.rsplit(".", 1)[1]
+        if token[:1] == "h":
+            self._on_pong(token, msg.headers)
+            return
         try:
-            sid = int(msg.subject.rsplit(".", 1)[1])
+            sid = int(token)
         except ValueError:
             return
         stream = self.streams.get(sid)
         if stream is None:
-            self.last_seen.pop(sid, None)
             return
-        self.last_seen[sid] = time.monotonic()
         headers = msg.headers
         if headers and headers.get("Status") == "503":
             self.streams.pop(sid, None)
@@ -260,15 +386,11 @@ class NatsClient(RequestPlaneClient):
         if kind == ITEMS:
             stream.deliver(data[1])
         elif kind == END:
-            self._forget(sid)
+            self.streams.pop(sid, None)
             stream.finish()
         elif kind == ERROR:
-            self._forget(sid)
-            stream.fail_from_wire(data[1], data[2])
-
-    def _forget(self, sid: int) -> None:
-        self.streams.pop(sid, None)
-        self.last_seen.pop(sid, None)
+            self.streams.pop(sid, None)
+            self.refused(stream, data[1], data[2])
 
     async def open_stream(
         self,
@@ -284,6 +406,7 @@ class NatsClient(RequestPlaneClient):
         if not self.nats.connected:
             raise ConnectionLostError("not connected to NATS")
         subject = str(transport["subject"])
+        self._peer(instance_id, subject)
         sid = next(self._sids)
         inbox = self.inbox
         nats = self.nats
@@ -292,7 +415,6 @@ class NatsClient(RequestPlaneClient):
             nats.publish(subject, _encode([CREDIT, inbox, sid, n]))
 
         def on_cancel() -> None:
-            self.last_seen.pop(sid, None)
             if self.streams.pop(sid, None) is not None:
                 nats.publish(subject, _encode([CANCEL, inbox, sid]))
 
@@ -304,7 +426,6 @@ class NatsClient(RequestPlaneClient):
             context=context,
         )
         self.streams[sid] = stream
-        self.last_seen[sid] = time.monotonic()
         nats.publish(
             subject,
             _encode([REQUEST, sid, path, request, context.id, window]),
@@ -312,9 +433,12 @@ class NatsClient(RequestPlaneClient):
         )
         return stream
 
+    def instance_gone(self, instance_id: int) -> None:
+        super().instance_gone(instance_id)
+        self._peers.pop(instance_id, None)
+
     def _on_disconnect(self) -> None:
         streams, self.streams = self.streams, {}
-        self.last_seen.clear()
         for stream in streams.values():
             stream.fail(ConnectionLostError("connection to NATS lost before the stream ended"))
 

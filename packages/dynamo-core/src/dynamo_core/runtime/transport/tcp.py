@@ -10,6 +10,8 @@ Wire format: frames of a 4-byte big-endian length and a msgpack array (msgspec; 
     server -> client  ERROR   [5, sid, type_name, message]
     client -> server  CANCEL  [6, sid]
     client -> server  CREDIT  [7, sid, n]
+    client -> server  PING    [8, interval_ms]
+    server -> client  PONG    [9]
 
 The server speaks first with a random nonce; nothing but AUTH is accepted until the client has
 proven the shared secret (when one is set), so the secret itself never crosses the wire. Until
@@ -20,6 +22,22 @@ within `handshake_timeout` closes that connection and nothing else.
 
 Writes are batched: items and control messages queue up and go out in one `write` per event-loop
 iteration; consecutive items of one stream share one ITEMS frame. Each socket has TCP_NODELAY.
+
+Liveness. Every client connection sends a PING each heartbeat interval (a fifth of
+`heartbeat_timeout`), and the server's protocol answers it from `data_received`, on the event
+loop, whatever its handlers are doing: an engine deep in a long prefill still answers, only a
+hung, stopped or cut-off process does not. Any frame counts as a sign of life (each read stamps
+the connection with the event loop's cached clock, so streaming pays nothing for it). A
+connection silent for four intervals is declared dead at the next tick, within the timeout: its streams fail with `ConnectionLostError` (the frontend
+migrates them), the socket is aborted (so a peer that comes back sees the reset and cancels the
+handlers it was running for us), and its instances are quarantined in `InstanceHealth` until a
+fresh connection to the address completes its handshake (tried every interval). A connection
+that breaks or cannot be opened quarantines its instances the same way. The server closes a
+connection whose client stopped pinging (for the longer of its own timeout and five of the
+client's announced intervals), which cancels that client's handlers.
+
+A REQUEST whose stream id is already running on the connection is dropped with a warning: any
+reply would carry that id, and the caller would take it for the answer of the running stream.
 """
 
 from __future__ import annotations
@@ -40,7 +58,10 @@ import msgspec
 from dynamo_core.errors import (
     AuthenticationError,
     ConnectionLostError,
+    DrainingError,
+    DynamoError,
     ProtocolError,
+    error_to_wire,
     listen_errors,
 )
 from dynamo_core.runtime.context import Context
@@ -49,10 +70,13 @@ from .base import (
     DEFAULT_WINDOW,
     ClientStream,
     EndpointRegistry,
+    HeartbeatClock,
+    InstanceHealth,
     RequestPlaneClient,
     RequestPlaneServer,
     ServerStream,
     connection_lost,
+    heartbeat_interval,
 )
 
 __all__ = ["TcpClient", "TcpServer"]
@@ -60,7 +84,7 @@ __all__ = ["TcpClient", "TcpServer"]
 log = logging.getLogger("dynamo.request_plane.tcp")
 
 VERSION = 1
-HELLO, AUTH, REQUEST, ITEMS, END, ERROR, CANCEL, CREDIT = range(8)
+HELLO, AUTH, REQUEST, ITEMS, END, ERROR, CANCEL, CREDIT, PING, PONG = range(10)
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 PREAUTH_MAX_FRAME = 4 * 1024  # what a peer may send before it has proven the token
 SPLIT_FRAME = 8 * 1024 * 1024  # batches of items above this go out as several frames
@@ -243,8 +267,14 @@ class _ServerConnection(asyncio.Protocol):
         self.peer = "?"
         self._timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
+        # liveness: `rx` is set by every frame after the handshake; the server's watch turns it
+        # into `seen` once per interval. `ping_interval` is what the client announced.
+        self.rx = False
+        self.seen = 0.0
+        self.ping_interval: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.seen = asyncio.get_running_loop().time()
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self.writer.transport = self.transport
         _set_nodelay(transport)
@@ -301,6 +331,7 @@ class _ServerConnection(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             return
+        self.rx = True
         if kind == CREDIT:
             stream = self.streams.get(msg[1])
             if stream is not None:
@@ -311,6 +342,9 @@ class _ServerConnection(asyncio.Protocol):
             stream = self.streams.pop(msg[1], None)
             if stream is not None:
                 stream.cancel()
+        elif kind == PING:
+            self.writer.send([PONG])
+            self.ping_interval = max(0.01, int(msg[1]) / 1000)
         else:
             raise ProtocolError(f"unexpected message type {kind}")
 
@@ -318,16 +352,38 @@ class _ServerConnection(asyncio.Protocol):
         _, sid, path, request, request_id, window = msg
         if type(sid) is not int or not isinstance(path, str) or type(window) is not int:
             raise ProtocolError("malformed REQUEST")
-        entry = self.server.registry.entries.get(path)
-        if entry is None or self.server.closing:
-            self.writer.send(
-                [ERROR, sid, "EndpointNotFoundError", f"endpoint {path} is not served here"]
-            )
+        if sid in self.streams:
+            log.warning("peer %s reused running stream id %d: request dropped", self.peer, sid)
             return
-        ctx = Context(str(request_id) if request_id is not None else None)
-        stream = _TcpServerStream(ctx, max(1, window), self, sid)
+        request_id = str(request_id) if request_id is not None else None
+        try:
+            if self.server.closing:
+                raise DrainingError("this process is shutting down: send the request elsewhere")
+            entry = self.server.registry.admit(path, request_id)
+        except DynamoError as exc:
+            self.writer.send([ERROR, sid, *error_to_wire(exc)])
+            return
+        stream = _TcpServerStream(Context(request_id), max(1, window), self, sid)
         self.streams[sid] = stream
-        stream.task = asyncio.get_running_loop().create_task(stream.run(entry, request))
+        stream.start(entry, request)
+
+    def check_alive(self, now: float, timeout: float, tick: float) -> None:
+        """Called by the server once per `tick`: close the connection if its client went silent."""
+        if self.rx:
+            self.rx = False
+            self.seen = now
+            return
+        if self.ping_interval is None or self.transport is None:
+            return  # a client that does not ping (an older one): nothing to judge by
+        limit = max(timeout, 5 * self.ping_interval) + tick
+        if now - self.seen > limit:
+            log.warning(
+                "request-plane client %s silent for %.1fs: closing (cancels its %d stream(s))",
+                self.peer,
+                now - self.seen,
+                len(self.streams),
+            )
+            self.transport.abort()
 
     def finish_stream(self, sid: int, msg: list[Any]) -> None:
         if self.streams.pop(sid, None) is not None:
@@ -362,6 +418,7 @@ class TcpServer(RequestPlaneServer):
         token: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = 5.0,
+        heartbeat_timeout: float = 5.0,
     ) -> None:
         super().__init__(registry)
         self.host = host
@@ -370,9 +427,11 @@ class TcpServer(RequestPlaneServer):
         self.token = token.encode() if token else None
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
+        self.heartbeat_timeout = heartbeat_timeout
         self.connections: set[_ServerConnection] = set()
         self.closing = False
         self._server: asyncio.base_events.Server | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -380,6 +439,7 @@ class TcpServer(RequestPlaneServer):
             self._server = await loop.create_server(
                 lambda: _ServerConnection(self), self.host, self.port, reuse_address=True
             )
+        self._watch = loop.create_task(self._watch_clients(), name="tcp-server-liveness")
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         log.info(
@@ -390,11 +450,23 @@ class TcpServer(RequestPlaneServer):
             self.port,
         )
 
+    async def _watch_clients(self) -> None:
+        tick = heartbeat_interval(self.heartbeat_timeout)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for conn in list(self.connections):
+                if conn.authenticated:
+                    conn.check_alive(now, self.heartbeat_timeout, tick)
+
     def transport_info(self) -> dict[str, Any]:
         return {"kind": "tcp", "host": self.advertise_host, "port": self.port}
 
     async def close(self) -> None:
         self.closing = True
+        if self._watch is not None:
+            self._watch.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -412,8 +484,12 @@ class TcpServer(RequestPlaneServer):
 
 
 class _ClientConnection(asyncio.Protocol):
-    def __init__(self, address: str, token: bytes | None, max_frame: int) -> None:
-        self.address = address
+    def __init__(
+        self, client: TcpClient, key: tuple[str, int], token: bytes | None, max_frame: int
+    ) -> None:
+        self.client = client
+        self.key = key
+        self.address = f"{key[0]}:{key[1]}"
         self.token = token
         self.writer = _FrameWriter()
         self.reader = _FrameReader(max_frame)
@@ -422,6 +498,9 @@ class _ClientConnection(asyncio.Protocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
         self.transport: asyncio.Transport | None = None
+        # liveness: stamped by every read (the event loop's clock, free to read)
+        self._clock = asyncio.get_running_loop().time
+        self.last_rx = self._clock()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -429,6 +508,7 @@ class _ClientConnection(asyncio.Protocol):
         _set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
+        self.last_rx = self._clock()
         try:
             for msg in self.reader.feed(data):
                 self._handle(msg)
@@ -452,7 +532,9 @@ class _ClientConnection(asyncio.Protocol):
                 return
             stream = self.streams.pop(msg[1], None)
             if stream is not None:
-                stream.fail_from_wire(msg[2], msg[3])
+                self.client.refused(stream, msg[2], msg[3])
+        elif kind == PONG:
+            pass  # its arrival is the point
         elif kind == HELLO:
             _, _version, nonce, auth_required = msg
             if auth_required and self.token is None:
@@ -505,6 +587,7 @@ class _ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _fail_all(self, error: BaseException) -> None:
+        was_open = self.ready.done() and not self.closed
         self.closed = True
         if not self.ready.done():
             self.ready.set_exception(error)
@@ -512,6 +595,8 @@ class _ClientConnection(asyncio.Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.fail(error)
+        if was_open:
+            self.client.lost(self, str(error))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.writer.resume()
@@ -519,18 +604,35 @@ class _ClientConnection(asyncio.Protocol):
 
 
 class TcpClient(RequestPlaneClient):
+    """Connections to the processes this one calls, one per address, and their liveness.
+
+    Liveness state lives on the connection (`rx`/`seen`); one watch task per client, alive
+    while there are connections, pings them all each interval and declares silent ones dead.
+    `_instances` maps an address to the instances reached there (normally one: the process's
+    lease id), which is what `InstanceHealth` quarantines and releases.
+    """
+
     def __init__(
         self,
         *,
         token: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
-        connect_timeout: float = 5.0,
+        connect_timeout: float | None = None,
+        health: InstanceHealth | None = None,
+        heartbeat_timeout: float = 5.0,
     ) -> None:
+        super().__init__(health=health, heartbeat_timeout=heartbeat_timeout)
         self.token = token.encode() if token else None
         self.max_frame = max_frame
-        self.connect_timeout = connect_timeout
+        # a process that accepts the connection (the kernel does) but never says HELLO is hung:
+        # give up on it within the same bound as on a silent one
+        self.connect_timeout = connect_timeout if connect_timeout is not None else heartbeat_timeout
         self._conns: dict[tuple[str, int], _ClientConnection] = {}
         self._pending: dict[tuple[str, int], asyncio.Future[_ClientConnection]] = {}
+        self._instances: dict[tuple[str, int], set[int]] = {}
+        self._probes: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def _connection(self, host: str, port: int) -> _ClientConnection:
         key = (host, port)
@@ -543,30 +645,44 @@ class TcpClient(RequestPlaneClient):
         fut: asyncio.Future[_ClientConnection] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         try:
-            conn = await self._connect(host, port)
+            conn = await self._connect(key)
             self._conns[key] = conn
             fut.set_result(conn)
-            return conn
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()
+            if isinstance(exc, DynamoError):
+                self._quarantine(key, str(exc))
             raise
         finally:
             del self._pending[key]
+        for iid in self._instances.get(key, ()):
+            self.health.release(iid)
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watch_connections())
+        return conn
 
-    async def _connect(self, host: str, port: int) -> _ClientConnection:
-        address = f"{host}:{port}"
+    async def _connect(self, key: tuple[str, int]) -> _ClientConnection:
+        host, port = key
         loop = asyncio.get_running_loop()
+        conn: _ClientConnection | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _ClientConnection(address, self.token, self.max_frame), host, port
+                    lambda: _ClientConnection(self, key, self.token, self.max_frame), host, port
                 )
                 await conn.ready
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionLostError(
-                f"cannot connect to {address}: {exc or 'timed out'}"
-            ) from None
+        except BaseException as exc:
+            if conn is not None and conn.transport is not None:
+                conn.transport.abort()  # connected, but no HELLO: do not leave it half open
+            if isinstance(exc, (OSError, TimeoutError)):
+                raise ConnectionLostError(
+                    f"cannot connect to {host}:{port}: {exc or 'no answer'}"
+                ) from None
+            raise
+        conn.last_rx = loop.time()
+        # the first ping at once: the server learns our interval before anything can go wrong
+        conn.writer.send([PING, max(1, round(self.heartbeat_interval * 1000))])
         return conn
 
     async def open_stream(
@@ -579,10 +695,83 @@ class TcpClient(RequestPlaneClient):
         instance_id: int,
         window: int = DEFAULT_WINDOW,
     ) -> ClientStream:
-        conn = await self._connection(transport["host"], int(transport["port"]))
+        key = (str(transport["host"]), int(transport["port"]))
+        known = self._instances.get(key)
+        if known is None:
+            self._instances[key] = {instance_id}
+        elif instance_id not in known:
+            known.add(instance_id)
+        conn = await self._connection(*key)
         return conn.open_stream(path, request, context, instance_id, window)
 
+    # -- liveness ------------------------------------------------------------------------
+
+    async def _watch_connections(self) -> None:
+        """Every interval: ping each connection; declare dead those silent for too long."""
+        clock = HeartbeatClock(self.heartbeat_timeout)
+        ping = [PING, max(1, round(clock.interval * 1000))]
+        async for now, fair in clock.ticks():
+            if not self._conns:
+                return
+            for conn in list(self._conns.values()):
+                if conn.closed or not conn.ready.done():
+                    continue
+                if fair and clock.gone(conn.last_rx, now):
+                    silence = f"no answer for {now - conn.last_rx:.1f}s"
+                    log.warning("request-plane peer %s: %s; giving up on it", conn.address, silence)
+                    conn._close(
+                        ConnectionLostError(f"{conn.address} stopped answering ({silence})")
+                    )
+                    continue
+                conn.writer.send(ping)
+
+    def lost(self, conn: _ClientConnection, why: str) -> None:
+        """An open connection broke or went silent: quarantine what it served, probe it."""
+        if self._conns.get(conn.key) is conn:
+            del self._conns[conn.key]
+        if not self._closing:
+            self._quarantine(conn.key, why)
+
+    def _quarantine(self, key: tuple[str, int], why: str) -> None:
+        instances = self._instances.get(key)
+        if not instances or self._closing:
+            return
+        for iid in instances:
+            self.health.quarantine(iid, why)
+        probe = self._probes.get(key)
+        if probe is None or probe.done():
+            self._probes[key] = asyncio.get_running_loop().create_task(self._probe(key))
+
+    async def _probe(self, key: tuple[str, int]) -> None:
+        """Reconnect every interval until the address answers (its instances are released by
+        `_connection`) or discovery has dropped every instance that was there."""
+        delay = self.heartbeat_interval
+        while not self._closing:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.heartbeat_timeout)  # a refused auth is not retried hot
+            if not self._instances.get(key):
+                return
+            conn = self._conns.get(key)
+            if conn is not None and not conn.closed:
+                return
+            try:
+                await self._connection(*key)
+                return
+            except DynamoError:
+                continue
+
+    def instance_gone(self, instance_id: int) -> None:
+        super().instance_gone(instance_id)
+        for key, instances in list(self._instances.items()):
+            instances.discard(instance_id)
+            if not instances:
+                del self._instances[key]
+
     async def close(self) -> None:
+        self._closing = True
+        for task in [self._watch, *self._probes.values()]:
+            if task is not None:
+                task.cancel()
         for conn in list(self._conns.values()):
             if conn.transport is not None:
                 conn.writer.flush()

@@ -1,0 +1,177 @@
+"""The frontend off the happy path, in one process: migration by default (streams and whole
+responses, token-exact), the limit a card may lower, what a client is shown when the request
+plane fails (never an internal address, never 401), and streams ended cleanly on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from dynamo_core.echo import EchoHandler
+from dynamo_core.frontend.service import OpenAIService
+from dynamo_core.http import HttpServer, serve_http
+from dynamo_core.llm import register_model
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+
+TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
+
+
+async def add_worker(runtime: DistributedRuntime, handler: EchoHandler, **card: Any) -> None:
+    ep = runtime.namespace().component("backend").endpoint("generate")
+    await register_model(ep, model_path=TINY, model_name="tiny", **card)
+    await ep.start_serving(handler.generate)
+
+
+async def frontend(rt: DistributedRuntime, namespace: str, n: int, **kw: Any) -> Any:
+    service = OpenAIService(rt, namespace=namespace, **kw)
+    await service.start()
+    async with asyncio.timeout(10):
+        while len(((e := service.models.get("tiny")) and e.live_instances()) or []) < n:
+            await service.models.wait_for_change()
+    server = await serve_http(service.handle, "127.0.0.1", 0)
+    return service, server
+
+
+def chat(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_migration_is_on_by_default_and_token_exact(namespace: str, stream: bool) -> None:
+    """No limit configured anywhere: a worker that goes away mid-answer is replaced, for a
+    stream and for a whole response, and the text is what one worker alone gives."""
+    cfg = RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=0)
+    async with (
+        DistributedRuntime(cfg) as front,
+        DistributedRuntime(cfg) as a,
+        DistributedRuntime(cfg) as b,
+    ):
+        ha, hb = EchoHandler(delay=0.01), EchoHandler(delay=0.01)
+        await add_worker(a, ha)
+        await add_worker(b, hb)
+        service, server = await frontend(front, namespace, 2)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+        body: dict[str, Any] = {
+            "model": "tiny",
+            "messages": chat("the quick brown fox jumps over the lazy dog"),
+            "max_tokens": 40,
+            "extra_body": {"ignore_eos": True},
+        }
+        expected = (await client.chat.completions.create(**body)).choices[0].message.content
+
+        async def kill_the_busy_one() -> None:
+            async with asyncio.timeout(10):
+                while not (ha.active or hb.active):
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)  # a few tokens out
+            await (a if ha.active else b).shutdown()
+
+        killer = asyncio.create_task(kill_the_busy_one())
+        if stream:
+            chunks = await client.chat.completions.create(**body, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in chunks])
+        else:
+            text = (await client.chat.completions.create(**body)).choices[0].message.content
+        await killer
+        assert text == expected
+        assert ha.metrics.cancelled_total + hb.metrics.cancelled_total == 1
+        await client.close()
+        await server.close()
+        await service.close()
+
+
+async def test_a_card_lowers_the_limit_and_the_error_names_no_address(namespace: str) -> None:
+    """migration-limit 0 on the card: the stream fails (file + tcp: the failure is a broken
+    connection, whose message names host:port), and the client sees a generic error event."""
+    cfg = RuntimeConfig(
+        file_kv=None, discovery_backend="mem", namespace=namespace, graceful_shutdown_timeout=0
+    )
+    async with DistributedRuntime(cfg) as front, DistributedRuntime(cfg) as worker:
+        handler = EchoHandler(delay=0.01)
+        await add_worker(worker, handler, migration_limit=0)
+        service, server = await frontend(front, namespace, 1)
+        url = f"http://127.0.0.1:{server.port}"
+        events: list[str] = []
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            body = {"model": "tiny", "messages": chat("x y z"), "max_tokens": 200, "stream": True}
+            body["ignore_eos"] = True
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 3:
+                            tcp = worker._server
+                            assert tcp is not None
+                            for conn in list(tcp.connections):  # type: ignore[attr-defined]
+                                conn.transport.abort()  # the worker's process "died"
+        error = json.loads(events[-2])["error"]
+        assert events[-1] == "[DONE]"
+        assert error["type"] == "service_unavailable"
+        assert "127.0.0.1" not in error["message"] and ":" not in error["message"]
+        await server.close()
+        await service.close()
+
+
+async def test_auth_mismatch_is_503_not_401_and_logged(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = {"discovery_backend": "mem", "namespace": namespace}
+    async with (
+        DistributedRuntime(RuntimeConfig(**base, auth_token="frontend-secret")) as front,
+        DistributedRuntime(RuntimeConfig(**base, auth_token="worker-secret")) as worker,
+    ):
+        await add_worker(worker, EchoHandler())
+        service, server = await frontend(front, namespace, 1)
+        with caplog.at_level(logging.WARNING):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+                r = await http.post(
+                    "/v1/chat/completions", json={"model": "tiny", "messages": chat("hi")}
+                )
+        assert r.status_code == 503
+        error = r.json()["error"]
+        assert error["type"] == "service_unavailable"
+        assert "127.0.0.1" not in error["message"] and "auth" not in error["message"].lower()
+        assert "DYN_AUTH_TOKEN differ" in caplog.text
+        await server.close()
+        await service.close()
+
+
+async def test_shutdown_ends_open_streams_with_an_error_event_and_done(namespace: str) -> None:
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(cfg) as rt:
+        await add_worker(rt, EchoHandler(delay=0.01))
+        service, server = await frontend(rt, namespace, 1)
+        assert isinstance(server, HttpServer)
+        received: list[str] = []
+
+        async def one() -> bool:
+            body = {"model": "tiny", "messages": chat("a b"), "max_tokens": 1000, "stream": True}
+            body["ignore_eos"] = True
+            async with (
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http,
+                http.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                async for line in response.aiter_lines():  # reads to the terminating chunk
+                    received.append(line)
+            return True
+
+        streams = [asyncio.create_task(one()) for _ in range(3)]
+        async with asyncio.timeout(10):
+            while len(received) < 10:
+                await asyncio.sleep(0.01)
+        await server.close(grace=0.2)
+        assert await asyncio.gather(*streams) == [True, True, True]  # no protocol error
+        data = [ln[6:] for ln in received if ln.startswith("data: ")]
+        errors = [json.loads(d)["error"] for d in data if d.startswith('{"error"')]
+        assert len(errors) == 3 and data.count("[DONE]") == 3
+        assert {e["type"] for e in errors} == {"service_unavailable"}
+        await service.close()
