@@ -3,7 +3,8 @@
 - A component whose `Deployment.health_http_port_arg` names a flag (the frontend) is ready when
   `GET /health` on that port answers 200 (and, if its JSON body lists `models`, as the
   frontend's does, lists at least one when the graph has workers: "ready" means the first
-  request can be served). The port is the value the component's own parser gives
+  request can be served), *and* the listener on that port is one of this graph's own processes
+  (another graph's frontend on the same port must not make this one "ready"). The port is the value the component's own parser gives
   that flag (graph args, overrides, environment or default). Nothing announces an HTTP server, so
   this is polled (every 50 ms) while one of its processes is starting, and not otherwise.
 - Any other component is ready, process by process, when discovery holds an instance record
@@ -25,6 +26,7 @@ from typing import Any
 
 from dynamo_core.runtime import RuntimeConfig
 from dynamo_core.runtime.discovery import Discovery, open_discovery
+from dynamo_serve._claims import listens_on, port_owner
 from dynamo_serve.graph import Plan
 
 __all__ = ["ProcessState", "Readiness", "health_ready", "http_get"]
@@ -107,8 +109,10 @@ class Readiness:
         http_ports: Mapping[str, int],
         discovery_env: Mapping[str, str],
         on_ready: ReadyCallback,
+        warn: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.plan = plan
+        self.warn = warn
         self.http_ports = dict(http_ports)
         self.discovery_env = dict(discovery_env)
         self.on_ready = on_ready
@@ -194,6 +198,7 @@ class Readiness:
 
     async def _probe(self, component: str, port: int) -> None:
         wake = self._wake[component]
+        warned = False
         while True:
             await wake.wait()
             pending = [
@@ -203,10 +208,18 @@ class Readiness:
                 wake.clear()
                 continue
             status, body = await http_get("127.0.0.1", port, timeout=0.5)
-            if health_ready(status, body, self._has_workers):
+            if not health_ready(status, body, self._has_workers):
+                await asyncio.sleep(0.05)
+            elif listens_on([s.pid for s in pending], port):
                 for state in pending:
                     self._mark(state, f"http://127.0.0.1:{port}")
             else:
+                if not warned:
+                    warned = True
+                    self.warn(
+                        f"port {port} answers, but not from this graph's {component} "
+                        f"({port_owner(port)} listens there): not ready"
+                    )
                 await asyncio.sleep(0.05)
 
     def _mark(self, state: ProcessState, instance: str) -> None:

@@ -29,6 +29,16 @@ How processes are made (and why nothing is left behind):
 Restarts: a process that exits is restarted by circus's respawn, but not before its component's
 backoff (0.25 s, doubling per consecutive crash, capped at 30 s; reset once a process ran for 60 s).
 `on_exit` and `on_spawn` report each step on the console.
+
+Exit accounting is exact: every pid spawned is reported to `on_exit` exactly once, with its exit
+code. Circus alone loses some: its periodic pass drops a process whose status reads "zombie"
+without reaping it (and so without its after-reap hook), and a multi-threaded process reads
+"zombie" while it cannot be reaped yet (its main thread is done, another thread is still being
+torn down): circus's reap pass finds nothing, the next pass drops it, and its exit is never
+reported nor counted (`--max-start-failures` then never triggers). The watcher's own pass
+(`manage_processes`) reaps what can be reaped, with its status, and keeps counting the rest until
+they can be, without ever blocking the loop; the supervisor keeps every spawned process
+(`_live`) until its exit was reported, so nothing can vanish unreported.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from typing import Any
 import psutil
 from circus.arbiter import Arbiter
 from circus.controller import Controller
-from circus.process import Process
+from circus.process import DEAD_OR_ZOMBIE, UNEXISTING, Process
 from circus.watcher import Watcher
 from tornado import gen
 from tornado.ioloop import IOLoop
@@ -135,10 +145,17 @@ class _GraphProcess(Process):  # type: ignore[misc]
 class _ComponentWatcher(Watcher):  # type: ignore[misc]
     """The circus watcher of one component."""
 
-    def __init__(self, comp: ComponentPlan, log: ComponentLog, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        comp: ComponentPlan,
+        log: ComponentLog,
+        vanished: Callable[[_ComponentWatcher], None],
+        **kwargs: Any,
+    ) -> None:
         self.plan = comp
         self.argv = comp.processes[0].argv
         self.log = log
+        self.vanished = vanished
         self.not_before = 0.0
         self.failures = 0
         super().__init__(
@@ -172,6 +189,28 @@ class _ComponentWatcher(Watcher):  # type: ignore[misc]
         if time.monotonic() < self.not_before:
             return  # backing off: the next circus pass tries again
         yield super().spawn_processes()
+
+    @gen.coroutine
+    def manage_processes(self) -> Any:
+        """Circus's pass, minus its flaw (module docstring): a dead process is reaped with its
+        status, and one that cannot be reaped yet stays counted until it can, so circus neither
+        forgets its exit nor starts its replacement before the exit is reported. (The rest of
+        circus's pass -- max_age, on-demand, scaling down -- is not used by dynamo serve.)"""
+        if self.is_stopped():
+            return
+        for pid, process in list(self.processes.items()):
+            if process.status not in (DEAD_OR_ZOMBIE, UNEXISTING):
+                continue
+            try:
+                status = _try_wait(pid)
+            except ChildProcessError:
+                self.reap_process(pid)  # reaped elsewhere: circus reports what it knows
+                continue
+            if status is not None:
+                self.reap_process(pid, status)
+        if len(self.processes) < self.numprocesses and not self.is_stopping():
+            yield self.spawn_processes()
+        self.vanished(self)
 
     def send_signal(self, pid: int, signum: int) -> None:
         """Signal the process's whole group (the process is its group leader: circus setsid)."""
@@ -222,7 +261,8 @@ class _Arbiter(Arbiter):  # type: ignore[misc]
 
 
 SpawnCallback = Callable[[ComponentPlan, str, int, bool], None]
-ExitCallback = Callable[[ComponentPlan, str, int, int, float], float | None]
+#: (component, label, pid, exit code or None when unknown, restart delay) -> a delay override
+ExitCallback = Callable[[ComponentPlan, str, int, int | None, float], float | None]
 
 
 class Supervisor:
@@ -248,7 +288,9 @@ class Supervisor:
         self.endpoint = f"ipc://{self._ipc_dir}/control"
         self._arbiter: Any = None
         self.watchers: dict[str, _ComponentWatcher] = {}
-        self._started: dict[int, float] = {}
+        #: every spawned process not yet reported to `on_exit`: pid -> (watcher, start, process)
+        #: (holding the process keeps `subprocess` from reaping it behind our back)
+        self._live: dict[int, tuple[_ComponentWatcher, float, Process | None]] = {}
 
     # -- start ------------------------------------------------------------------------------
 
@@ -262,6 +304,7 @@ class Supervisor:
             self.watchers[comp.name] = _ComponentWatcher(
                 comp,
                 self.logs[comp.name],
+                self._vanished,
                 graceful_timeout=self.grace,
                 working_dir=self.plan.cwd,
                 loop=loop,
@@ -285,24 +328,41 @@ class Supervisor:
         label = watcher.label_for(process.wid if process is not None else 1)
         watcher.log.started(pid, label)
         self.groups.add(pid)
-        self._started[pid] = time.monotonic()
+        self._live[pid] = (watcher, time.monotonic(), process)
         self.on_spawn(watcher.plan, label, pid, watcher.failures > 0)
         return True
 
     def _after_reap(
         self, watcher: _ComponentWatcher, process_pid: int, exit_code: Any = None, **_: Any
     ) -> bool:
-        started = self._started.pop(process_pid, time.monotonic())
-        label = watcher.log.label_of(process_pid, watcher.name)
+        self._exited(process_pid, int(exit_code) if exit_code is not None else None)
+        return True
+
+    def _vanished(self, watcher: _ComponentWatcher) -> None:
+        """Processes circus dropped without reaping them: collect their status ourselves."""
+        for pid, (owner, _, _) in list(self._live.items()):
+            if owner is watcher and pid not in watcher.processes:
+                try:
+                    status = _try_wait(pid)
+                except ChildProcessError:  # reaped by someone else: the status is lost
+                    self._exited(pid, None)
+                    continue
+                if status is not None:
+                    self._exited(pid, _exit_code(status))
+
+    def _exited(self, pid: int, code: int | None) -> None:
+        """The one place an exit is accounted for (`None`: the status was lost)."""
+        known = self._live.pop(pid, None)
+        if known is None:
+            return  # reported already
+        watcher, started, _ = known
+        label = watcher.log.label_of(pid, watcher.name)
         if self.stopping or watcher.is_stopping() or watcher.is_stopped():
-            return True
-        uptime = time.monotonic() - started
-        delay = watcher.backoff(uptime)
-        code = int(exit_code) if exit_code is not None else -1
-        override = self.on_exit(watcher.plan, label, process_pid, code, delay)
+            return
+        delay = watcher.backoff(time.monotonic() - started)
+        override = self.on_exit(watcher.plan, label, pid, code, delay)
         if override is not None:
             watcher.not_before = time.monotonic() + override
-        return True
 
     # -- state ------------------------------------------------------------------------------
 
@@ -386,6 +446,18 @@ class Supervisor:
             psutil.wait_procs(procs, timeout=5)
         _reap_children()
         return killed
+
+
+def _try_wait(pid: int) -> int | None:
+    """The wait status of child `pid` if it can be reaped now (it is, then), else None.
+    Raises ChildProcessError when it is not (or no longer) our child to reap."""
+    reaped, status = os.waitpid(pid, os.WNOHANG)
+    return status if reaped == pid else None
+
+
+def _exit_code(status: int) -> int:
+    """As `Popen.returncode`: the exit status, or minus the signal that ended the process."""
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _reap_children() -> None:

@@ -11,17 +11,21 @@ What happens, in order:
    overrides applied, every selected component module imported (never its engine) for its
    `Deployment` and its parser, the plan built (flags, env, GPUs), and each component's flags and
    environment handed to *that component's own parser* (`check()`): a misspelt arg is reported by
-   the parser that would have rejected it, with its suggestion, naming the component. Any problem:
-   one line each on stderr, exit status 2, no process started.
+   the parser that would have rejected it, with its suggestion, naming the component. Then the
+   machine is checked (`_claims`): a component of this namespace that another `dynamo serve`
+   already runs here, or an HTTP port already taken, is a conflict. Any problem: one line each
+   on stderr, exit status 2, no process started.
 2. **Start**: one circus watcher per component, its replicas as processes (`_supervisor`). Output
    is streamed with a coloured prefix and kept in one file per process under the log dir
    (`_logs`).
 3. **Ready**: each process is followed until it is ready (`_ready`: registered in discovery under
    its own pid, or its health port answering 200); then a summary (processes, pids, API URL,
-   models, log dir). A process that exits is restarted with backoff, with a line saying so; one
-   that keeps failing before the graph was ever ready (`--max-start-failures` times) stops the
-   graph, with its last lines, exit status 1. One that exits with `EXIT_CONFIG` (78: a bad
-   setting, a missing model, a taken port; its last line says which) stops the graph at once.
+   models, log dir). Every exit of a process is reported once, with its exit code; it is
+   restarted with backoff. A component whose processes exit `--max-start-failures` times before
+   the graph was ever ready stops the graph, with its last lines, exit status 1. One that exits
+   with `EXIT_CONFIG` (78: a bad setting, a missing model, a taken port; its last line says
+   which) stops the graph at once. "Ready" is only ever said of this graph's own processes
+   (`_ready`).
 4. **Stop** on SIGINT, SIGTERM or SIGHUP: ingress first, then the rest; SIGTERM, `--grace-period`
    seconds, SIGKILL; then a sweep of anything left in our process groups or below us. A second
    signal kills at once. Exit status 0 after a requested stop.
@@ -46,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynamo_core.errors import EXIT_CONFIG, BackendUnavailableError, ConfigError
+from dynamo_serve._claims import Claims, claim_components, port_owner, port_taken
 from dynamo_serve.graph import (
     RUNTIME_FLAGS,
     ComponentInfo,
@@ -130,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         metavar="N",
-        help="Give up when a component exits N times in a row before the graph was ever ready "
-        "(default 3).",
+        help="Give up when a component's processes have exited N times before the graph was "
+        "ever ready: each exit counts, whatever the process got to (default 3).",
     )
     parser.add_argument("--no-color", action="store_true", help="No colours in the output.")
     return parser
@@ -249,7 +254,11 @@ def _default_log_dir(namespace: str) -> Path:
     )
 
 
-def _http_port(info: ComponentInfo, comp: ComponentPlan, environ: Mapping[str, str]) -> int | None:
+def _http_listen(
+    info: ComponentInfo, comp: ComponentPlan, environ: Mapping[str, str]
+) -> tuple[str, int] | None:
+    """(host, port) a component's HTTP server will listen on, as its own parser reads its flags
+    (the host is its `http_host` where it has one)."""
     arg = comp.health_http_port_arg
     if arg is None or info.parser is None:
         return None
@@ -258,7 +267,28 @@ def _http_port(info: ComponentInfo, comp: ComponentPlan, environ: Mapping[str, s
     value: Any = getattr(parsed.config, attr, None)
     if value is None and parsed.engine_args is not None:
         value = getattr(parsed.engine_args, attr, None)
-    return int(value) if value else None
+    if not value:
+        return None
+    host = getattr(parsed.config, "http_host", None)
+    return (host if isinstance(host, str) and host else "0.0.0.0"), int(value)
+
+
+def _conflict(plan: Plan, listen: Mapping[str, tuple[str, int]]) -> tuple[Claims, str | None]:
+    """Claim this graph's components on this machine and check its HTTP ports (`_claims`)."""
+    claims, conflict = claim_components(
+        plan.namespace, [c.name for c in plan.components if c.replicas]
+    )
+    if conflict is not None:
+        return claims, conflict
+    for name, (host, port) in listen.items():
+        if port_taken(host, port):
+            claims.release()
+            arg = next(c.health_http_port_arg for c in plan.components if c.name == name)
+            return claims, (
+                f"port {port} ({name}'s --{arg}) is already in use by {port_owner(port)}: "
+                f"stop it, or pass --{name}.{arg} PORT"
+            )
+    return claims, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,17 +308,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{PROG}: error: nothing to run (every selected component has 0 replicas)\n"
         )
         return 2
-    http_ports: dict[str, int] = {}
+    listen: dict[str, tuple[str, int]] = {}
     for comp in plan.components:
-        port = _http_port(infos[comp.name], comp, os.environ) if comp.replicas else None
-        if port:
-            http_ports[comp.name] = port
-    log_dir = Path(args.log_dir) if args.log_dir else _default_log_dir(plan.namespace)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return asyncio.run(_Run(plan, args, http_ports, log_dir.resolve()).run())
+        found = _http_listen(infos[comp.name], comp, os.environ) if comp.replicas else None
+        if found:
+            listen[comp.name] = found
+    claims, conflict = _conflict(plan, listen)
+    if conflict is not None:
+        sys.stderr.write(f"{PROG}: error: {conflict}\n")
+        return 2
+    try:
+        log_dir = Path(args.log_dir) if args.log_dir else _default_log_dir(plan.namespace)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        http_ports = {name: port for name, (_, port) in listen.items()}
+        return asyncio.run(_Run(plan, args, http_ports, log_dir.resolve()).run())
+    finally:
+        claims.release()
 
 
-def _exit_text(code: int) -> str:
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "an unknown status"
     if code < 0:
         try:
             return f"signal {signal.Signals(-code).name}"
@@ -329,7 +369,11 @@ class _Run:
             self.plan.components[0].env,
         )
         self.readiness = Readiness(
-            self.plan, self.http_ports, {**os.environ, **worker_env}, self._on_ready
+            self.plan,
+            self.http_ports,
+            {**os.environ, **worker_env},
+            self._on_ready,
+            warn=self.console.system,
         )
         self.supervisor = Supervisor(
             self.plan,
@@ -386,9 +430,10 @@ class _Run:
         self.console.system(f"{label} {verb}: pid {pid}")
 
     def _on_exit(
-        self, comp: ComponentPlan, label: str, pid: int, code: int, delay: float
+        self, comp: ComponentPlan, label: str, pid: int, code: int | None, delay: float
     ) -> float | None:
-        state = self.readiness.exited(pid)
+        """Every exit of a process, exactly once (`_supervisor`): report it, count it, decide."""
+        self.readiness.exited(pid)
         if self.stop.is_set():
             return None
         if code == EXIT_CONFIG:  # its own last line says why; a restart would say it again
@@ -399,25 +444,34 @@ class _Run:
             self.exit_code = 1
             self.stop.set()
             return 3600.0  # no restart while we stop
-        was_ready = state is not None and state.ready
-        if not was_ready and not self.readiness.ever_ready:
+        if not self.readiness.ever_ready:
+            # every exit before the graph was up is a failed start, whatever the process got to
             failures = self.start_failures.get(comp.name, 0) + 1
             self.start_failures[comp.name] = failures
             if failures >= self.args.max_start_failures:
-                log = self.logs[comp.name]
-                self.console.system(
-                    f"{label} (pid {pid}) exited with {_exit_text(code)}, {failures} time(s) before "
-                    f"it became ready: giving up. Its last lines ({log.path(label)}):"
+                return self._give_up(
+                    comp, label, pid, code, f"{failures} time(s) before it became ready"
                 )
-                for line in log.tail(label)[-15:]:
-                    self.console.system(f"    {line}")
-                self.exit_code = 1
-                self.stop.set()
-                return 3600.0  # no more restarts while we stop
         self.console.system(
             f"{label} (pid {pid}) exited with {_exit_text(code)}; restarting in {delay:.2g}s"
         )
         return None
+
+    def _give_up(
+        self, comp: ComponentPlan, label: str, pid: int, code: int | None, why: str
+    ) -> float:
+        """Stop the graph because `comp` cannot run; show its last lines. The delay returned
+        keeps circus from starting it again while we stop."""
+        log = self.logs[comp.name]
+        self.console.system(
+            f"{label} (pid {pid}) exited with {_exit_text(code)}, {why}: giving up. "
+            f"Its last lines ({log.path(label)}):"
+        )
+        for line in log.tail(label)[-15:]:
+            self.console.system(f"    {line}")
+        self.exit_code = 1
+        self.stop.set()
+        return 3600.0
 
     def _on_ready(self, state: ProcessState, again: bool) -> None:
         what = f" ({state.instance})" if state.instance else ""
