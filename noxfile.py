@@ -26,6 +26,7 @@ nox.options.sessions = [
     "trtllm",
     "serve",
     "integration",
+    "faults",
 ]
 
 PYTHON = "3.11"
@@ -125,7 +126,16 @@ def integration(session: nox.Session) -> None:
         *TEST_DEPS,
         *CORE_TEST_DEPS,
     )
-    _pytest(session, "tests")
+    session.run(*PYTEST, "tests", "--ignore", "tests/faults", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def faults(session: nox.Session) -> None:
+    """The fault suite (tests/faults): workers killed, stopped, drained and cut off (network
+    namespaces) under load, the frontend stopped, `dynamo serve` with a failing worker or a busy
+    port; each case asserts counts of failed, stalled and inexact streams (printed at the end)."""
+    session.install(CORE, "packages/dynamo-serve", *TEST_DEPS, *CORE_TEST_DEPS)
+    _pytest(session, "tests/faults")
 
 
 @nox.session(python=PYTHON)

@@ -51,5 +51,5 @@ def test_engine_packages_depend_on_core_by_range_and_register_as_engines() -> No
 def test_test_module_names_are_unique() -> None:
     # pytest imports test modules by basename: two alike cannot run in one session
     names = Counter(p.name for p in ROOT.glob("packages/*/tests/test_*.py"))
-    names.update(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    names.update(p.name for p in (ROOT / "tests").rglob("test_*.py"))
     assert [n for n, c in names.items() if c > 1] == []

@@ -8,9 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ import openai
 import pytest
 
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.testing.netns import network_hosts
 from dynamo_core.testing.procs import Proc, run_python
 from dynamo_core.testing.servers import EtcdServer, NatsServer, free_port, require_binary
 
@@ -192,77 +192,7 @@ def test_unreachable_backend_at_start_is_one_line(what: str, namespace: str) -> 
 
 # -- hosts that are really apart: network namespaces joined by veth pairs ---------------------
 
-
-class Hosts:
-    """Network namespaces `infra`, `front` and `worker` on one bridge, 10.213.0.0/24."""
-
-    ADDRESSES = {"infra": "10.213.0.1", "front": "10.213.0.2", "worker": "10.213.0.3"}
-
-    def __init__(self) -> None:
-        self.tag = uuid.uuid4().hex[:6]
-        self.hub = f"dyn{self.tag}hub"
-        self.names = {role: f"dyn{self.tag}{role}" for role in self.ADDRESSES}
-
-    def ns(self, role: str) -> str:
-        return self.names[role]
-
-    def create(self) -> None:
-        sh = _ip
-        sh("netns", "add", self.hub)
-        sh("-n", self.hub, "link", "add", "br0", "type", "bridge")
-        sh("-n", self.hub, "link", "set", "br0", "up")
-        for i, (role, address) in enumerate(self.ADDRESSES.items()):
-            ns = self.names[role]
-            sh("netns", "add", ns)
-            sh("-n", ns, "link", "set", "lo", "up")
-            sh(
-                "-n",
-                self.hub,
-                "link",
-                "add",
-                f"p{i}",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns,
-            )
-            sh("-n", self.hub, "link", "set", f"p{i}", "master", "br0")
-            sh("-n", self.hub, "link", "set", f"p{i}", "up")
-            sh("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            sh("-n", ns, "link", "set", "eth0", "up")
-
-    def destroy(self) -> None:
-        for ns in [*self.names.values(), self.hub]:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-
-
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise OSError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-
-
-@contextmanager
-def network_hosts() -> Iterator[Hosts]:
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed: network namespaces cannot be made")
-    hosts = Hosts()
-    try:
-        hosts.create()
-    except OSError as exc:
-        hosts.destroy()
-        pytest.skip(f"this machine refuses network namespaces ({exc})")
-    try:
-        yield hosts
-    finally:
-        hosts.destroy()
-
-
-def _in(ns: str, argv: list[str], env: dict[str, str]) -> list[str]:
-    return ["ip", "netns", "exec", ns, *argv]
+ROLES = ["infra", "front", "worker"]
 
 
 CHAT_SCRIPT = """
@@ -280,9 +210,9 @@ print("USAGE", chunks[-1].usage.completion_tokens)
 @pytest.mark.parametrize("plane", ["tcp", "nats"])
 def test_graph_across_network_hosts(plane: str, namespace: str, tmp_path: Path) -> None:
     etcd_bin, nats_bin = require_binary("etcd"), require_binary("nats-server")
-    with network_hosts() as hosts, ExitStack() as stack:
-        infra = hosts.ADDRESSES["infra"]
-        front = hosts.ADDRESSES["front"]
+    with network_hosts(ROLES) as hosts, ExitStack() as stack:
+        infra = hosts.address("infra")
+        front = hosts.address("front")
         base = [sys.executable]
         etcd_dir = tmp_path / "etcd"
         servers = [
@@ -294,7 +224,7 @@ def test_graph_across_network_hosts(plane: str, namespace: str, tmp_path: Path) 
         ]  # fmt: skip
         for argv in servers:
             popen = subprocess.Popen(
-                ["ip", "netns", "exec", hosts.ns("infra"), *argv],
+                hosts.argv("infra", argv),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
@@ -311,13 +241,13 @@ def test_graph_across_network_hosts(plane: str, namespace: str, tmp_path: Path) 
         }
         worker = stack.enter_context(
             run_python(
-                ["-c", _exec_in(hosts.ns("worker"), ["-m", "dynamo_core.mocker", "--model-path", str(TINY), "--speedup-ratio", "100"])],
+                hosts.python("worker", ["-m", "dynamo_core.mocker", "--model-path", str(TINY), "--speedup-ratio", "100"]),
                 env=env,
             )
         )  # fmt: skip
         frontend = stack.enter_context(
             run_python(
-                ["-c", _exec_in(hosts.ns("front"), ["-m", "dynamo_core.frontend", "--http-host", front, "--http-port", "8000"])],
+                hosts.python("front", ["-m", "dynamo_core.frontend", "--http-host", front, "--http-port", "8000"]),
                 env=env,
             )
         )  # fmt: skip
@@ -328,15 +258,7 @@ def test_graph_across_network_hosts(plane: str, namespace: str, tmp_path: Path) 
         deadline_tries = 50
         for _ in range(deadline_tries):
             done = subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    hosts.ns("infra"),
-                    *base,
-                    str(script),
-                    f"http://{front}:8000/v1",
-                ],
+                hosts.argv("infra", [*base, str(script), f"http://{front}:8000/v1"]),
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -348,13 +270,7 @@ def test_graph_across_network_hosts(plane: str, namespace: str, tmp_path: Path) 
         assert "MODELS ['tiny']" in done.stdout and "USAGE 6" in done.stdout
         # the worker advertised its own host's address, not loopback
         if plane == "tcp":
-            assert f"advertised as {hosts.ADDRESSES['worker']}:" in worker.output()
-
-
-def _exec_in(ns: str, argv: list[str]) -> str:
-    """A python -c program that replaces itself with `ip netns exec NS python ARGV`."""
-    cmd = ["ip", "netns", "exec", ns, sys.executable, *argv]
-    return f"import os; os.execvp('ip', {cmd!r})"
+            assert f"advertised as {hosts.address('worker')}:" in worker.output()
 
 
 def _kill(popen: subprocess.Popen[bytes]) -> None:

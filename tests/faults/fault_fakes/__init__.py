@@ -1,0 +1,1 @@
+"""Components for the fault suite's `dynamo serve` cases (importable as `python -m`)."""
