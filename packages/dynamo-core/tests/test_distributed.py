@@ -139,6 +139,34 @@ async def test_kill_9_leaves_discovery_within_ttl_and_routing_stops(
         await chat_ok(url, 5)
 
 
+async def test_hung_process_leaves_etcd_within_the_lease_ttl(
+    etcd: EtcdServer, procs: ExitStack, namespace: str
+) -> None:
+    """A process that stops renewing (SIGSTOP: no connection closes, nothing says goodbye)
+    is gone from every watcher within `lease_ttl` of the stop."""
+    ttl = 3.0
+    env = {**dist_env(namespace, etcd), "DYN_LEASE_TTL": str(ttl)}
+    worker = procs.enter_context(run_python(["-m", "dynamo_core.mocker", "--model-path",
+                                             str(TINY)], env=env))  # fmt: skip
+    worker.wait_for_line("/generate as instance")
+    cfg = RuntimeConfig(discovery_backend="etcd", etcd_endpoints=etcd.url, namespace=namespace)
+    async with DistributedRuntime(cfg) as rt:
+        watch = await rt.discovery.watch_prefix(f"v1/instances/{namespace}/backend/generate/")
+        assert [e.kind for e in watch.pending()] == ["put"]
+        loop = asyncio.get_running_loop()
+        os.kill(worker.pid, signal.SIGSTOP)
+        t0 = loop.time()
+        try:
+            async with asyncio.timeout(ttl + 5):
+                event = await anext(aiter(watch))
+            gone_after = loop.time() - t0
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        watch.close()
+    assert event.kind == "delete"
+    assert gone_after <= ttl + 0.25, gone_after
+
+
 async def test_etcd_restart_workers_reregister_frontend_recovers(
     etcd: EtcdServer, procs: ExitStack, namespace: str
 ) -> None:

@@ -802,7 +802,7 @@ class _PrefillLeg:
             async for _ in stream:
                 pass
         except errors.DynamoError as exc:
-            self.error = errors.EngineError(f"prefill failed: {exc}")
+            self.error = errors.EngineError(f"prefill failed: {_public(exc)[2]}")
             log.warning("request %s: prefill failed after hand-off: %s", self.ctx.id, exc)
             if self._decode is not None:
                 self._decode.cancel()  # stop the decode leg now, not after a transfer timeout

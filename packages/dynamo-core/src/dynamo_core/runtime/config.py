@@ -93,7 +93,8 @@ class RuntimeConfig(BaseModel):
     lease_ttl: float = Field(
         10.0,
         gt=0,
-        description="Seconds a registration outlives its process when it stops renewing.",
+        description="Seconds within which a process's registrations disappear once it stops "
+        "renewing them (killed, hung or cut off); with etcd, 2.5 is the smallest it can keep.",
     )
     heartbeat_timeout: float = Field(
         5.0,

@@ -11,7 +11,11 @@ Behaviour:
 
 - the lease id is chosen by us (a random 63-bit id, granted explicitly), so the instance id is
   known before the first call and survives a re-grant;
-- keep-alive every TTL/3; if etcd says the lease is gone (it expired while etcd was down or
+- the lease granted is `lease_ttl - 0.5 s`, rounded down to whole seconds (etcd's unit; etcd
+  raises anything below 2 s to 2 s): etcd revokes expired leases on a half-second tick, so a
+  process that stops renewing (killed, hung, cut off) loses its keys within `lease_ttl` of its
+  last renewal, and every watcher sees the delete event then;
+- keep-alive every third of the granted TTL; if etcd says the lease is gone (it expired while etcd was down or
   unreachable), the lease is granted again under the same id and every key this process owns is
   written again: a restarted etcd gets the graph's registrations back within seconds;
 - watches resume from the last revision they saw after a reconnect; if that revision was
@@ -196,7 +200,7 @@ class EtcdDiscovery(Discovery):
     def __init__(self, endpoints: str, ttl: float = 10.0, lease_id: int | None = None) -> None:
         super().__init__(lease_id)
         self.endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
-        self.ttl = max(1, math.ceil(ttl))
+        self.ttl = max(2, math.floor(ttl - 0.5))  # granted: see the module docstring
         self.gateway = _Gateway(self.endpoints)
         self._owned: dict[str, bytes] = {}
         self._keepalive: asyncio.Task[None] | None = None
