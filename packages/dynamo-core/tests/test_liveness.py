@@ -188,19 +188,26 @@ async def test_drain_refuses_new_requests_and_finishes_inflight(namespace: str) 
                 yield i
                 await asyncio.sleep(0.01)
 
-        served = await server.namespace().component("echo").endpoint("generate").start_serving(gen)
+        component = server.namespace().component("echo")
+        served = await component.endpoint("generate").start_serving(gen)
+        await component.endpoint("other").start_serving(gen)  # stays served
         client = await front.namespace().component("echo").endpoint("generate").client()
+        other = await front.namespace().component("echo").endpoint("other").client()
         await client.wait_for_instances(timeout=5)
+        await other.wait_for_instances(timeout=5)
         running = await client.direct({"n": 30}, server.instance_id)
         assert await running.__anext__() == 0
         stopping = asyncio.create_task(served.stop())
         await asyncio.sleep(0)
         with pytest.raises(errors.DrainingError):
             await client.direct({"n": 1}, server.instance_id)
-        assert server.instance_id in front.health.draining
+        assert (server.instance_id, served.endpoint.path) in front.health.draining
         assert [x async for x in running] == list(range(1, 30))
         await stopping
         assert served.entry.inflight == {}
+        # only that endpoint drained: the process's other endpoint is still routed to
+        assert other.instance_ids() == [server.instance_id]
+        assert [x async for x in await other.round_robin({"n": 2})] == [0, 1]
 
 
 async def test_silent_client_has_its_streams_cancelled(

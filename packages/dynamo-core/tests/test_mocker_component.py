@@ -200,7 +200,9 @@ async def test_cancelling_a_stream_frees_its_blocks(
         make_request(list(range(10, 90)), max_tokens=100_000), context=ctx
     )
     await stream.__anext__()
-    assert mocker.engine.cache.active_blocks >= 20
+    # live in the engine (its blocks may already have been preempted: at 1000x the sequence
+    # outgrows this 40-block cache within milliseconds, before a loaded test reads a token)
+    assert mocker.engine.num_requests == 1
     ctx.stop_generating()
     await stream.aclose()
     async with asyncio.timeout(5):

@@ -531,7 +531,8 @@ class Client:
     def _refresh(self, force: bool = False) -> None:
         """Recompute the available instances (discovery or health changed); tell listeners."""
         health = self.runtime.health
-        ids = [i for i in self._registered if health.available(i)]
+        path = self.endpoint.path
+        ids = [i for i in self._registered if health.available(i, path)]
         if ids == self._ids and not force:
             return
         self._ids = ids

@@ -287,6 +287,7 @@ class ClientStream:
         "_waiter",
         "context",
         "instance_id",
+        "path",
     )
 
     def __init__(
@@ -297,6 +298,7 @@ class ClientStream:
         on_cancel: Callable[[], None],
         instance_id: int,
         context: Context,
+        path: str = "",
     ) -> None:
         self._items: deque[Any] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -307,6 +309,7 @@ class ClientStream:
         self._on_credit = on_credit
         self._on_cancel = on_cancel
         self.instance_id = instance_id
+        self.path = path
         self.context = context
         context.add_stop_callback(self.cancel)
 
@@ -411,8 +414,9 @@ class InstanceHealth:
     - *quarantined*: a request plane found the instance hung or unreachable (heartbeats went
       unanswered, the connection broke or was refused); it is released the moment the
       instance answers again;
-    - *draining*: the instance refused a request because it is shutting down; it stays out
-      until discovery drops it (it left discovery when it began to drain).
+    - *draining*: one of its endpoints refused a request because it is shutting down; that
+      endpoint of that instance stays out until discovery drops it (it left discovery when it
+      began to drain).
 
     One per runtime, shared by its request-plane clients and every `Client`, so what one stream
     learns about a process applies at once to every endpoint and model it serves.
@@ -420,11 +424,11 @@ class InstanceHealth:
 
     def __init__(self) -> None:
         self.quarantined: dict[int, str] = {}
-        self.draining: set[int] = set()
+        self.draining: set[tuple[int, str]] = set()  # (instance, endpoint path)
         self._listeners: list[Callable[[], None]] = []
 
-    def available(self, instance_id: int) -> bool:
-        return instance_id not in self.quarantined and instance_id not in self.draining
+    def available(self, instance_id: int, path: str) -> bool:
+        return instance_id not in self.quarantined and (instance_id, path) not in self.draining
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -447,17 +451,18 @@ class InstanceHealth:
             log.warning("instance %x answers again: back in service", instance_id)
             self._changed()
 
-    def drain(self, instance_id: int) -> None:
-        if instance_id not in self.draining:
-            self.draining.add(instance_id)
-            log.info("instance %x is draining: no new requests go to it", instance_id)
+    def drain(self, instance_id: int, path: str) -> None:
+        if (instance_id, path) not in self.draining:
+            self.draining.add((instance_id, path))
+            log.info("instance %x is draining %s: no new requests go there", instance_id, path)
             self._changed()
 
     def forget(self, instance_id: int) -> None:
         """Discovery dropped the instance: nothing to remember about it."""
         changed = self.quarantined.pop(instance_id, None) is not None
-        if instance_id in self.draining:
-            self.draining.discard(instance_id)
+        gone = {key for key in self.draining if key[0] == instance_id}
+        if gone:
+            self.draining -= gone
             changed = True
         if changed:
             self._changed()
@@ -504,7 +509,7 @@ class RequestPlaneClient(ABC):
         """An instance ended `stream` with an error: fail it; a draining instance is set
         aside at once for every client of this process."""
         if type_name == "DrainingError":
-            self.health.drain(stream.instance_id)
+            self.health.drain(stream.instance_id, stream.path)
         stream.fail_from_wire(type_name, message)
 
     @abstractmethod

@@ -85,6 +85,7 @@ class InprocServer(RequestPlaneServer):
             on_cancel=on_cancel,
             instance_id=instance_id,
             context=context,
+            path=path,
         )
         stream = _InprocServerStream(server_ctx, window, client)
         holder.append(stream)
@@ -111,7 +112,7 @@ class InprocClient(RequestPlaneClient):
         try:
             return server.open(path, request, context, instance_id, window)
         except DrainingError:
-            self.health.drain(instance_id)
+            self.health.drain(instance_id, path)
             raise
 
     async def close(self) -> None:

@@ -424,6 +424,7 @@ class NatsClient(RequestPlaneClient):
             on_cancel=on_cancel,
             instance_id=instance_id,
             context=context,
+            path=path,
         )
         self.streams[sid] = stream
         nats.publish(

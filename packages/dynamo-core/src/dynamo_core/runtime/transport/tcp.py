@@ -570,6 +570,7 @@ class _ClientConnection(asyncio.Protocol):
             on_cancel=on_cancel,
             instance_id=instance_id,
             context=context,
+            path=path,
         )
         self.streams[sid] = stream
         writer.send([REQUEST, sid, path, request, context.id, window])
