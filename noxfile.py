@@ -126,7 +126,7 @@ def integration(session: nox.Session) -> None:
         *TEST_DEPS,
         *CORE_TEST_DEPS,
     )
-    session.run(*PYTEST, "tests", "--ignore", "tests/faults", *session.posargs)
+    _pytest(session, "tests", "--ignore=tests/faults")
 
 
 @nox.session(python=PYTHON)

@@ -164,12 +164,22 @@ async def test_shutdown_ends_open_streams_with_an_error_event_and_done(namespace
                     received.append(line)
             return True
 
+        async def whole() -> httpx.Response:
+            body = {"model": "tiny", "messages": chat("a b"), "max_tokens": 1000}
+            body["ignore_eos"] = True
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+                return await http.post("/v1/chat/completions", json=body, timeout=30)
+
         streams = [asyncio.create_task(one()) for _ in range(3)]
+        waiting = asyncio.create_task(whole())
         async with asyncio.timeout(10):
             while len(received) < 10:
                 await asyncio.sleep(0.01)
         await server.close(grace=0.2)
         assert await asyncio.gather(*streams) == [True, True, True]  # no protocol error
+        reply = await waiting  # a whole response still being made: 503, not a cut connection
+        assert reply.status_code == 503
+        assert reply.json()["error"]["type"] == "service_unavailable"
         data = [ln[6:] for ln in received if ln.startswith("data: ")]
         errors = [json.loads(d)["error"] for d in data if d.startswith('{"error"')]
         assert len(errors) == 3 and data.count("[DONE]") == 3

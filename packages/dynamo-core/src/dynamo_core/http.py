@@ -17,7 +17,8 @@ FastAPI/uvicorn per streamed request. What matters, and what this server does:
 - a client that disconnects cancels the request's task, which cancels the worker's request;
 - on `close(grace)`, a stream still open when the grace runs out ends with the response's
   `on_shutdown()` bytes (the frontend's error event and `data: [DONE]`) and the terminating
-  chunk, so the client sees a complete response that says why, never a cut body.
+  chunk, so the client sees a complete response that says why, never a cut body; a request
+  still waiting for its whole response gets a 503.
 
 The app is `async def app(request: Request) -> Response | StreamingResponse`; it never sees
 HTTP framing, so the server stays a configuration choice.
@@ -496,6 +497,9 @@ class _Connection(asyncio.Protocol):
             try:
                 response = await self.server.app(request)
             except asyncio.CancelledError:
+                if self.server.closing and not self.closed:  # the grace ran out before an answer
+                    body = _error_body(503, "the server is shutting down; retry the request")
+                    self._write_whole(Response(body, status=503), False, False)
                 return
             except Exception:
                 log.exception("%s %s failed", request.method, request.path)
