@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -67,7 +68,8 @@ async def _detect(env: dict[str, str], pid: int, runs: int) -> list[float]:
                 await client.wait_for_change()
             stream = await client.direct(request, iid)
             await stream.__anext__()
-            await asyncio.sleep(0.3)  # mid-stream, at a random phase of the heartbeat
+            # mid-stream, at a random phase of the heartbeat
+            await asyncio.sleep(0.2 + random.uniform(0, cfg.heartbeat_timeout / 5))
             os.kill(pid, 19)  # SIGSTOP
             t0 = time.monotonic()
             try:
