@@ -163,6 +163,51 @@ async def test_max_tokens_min_tokens_and_no_eos_ids_shape_the_length(
     assert last.finish_reason == "length" and len(whole) == 300
 
 
+@pytest.mark.parametrize("min_tokens", [0, 30])
+async def test_a_migrated_continuation_is_token_exact(
+    engine: MockerEngine, min_tokens: int
+) -> None:
+    """What the frontend sends after a worker died at token g (prompt + the g tokens, the
+    budgets reduced by g, `generated` = g) goes on exactly as the first run did, eos included."""
+    prompt = list(range(10, 50))
+    whole, end = await run(engine, prompt, 1000, eos_token_ids=[3], min_tokens=min_tokens)
+    assert end.finish_reason == "eos"
+    for g in (1, 7, len(whole) - 1):
+        rest, last = await run(
+            engine,
+            prompt + whole[:g],
+            1000 - g,
+            eos_token_ids=[3],
+            min_tokens=max(0, min_tokens - g),
+            generated=g,
+        )
+        assert whole[:g] + rest == whole and last.finish_reason == "eos", g
+
+
+async def test_a_migrated_scripted_reply_is_token_exact(
+    tiny_vocab: tuple[int, frozenset[int]], tiny_replies: Replies
+) -> None:
+    vocab, special = tiny_vocab
+    e = MockerEngine(
+        MockerEngineArgs(speedup_ratio=10_000.0), vocab_size=vocab, special_token_ids=special
+    )
+    handler = MockerHandler(e, replies=tiny_replies)
+    guided = {"guided_decoding": {"choice": ["the first answer", "another one"]}}
+    req = {**make_request(list(range(10, 50)), max_tokens=100, eos_token_ids=[1]), **guided}
+    whole = [t for out in await collect(handler, req) for t in out.get("token_ids", [])]
+    assert len(whole) > 2
+    g = 2
+    cont = {
+        **req,
+        "token_ids": req["token_ids"] + whole[:g],
+        "generated_tokens": g,
+        "stop_conditions": {**req["stop_conditions"], "max_tokens": 100 - g},
+    }
+    rest = [t for out in await collect(handler, cont) for t in out.get("token_ids", [])]
+    assert whole[:g] + rest == whole
+    await e.close()
+
+
 async def test_the_handler_ends_at_eos_unless_ignore_eos(engine: MockerEngine) -> None:
     handler = MockerHandler(engine)
     prompt = list(range(10, 50))
