@@ -87,3 +87,74 @@ def test_from_guided_fields() -> None:
         GuidedDecoding.from_guided_fields(guided_regex="a", guided_choice=["a"])
     with pytest.raises(ValueError, match="not valid JSON"):
         GuidedDecoding.from_guided_fields(guided_json="{oops")
+
+
+# -- derivations: the frontend's legs of one request -----------------------------------------
+
+
+def _request(**stop: Any) -> PreprocessedRequest:
+    return PreprocessedRequest.from_wire(
+        {
+            "token_ids": [1, 2, 3],
+            "stop_conditions": {"max_tokens": 10, "min_tokens": 4, **stop},
+            "request_id": "r",
+        }
+    )
+
+
+def test_prefill_leg_computes_the_prompt_and_one_token() -> None:
+    req = _request()
+    before = msgspec.msgpack.encode(req)
+    leg = req.prefill_leg()
+    assert leg.prefill_only and leg.stop_conditions.max_tokens == 1
+    assert leg.token_ids == req.token_ids and leg.request_id == "r"
+    assert leg.prefill_leg() is leg
+    assert msgspec.msgpack.encode(req) == before  # the original is untouched
+
+
+def test_with_transfer_carries_the_prefill_workers_parameters() -> None:
+    req = _request()
+    decode = req.with_transfer({"mocker": {"prompt_tokens": 3}})
+    assert decode.disaggregated_params == {"mocker": {"prompt_tokens": 3}}
+    assert req.disaggregated_params is None
+    assert not decode.prefill_only and decode.stop_conditions.max_tokens == 10
+
+
+@pytest.mark.parametrize(
+    ("generated", "max_tokens", "min_tokens"),
+    [([7], 9, 3), ([7, 8, 9, 10, 11], 5, 0), (list(range(20)), 1, 0), ([], 10, 4)],
+)
+def test_continuation_appends_what_was_generated(
+    generated: list[int], max_tokens: int, min_tokens: int
+) -> None:
+    req = _request().with_transfer({"x": 1})
+    before = msgspec.msgpack.encode(req)
+    cont = req.continuation(generated)
+    assert cont.token_ids == [1, 2, 3, *generated]
+    assert cont.generated_tokens == len(generated)
+    assert (cont.stop_conditions.max_tokens, cont.stop_conditions.min_tokens) == (
+        max_tokens,
+        min_tokens,
+    )
+    assert cont.disaggregated_params is None  # served whole by the next worker
+    assert msgspec.msgpack.encode(req) == before
+    # a continuation of a continuation counts from the original prompt
+    again = cont.continuation([99])
+    assert again.generated_tokens == len(generated) + 1
+    assert again.token_ids[-1] == 99
+
+
+def test_continuation_without_max_tokens_leaves_it_to_the_worker() -> None:
+    req = PreprocessedRequest(token_ids=[1, 2])
+    cont = req.continuation([5, 6])
+    assert cont.stop_conditions.max_tokens is None  # the worker's context decides, as before
+    assert cont.generated_tokens == 2
+
+
+def test_a_struct_and_its_map_are_the_same_request_on_the_wire() -> None:
+    """The frontend sends the struct (encoded once by the request plane); an older worker, or
+    one on another plane, decodes the same request from the map."""
+    req = _request(ignore_eos=True).prefill_leg()
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(req))
+    assert wire == req.to_wire()
+    assert PreprocessedRequest.from_wire(wire) == req

@@ -185,8 +185,9 @@ def test_sampling_params_from_request(fake_trtllm: Any) -> None:
     )
     sp = handler.sampling_params(ignored)
     assert sp.ignore_eos and sp.end_id is None
-    # no max_tokens: what is left of the engine's max_seq_len (the default would be 32)
-    assert sp.max_tokens == handler.engine.args.max_seq_len - len(PROMPT)
+    # no max_tokens: the base class's budget, what is left of the engine's max_seq_len (the
+    # LLM API's default would be 32)
+    assert handler.token_budget(ignored) == handler.engine.args.max_seq_len - len(PROMPT)
 
 
 async def test_eos_token_is_returned_with_reason_eos(fake_trtllm: Any) -> None:

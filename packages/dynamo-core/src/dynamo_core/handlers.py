@@ -14,6 +14,13 @@ and serves `handler.generate` on its endpoint. The base class turns that into th
 engine must share (and that `dynamo_core.testing.conformance` checks):
 
 - the request map is validated once into a `PreprocessedRequest` (bad input: `InvalidRequestError`);
+  the request is never changed in place (with the `inproc` request plane it is the caller's own
+  object): what the handler adds (its request id, the token budget) makes a new one;
+- `max_tokens` is decided here, once for every engine: 0 is answered at once (finish reason
+  `length`, no output) without calling the engine; a missing one becomes what the engine's
+  context leaves after the prompt (`context_length`, when the handler knows it; otherwise the
+  engine's own rule applies); a prefill worker generates one token (`prefill_leg()`). So an
+  engine's `engine_generate` gets `max_tokens` >= 1 or, with no context known, None;
 - a cancelled request (caller gone, `context.stop_generating()`) ends the engine's generator and
   calls `abort(request_id)`, so the engine frees the sequence;
 - `max_tokens`, `stop_token_ids`, end-of-sequence tokens (unless `ignore_eos`, and not before
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from msgspec.structs import replace
 
 from dynamo_core.errors import DynamoError, EngineError, InvalidRequestError
 from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest, Usage
@@ -67,10 +75,15 @@ class BaseWorkerHandler(ABC):
     #: The role shown in logs and metrics.
     role = "worker"
 
-    def __init__(self, engine: Any = None, *, name: str | None = None) -> None:
+    def __init__(
+        self, engine: Any = None, *, name: str | None = None, context_length: int | None = None
+    ) -> None:
         self.engine = engine
         self.metrics = HandlerMetrics()
         self.log = logging.getLogger(name or f"dynamo.{type(self).__module__}.{self.role}")
+        self.context_length = context_length
+        """The engine's context (prompt and output tokens), when known: what a request without
+        `max_tokens` may generate is what it leaves after the prompt (`token_budget`)."""
 
     # -- what an engine implements ---------------------------------------------------------
 
@@ -95,7 +108,10 @@ class BaseWorkerHandler(ABC):
         """The endpoint handler: `PreprocessedRequest` map in, `EngineOutput` maps out."""
         req = self.parse_request(request)
         if req.request_id is None:
-            req.request_id = context.id
+            req = replace(req, request_id=context.id)
+        budget = self.token_budget(req)
+        if budget != req.stop_conditions.max_tokens:
+            req = replace(req, stop_conditions=replace(req.stop_conditions, max_tokens=budget))
         # close the inner generator with ours, so a caller's early close aborts the engine
         # request now, not when the event loop gets round to finalizing it
         async with contextlib.aclosing(self._run(req, context)) as outputs:
@@ -114,16 +130,29 @@ class BaseWorkerHandler(ABC):
             raise InvalidRequestError("invalid request: max_tokens must be >= 0")
         return req
 
+    def token_budget(self, req: PreprocessedRequest) -> int | None:
+        """The most tokens `req` may generate: its `max_tokens`, else what the context leaves
+        after the prompt (None when the context is unknown, or the prompt fills it: the engine's
+        own rule, or its refusal, applies)."""
+        max_tokens = req.stop_conditions.max_tokens
+        if max_tokens is not None or self.context_length is None:
+            return max_tokens
+        room = self.context_length - len(req.token_ids)
+        return room if room > 0 else None
+
     async def _run(
         self, req: PreprocessedRequest, context: Context
     ) -> AsyncGenerator[dict[str, Any], None]:
         m = self.metrics
         m.requests_total += 1
-        m.inflight += 1
         m.prompt_tokens_total += len(req.token_ids)
-        request_id = req.request_id or context.id
         stop = req.stop_conditions
         max_tokens = stop.max_tokens
+        if max_tokens == 0:  # nothing to generate: the engine is not asked (some refuse 0)
+            yield EngineOutput(finish_reason="length", usage=self._usage(req, 0)).to_wire()
+            return
+        m.inflight += 1
+        request_id = req.request_id or context.id
         min_tokens = stop.min_tokens or 0
         stop_ids = set(stop.stop_token_ids or ())
         eos_ids = set() if stop.ignore_eos else set(req.eos_token_ids)
@@ -236,9 +265,8 @@ class BasePrefillHandler(BaseWorkerHandler):
     role = "prefill"
 
     def parse_request(self, request: Any) -> PreprocessedRequest:
-        req = super().parse_request(request)
-        req.prefill_only = True
-        return req
+        """Whatever the request says, a prefill worker computes the prompt and one token."""
+        return super().parse_request(request).prefill_leg()
 
 
 def _truncate_logprobs(out: EngineOutput, n: int) -> None:

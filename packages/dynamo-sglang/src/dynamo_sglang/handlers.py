@@ -144,7 +144,12 @@ class WorkerHandler(BaseWorkerHandler):
     def __init__(
         self, engine: Any, *, incremental_output: bool = False, name: str | None = None
     ) -> None:
-        super().__init__(engine, name=name)
+        context = getattr(getattr(engine, "tokenizer_manager", None), "context_len", None)
+        # the base class fills a missing max_tokens from the engine's context (SGLang's own
+        # default would be 128 new tokens)
+        super().__init__(
+            engine, name=name, context_length=context if isinstance(context, int) else None
+        )
         #: The engine streams deltas (`--incremental-streaming-output`), not cumulative output.
         self.incremental_output = incremental_output
         self._cached: dict[str, int] = {}

@@ -135,7 +135,9 @@ class TrtllmHandler(BaseWorkerHandler):
     """Aggregated worker on a `tensorrt_llm.LLM`."""
 
     def __init__(self, llm: Any, *, name: str | None = None) -> None:
-        super().__init__(llm, name=name)
+        seq = getattr(getattr(llm, "args", None), "max_seq_len", None)
+        # the base class fills a missing max_tokens from the context the LLM was built with
+        super().__init__(llm, name=name, context_length=seq if isinstance(seq, int) else None)
         from tensorrt_llm import SamplingParams
         from tensorrt_llm.llmapi import DisaggregatedParams, GuidedDecodingParams
 
@@ -195,15 +197,12 @@ class TrtllmHandler(BaseWorkerHandler):
             return self._guided_class(regex=guided.choice_regex())
         return self._guided_class(**{kind: getattr(guided, kind)})
 
-    def _max_tokens(self, request: PreprocessedRequest) -> int:
+    @staticmethod
+    def _max_tokens(request: PreprocessedRequest) -> int:
+        """The base class's budget (>= 1), or 4096 when neither the request nor the LLM's
+        `max_seq_len` says (the LLM API needs a number)."""
         limit = request.stop_conditions.max_tokens
-        if limit is not None:
-            return max(1, limit)  # the LLM API rejects 0; the base class yields none then
-        args = getattr(self.engine, "args", None)
-        seq = getattr(args, "max_seq_len", None)
-        if isinstance(seq, int) and seq > len(request.token_ids):
-            return seq - len(request.token_ids)
-        return 4096
+        return 4096 if limit is None else limit
 
     # -- engine -> EngineOutput -------------------------------------------------------------
 

@@ -82,7 +82,7 @@ def sampling_params(
     stop = request.stop_conditions
     kwargs.update(
         n=1,
-        max_tokens=stop.max_tokens,  # None: up to the context length (vLLM's rule)
+        max_tokens=stop.max_tokens,  # >= 1 (the base class answers 0); None: vLLM's rule
         min_tokens=stop.min_tokens or 0,
         stop_token_ids=list(stop.stop_token_ids) if stop.stop_token_ids else None,
         ignore_eos=stop.ignore_eos,
@@ -209,9 +209,6 @@ class WorkerHandler(BaseWorkerHandler):
     async def engine_generate(
         self, request: PreprocessedRequest, context: Context
     ) -> AsyncGenerator[EngineOutput, None]:
-        if request.stop_conditions.max_tokens == 0:  # vLLM wants at least one
-            yield EngineOutput(finish_reason="length")
-            return
         async with aclosing(self.run_engine(request, self.sampling_params(request))) as outputs:
             async for _, out in outputs:
                 yield out

@@ -16,14 +16,26 @@ sampling params, TensorRT-LLM's `GuidedDecodingParams`; the mocker generates con
 engine that cannot honour it refuses the request with `InvalidRequestError`, never ignores it.
 The frontend builds it from an OpenAI request with `GuidedDecoding.from_response_format(...)` and
 `GuidedDecoding.from_guided_fields(...)` (vLLM's `guided_json`/`guided_regex`/... extensions).
+
+A request is never changed once built: the `inproc` request plane hands the caller's own object
+to the worker, and the frontend derives its other legs from it. The derivations are named, each a
+new struct sharing what did not change (`msgspec.structs.replace`): `prefill_leg()` (the prompt
+only, for a prefill worker), `with_transfer(params)` (the decode leg, with the prefill worker's
+transfer parameters) and `continuation(generated)` (a migrated stream, resent to another worker
+with what the first one generated). Who decides `max_tokens`: the frontend sets it from the
+client's request (or what the context leaves); a worker's `BaseWorkerHandler` answers 0 without
+the engine and fills a missing one from its context (`dynamo_core.handlers`); the two legs'
+values come from the derivations here. Engines only translate it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
+from msgspec.structs import replace
 
 __all__ = [
     "EngineOutput",
@@ -242,6 +254,44 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     def to_wire(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    # -- derivations: each a new request, this one unchanged ------------------------------
+
+    def prefill_leg(self) -> PreprocessedRequest:
+        """The prefill half of a disaggregated request: the prompt only (`max_tokens` 1),
+        flagged `prefill_only` for the prefill worker."""
+        stop = self.stop_conditions
+        if self.prefill_only and stop.max_tokens == 1:
+            return self
+        return replace(self, prefill_only=True, stop_conditions=replace(stop, max_tokens=1))
+
+    def with_transfer(self, params: dict[str, Any]) -> PreprocessedRequest:
+        """The decode half: this request, with the transfer parameters a prefill worker handed
+        out (the decode worker pulls the prompt's KV cache instead of computing it)."""
+        return replace(self, disaggregated_params=params)
+
+    def continuation(self, generated: Sequence[int]) -> PreprocessedRequest:
+        """The request that continues this one on another worker after `generated` tokens.
+
+        They are appended to the prompt and counted in `generated_tokens` (an engine that
+        seeds per request seeds from the original prompt, and goes on token-exactly);
+        `max_tokens` and `min_tokens` shrink by as many (`max_tokens` stays at least 1). It is
+        served whole: transfer parameters were for the first worker, and are dropped.
+        """
+        n = len(generated)
+        stop = self.stop_conditions
+        if stop.max_tokens is not None:
+            stop = replace(stop, max_tokens=max(1, stop.max_tokens - n))
+        if stop.min_tokens:
+            stop = replace(stop, min_tokens=max(0, stop.min_tokens - n))
+        return replace(
+            self,
+            token_ids=[*self.token_ids, *generated],
+            generated_tokens=self.generated_tokens + n,
+            stop_conditions=stop,
+            disaggregated_params=None,
+            prefill_only=False,
+        )
 
 
 class Usage(msgspec.Struct, omit_defaults=True, kw_only=True):

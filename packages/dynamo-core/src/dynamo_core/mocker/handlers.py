@@ -54,7 +54,7 @@ class MockerHandler(BaseWorkerHandler):
     def __init__(
         self, engine: MockerEngine, *, replies: Replies | None = None, name: str | None = None
     ) -> None:
-        super().__init__(engine, name=name)
+        super().__init__(engine, name=name, context_length=engine.args.context_length)
         self.replies = replies
 
     def reply_tokens(self, request: PreprocessedRequest) -> list[int] | None:

@@ -28,12 +28,16 @@ A malformed constraint is refused by every handler, whatever its flags.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+import msgspec
 import pytest
 
 from dynamo_core.errors import DynamoError, EngineError, InvalidRequestError
 from dynamo_core.handlers import BaseWorkerHandler
+from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
 from dynamo_core.runtime import Context
 
 __all__ = ["HandlerConformance", "collect", "make_request"]
@@ -42,7 +46,7 @@ __all__ = ["HandlerConformance", "collect", "make_request"]
 def make_request(
     token_ids: list[int],
     *,
-    max_tokens: int = 8,
+    max_tokens: int | None = 8,
     ignore_eos: bool = True,
     stop_token_ids: list[int] | None = None,
     eos_token_ids: list[int] | None = None,
@@ -50,11 +54,14 @@ def make_request(
     seed: int = 1234,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A `PreprocessedRequest` map as a frontend would send it."""
+    """A `PreprocessedRequest` map as a frontend would send it (`max_tokens=None`: without)."""
+    stop: dict[str, Any] = {"ignore_eos": ignore_eos}
+    if max_tokens is not None:
+        stop["max_tokens"] = max_tokens
     req: dict[str, Any] = {
         "token_ids": token_ids,
         "model": "test",
-        "stop_conditions": {"max_tokens": max_tokens, "ignore_eos": ignore_eos},
+        "stop_conditions": stop,
         "sampling_options": {"temperature": 0.0, "seed": seed},
         "output_options": {},
         "eos_token_ids": eos_token_ids or [],
@@ -68,8 +75,10 @@ def make_request(
 
 
 async def collect(
-    handler: BaseWorkerHandler, request: dict[str, Any], context: Context | None = None
+    handler: BaseWorkerHandler, request: Any, context: Context | None = None
 ) -> list[dict[str, Any]]:
+    """Every output of `request` (a map, or a `PreprocessedRequest` as the `inproc` plane
+    hands it over)."""
     return [out async for out in handler.generate(request, context or Context())]
 
 
@@ -121,6 +130,46 @@ class HandlerConformance:
         assert len(tokens_of(outs)) == max_tokens
         assert outs[-1]["finish_reason"] == "length"
         assert outs[-1]["usage"]["completion_tokens"] == max_tokens
+
+    async def test_max_tokens_zero_never_reaches_the_engine(
+        self, handler: BaseWorkerHandler, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        calls: list[PreprocessedRequest] = []
+        engine_generate = handler.engine_generate
+
+        def spy(request: PreprocessedRequest, context: Context) -> AsyncIterator[EngineOutput]:
+            calls.append(request)
+            return engine_generate(request, context)
+
+        monkeypatch.setattr(handler, "engine_generate", spy)
+        outs = await collect(handler, make_request(self.prompt, max_tokens=0))
+        assert calls == []
+        assert [o.get("token_ids", []) for o in outs] == [[]]
+        assert outs[0]["finish_reason"] == "length"
+        assert outs[0]["usage"].get("completion_tokens", 0) == 0  # omitted when 0
+        assert outs[0]["usage"]["prompt_tokens"] == len(self.prompt)
+        assert self.active_requests(handler) == 0
+        await collect(handler, make_request(self.prompt, max_tokens=1))
+        assert len(calls) == 1  # the spy sees a real request
+
+    async def test_missing_max_tokens_uses_the_context(
+        self, handler: BaseWorkerHandler, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(handler, "context_length", len(self.prompt) + 5)
+        outs = await collect(handler, make_request(self.prompt, max_tokens=None))
+        assert len(tokens_of(outs)) == 5
+        assert outs[-1]["finish_reason"] == "length"
+        assert self.active_requests(handler) == 0
+
+    async def test_the_request_is_not_changed(self, handler: BaseWorkerHandler) -> None:
+        """With the `inproc` request plane a handler gets the caller's own object: what it
+        adds (request id, token budget) must not show there."""
+        handler.context_length = len(self.prompt) + 4
+        req = PreprocessedRequest.from_wire(make_request(self.prompt, max_tokens=None))
+        before = msgspec.msgpack.encode(req)
+        outs = await collect(handler, req)
+        assert len(tokens_of(outs)) == 4
+        assert msgspec.msgpack.encode(req) == before
 
     async def test_honours_stop_token_ids(self, handler: BaseWorkerHandler) -> None:
         if not self.deterministic:
@@ -305,3 +354,23 @@ class HandlerConformance:
         await asyncio.wait_for(prefill_rest, 30)
         assert len(tokens_of(outs)) == 10
         assert outs[-1]["finish_reason"] == "length"
+
+    async def test_prefill_computes_one_token_and_leaves_the_request_alone(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        """Whatever `max_tokens` a prefill worker is sent, it prefills (one token); the
+        caller's request object is not flagged or changed."""
+        if not self.supports_disaggregation:
+            pytest.skip("engine has no disaggregated roles")
+        prefill: BaseWorkerHandler = request.getfixturevalue("prefill_handler")
+        req = PreprocessedRequest.from_wire(make_request(self.prompt, max_tokens=10))
+        before = msgspec.msgpack.encode(req)
+        outs: list[dict[str, Any]] = []
+        async with contextlib.aclosing(prefill.generate(req, Context())) as stream:
+            async for out in stream:
+                outs.append(out)
+                if out.get("disaggregated_params") is not None:
+                    break  # the rest is the transfer: some engines need a decode worker for it
+        assert outs and outs[-1].get("disaggregated_params") is not None
+        assert len(tokens_of(outs)) <= 1
+        assert msgspec.msgpack.encode(req) == before
