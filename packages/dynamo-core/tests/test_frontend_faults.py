@@ -5,12 +5,15 @@ plane fails (never an internal address, never 401), and streams ended cleanly on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import openai
 import pytest
 
@@ -43,20 +46,43 @@ def chat(content: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-async def test_migration_is_on_by_default_and_token_exact(namespace: str, stream: bool) -> None:
-    """No limit configured anywhere: a worker that goes away mid-answer is replaced, for a
-    stream and for a whole response, and the text is what one worker alone gives."""
+@contextlib.asynccontextmanager
+async def two_workers(
+    namespace: str, handler: type[EchoHandler]
+) -> AsyncIterator[tuple[dict[Any, DistributedRuntime], OpenAIService, HttpServer]]:
+    """A frontend and two slow echo workers, each in its own runtime of one process: yields
+    {handler: its runtime}, the service and its HTTP server."""
     cfg = RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=0)
     async with (
         DistributedRuntime(cfg) as front,
         DistributedRuntime(cfg) as a,
         DistributedRuntime(cfg) as b,
     ):
-        ha, hb = EchoHandler(delay=0.01), EchoHandler(delay=0.01)
-        await add_worker(a, ha)
-        await add_worker(b, hb)
+        workers = {handler(delay=0.01): a, handler(delay=0.01): b}
+        for h, rt in workers.items():
+            await add_worker(rt, h)
         service, server = await frontend(front, namespace, 2)
+        yield workers, service, server
+
+
+async def kill_the_busy_one(workers: dict[Any, DistributedRuntime]) -> Any:
+    """Once one of the handlers is a few tokens into a request, shut its runtime down; return
+    that handler."""
+    async with asyncio.timeout(10):
+        while not any(h.active for h in workers):
+            await asyncio.sleep(0.005)
+    await asyncio.sleep(0.1)  # a few tokens out
+    busy = next(h for h in workers if h.active)
+    await workers[busy].shutdown()
+    return busy
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_migration_is_on_by_default_and_token_exact(namespace: str, stream: bool) -> None:
+    """No limit configured anywhere: a worker that goes away mid-answer is replaced, for a
+    stream and for a whole response, and the text is what one worker alone gives."""
+    async with two_workers(namespace, EchoHandler) as (workers, service, server):
+        ha, hb = workers
         client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
         )
@@ -68,14 +94,7 @@ async def test_migration_is_on_by_default_and_token_exact(namespace: str, stream
         }
         expected = (await client.chat.completions.create(**body)).choices[0].message.content
 
-        async def kill_the_busy_one() -> None:
-            async with asyncio.timeout(10):
-                while not (ha.active or hb.active):
-                    await asyncio.sleep(0.005)
-            await asyncio.sleep(0.1)  # a few tokens out
-            await (a if ha.active else b).shutdown()
-
-        killer = asyncio.create_task(kill_the_busy_one())
+        killer = asyncio.create_task(kill_the_busy_one(workers))
         if stream:
             chunks = await client.chat.completions.create(**body, stream=True)
             text = "".join([c.choices[0].delta.content or "" async for c in chunks])
@@ -85,6 +104,46 @@ async def test_migration_is_on_by_default_and_token_exact(namespace: str, stream
         assert text == expected
         assert ha.metrics.cancelled_total + hb.metrics.cancelled_total == 1
         await client.close()
+        await server.close()
+        await service.close()
+
+
+class RecordingEcho(EchoHandler):
+    """An echo worker that keeps each request object as the inproc plane hands it over, with
+    its wire encoding at arrival."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.received: list[tuple[Any, bytes]] = []
+
+    async def generate(self, request: Any, context: Any) -> AsyncGenerator[dict[str, Any], None]:
+        self.received.append((request, msgspec.msgpack.encode(request)))
+        async for out in super().generate(request, context):
+            yield out
+
+
+async def test_a_migration_derives_from_the_request_no_worker_changed(namespace: str) -> None:
+    """In one process the worker gets the frontend's own request object: neither side changes
+    it, and the continuation is the original prompt plus what was generated."""
+    async with two_workers(namespace, RecordingEcho) as (workers, service, server):
+        ha, hb = workers
+        killer = asyncio.create_task(kill_the_busy_one(workers))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            body = {"model": "tiny", "messages": chat("a b c d"), "max_tokens": 30}
+            reply = await http.post("/v1/chat/completions", json={**body, "ignore_eos": True})
+        first = await killer
+        second = hb if first is ha else ha
+        assert reply.status_code == 200
+        assert reply.json()["usage"]["completion_tokens"] == 30
+        ((original, at_arrival),) = first.received
+        ((continued, _),) = second.received
+        assert msgspec.msgpack.encode(original) == at_arrival  # unchanged by either side
+        assert original.request_id == continued.request_id
+        generated = continued.generated_tokens
+        assert 0 < generated < 30
+        assert continued.token_ids[: len(original.token_ids)] == original.token_ids
+        assert len(continued.token_ids) == len(original.token_ids) + generated
+        assert continued.stop_conditions.max_tokens == 30 - generated
         await server.close()
         await service.close()
 

@@ -1,9 +1,11 @@
 """The OpenAI service: routes, preprocessing, routing, streaming, detokenizing, migration.
 
 Per request: validate the body (OpenAI error shape on bad input), render the chat template,
-tokenize, check the context, build the `PreprocessedRequest` map, pass admission control (a
-queue, then 503 with Retry-After, when every worker is busy), pick a worker (the model's routing
-policy), and stream its `EngineOutput` maps back.
+tokenize, check the context, build the `PreprocessedRequest` (a struct the request plane encodes
+once; its prefill leg, decode leg and migration continuation are its named derivations, and it is
+never changed after), pass admission control (a queue, then 503 with Retry-After, when every
+worker is busy), pick a worker (the model's routing policy), and stream its `EngineOutput` maps
+back.
 
 Large requests (bodies over `OFFLOAD_BODY_BYTES`) are templated and tokenized in a thread pool,
 never on the event loop, and a prompt is only tokenized as far as the model's context can hold
@@ -60,6 +62,12 @@ from dynamo_core.frontend.openai import (
 )
 from dynamo_core.http import Final, Request, Response, StreamingResponse
 from dynamo_core.llm.detokenizer import IncrementalDetokenizer, LogprobTokens, StopStringMatcher
+from dynamo_core.llm.protocol import (
+    OutputOptions,
+    PreprocessedRequest,
+    SamplingOptions,
+    StopConditions,
+)
 from dynamo_core.llm.tokenizer import ASYNC_ENCODE_THRESHOLD
 from dynamo_core.router.admission import AdmissionLimits
 from dynamo_core.runtime import Context, DistributedRuntime
@@ -499,7 +507,7 @@ class OpenAIService:
         return await self._whole(entry, fmt, out, first, batches, prompt_len, t0, endpoint)
 
     async def _engine_batches(
-        self, entry: ModelEntry, preq: dict[str, Any], ctx: Context
+        self, entry: ModelEntry, preq: PreprocessedRequest, ctx: Context
     ) -> Batches:
         """Batches of engine output maps, moving to another instance if a worker breaks.
 
@@ -514,7 +522,7 @@ class OpenAIService:
         if pool is not None:
             prefill = await _PrefillLeg.start(pool, preq, ctx)
             if prefill.params is not None:
-                request = {**preq, "disaggregated_params": prefill.params}
+                request = preq.with_transfer(prefill.params)
         decode = self._decode_batches(entry, request, preq, ctx, limit, prefill)
         try:
             async for batch in decode:
@@ -528,8 +536,8 @@ class OpenAIService:
     async def _decode_batches(
         self,
         entry: ModelEntry,
-        request: dict[str, Any],
-        preq: dict[str, Any],
+        request: PreprocessedRequest,
+        preq: PreprocessedRequest,
         ctx: Context,
         limit: int,
         prefill: _PrefillLeg | None,
@@ -537,14 +545,15 @@ class OpenAIService:
         exclude: list[int] = []
         generated: list[int] = []
         policy = entry.policy
+        prompt = preq.token_ids
         while True:
             try:
-                iid = policy.select(entry.live_instances(), preq["token_ids"], exclude)
+                iid = policy.select(entry.live_instances(), prompt, exclude)
             except errors.NoInstancesError:
                 raise errors.NoInstancesError(
                     f"The model `{entry.name}` has no live instances."
                 ) from None
-            policy.started(iid, preq["token_ids"], ctx.id)
+            policy.started(iid, prompt, ctx.id)
             stream = None
             received = False
             try:
@@ -553,7 +562,7 @@ class OpenAIService:
                     prefill.watch(stream)
                 async for item in stream:
                     if not received:
-                        policy.first_token(iid, preq["token_ids"], ctx.id)
+                        policy.first_token(iid, prompt, ctx.id)
                     received = True
                     batch = [item]
                     more = stream.take_ready()
@@ -588,7 +597,7 @@ class OpenAIService:
                         exc,
                         len(generated),
                     )
-                    request = _continuation(preq, generated)
+                    request = preq.continuation(generated)
                 elif isinstance(exc, errors.AuthenticationError):
                     log.error(
                         "request %s: instance %x refused us (%s): the frontend's and the "
@@ -606,7 +615,7 @@ class OpenAIService:
                         exc,
                     )
             finally:
-                policy.finished(iid, preq["token_ids"], ctx.id)
+                policy.finished(iid, prompt, ctx.id)
                 if stream is not None:
                     stream.cancel()
 
@@ -765,15 +774,11 @@ class _PrefillLeg:
         ctx.add_stop_callback(self.ctx.stop_generating)
 
     @classmethod
-    async def start(cls, pool: PrefillPool, preq: dict[str, Any], ctx: Context) -> _PrefillLeg:
+    async def start(cls, pool: PrefillPool, preq: PreprocessedRequest, ctx: Context) -> _PrefillLeg:
         leg = cls(pool, ctx)
-        request = {
-            **preq,
-            "prefill_only": True,
-            "stop_conditions": {**preq["stop_conditions"], "max_tokens": 1},
-        }
+        request = preq.prefill_leg()
         try:
-            iid = pool.policy.select(pool.live_instances(), preq["token_ids"])
+            iid = pool.policy.select(pool.live_instances(), preq.token_ids)
         except errors.NoInstancesError:
             return leg
         leg.instance = iid
@@ -950,54 +955,28 @@ def _preprocessed(
     max_tokens: int,
     logprobs: int | None,
     request_id: str,
-) -> dict[str, Any]:
-    stop: dict[str, Any] = {"max_tokens": max_tokens}
-    if body.extension("ignore_eos"):
-        stop["ignore_eos"] = True
-    min_tokens = body.extension("min_tokens")
-    if min_tokens:
-        stop["min_tokens"] = min_tokens
-    stops = body.stop_strings()
-    if stops:
-        stop["stop"] = stops
-    sampling = {
-        k: v
-        for k, v in (
-            ("temperature", body.temperature),
-            ("top_p", body.top_p),
-            ("top_k", body.extension("top_k")),
-            ("min_p", body.extension("min_p")),
-            ("seed", body.seed),
-            ("frequency_penalty", body.frequency_penalty),
-            ("presence_penalty", body.presence_penalty),
-            ("repetition_penalty", body.extension("repetition_penalty")),
-        )
-        if v is not None
-    }
-    output: dict[str, Any] = {}
-    if logprobs is not None:
-        output["logprobs"] = logprobs
-    return {
-        "token_ids": token_ids,
-        "model": entry.name,
-        "stop_conditions": stop,
-        "sampling_options": sampling,
-        "output_options": output,
-        "eos_token_ids": entry.eos_token_ids,
-        "request_id": request_id,
-    }
-
-
-def _continuation(preq: dict[str, Any], generated: list[int]) -> dict[str, Any]:
-    """The request that continues `preq` on another worker after `generated` tokens: they are
-    appended to the prompt, and `generated_tokens` says how many were (so that an engine which
-    seeds per request seeds from the original prompt, and goes on token-exactly)."""
-    request = dict(preq)
-    request["token_ids"] = preq["token_ids"] + generated
-    request["generated_tokens"] = len(generated)
-    stop = dict(preq["stop_conditions"])
-    stop["max_tokens"] = max(1, stop["max_tokens"] - len(generated))
-    if stop.get("min_tokens"):
-        stop["min_tokens"] = max(0, stop["min_tokens"] - len(generated))
-    request["stop_conditions"] = stop
-    return request
+) -> PreprocessedRequest:
+    """The wire request for a validated OpenAI body (the request plane encodes it once)."""
+    return PreprocessedRequest(
+        token_ids=token_ids,
+        model=entry.name,
+        stop_conditions=StopConditions(
+            max_tokens=max_tokens,
+            min_tokens=body.extension("min_tokens") or None,
+            stop=body.stop_strings() or None,
+            ignore_eos=bool(body.extension("ignore_eos")),
+        ),
+        sampling_options=SamplingOptions(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.extension("top_k"),
+            min_p=body.extension("min_p"),
+            seed=body.seed,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            repetition_penalty=body.extension("repetition_penalty"),
+        ),
+        output_options=OutputOptions(logprobs=logprobs),
+        eos_token_ids=entry.eos_token_ids,
+        request_id=request_id,
+    )
