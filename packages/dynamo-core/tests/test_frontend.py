@@ -16,6 +16,7 @@ from dynamo_core.echo import EchoHandler
 from dynamo_core.frontend.service import OpenAIService
 from dynamo_core.http import HttpServer, serve_http
 from dynamo_core.llm import register_model
+from dynamo_core.router import RouterConfig
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
@@ -255,7 +256,9 @@ async def test_requests_spread_and_migrate(namespace: str) -> None:
         ha, hb = EchoHandler(delay=0.002), EchoHandler(delay=0.002)
         await add_worker(a, ha, migration_limit=2)
         await add_worker(b, hb, migration_limit=2)
-        service = OpenAIService(front, namespace=namespace, router_mode="least-loaded")
+        service = OpenAIService(
+            front, namespace=namespace, router=RouterConfig(router_mode="least-loaded")
+        )
         await service.start()
         server = await serve_http(service.handle, "127.0.0.1", 0)
         client = openai.AsyncOpenAI(
@@ -532,14 +535,12 @@ async def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it(
 
 
 async def test_all_workers_busy_queues_then_sheds_with_retry_after(namespace: str) -> None:
-    from dynamo_core.router.admission import AdmissionLimits
-
     cfg = RuntimeConfig.in_process(namespace=namespace)
     async with DistributedRuntime(cfg) as rt:
         handler = EchoHandler(delay=0.05)
         await add_worker(rt, handler)
-        limits = AdmissionLimits(active_requests=2, max_queued=2, queue_timeout=30)
-        service = OpenAIService(rt, namespace=namespace, admission=limits)
+        limits = RouterConfig(active_requests_threshold=2, max_queued_requests=2, queue_timeout=30)
+        service = OpenAIService(rt, namespace=namespace, router=limits)
         await service.start()
         server = await serve_http(service.handle, "127.0.0.1", 0)
         try:

@@ -11,7 +11,7 @@ import msgspec
 import openai
 import pytest
 
-from dynamo_core.errors import NoInstancesError
+from dynamo_core.errors import ConfigError, NoInstancesError
 from dynamo_core.frontend.service import OpenAIService
 from dynamo_core.http import serve_http
 from dynamo_core.llm.kv import (
@@ -25,15 +25,20 @@ from dynamo_core.llm.kv import (
     block_hashes,
 )
 from dynamo_core.router import (
+    AdmissionLimits,
     KvIndexer,
     KvRouter,
     LeastLoaded,
+    LocalRouter,
     RandomPolicy,
     RoundRobin,
+    RouterConfig,
     follow_worker_events,
+    make_router,
 )
 from dynamo_core.router.kv import DEFAULT_DECODE_STEP_S, DEFAULT_PREFILL_TOKENS_PER_S
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.runtime.events import EventPublisher
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 BS = 4
@@ -473,7 +478,7 @@ async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
             )
             workers.append(await start_mocker(rt, config))
         tasks = [asyncio.create_task(w.serve()) for w in workers]
-        service = OpenAIService(front, namespace=namespace, router_mode="kv")
+        service = OpenAIService(front, namespace=namespace, router=RouterConfig(router_mode="kv"))
         await service.start()
         server = await serve_http(service.handle, "127.0.0.1", 0)
         client = openai.AsyncOpenAI(
@@ -483,7 +488,8 @@ async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
             async with asyncio.timeout(5):
                 while not (entry := service.models.get("tiny")) or len(entry.live_instances()) < 2:
                     await service.models.wait_for_change()
-            router = entry.policy
+            assert isinstance(entry.router, LocalRouter)
+            router = entry.router.policy
             assert isinstance(router, KvRouter)
             system = "You are a helpful assistant who answers in full sentences. " * 6
 
@@ -529,6 +535,23 @@ async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
                 await w.close()
 
 
+async def publishing_worker(
+    runtime: DistributedRuntime, namespace: str
+) -> tuple[EventPublisher, EventPublisher, asyncio.Task[None]]:
+    """A `backend` component on `runtime` that serves a do-nothing `generate` and publishes
+    KV events and load metrics by hand: (kv publisher, load publisher, the serving task)."""
+    component = runtime.namespace(namespace).component("backend")
+    await component.create_service()
+    kv_pub = await component.event_publisher(KV_EVENTS_TOPIC)
+    load_pub = await component.event_publisher(LOAD_METRICS_TOPIC)
+
+    async def handler(request: object) -> AsyncIterator[dict[str, object]]:
+        yield {}
+
+    serving = asyncio.create_task(component.endpoint("generate").serve_endpoint(handler))
+    return kv_pub, load_pub, serving
+
+
 async def test_router_follows_events_skips_garbage_and_forgets_dead_workers(
     namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -538,15 +561,7 @@ async def test_router_follows_events_skips_garbage_and_forgets_dead_workers(
     async with DistributedRuntime(cfg) as front:
         worker_rt = DistributedRuntime(cfg)
         await worker_rt.start()
-        component = worker_rt.namespace(namespace).component("backend")
-        await component.create_service()
-        kv_pub = await component.event_publisher(KV_EVENTS_TOPIC)
-        load_pub = await component.event_publisher(LOAD_METRICS_TOPIC)
-
-        async def handler(request: object) -> AsyncIterator[dict[str, object]]:
-            yield {}
-
-        serving = asyncio.create_task(component.endpoint("generate").serve_endpoint(handler))
+        kv_pub, load_pub, serving = await publishing_worker(worker_rt, namespace)
         client = await front.endpoint(f"{namespace}.backend.generate").client()
         router = KvRouter(BS)
         follow = asyncio.create_task(
@@ -586,3 +601,93 @@ async def test_router_follows_events_skips_garbage_and_forgets_dead_workers(
             await kv_pub.close()
             await load_pub.close()
             await worker_rt.shutdown()
+
+
+# -- RouterConfig and make_router: the router owns routing ----------------------------------
+
+
+def test_router_config_is_declared_once_and_composed() -> None:
+    from dynamo_core.frontend.main import FrontendConfig, build_parser
+    from dynamo_core.router import ROUTER_MODES, make_policy
+    from dynamo_core.run import RunConfig
+
+    for composed in (FrontendConfig, RunConfig):
+        assert set(RouterConfig.model_fields) <= set(composed.model_fields)
+        assert issubclass(composed, RouterConfig)
+    help_text = build_parser().format_help()
+    assert "{" + ",".join(ROUTER_MODES) + "}" in help_text
+    assert help_text.index("Routing:") < help_text.index("--kv-overlap-score-weight")
+    with pytest.raises(ConfigError, match="round-robin, random, least-loaded"):
+        make_policy("kv")  # kv is a KvRouter, made by make_router
+
+
+async def test_route_counts_until_done_and_done_frees_a_queued_request() -> None:
+    live = [1, 2]
+    router = LocalRouter(
+        LeastLoaded(), lambda: live, AdmissionLimits(active_requests=1, max_queued=4)
+    )
+    first = await router.route([1, 2, 3], live, request_id="a")
+    second = await router.route([1, 2, 3], live, request_id="b")
+    assert {first.instance_id, second.instance_id} == {1, 2}
+    assert router.policy.inflight == {1: 1, 2: 1}
+    waiting = asyncio.create_task(router.admit())  # both busy: it queues
+    await asyncio.sleep(0)
+    assert not waiting.done() and router.admission.queued == 1
+    first.first_token()
+    first.done()
+    first.done()  # idempotent
+    first.first_token()  # after the end: nothing
+    await asyncio.wait_for(waiting, 5)
+    assert router.policy.inflight == {second.instance_id: 1}
+    third = await router.route([9], live, exclude=[second.instance_id])
+    assert third.instance_id == first.instance_id
+    with pytest.raises(NoInstancesError):
+        await router.route([9], live, exclude=live)
+
+
+async def test_make_router_builds_the_mode_and_one_feed(namespace: str) -> None:
+    """kv mode with a KV-cache threshold: a `KvRouter` with the config's knobs, and one
+    subscription per topic feeding both the index/loads and admission control."""
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(cfg) as front, DistributedRuntime(cfg) as worker_rt:
+        kv_pub, load_pub, serving = await publishing_worker(worker_rt, namespace)
+        endpoint = f"{namespace}.backend.generate"
+        client = await front.endpoint(endpoint).client()
+        await client.wait_for_instances()
+        (worker,) = client.instance_ids()
+        config = RouterConfig(
+            router_mode="kv",
+            kv_overlap_score_weight=2.0,
+            router_temperature=0.25,
+            active_decode_blocks_threshold=0.5,
+        )
+        router = await make_router(config, front, endpoint=endpoint, block_size=BS, client=client)
+        plain = await make_router(
+            RouterConfig(), front, endpoint=endpoint, block_size=BS, client=client
+        )
+        try:
+            assert isinstance(router, LocalRouter) and isinstance(plain, LocalRouter)
+            kv = router.policy
+            assert isinstance(kv, KvRouter)
+            assert (kv.overlap_weight, kv.temperature, kv.block_size) == (2.0, 0.25, BS)
+            assert isinstance(plain.policy, RoundRobin) and plain._feed is None
+            async with asyncio.timeout(5):
+                while not (kv_pub.subscriber_count and load_pub.subscriber_count):
+                    await asyncio.sleep(0.01)
+            kv_pub.publish(msgspec_map(stored(0, list(range(8)), [1, 2])))
+            load_pub.publish({"active_blocks": 6, "total_blocks": 10})
+            async with asyncio.timeout(5):
+                while not len(kv.indexer) or worker not in router.admission.loads:
+                    await asyncio.sleep(0.01)
+            assert kv.loads[worker].metrics is not None  # the same report, both readers
+            assert (kv_pub.subscriber_count, load_pub.subscriber_count) == (1, 1)
+            assert router.admission.busy(worker)  # 6 of 10 blocks > 0.5
+        finally:
+            await router.close()
+            await plain.close()
+            async with asyncio.timeout(5):  # closing the router ends its subscriptions
+                while kv_pub.subscriber_count or load_pub.subscriber_count:
+                    await asyncio.sleep(0.01)
+            await client.close()
+            worker_rt.request_shutdown()
+            await serving

@@ -186,3 +186,34 @@ def test_in_http_busy_port_is_one_line() -> None:
         "choose another with --http-port"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_the_routers_flags_are_dynamo_runs_too(tmp_path: Path) -> None:
+    """`RouterConfig` is composed by dynamo-run as by the frontend: the KV router's knobs and the
+    admission thresholds are accepted anywhere on the line, a bad value is one line, exit 2."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "one"}\n{"text": "two"}\n')
+    out = tmp_path / "out.jsonl"
+    result = dynamo_run(
+        f"in=batch:{prompts}",
+        "--router-mode",
+        "kv",
+        *MOCKER,
+        "--router-temperature=0.5",
+        "--kv-overlap-score-weight",
+        "2",
+        "--active-requests-threshold",
+        "4",
+        "--max-tokens",
+        "3",
+        "--output",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    results = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["tokens_out"] for r in results] == [3, 3]
+
+    result = dynamo_run(f"in=batch:{prompts}", *MOCKER, "--router-temperature", "-1")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("dynamo-run: error: ")
+    assert "router-temperature" in result.stderr and "Traceback" not in result.stderr

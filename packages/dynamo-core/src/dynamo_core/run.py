@@ -9,9 +9,10 @@ entry-point group (`out=vllm` once dynamo-vllm is installed), and run the very s
 as `python -m dynamo_<engine>.worker`. Everything runs on the in-process backends (`mem`
 discovery, `inproc` requests): no ports but the HTTP one, no files.
 
-Flags before the engine's: `--http-host`, `--http-port`, `--router-mode`, `--output` (batch),
-`--concurrency` (batch), `--max-tokens` (text and batch defaults). The rest go to the engine's
-own parser.
+dynamo-run's own flags (`RunConfig`, anywhere on the line): `--http-host`, `--http-port`,
+`--output` (batch), `--concurrency` (batch), `--max-tokens` (text and batch defaults), and the
+router's, as the frontend has them (`RouterConfig`: `--router-mode`, `--kv-overlap-score-weight`,
+`--router-temperature`, the admission thresholds). The rest go to the engine's own parser.
 
 `in=text` is a chat on the terminal: each line is a user turn, the answer streams back, and
 the conversation is kept (and trimmed to the model's context, oldest turns first, with a note
@@ -27,9 +28,9 @@ token counts, finish reason and latency; the exit status is 1 if any line failed
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -40,11 +41,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from dynamo_core.args import DynFlexibleArgumentParser
 from dynamo_core.engines import find_engine
 from dynamo_core.errors import ConfigError, DynamoError
+from dynamo_core.router.config import RouterConfig
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, configure_logging, run_uvloop
 
-__all__ = ["main"]
+__all__ = ["RunConfig", "main"]
 
 log = logging.getLogger("dynamo.run")
 
@@ -67,22 +72,42 @@ def _split(argv: list[str]) -> tuple[str, str, list[str]]:
     return source, target, rest
 
 
-def _own_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--http-host", default="0.0.0.0")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument(
-        "--router-mode",
-        default="round-robin",
-        choices=["round-robin", "random", "least-loaded", "kv"],
+class RunConfig(RouterConfig):
+    """dynamo-run's own flags: where it serves, batch settings, and the router's."""
+
+    http_host: str = Field("0.0.0.0", description="in=http: the address to listen on.")
+    http_port: int = Field(8000, ge=0, le=65535, description="in=http: the port (0: any).")
+    output: Path | None = Field(None, description="in=batch: write the results here (not stdout).")
+    concurrency: int = Field(8, ge=1, description="in=batch: lines in flight at once.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="in=text and in=batch: max_tokens of a request that sets none."
     )
-    p.add_argument("--output", default=None)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None)
-    return p
 
 
-async def _run(source: str, target: str, own: argparse.Namespace, engine_argv: list[str]) -> int:
+def _own_parser() -> DynFlexibleArgumentParser[RunConfig]:
+    return DynFlexibleArgumentParser(RunConfig, prog="dynamo-run", group="dynamo-run")
+
+
+def _split_own(argv: list[str]) -> tuple[RunConfig, list[str]]:
+    """dynamo-run's own flags (with their values) parsed; the rest, in order, for the engine."""
+    parser = _own_parser()
+    actions = parser.option_actions()
+    own: list[str] = []
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        name, eq, _ = arg.partition("=")
+        action = actions.get("--" + name[2:].replace("_", "-")) if name.startswith("--") else None
+        if action is None or action.dest.startswith("help") or "config" in action.dest:
+            rest.append(arg)
+            continue
+        own.append(arg)
+        if not eq and action.nargs != 0:
+            own.extend(itertools.islice(args, 1))  # its value
+    return parser.parse(own, environ={}).config, rest
+
+
+async def _run(source: str, target: str, own: RunConfig, engine_argv: list[str]) -> int:
     from dynamo_core.frontend.service import OpenAIService
 
     spec = find_engine(target)
@@ -101,7 +126,7 @@ async def _run(source: str, target: str, own: argparse.Namespace, engine_argv: l
     async with DistributedRuntime(runtime_config) as runtime:
         worker = await module.start_engine(runtime, parsed)
         serving = asyncio.create_task(worker.serve())
-        service = OpenAIService(runtime, namespace=namespace, router_mode=own.router_mode)
+        service = OpenAIService(runtime, namespace=namespace, router=own.router_settings())
         await service.start()
         try:
             async with asyncio.timeout(120):
@@ -126,7 +151,7 @@ async def _run(source: str, target: str, own: argparse.Namespace, engine_argv: l
     return code
 
 
-async def _serve_http(runtime: DistributedRuntime, service: Any, own: argparse.Namespace) -> None:
+async def _serve_http(runtime: DistributedRuntime, service: Any, own: RunConfig) -> None:
     import signal
 
     from dynamo_core.http import serve_http
@@ -287,7 +312,7 @@ class _Chat:
             )
 
 
-async def _chat_loop(service: Any, model: str, context_length: int, own: argparse.Namespace) -> int:
+async def _chat_loop(service: Any, model: str, context_length: int, own: RunConfig) -> int:
     """The REPL (see the module docstring); returns the exit status."""
     max_tokens = own.max_tokens or max(16, min(1024, context_length // 4))
     chat = _Chat(service, model, context_length, max_tokens)
@@ -347,7 +372,7 @@ async def _chat_loop(service: Any, model: str, context_length: int, own: argpars
     return 1 if failures and not interactive else 0
 
 
-async def _batch(service: Any, model: str, path: Path, own: argparse.Namespace) -> int:
+async def _batch(service: Any, model: str, path: Path, own: RunConfig) -> int:
     try:
         lines = await asyncio.to_thread(path.read_text)
     except OSError as exc:
@@ -414,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         source, target, rest = _split(args)
         # a chat's terminal is the conversation: only warnings unless DYN_LOG asks for more
         configure_logging("warning" if source == "text" else "info")
-        own, engine_argv = _own_flags().parse_known_args(rest)
+        own, engine_argv = _split_own(rest)
         code = run_uvloop(_run(source, target, own, engine_argv))
     except ConfigError as exc:
         sys.stderr.write(f"dynamo-run: error: {exc}\n")

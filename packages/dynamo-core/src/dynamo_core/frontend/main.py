@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
 
 from pydantic import Field
 
 from dynamo_core.args import DEFAULT_MIGRATION_LIMIT, DynFlexibleArgumentParser
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.http import HttpLimits
-from dynamo_core.router.admission import AdmissionLimits
+from dynamo_core.router.config import RouterConfig
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, configure_logging, dynamo_worker
 
 __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
@@ -25,51 +24,16 @@ __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
 log = logging.getLogger("dynamo.frontend")
 
 
-class FrontendConfig(RuntimeConfig):
+class FrontendConfig(RouterConfig, RuntimeConfig):
+    """The frontend's flags: the runtime's, the router's (`RouterConfig`), then its own."""
+
     http_host: str = Field("0.0.0.0", description="Address the HTTP server listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
-    router_mode: Literal["round-robin", "random", "least-loaded", "kv"] = Field(
-        "round-robin",
-        description="How a worker is chosen for each request (kv: the lowest estimated time to "
-        "first token, from the prefix each worker has cached, its queued prefill and its load).",
-    )
-    kv_overlap_score_weight: float = Field(
-        1.0,
-        ge=0,
-        description="With --router-mode kv: weight of the request's own prefill time in the "
-        "estimate (1: as measured; more favours cache hits; 0: load only).",
-    )
-    router_temperature: float = Field(
-        0.0,
-        ge=0,
-        description="With --router-mode kv: softmax temperature over the estimates normalised to "
-        "[0, 1] (0: always the best).",
-    )
     migration_limit: int = Field(
         DEFAULT_MIGRATION_LIMIT,
         ge=0,
         description="Times a broken stream may move to another worker (a model card may lower "
         "it; 0: never).",
-    )
-    active_requests_threshold: int | None = Field(
-        1024,
-        gt=0,
-        description="A worker with this many requests in flight (counted by this frontend) is "
-        "busy; when every worker of a model is busy, new requests queue, then get 503 with "
-        "Retry-After (admission control). none: no limit.",
-    )
-    active_decode_blocks_threshold: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="A worker whose KV cache is this full (fraction, from its load metrics) is "
-        "busy, as with --active-requests-threshold. Default: not checked.",
-    )
-    max_queued_requests: int = Field(
-        1024, ge=0, description="Requests that may wait for a worker while all are busy."
-    )
-    queue_timeout: float = Field(
-        30.0, gt=0, description="Seconds a request may wait for a worker before a 503."
     )
     max_request_bytes: int = Field(
         8 * 1024 * 1024,
@@ -125,16 +89,8 @@ async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
     service = OpenAIService(
         runtime,
         namespace=config.namespace,
-        router_mode=config.router_mode,
+        router=config.router_settings(),
         migration_limit=config.migration_limit,
-        kv_overlap_weight=config.kv_overlap_score_weight,
-        router_temperature=config.router_temperature,
-        admission=AdmissionLimits(
-            active_requests=config.active_requests_threshold,
-            active_decode_blocks=config.active_decode_blocks_threshold,
-            max_queued=config.max_queued_requests,
-            queue_timeout=config.queue_timeout,
-        ),
     )
     await service.start()
     server = await serve_http(

@@ -2,7 +2,9 @@
 
 A model appears when its first card is registered and its tokenizer is loaded (in a thread, once
 per model), and disappears when its last card goes (its instances stopped or died). Requests are
-routed only to instances that have both a card and a live endpoint registration.
+routed only to instances that have both a card and a live endpoint registration. Each model's
+routing is a `Router` from `dynamo_core.router.make_router` (the router package owns the policy,
+admission control and the workers' event feed); the frontend only composes it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ import msgspec
 
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.chat_template import ChatTemplate
-from dynamo_core.llm.kv import LOAD_METRICS_TOPIC, LoadMetrics
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard, fetch_model_files
 from dynamo_core.llm.tokenizer import Tokenizer
-from dynamo_core.router.admission import Admission, AdmissionLimits
-from dynamo_core.router.kv import KvRouter, follow_worker_events
-from dynamo_core.router.policies import RoutingPolicy, make_policy
+from dynamo_core.router import LocalRouter, Router, RouterConfig, make_policy, make_router
 
 if TYPE_CHECKING:
     from dynamo_core.runtime import Client, DistributedRuntime
@@ -41,8 +40,9 @@ class PrefillPool:
     name: str
     card: ModelCard
     client: Client
-    policy: RoutingPolicy
     card_instances: set[int] = field(default_factory=set)
+    #: round-robin over the prefill workers (set by `ModelManager` when the pool is made)
+    router: Router = field(init=False)
 
     def live_instances(self) -> list[int]:
         return [i for i in self.client.instance_ids() if i in self.card_instances]
@@ -55,13 +55,10 @@ class ModelEntry:
     tokenizer: Tokenizer
     template: ChatTemplate
     client: Client
-    policy: RoutingPolicy
     card_instances: set[int] = field(default_factory=set)
     created: int = 0
-    kv_task: asyncio.Task[None] | None = None
-    load_task: asyncio.Task[None] | None = None
-    #: the gate in front of this model's workers (set by `ModelManager` when the entry is made)
-    admission: Admission = field(init=False)
+    #: the model's routing and admission (set by `ModelManager` when the entry is made)
+    router: Router = field(init=False)
 
     def live_instances(self) -> list[int]:
         return [i for i in self.client.instance_ids() if i in self.card_instances]
@@ -73,21 +70,11 @@ class ModelEntry:
 
 class ModelManager:
     def __init__(
-        self,
-        runtime: DistributedRuntime,
-        namespace: str,
-        router_mode: str = "round-robin",
-        *,
-        kv_overlap_weight: float = 1.0,
-        router_temperature: float = 0.0,
-        admission: AdmissionLimits | None = None,
+        self, runtime: DistributedRuntime, namespace: str, router: RouterConfig | None = None
     ) -> None:
         self.runtime = runtime
-        self.admission = admission or AdmissionLimits()
         self.namespace = namespace
-        self.router_mode = router_mode
-        self.kv_overlap_weight = kv_overlap_weight
-        self.router_temperature = router_temperature
+        self.router = router or RouterConfig()
         self.models: dict[str, ModelEntry] = {}
         self.prefill: dict[str, PrefillPool] = {}
         #: models that were served and have no instance now (their requests get 503, not 404)
@@ -144,9 +131,7 @@ class ModelManager:
                     log.info("model %s has no instances left: removed", name)
                     del self.models[name]
                     self.retired.add(name)
-                    for task in (entry.kv_task, entry.load_task):
-                        if task is not None:
-                            task.cancel()
+                    self.runtime.spawn(entry.router.close())
                     self.runtime.spawn(entry.client.close())
             self._notify()
 
@@ -170,9 +155,9 @@ class ModelManager:
             for (name, c) in self._cards.values()
             if name == card.name and "prefill" in c.model_type
         }
-        self.prefill[card.name] = PrefillPool(
-            card.name, card, client, make_policy("round-robin"), instances
-        )
+        pool = PrefillPool(card.name, card, client, instances)
+        pool.router = LocalRouter(make_policy("round-robin"), pool.live_instances)
+        self.prefill[card.name] = pool
         log.info("model %s: prefill workers at %s (disaggregated)", card.name, card.endpoint)
         client.on_change(self._notify)
         self._notify()
@@ -217,61 +202,28 @@ class ModelManager:
         if not instances:
             await client.close()
             return
-        policy = self._policy_for(card)
         entry = ModelEntry(
             name=card.name,
             card=card,
             tokenizer=tokenizer,
             template=template,
             client=client,
-            policy=policy,
             card_instances=instances,
             created=int(time.time()),
         )
-        entry.admission = Admission(policy, entry.live_instances, self.admission)
+        entry.router = await make_router(
+            self.router,
+            self.runtime,
+            endpoint=card.endpoint,
+            block_size=card.kv_block_size,
+            client=client,
+            instances=entry.live_instances,
+        )
         self.models[card.name] = entry
         self.retired.discard(card.name)
-        if isinstance(policy, KvRouter):
-            entry.kv_task = self.runtime.spawn(self._follow_kv_events(entry, policy))
-        if self.admission.active_decode_blocks is not None:
-            entry.load_task = self.runtime.spawn(self._follow_load_metrics(entry))
         log.info("model %s added (endpoint %s)", card.name, card.endpoint)
         client.on_change(self._notify)
-        client.on_change(entry.admission.instances_changed)
         self._notify()
-
-    def _policy_for(self, card: ModelCard) -> RoutingPolicy:
-        if self.router_mode == "kv":
-            return KvRouter(
-                card.kv_block_size,
-                overlap_weight=self.kv_overlap_weight,
-                temperature=self.router_temperature,
-            )
-        return make_policy(self.router_mode)
-
-    async def _follow_kv_events(self, entry: ModelEntry, router: KvRouter) -> None:
-        """Keep the model's KV router current from its workers' KV events and load metrics."""
-        ns, component, _ = entry.card.endpoint.split(".")
-        await follow_worker_events(
-            router, self.runtime.namespace(ns).component(component), entry.client
-        )
-
-    async def _follow_load_metrics(self, entry: ModelEntry) -> None:
-        """Feed the workers' `load_metrics` to the model's admission control."""
-        ns, component, _ = entry.card.endpoint.split(".")
-        subscriber = (
-            await self.runtime.namespace(ns).component(component).subscribe(LOAD_METRICS_TOPIC)
-        )
-        try:
-            async for event in subscriber:
-                try:
-                    metrics = msgspec.convert(event.payload, LoadMetrics)
-                except (msgspec.ValidationError, TypeError) as exc:
-                    log.warning("bad load metrics from %x: %s", event.publisher_id, exc)
-                    continue
-                entry.admission.report(event.publisher_id, metrics)
-        finally:
-            await subscriber.close()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -296,6 +248,7 @@ class ModelManager:
         if self._watch is not None:
             self._watch.close()
         for entry in self.models.values():
+            await entry.router.close()
             await entry.client.close()
         for pool in self.prefill.values():
             await pool.client.close()

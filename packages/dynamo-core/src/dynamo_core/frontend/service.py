@@ -69,7 +69,7 @@ from dynamo_core.llm.protocol import (
     StopConditions,
 )
 from dynamo_core.llm.tokenizer import ASYNC_ENCODE_THRESHOLD
-from dynamo_core.router.admission import AdmissionLimits
+from dynamo_core.router import Route, RouterConfig
 from dynamo_core.runtime import Context, DistributedRuntime
 
 __all__ = ["OpenAIService"]
@@ -303,22 +303,12 @@ class OpenAIService:
         runtime: DistributedRuntime,
         *,
         namespace: str,
-        router_mode: str = "round-robin",
+        router: RouterConfig | None = None,
         migration_limit: int = DEFAULT_MIGRATION_LIMIT,
         metrics: FrontendMetrics | None = None,
-        kv_overlap_weight: float = 1.0,
-        router_temperature: float = 0.0,
-        admission: AdmissionLimits | None = None,
     ) -> None:
         self.runtime = runtime
-        self.models = ModelManager(
-            runtime,
-            namespace,
-            router_mode,
-            kv_overlap_weight=kv_overlap_weight,
-            router_temperature=router_temperature,
-            admission=admission,
-        )
+        self.models = ModelManager(runtime, namespace, router)
         self.migration_limit = migration_limit
         self.metrics = metrics or FrontendMetrics()
         # large prompts are prepared here, off the event loop; the work per request is bounded
@@ -473,7 +463,7 @@ class OpenAIService:
         preq = _preprocessed(entry, body, token_ids, max_tokens, logprobs, fmt.id)
         model = entry.name
         try:
-            await entry.admission.admit()
+            await entry.router.admit()
         except errors.OverloadedError as exc:
             kind = "stream" if body.stream else "unary"
             self.metrics.requests.labels(model, endpoint, kind, "overloaded").inc()
@@ -531,7 +521,6 @@ class OpenAIService:
             await decode.aclose()  # now, not when collected: the router counts the request ended
             if prefill is not None:
                 prefill.close()
-            entry.admission.wake()  # a slot is free: a queued request may go
 
     async def _decode_batches(
         self,
@@ -544,16 +533,16 @@ class OpenAIService:
     ) -> Batches:
         exclude: list[int] = []
         generated: list[int] = []
-        policy = entry.policy
+        router = entry.router
         prompt = preq.token_ids
         while True:
             try:
-                iid = policy.select(entry.live_instances(), prompt, exclude)
+                route = await router.route(prompt, entry.live_instances(), exclude, ctx.id)
             except errors.NoInstancesError:
                 raise errors.NoInstancesError(
                     f"The model `{entry.name}` has no live instances."
                 ) from None
-            policy.started(iid, prompt, ctx.id)
+            iid = route.instance_id
             stream = None
             received = False
             try:
@@ -562,7 +551,7 @@ class OpenAIService:
                     prefill.watch(stream)
                 async for item in stream:
                     if not received:
-                        policy.first_token(iid, prompt, ctx.id)
+                        route.first_token()
                     received = True
                     batch = [item]
                     more = stream.take_ready()
@@ -615,7 +604,7 @@ class OpenAIService:
                         exc,
                     )
             finally:
-                policy.finished(iid, prompt, ctx.id)
+                route.done()
                 if stream is not None:
                     stream.cancel()
 
@@ -769,7 +758,7 @@ class _PrefillLeg:
         self.params: dict[str, Any] | None = None
         self.error: errors.DynamoError | None = None
         self.task: asyncio.Task[None] | None = None
-        self.instance: int | None = None
+        self.route: Route | None = None
         self._decode: Any = None
         ctx.add_stop_callback(self.ctx.stop_generating)
 
@@ -778,11 +767,11 @@ class _PrefillLeg:
         leg = cls(pool, ctx)
         request = preq.prefill_leg()
         try:
-            iid = pool.policy.select(pool.live_instances(), preq.token_ids)
+            route = await pool.router.route(request.token_ids, pool.live_instances())
         except errors.NoInstancesError:
             return leg
-        leg.instance = iid
-        pool.policy.started(iid)
+        leg.route = route
+        iid = route.instance_id
         try:
             stream = await pool.client.direct(request, iid, context=leg.ctx)
             async for item in stream:
@@ -794,10 +783,13 @@ class _PrefillLeg:
             log.warning(
                 "request %s: prefill on %x failed (%s); serving it aggregated", ctx.id, iid, exc
             )
-            pool.policy.finished(iid)
+            route.done()
             return leg
+        except BaseException:  # cancelled: the client left
+            route.done()
+            raise
         if leg.params is None:
-            pool.policy.finished(iid)
+            route.done()
             return leg
         leg.task = asyncio.get_running_loop().create_task(leg._drain(stream))
         return leg
@@ -812,8 +804,8 @@ class _PrefillLeg:
             if self._decode is not None:
                 self._decode.cancel()  # stop the decode leg now, not after a transfer timeout
         finally:
-            if self.instance is not None:
-                self.pool.policy.finished(self.instance)
+            if self.route is not None:
+                self.route.done()
 
     def watch(self, decode_stream: Any) -> None:
         self._decode = decode_stream

@@ -40,36 +40,25 @@ Overrides: `overlap_weight` (`--kv-overlap-score-weight`) scales the request's o
 samples the choice from a softmax over the estimates normalised to [0, 1], spreading load among
 near-equal workers.
 
-`follow_worker_events` keeps a router current from a component's `kv_events` and
-`load_metrics`; workers that leave discovery are forgotten (and their late events ignored). A
-malformed event is logged and skipped, never fatal; a worker that stops reporting keeps its last
-report until it leaves.
+`dynamo_core.router.feed.follow_worker_events` keeps a router current from a component's
+`kv_events` and `load_metrics`; workers that leave discovery are forgotten (`remove_worker`, and
+their late events ignored).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
-from dynamo_core.llm.kv import (
-    KV_EVENTS_TOPIC,
-    LOAD_METRICS_TOPIC,
-    KvEventBatch,
-    LoadMetrics,
-    block_hashes,
-)
+from dynamo_core.llm.kv import KvEventBatch, LoadMetrics, block_hashes
 from dynamo_core.router.indexer import KvIndexer
 from dynamo_core.router.policies import RoutingPolicy
-
-if TYPE_CHECKING:
-    from dynamo_core.runtime import Client, Component
 
 __all__ = [
     "DEFAULT_DECODE_STEP_S",
@@ -77,7 +66,6 @@ __all__ = [
     "KvIndexer",
     "KvRouter",
     "WorkerLoad",
-    "follow_worker_events",
 ]
 
 log = logging.getLogger("dynamo.router.kv")
@@ -395,39 +383,3 @@ class KvRouter(RoutingPolicy):
             load.prefilled(key, self._clock(), cancelled=True)
         if not load.requests and load.metrics is None:
             del self.loads[instance_id]
-
-
-async def follow_worker_events(router: KvRouter, component: Component, client: Client) -> None:
-    """Keep `router` current from `component`'s `kv_events` and `load_metrics` until cancelled.
-
-    Workers that leave `client`'s instances are forgotten (their cache and reports dropped).
-    """
-    live: set[int] = set(client.instance_ids())
-
-    def forget_dead() -> None:
-        nonlocal live
-        now = set(client.instance_ids())
-        for gone in live - now:
-            router.remove_worker(gone)
-        live = now
-
-    client.on_change(forget_dead)
-    kv_events = await component.subscribe(KV_EVENTS_TOPIC)
-    try:
-        load_metrics = await component.subscribe(LOAD_METRICS_TOPIC)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_apply_each(kv_events, router.apply_kv_events, "KV event"))
-                tasks.create_task(_apply_each(load_metrics, router.update_load, "load metrics"))
-        finally:
-            await load_metrics.close()
-    finally:
-        await kv_events.close()
-
-
-async def _apply_each(subscriber: Any, apply: Callable[[int, Any], None], what: str) -> None:
-    async for event in subscriber:
-        try:
-            apply(event.publisher_id, event.payload)
-        except (msgspec.ValidationError, TypeError, ValueError) as exc:
-            log.warning("bad %s from %x: %s", what, event.publisher_id, exc)

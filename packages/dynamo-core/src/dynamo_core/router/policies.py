@@ -14,6 +14,7 @@ a name, the `token_ids` object itself identifies it, so pass the same list to ea
 from __future__ import annotations
 
 import random
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Literal
@@ -21,6 +22,7 @@ from typing import Literal
 from dynamo_core.errors import ConfigError, NoInstancesError
 
 __all__ = [
+    "ROUTER_MODES",
     "LeastLoaded",
     "RandomPolicy",
     "RoundRobin",
@@ -30,7 +32,9 @@ __all__ = [
 ]
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
-"""`kv` is `dynamo_core.router.kv.KvRouter`, which needs the model's KV events."""
+"""The routing modes, declared once (`--router-mode`): the three policies here, and `kv`
+(`dynamo_core.router.kv.KvRouter`, which needs the model's KV events)."""
+ROUTER_MODES: tuple[RouterMode, ...] = typing.get_args(RouterMode)
 
 
 class RoutingPolicy(ABC):
@@ -111,11 +115,17 @@ class LeastLoaded(RoutingPolicy):
         return choice
 
 
+_POLICIES: dict[str, type[RoutingPolicy]] = {
+    "round-robin": RoundRobin,
+    "random": RandomPolicy,
+    "least-loaded": LeastLoaded,
+}
+
+
 def make_policy(mode: str) -> RoutingPolicy:
-    if mode == "round-robin":
-        return RoundRobin()
-    if mode == "random":
-        return RandomPolicy()
-    if mode == "least-loaded":
-        return LeastLoaded()
-    raise ConfigError(f"unknown router mode {mode!r}: use round-robin, random or least-loaded")
+    """A fresh policy of `mode` (not kv: that one is `KvRouter`, built by `make_router`)."""
+    policy = _POLICIES.get(mode)
+    if policy is None:
+        known = ", ".join(m for m in ROUTER_MODES if m in _POLICIES)
+        raise ConfigError(f"unknown router mode {mode!r} for a policy: use one of {known}")
+    return policy()

@@ -1,0 +1,198 @@
+"""One model's routing, as its users see it: `make_router(config, ...)` builds it, the frontend
+(or the router service) asks it for a worker per request.
+
+    router = await make_router(config, runtime, endpoint=card.endpoint,
+                               block_size=card.kv_block_size, client=client)
+    await router.admit()                      # may queue, or raise OverloadedError (shed)
+    route = await router.route(token_ids, live_instances, exclude=failed, request_id=rid)
+    ... send to route.instance_id ...
+    route.first_token()                       # its prefill is done
+    route.done()                              # finished, failed or cancelled (idempotent)
+
+`make_router` is the one place where a `RouterConfig` becomes a router: the policy of its mode
+(`make_policy`, or a `KvRouter` with its knobs), admission control in front of it (`Admission`,
+with the config's thresholds), and the one subscription to the workers' KV events and load
+metrics the two need (`follow_worker_events`: started only when kv mode or a KV-cache threshold
+reads them). A `LocalRouter` answers without suspending: what it adds to the frontend's hot path
+is a `Route` object per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from dynamo_core.router.admission import Admission, AdmissionLimits
+from dynamo_core.router.config import RouterConfig
+from dynamo_core.router.feed import follow_worker_events
+from dynamo_core.router.kv import KvRouter
+from dynamo_core.router.policies import RoutingPolicy, make_policy
+
+if TYPE_CHECKING:
+    from dynamo_core.runtime import Client, DistributedRuntime
+
+__all__ = ["LocalRouter", "Route", "Router", "make_router"]
+
+log = logging.getLogger("dynamo.router")
+
+Instances = Callable[[], Sequence[int]]
+"""The live instances of the routed pool (what admission control looks at)."""
+
+
+class Route:
+    """A request placed on a worker: its router counts it there until `done()`."""
+
+    __slots__ = ("_ended", "_first", "_router", "handle", "instance_id", "key", "token_ids")
+
+    def __init__(
+        self,
+        router: Router,
+        instance_id: int,
+        token_ids: Sequence[int],
+        key: str | None,
+        handle: object = None,
+    ) -> None:
+        self._router = router
+        self.instance_id = instance_id
+        self.token_ids = token_ids
+        self.key = key
+        """The request id the router knows it by (None: the `token_ids` object)."""
+        self.handle = handle
+        """What the router needs to end it (a remote router's stream)."""
+        self._first = False
+        self._ended = False
+
+    def first_token(self) -> None:
+        """The request's first output arrived: its prefill is done (once; later calls are no-ops)."""
+        if not self._first and not self._ended:
+            self._first = True
+            self._router._first_token(self)
+
+    def done(self) -> None:
+        """The request ended on this worker: finished, failed or cancelled (idempotent)."""
+        if not self._ended:
+            self._ended = True
+            self._router._done(self)
+
+
+class Router(ABC):
+    """One pool of workers' routing and admission (see the module docstring)."""
+
+    @abstractmethod
+    async def admit(self) -> None:
+        """Return when one more request may be dispatched; raise `OverloadedError` to shed it."""
+
+    @abstractmethod
+    async def route(
+        self,
+        token_ids: Sequence[int],
+        instances: Sequence[int],
+        exclude: Sequence[int] = (),
+        request_id: str | None = None,
+    ) -> Route:
+        """Choose an instance for the request (not one of `exclude`, which just failed it)
+        and count it there. Raises `NoInstancesError` when none is left."""
+
+    @abstractmethod
+    def _first_token(self, route: Route) -> None: ...
+
+    @abstractmethod
+    def _done(self, route: Route) -> None: ...
+
+    def instances_changed(self) -> None:  # noqa: B027 - a router that watches nothing ignores it
+        """Workers joined or left the pool."""
+
+    async def close(self) -> None:  # noqa: B027 - a router that holds nothing closes at once
+        """Stop following the workers."""
+
+
+class LocalRouter(Router):
+    """A router in this process: a policy and the admission control in front of it."""
+
+    def __init__(
+        self,
+        policy: RoutingPolicy,
+        instances: Instances,
+        limits: AdmissionLimits | None = None,
+    ) -> None:
+        self.policy = policy
+        self.admission = Admission(policy, instances, limits or AdmissionLimits(None, None))
+        self._feed: asyncio.Task[None] | None = None
+
+    async def admit(self) -> None:
+        await self.admission.admit()
+
+    async def route(
+        self,
+        token_ids: Sequence[int],
+        instances: Sequence[int],
+        exclude: Sequence[int] = (),
+        request_id: str | None = None,
+    ) -> Route:
+        iid = self.policy.select(instances, token_ids, exclude)
+        self.policy.started(iid, token_ids, request_id)
+        return Route(self, iid, token_ids, request_id)
+
+    def _first_token(self, route: Route) -> None:
+        self.policy.first_token(route.instance_id, route.token_ids, route.key)
+
+    def _done(self, route: Route) -> None:
+        self.policy.finished(route.instance_id, route.token_ids, route.key)
+        self.admission.wake()  # a slot is free: a queued request may go
+
+    def instances_changed(self) -> None:
+        self.admission.instances_changed()
+
+    def follow(self, runtime: DistributedRuntime, endpoint: str, client: Client) -> None:
+        """Keep the KV index (kv mode) and the workers' load reports current, from the event
+        plane of the component serving `endpoint` ("namespace.component.endpoint")."""
+        ns, component, _ = endpoint.split(".")
+        kv = self.policy if isinstance(self.policy, KvRouter) else None
+        self._feed = runtime.spawn(
+            follow_worker_events(
+                kv,
+                runtime.namespace(ns).component(component),
+                client,
+                on_load=self.admission.report,
+            ),
+            name=f"router-feed-{endpoint}",
+        )
+
+    async def close(self) -> None:
+        feed, self._feed = self._feed, None
+        if feed is not None:
+            feed.cancel()
+            await asyncio.gather(feed, return_exceptions=True)
+
+
+def make_policy_for(config: RouterConfig, block_size: int) -> RoutingPolicy:
+    """The policy of `config.router_mode` (kv: a `KvRouter` with the config's knobs)."""
+    if config.router_mode == "kv":
+        return KvRouter(
+            block_size,
+            overlap_weight=config.kv_overlap_score_weight,
+            temperature=config.router_temperature,
+        )
+    return make_policy(config.router_mode)
+
+
+async def make_router(
+    config: RouterConfig,
+    runtime: DistributedRuntime,
+    *,
+    endpoint: str,
+    block_size: int,
+    client: Client,
+    instances: Instances | None = None,
+) -> Router:
+    """The router `config` describes, for the workers serving `endpoint` (`client` reaches
+    them; `instances` says which are live for this model, by default all of the client's)."""
+    live = instances or client.instance_ids
+    router = LocalRouter(make_policy_for(config, block_size), live, config.admission_limits())
+    if config.router_mode == "kv" or config.active_decode_blocks_threshold is not None:
+        router.follow(runtime, endpoint, client)
+    client.on_change(router.instances_changed)
+    return router
