@@ -14,9 +14,11 @@ from dynamo_core.args import (
     RUNTIME_ENV_ALLOWLIST,
     DynFlexibleArgumentParser,
     ParsedArgs,
+    ParserFlags,
     parse_component_args,
 )
 from dynamo_core.errors import ConfigError
+from dynamo_core.llm.parsers import ParserSpec
 from dynamo_core.runtime.config import RuntimeConfig
 
 
@@ -515,3 +517,33 @@ def test_reserved_field_names_are_rejected() -> None:
 
     with pytest.raises(ConfigError, match="--config"):
         DynFlexibleArgumentParser(Bad)
+
+
+class WorkerDemo(RuntimeConfig, ParserFlags):
+    model_path: str | None = Field(default=None, description="Path or name of the model.")
+
+
+def test_parser_flags_are_declared_once_checked_and_canonical() -> None:
+    parser = DynFlexibleArgumentParser(WorkerDemo, prog="worker")
+    config = parser.parse(
+        ["--dyn-tool-call-parser", "qwen25"], environ={"DYN_REASONING_PARSER": "Deepseek-R1"}
+    ).config
+    assert config.parser_spec() == ParserSpec("hermes", "deepseek_r1")
+    assert parser.parse([], environ={}).config.parser_spec() == ParserSpec()
+    [error] = parser.check(["--dyn-tool-call-parser", "hermse"], environ={})
+    assert "unknown tool-call parser 'hermse' (did you mean 'hermes'?)" in error
+    [error] = parser.check(
+        ["--dyn-tool-call-parser", "hermes", "--dyn-reasoning-parser", "gpt_oss"], environ={}
+    )
+    assert "do not fit together" in error
+    # 'none' is kept as written: on the frontend it turns a card's parser off
+    none = parser.parse(["--dyn-tool-call-parser", "none"], environ={}).config
+    assert none.dyn_tool_call_parser == "none" and none.parser_spec() == ParserSpec()
+
+
+def test_every_worker_config_has_the_parser_flags() -> None:
+    from dynamo_core.frontend.main import FrontendConfig
+    from dynamo_core.mocker.main import MockerConfig
+
+    for config in (MockerConfig, FrontendConfig):
+        assert issubclass(config, ParserFlags)

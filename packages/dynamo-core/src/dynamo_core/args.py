@@ -65,11 +65,14 @@ from pathlib import Path
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime.config import RuntimeConfig, env_var_name
+
+if typing.TYPE_CHECKING:
+    from dynamo_core.llm.parsers import ParserSpec
 
 __all__ = [
     "DEFAULT_MIGRATION_LIMIT",
@@ -77,6 +80,7 @@ __all__ = [
     "DynFlexibleArgumentParser",
     "EngineArgsBuilder",
     "ParsedArgs",
+    "ParserFlags",
     "Preflight",
     "load_yaml_file",
     "migration_limit_field",
@@ -97,6 +101,66 @@ def migration_limit_field() -> Any:
         description="How often the frontend may move a broken stream of this model to another "
         "worker (the frontend's own --migration-limit may lower it; 0: never).",
     )
+
+
+class ParserFlags(BaseModel):
+    """`--dyn-tool-call-parser` and `--dyn-reasoning-parser`, declared once for every worker.
+
+    A worker's config inherits them and passes `parser_spec()` to `register_model`: the names
+    travel in its model card, and the frontend parses that model's output with them
+    (`dynamo_core.llm.parsers`). The frontend inherits them too, as overrides of every card
+    (``none``: no parsing). A name is checked when the flags are parsed (an unknown one is an
+    error that lists the valid names), so a typo stops the process before it serves anything.
+    """
+
+    dyn_tool_call_parser: str | None = Field(
+        None,
+        description="Parser of the model's tool calls (hermes, llama3_json, mistral, pythonic, "
+        "deepseek_v3, qwen3_coder, harmony, kimi_k2, glm45, ...); carried in the model card. "
+        "On the frontend: overrides every model's ('none': no tool-call parsing).",
+        json_schema_extra={"env": "DYN_TOOL_CALL_PARSER"},
+    )
+    dyn_reasoning_parser: str | None = Field(
+        None,
+        description="Parser of the model's reasoning (basic, deepseek_r1, qwen3, gpt_oss, "
+        "granite, mistral, ...): it becomes reasoning_content; carried in the model card. On "
+        "the frontend: overrides every model's ('none': no reasoning parsing).",
+        json_schema_extra={"env": "DYN_REASONING_PARSER"},
+    )
+
+    @field_validator("dyn_tool_call_parser", "dyn_reasoning_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None, info: Any) -> str | None:
+        from dynamo_core.llm.parsers import get_reasoning_parser, get_tool_call_parser
+
+        if value is None or value.strip().lower() == "none":
+            return None if value is None else "none"
+        find = (
+            get_tool_call_parser
+            if info.field_name == "dyn_tool_call_parser"
+            else get_reasoning_parser
+        )
+        try:
+            return find(value).name
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _parsers_fit(self) -> ParserFlags:
+        try:
+            self.parser_spec()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def parser_spec(self) -> ParserSpec:
+        """The parsers these flags name (``none`` is no parser)."""
+        from dynamo_core.llm.parsers import ParserSpec
+
+        def named(value: str | None) -> str | None:
+            return None if value in (None, "none") else value
+
+        return ParserSpec(named(self.dyn_tool_call_parser), named(self.dyn_reasoning_parser))
 
 
 C = TypeVar("C", bound=BaseModel)

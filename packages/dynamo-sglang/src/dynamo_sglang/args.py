@@ -19,7 +19,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, migration_limit_field
+from dynamo_core.args import (
+    DynFlexibleArgumentParser,
+    ParsedArgs,
+    ParserFlags,
+    migration_limit_field,
+)
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
@@ -41,7 +46,7 @@ INSTALL_HINT = f'SGLang is not installed: pip install "{EXTRA}"'
 Mode = Literal["null", "prefill", "decode"]
 
 
-class SglangConfig(RuntimeConfig):
+class SglangConfig(RuntimeConfig, ParserFlags):
     """Dynamo's flags of an SGLang worker (SGLang's own flags are SGLang's)."""
 
     model_path: str | None = Field(

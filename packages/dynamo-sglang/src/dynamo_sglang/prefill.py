@@ -98,6 +98,7 @@ async def worker(
             context_length=info.context_length,
             kv_block_size=info.page_size,
             migration_limit=config.migration_limit,
+            parsers=config.parser_spec(),
         )
         logging.getLogger("dynamo.sglang").info(
             "sglang prefill worker %s.%s: model %s, bootstrap %s:%d",

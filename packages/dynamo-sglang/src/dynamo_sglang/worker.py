@@ -92,6 +92,7 @@ async def start_worker(
             context_length=info.context_length,
             kv_block_size=info.page_size,
             migration_limit=config.migration_limit,
+            parsers=config.parser_spec(),
         )
     except BaseException:
         await stop_sglang(engine, kv_relay)

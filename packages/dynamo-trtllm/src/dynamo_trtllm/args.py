@@ -40,6 +40,7 @@ from pydantic import Field
 from dynamo_core.args import (
     DynFlexibleArgumentParser,
     ParsedArgs,
+    ParserFlags,
     load_yaml_file,
     migration_limit_field,
 )
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
 _ENGINE_GROUP: JsonDict = {"group": "TensorRT-LLM engine (tensorrt_llm.LLM arguments)"}
 
 
-class TrtllmConfig(RuntimeConfig):
+class TrtllmConfig(RuntimeConfig, ParserFlags):
     """Flags of `python -m dynamo_trtllm.{worker,prefill,decode}`."""
 
     model_path: str = Field(

@@ -249,6 +249,7 @@ async def start_role(
         context_length=context_length(llm, config),
         kv_block_size=block_size,
         migration_limit=config.migration_limit,
+        parsers=config.parser_spec(),
     )
     return TrtllmWorker(llm, handler, endpoint, card, publisher)
 

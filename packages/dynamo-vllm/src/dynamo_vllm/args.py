@@ -31,7 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, migration_limit_field
+from dynamo_core.args import (
+    DynFlexibleArgumentParser,
+    ParsedArgs,
+    ParserFlags,
+    migration_limit_field,
+)
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
@@ -52,7 +57,7 @@ __all__ = [
 EXTRA = "dynamo-vllm[vllm]"
 
 
-class VllmConfig(RuntimeConfig):
+class VllmConfig(RuntimeConfig, ParserFlags):
     """Dynamo's flags of a vLLM worker; the engine's own flags are vLLM's."""
 
     model: str | None = Field(

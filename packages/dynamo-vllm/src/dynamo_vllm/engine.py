@@ -292,6 +292,7 @@ async def start_role(
         context_length=engine.context_length,
         kv_block_size=engine.block_size,
         migration_limit=config.migration_limit,
+        parsers=config.parser_spec(),
     )
     log.info(
         "vllm %s %s: model %s, context length %d, KV block size %d",

@@ -29,6 +29,7 @@ import msgspec
 
 from dynamo_core.args import DEFAULT_MIGRATION_LIMIT
 from dynamo_core.errors import ConfigError
+from dynamo_core.llm.parsers import ParserSpec
 
 if TYPE_CHECKING:
     from dynamo_core.runtime import DistributedRuntime, Endpoint
@@ -82,6 +83,14 @@ class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
     aliases: list[str] = msgspec.field(default_factory=list)
     """Other names clients may send for this model: the path the worker was started with (as
     given and resolved), so a request naming it is served. `/v1/models` lists `name` only."""
+    tool_call_parser: str | None = None
+    """The worker's `--dyn-tool-call-parser`: how the frontend finds tool calls in the output."""
+    reasoning_parser: str | None = None
+    """The worker's `--dyn-reasoning-parser`: how the frontend splits reasoning from content."""
+
+    def parser_spec(self) -> ParserSpec:
+        """The card's parsers (a `ConfigError` names a parser this frontend does not know)."""
+        return ParserSpec(self.tool_call_parser, self.reasoning_parser)
 
     def encode(self) -> bytes:
         return msgspec.json.encode(self)
@@ -161,12 +170,14 @@ async def register_model(
     migration_limit: int = DEFAULT_MIGRATION_LIMIT,
     extra: dict[str, object] | None = None,
     aliases: list[str] | None = None,
+    parsers: ParserSpec | None = None,
 ) -> ModelCard:
     """Publish a `ModelCard` for `endpoint`, for as long as the endpoint is served.
 
     `context_length` defaults to the model's config; engines pass their real limit. The model
     is served as `model_name` (default: the folder's name) and also answers to `model_path`
     (as given and resolved) and `aliases` (e.g. the `--model` text an engine was started with).
+    `parsers`: the worker's tool-call and reasoning parsers (`ParserFlags.parser_spec()`).
     """
     path, config_length, files = await asyncio.to_thread(_inspect_model_path, model_path)
     runtime = endpoint.runtime
@@ -183,6 +194,8 @@ async def register_model(
         instance_id=runtime.instance_id,
         files={name: _digest(data) for name, data in files.items()},
         extra=extra or {},
+        tool_call_parser=parsers.tool_call_parser if parsers else None,
+        reasoning_parser=parsers.reasoning_parser if parsers else None,
     )
     await _serve_files(endpoint, card.name, files)
     await endpoint.register(

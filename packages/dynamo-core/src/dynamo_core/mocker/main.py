@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 from pydantic import Field
 
-from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, migration_limit_field
+from dynamo_core.args import (
+    DynFlexibleArgumentParser,
+    ParsedArgs,
+    ParserFlags,
+    migration_limit_field,
+)
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import (
@@ -57,7 +62,7 @@ __all__ = [
 DisaggregationMode = Literal["agg", "prefill", "decode"]
 
 
-class MockerConfig(RuntimeConfig):
+class MockerConfig(RuntimeConfig, ParserFlags):
     """The mocker's flags (NVIDIA Dynamo's mocker and vLLM's names where they exist)."""
 
     model_path: Path = Field(
@@ -262,6 +267,7 @@ async def start_mocker(runtime: DistributedRuntime, config: MockerConfig) -> Moc
         context_length=context_length,
         kv_block_size=config.block_size,
         migration_limit=config.migration_limit,
+        parsers=config.parser_spec(),
     )
     logging.getLogger(f"dynamo.mocker.{name}").info(
         "mocker %s: %s mode, model %s, %d blocks of %d tokens, speedup x%g",
