@@ -37,6 +37,7 @@ __all__ = [
     "InstanceNotFoundError",
     "InvalidRequestError",
     "NoInstancesError",
+    "NotResumableError",
     "OverloadedError",
     "PortInUseError",
     "ProtocolError",
@@ -139,6 +140,14 @@ class DrainingError(DynamoError):
 
     Nothing was generated, so the caller sends the request to another instance at once (the
     frontend does, without counting it as a migration)."""
+
+    http_status = 503
+
+
+class NotResumableError(DynamoError):
+    """A stream broke after part of its answer reached the client, and the answer cannot be
+    continued on another instance (a structured-output constraint would start again from its
+    beginning there). Nothing is wrong with the request: sending it again succeeds."""
 
     http_status = 503
 

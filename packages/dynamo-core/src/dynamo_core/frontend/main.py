@@ -13,7 +13,7 @@ import sys
 
 from pydantic import Field
 
-from dynamo_core.args import DEFAULT_MIGRATION_LIMIT, DynFlexibleArgumentParser
+from dynamo_core.args import DEFAULT_MIGRATION_LIMIT, DynFlexibleArgumentParser, ParserFlags
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.http import HttpLimits
 from dynamo_core.router.config import RouterConfig
@@ -24,8 +24,9 @@ __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
 log = logging.getLogger("dynamo.frontend")
 
 
-class FrontendConfig(RouterConfig, RuntimeConfig):
-    """The frontend's flags: the runtime's, the router's (`RouterConfig`), then its own."""
+class FrontendConfig(RouterConfig, RuntimeConfig, ParserFlags):
+    """The frontend's flags: the runtime's, the router's (`RouterConfig`), the output parsers'
+    overrides (`ParserFlags`), then its own."""
 
     http_host: str = Field("0.0.0.0", description="Address the HTTP server listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
@@ -55,6 +56,17 @@ class FrontendConfig(RouterConfig, RuntimeConfig):
     http_idle_timeout: float = Field(
         60.0, gt=0, description="Seconds a kept-alive connection may wait for its next request."
     )
+    responses_max_stored: int = Field(
+        1024,
+        ge=0,
+        description="Responses (/v1/responses) kept in memory for previous_response_id and "
+        "GET /v1/responses/{id}; the least recently used go first (0: none kept).",
+    )
+    responses_max_stored_bytes: int = Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="Bytes the stored responses may take in all (each keeps its conversation).",
+    )
     http_max_connections: int = Field(
         8192,
         gt=0,
@@ -80,6 +92,7 @@ def build_parser() -> DynFlexibleArgumentParser[FrontendConfig]:
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
     from dynamo_core._memory import return_large_blocks
+    from dynamo_core.frontend.responses import ResponseStore
     from dynamo_core.frontend.service import OpenAIService
     from dynamo_core.http import raise_open_file_limit, serve_http
 
@@ -91,6 +104,11 @@ async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
         namespace=config.namespace,
         router=config.router_settings(),
         migration_limit=config.migration_limit,
+        tool_call_parser=config.dyn_tool_call_parser,
+        reasoning_parser=config.dyn_reasoning_parser,
+        responses_store=ResponseStore(
+            config.responses_max_stored, config.responses_max_stored_bytes
+        ),
     )
     await service.start()
     server = await serve_http(

@@ -64,6 +64,20 @@ class FrontendMetrics:
             registry=r,
         )
 
+        self.tool_calls = Counter(
+            p + "tool_calls",
+            "Tool calls parsed from models' output, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.structured_requests = Counter(
+            p + "structured_output_requests",
+            "Requests whose output is constrained, by model and kind (json, json_object, "
+            "regex, choice, grammar; tool_choice: a forced tool call).",
+            ["model", "kind"],
+            registry=r,
+        )
+
     def ended(
         self,
         model: str,

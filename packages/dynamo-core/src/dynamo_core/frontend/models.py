@@ -21,6 +21,7 @@ import msgspec
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.chat_template import ChatTemplate
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard, fetch_model_files
+from dynamo_core.llm.parsers import ParserSpec
 from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.router import LocalRouter, Router, RouterConfig, make_policy, make_router
 
@@ -57,6 +58,8 @@ class ModelEntry:
     client: Client
     card_instances: set[int] = field(default_factory=set)
     created: int = 0
+    #: the parsers of its output: its card's, or the frontend's overrides
+    parsers: ParserSpec = field(default_factory=ParserSpec)
     #: the model's routing and admission (set by `ModelManager` when the entry is made)
     router: Router = field(init=False)
 
@@ -70,9 +73,18 @@ class ModelEntry:
 
 class ModelManager:
     def __init__(
-        self, runtime: DistributedRuntime, namespace: str, router: RouterConfig | None = None
+        self,
+        runtime: DistributedRuntime,
+        namespace: str,
+        router: RouterConfig | None = None,
+        *,
+        tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
+        """`tool_call_parser`, `reasoning_parser`: the frontend's overrides of every card's
+        (None: the card's; ``none``: no parser)."""
         self.runtime = runtime
+        self.parser_overrides = (tool_call_parser, reasoning_parser)
         self.namespace = namespace
         self.router = router or RouterConfig()
         self.models: dict[str, ModelEntry] = {}
@@ -210,6 +222,7 @@ class ModelManager:
             client=client,
             card_instances=instances,
             created=int(time.time()),
+            parsers=self._parsers_for(card),
         )
         entry.router = await make_router(
             self.router,
@@ -224,6 +237,29 @@ class ModelManager:
         log.info("model %s added (endpoint %s)", card.name, card.endpoint)
         client.on_change(self._notify)
         self._notify()
+
+    def _parsers_for(self, card: ModelCard) -> ParserSpec:
+        """The card's parsers, overridden by the frontend's flags. A name this frontend does
+        not know (a newer worker's) is logged, and that parser is off."""
+        names = [
+            card_name if override is None else (None if override == "none" else override)
+            for card_name, override in zip(
+                (card.tool_call_parser, card.reasoning_parser), self.parser_overrides, strict=True
+            )
+        ]
+        try:
+            spec = ParserSpec(*names)
+        except ConfigError as exc:
+            log.warning("model %s: %s; its output is not parsed", card.name, exc)
+            return ParserSpec()
+        if spec.tool_call_parser or spec.reasoning_parser:
+            log.info(
+                "model %s: tool-call parser %s, reasoning parser %s",
+                card.name,
+                spec.tool_call_parser,
+                spec.reasoning_parser,
+            )
+        return spec
 
     def _notify(self) -> None:
         self._changed.set()

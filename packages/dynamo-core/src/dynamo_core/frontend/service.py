@@ -16,6 +16,12 @@ become proper HTTP errors; later failures end the stream with an error event.
 Streaming cost per token is a dict lookup, an incremental detokenizer step and one bytes join:
 items that arrive together (the request plane batches them) leave in one SSE write.
 
+What the output goes through is decided once per request (`frontend.structured.plan_chat`): a
+structured-output constraint for the engine, and the model's tool-call/reasoning parser (or a
+forced-call parser) per choice; a request that needs none pays nothing for them. `n` choices are
+`n` engine requests whose batches interleave (`frontend.choices`). Chat Completions, Completions
+and the Responses API (`frontend.responses`) share this path; they differ in their formatter.
+
 Off the happy path (ARCHITECTURE.md, "Off the happy path"):
 
 - *Migration*: when the worker's stream breaks mid-way (it died, stopped answering heartbeats,
@@ -40,28 +46,41 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote
 
 import msgspec
 
 from dynamo_core import errors
 from dynamo_core._memory import Trimmer
 from dynamo_core.args import DEFAULT_MIGRATION_LIMIT
+from dynamo_core.frontend.choices import RESTART, Batches, ChoiceOutput, Merged, Single
+from dynamo_core.frontend.messages import check_messages
 from dynamo_core.frontend.metrics import FrontendMetrics
 from dynamo_core.frontend.models import ModelEntry, ModelManager, PrefillPool
 from dynamo_core.frontend.openai import (
     ChatCompletionRequest,
     ChatStreamFormatter,
+    ChoiceResult,
     CompletionRequest,
     CompletionStreamFormatter,
+    ParamError,
     error_body,
-    finish_reason_for,
+    param_of,
     usage_dict,
 )
+from dynamo_core.frontend.responses import (
+    ResponseNotFoundError,
+    ResponsesFormatter,
+    ResponsesRequest,
+    ResponseStore,
+    prepare_responses,
+)
+from dynamo_core.frontend.structured import NO_PLAN, OutputPlan, plan_chat, plan_completion
 from dynamo_core.http import Final, Request, Response, StreamingResponse
-from dynamo_core.llm.detokenizer import IncrementalDetokenizer, LogprobTokens, StopStringMatcher
+from dynamo_core.llm.parsers import Event
 from dynamo_core.llm.protocol import (
     OutputOptions,
     PreprocessedRequest,
@@ -76,7 +95,6 @@ __all__ = ["OpenAIService"]
 
 log = logging.getLogger("dynamo.frontend")
 
-_DONE = b"data: [DONE]\n\n"
 #: A worker's stream ended by one of these can be continued (or, if nothing came yet, retried)
 #: on another instance.
 _MIGRATABLE = (
@@ -91,8 +109,8 @@ _MIGRATABLE = (
 #: Failures of the request plane: the message names internal hosts and ports, for the log only.
 _INTERNAL = (*_MIGRATABLE, errors.BackendUnavailableError)
 _UNAVAILABLE = "no worker could serve the request right now; try again"
-Batches = AsyncGenerator[list[dict[str, Any]], None]
 _Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
+_Input = TypeVar("_Input")
 _Prepared = TypeVar("_Prepared")
 #: Requests with a body larger than this are templated and tokenized in the preprocessing pool
 #: (a thread hop costs about what tokenizing this much text does).
@@ -119,182 +137,24 @@ def _public(exc: errors.DynamoError) -> tuple[int, str, str]:
     return status, kind, str(exc)
 
 
+_ID_PREFIXES = ("/v1/models/", "/v1/responses/")
+
+
+def _split_id(path: str) -> tuple[str, str]:
+    """``("/v1/models/", "org/model")`` for ``/v1/models/org%2Fmodel``; ``("", "")`` for a path
+    that names no object."""
+    for prefix in _ID_PREFIXES:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return prefix, unquote(path[len(prefix) :])
+    return "", ""
+
+
 def _error_for(exc: errors.DynamoError, request_id: str) -> Response:
     """The error response for `exc`; what the client is not shown is logged."""
     status, kind, message = _public(exc)
     if message != str(exc):
         log.warning("request %s failed: %s", request_id, exc)
     return _error(status, message, kind)
-
-
-#: Prompt ids the detokenizer keeps as left context for the first generated ones.
-_PROMPT_CONTEXT = 6
-
-
-class _Output:
-    """Turns engine output maps into text and log-probabilities, applying stop strings.
-
-    `feed` sets `kept`, how many of the item's tokens belong to the output: a stop string ends
-    it after the token that completes the stop string (vLLM's rule), also when that token came
-    with others in one engine output; the tokens after it are neither counted nor shown.
-    """
-
-    __slots__ = (
-        "cached",
-        "completion_tokens",
-        "detok",
-        "finish",
-        "kept",
-        "logprobs_wanted",
-        "lp_tokens",
-        "matcher",
-        "min_tokens",
-        "text_offset",
-    )
-
-    def __init__(
-        self,
-        entry: ModelEntry,
-        stops: list[str],
-        logprobs: int | None,
-        *,
-        prompt: list[int] | None = None,
-        min_tokens: int = 0,
-        text_offset: int = 0,
-    ) -> None:
-        self.detok = IncrementalDetokenizer(
-            entry.tokenizer,
-            skip_special_tokens=True,
-            prompt_tail=prompt[-_PROMPT_CONTEXT:] if prompt else None,
-        )
-        self.matcher = StopStringMatcher(stops) if stops else None
-        self.min_tokens = min_tokens
-        self.logprobs_wanted = logprobs
-        self.lp_tokens = LogprobTokens(entry.tokenizer) if logprobs is not None else None
-        self.text_offset = text_offset
-        """Completions: where the next token's text starts in the choice's text (echo first)."""
-        self.completion_tokens = 0
-        self.kept = 0
-        self.finish: str | None = None
-        self.cached: int | None = None
-
-    def feed(self, item: dict[str, Any]) -> str:
-        """The text `item` adds; sets `kept`, and `finish` when the sequence ends.
-
-        Text still held back at the end (part of a character) is dropped, as vLLM drops it.
-        """
-        ids = item.get("token_ids") or ()
-        self.kept = len(ids)
-        matcher = self.matcher
-        if matcher is None:
-            text = self.detok.push(ids) if ids else ""
-        else:
-            text = self._feed_stops(matcher, ids)
-        self.completion_tokens += self.kept
-        usage = item.get("usage")
-        if usage:
-            self.cached = usage.get("cached_tokens")
-        if self.finish is not None:
-            return text
-        reason = item.get("finish_reason")
-        if reason is not None:
-            if reason == "error":
-                raise errors.EngineError(item.get("error") or "the engine failed")
-            if matcher is not None:
-                text += matcher.flush()
-            self.finish = finish_reason_for(reason) or "stop"
-        return text
-
-    def _feed_stops(self, matcher: StopStringMatcher, ids: Any) -> str:
-        """Token by token, so that a stop string is cut after the token that completes it."""
-        parts = []
-        for i, token in enumerate(ids):
-            counted = self.completion_tokens + i + 1
-            text, hit = matcher.feed(self.detok.push((token,)), counted > self.min_tokens)
-            parts.append(text)
-            if hit:
-                self.kept = i + 1
-                self.finish = "stop"
-                break
-        return "".join(parts)
-
-    def chat_logprobs(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        """The `logprobs.content` entries of the item's kept tokens."""
-        texts = self.lp_tokens
-        assert texts is not None
-        top_n = self.logprobs_wanted or 0
-        content = []
-        for token, lp, top in self._positions(item):
-            text, raw = texts.entry(token)
-            alternatives = []
-            for alt, alt_lp in top[:top_n]:
-                alt_text, alt_raw = texts.entry(alt)
-                alternatives.append(
-                    {"token": alt_text, "logprob": _clamp(alt_lp), "bytes": list(alt_raw)}
-                )
-            content.append(
-                {
-                    "token": text,
-                    "logprob": _clamp(lp),
-                    "bytes": list(raw),
-                    "top_logprobs": alternatives,
-                }
-            )
-            texts.advance(token)
-        return content
-
-    def completion_logprobs(self, item: dict[str, Any]) -> dict[str, list[Any]]:
-        """The completions `logprobs` lists of the item's kept tokens.
-
-        `top_logprobs` holds the chosen token first, then the most likely others, up to
-        `logprobs` + 1 entries (OpenAI's and vLLM's rule); `text_offset` is where each token's
-        text starts in the choice's text (the sum of the token strings before it, as vLLM
-        counts). With `echo` the prompt's tokens get no entries (vLLM adds them from prompt
-        log-probabilities, which the wire does not carry yet): offsets start after the prompt.
-        """
-        texts = self.lp_tokens
-        assert texts is not None
-        top_n = self.logprobs_wanted or 0
-        tokens: list[str] = []
-        values: list[float] = []
-        tops: list[dict[str, float]] = []
-        offsets: list[int] = []
-        for token, lp, top in self._positions(item):
-            text, _ = texts.entry(token)
-            shown = {text: _clamp(lp)}
-            ids = [token]
-            for alt, alt_lp in top:
-                if len(ids) > top_n:
-                    break
-                if alt == token:
-                    shown[text] = _clamp(alt_lp)
-                    continue
-                ids.append(alt)
-                shown[texts.entry(alt)[0]] = _clamp(alt_lp)
-            tokens.append(text)
-            values.append(_clamp(lp))
-            tops.append(shown)
-            offsets.append(self.text_offset)
-            self.text_offset += len(text)
-            texts.advance(token)
-        return {
-            "tokens": tokens,
-            "token_logprobs": values,
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
-
-    def _positions(self, item: dict[str, Any]) -> Any:
-        ids = (item.get("token_ids") or ())[: self.kept]
-        lps = item.get("log_probs") or ()
-        tops = item.get("top_logprobs") or ()
-        for i, (token, lp) in enumerate(zip(ids, lps, strict=False)):
-            yield token, lp, tops[i] if i < len(tops) else ()
-
-
-def _clamp(logprob: float) -> float:
-    """-inf is not JSON: OpenAI and vLLM send -9999.0."""
-    return logprob if logprob > -9999.0 else -9999.0
 
 
 class OpenAIService:
@@ -306,11 +166,24 @@ class OpenAIService:
         router: RouterConfig | None = None,
         migration_limit: int = DEFAULT_MIGRATION_LIMIT,
         metrics: FrontendMetrics | None = None,
+        tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
+        responses_store: ResponseStore | None = None,
     ) -> None:
+        """`tool_call_parser`, `reasoning_parser`: override every model card's (``none``: no
+        parsing; None: each card's own). `responses_store`: where `/v1/responses` keeps
+        responses for `previous_response_id` (default: 1024 responses, 64 MiB)."""
         self.runtime = runtime
-        self.models = ModelManager(runtime, namespace, router)
+        self.models = ModelManager(
+            runtime,
+            namespace,
+            router,
+            tool_call_parser=tool_call_parser,
+            reasoning_parser=reasoning_parser,
+        )
         self.migration_limit = migration_limit
         self.metrics = metrics or FrontendMetrics()
+        self.responses_store = ResponseStore() if responses_store is None else responses_store
         # large prompts are prepared here, off the event loop; the work per request is bounded
         # by the model's context length (`Tokenizer.encode_within`)
         self._preprocess = ThreadPoolExecutor(
@@ -320,13 +193,20 @@ class OpenAIService:
         self._routes = {
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
+            ("POST", "/v1/responses"): self.responses,
             ("GET", "/v1/models"): self.list_models,
             ("GET", "/health"): self.health,
             ("GET", "/live"): self.live,
             ("GET", "/metrics"): self.prometheus,
         }
+        #: routes whose path ends with an id: (method, prefix) -> handler(request, id)
+        self._id_routes: dict[tuple[str, str], Callable[[Request, str], Awaitable[Response]]] = {
+            ("GET", "/v1/models/"): self.retrieve_model,
+            ("GET", "/v1/responses/"): self.retrieve_response,
+            ("DELETE", "/v1/responses/"): self.delete_response,
+        }
         methods: dict[str, list[str]] = {}
-        for m, path in self._routes:
+        for m, path in [*self._routes, *self._id_routes]:
             methods.setdefault(path, []).extend([m, "HEAD"] if m == "GET" else [m])
         self._allowed = {path: ", ".join(ms) for path, ms in methods.items()}
 
@@ -343,7 +223,12 @@ class OpenAIService:
         route = self._routes.get((method, path))
         if route is not None:
             return await route(request)
-        allowed = self._allowed.get(path)
+        prefix, ident = _split_id(path)
+        if prefix:
+            id_route = self._id_routes.get((method, prefix))
+            if id_route is not None:
+                return await id_route(request, ident)
+        allowed = self._allowed.get(prefix or path)
         if allowed is not None:
             response = _error(
                 405, f"{request.method} is not allowed on {request.path}", "invalid_request_error"
@@ -360,6 +245,27 @@ class OpenAIService:
             for m in self.models.listed()
         ]
         return Response(msgspec.json.encode({"object": "list", "data": data}))
+
+    async def retrieve_model(self, request: Request, model: str) -> Response:
+        entry = self.models.get(model)
+        if entry is None or not entry.live_instances():
+            return _error(
+                404,
+                f"The model '{model}' does not exist",
+                "invalid_request_error",
+                "model_not_found",
+                "model",
+            )
+        return Response(
+            msgspec.json.encode(
+                {
+                    "id": entry.name,
+                    "object": "model",
+                    "created": entry.created,
+                    "owned_by": "dynamo",
+                }
+            )
+        )
 
     async def health(self, request: Request) -> Response:
         models = self.models.listed()
@@ -386,11 +292,13 @@ class OpenAIService:
         body = _decode(request.body, kind)
         if isinstance(body, Response):
             return body
+        try:
+            body.check_unsupported()
+        except ParamError as exc:
+            return _param_error(exc)
         entry = self.models.get(body.model)
         if entry is None:
             return _model_not_found(body.model, self.models.retired)
-        if (body.n or 1) > 1:
-            return _error(400, "n > 1 is not supported", "invalid_request_error", param="n")
         return body, entry
 
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
@@ -398,32 +306,76 @@ class OpenAIService:
         if isinstance(checked, Response):
             return checked
         body, entry = checked
+        try:
+            check_messages(body.messages)
+            plan = plan_chat(body, entry.parsers)
+        except ParamError as exc:
+            return _param_error(exc)
         token_ids = await self._off_loop_if_large(request, _chat_prompt, entry, body)
         if isinstance(token_ids, Response):
             return token_ids
-        return await self._generate(
-            entry, body, token_ids, ChatStreamFormatter(body.model), "chat_completions"
-        )
+        fmt = ChatStreamFormatter(body.model, body.choices())
+        return await self._generate(entry, body, token_ids, fmt, "chat_completions", plan)
 
     async def completions(self, request: Request) -> Response | StreamingResponse:
         checked = self._check(request, CompletionRequest)
         if isinstance(checked, Response):
             return checked
         body, entry = checked
+        try:
+            plan = plan_completion(body)
+        except ParamError as exc:
+            return _param_error(exc)
         prepared = await self._off_loop_if_large(request, _completion_prompt, entry, body)
         if isinstance(prepared, Response):
             return prepared
         token_ids, echo = prepared
-        return await self._generate(
-            entry, body, token_ids, CompletionStreamFormatter(body.model, echo), "completions"
+        fmt = CompletionStreamFormatter(body.model, echo, body.choices())
+        return await self._generate(entry, body, token_ids, fmt, "completions", plan)
+
+    # -- the Responses API --------------------------------------------------------------
+
+    async def responses(self, request: Request) -> Response | StreamingResponse:
+        body = _decode(request.body, ResponsesRequest)
+        if isinstance(body, Response):
+            return body
+        entry = self.models.get(body.model)
+        if entry is None:
+            return _model_not_found(body.model, self.models.retired)
+        try:
+            call = prepare_responses(body, entry.parsers, self.responses_store)
+        except ParamError as exc:
+            return _param_error(exc)
+        except ResponseNotFoundError as exc:
+            return _error(
+                404, str(exc), "invalid_request_error", "previous_response_not_found",
+                "previous_response_id",
+            )  # fmt: skip
+        token_ids = await self._off_loop_if_large(request, _responses_prompt, entry, call)
+        if isinstance(token_ids, Response):
+            return token_ids
+        fmt = ResponsesFormatter(body, call, self.responses_store)
+        return await self._generate(entry, body, token_ids, fmt, "responses", call.plan)
+
+    async def retrieve_response(self, request: Request, response_id: str) -> Response:
+        stored = self.responses_store.response(response_id)
+        if stored is None:
+            return _response_not_found(response_id)
+        return Response(stored)
+
+    async def delete_response(self, request: Request, response_id: str) -> Response:
+        if not self.responses_store.delete(response_id):
+            return _response_not_found(response_id)
+        return Response(
+            msgspec.json.encode({"id": response_id, "object": "response", "deleted": True})
         )
 
     async def _off_loop_if_large(
         self,
         request: Request,
-        prepare: Callable[[ModelEntry, _Body], _Prepared],
+        prepare: Callable[[ModelEntry, _Input], _Prepared],
         entry: ModelEntry,
-        body: _Body,
+        body: _Input,
     ) -> _Prepared:
         """`prepare(entry, body)`: inline for a small request, in the preprocessing pool for a
         large one, so that templating and tokenizing a long prompt never stalls the loop."""
@@ -433,7 +385,7 @@ class OpenAIService:
         return await loop.run_in_executor(self._preprocess, self._prepare, prepare, entry, body)
 
     def _prepare(
-        self, prepare: Callable[[ModelEntry, _Body], _Prepared], entry: ModelEntry, body: _Body
+        self, prepare: Callable[[ModelEntry, _Input], _Prepared], entry: ModelEntry, body: _Input
     ) -> _Prepared:
         """In the preprocessing pool: `prepare`, then give its memory back after a burst."""
         self._trimmer.started()
@@ -445,10 +397,11 @@ class OpenAIService:
     async def _generate(
         self,
         entry: ModelEntry,
-        body: ChatCompletionRequest | CompletionRequest,
+        body: _Sampled,
         token_ids: list[int],
-        fmt: ChatStreamFormatter | CompletionStreamFormatter,
+        fmt: _Format,
         endpoint: str,
+        plan: OutputPlan = NO_PLAN,
     ) -> Response | StreamingResponse:
         t0 = time.monotonic()
         context_length = entry.card.context_length
@@ -461,49 +414,67 @@ class OpenAIService:
             return _context_error(context_length, prompt_len, max_tokens)
         logprobs = body.logprobs_count()
         preq = _preprocessed(entry, body, token_ids, max_tokens, logprobs, fmt.id)
+        if plan.guided is not None:
+            preq = msgspec.structs.replace(preq, guided_decoding=plan.guided)
+        n = body.choices()
         model = entry.name
+        kind = "stream" if body.stream else "unary"
         try:
-            await entry.router.admit()
+            await entry.router.admit()  # once per request: its choices go together
         except errors.OverloadedError as exc:
-            kind = "stream" if body.stream else "unary"
             self.metrics.requests.labels(model, endpoint, kind, "overloaded").inc()
             return _overloaded(exc)
-        ctx = Context(fmt.id)
-        batches = self._engine_batches(entry, preq, ctx)
+        restartable = not body.stream
+        gens = [
+            self._engine_batches(entry, _choice_request(preq, i, n), Context(_choice_id(fmt.id, i, n)), restartable)
+            for i in range(n)
+        ]  # fmt: skip
         try:
-            first = await batches.__anext__()
-        except StopAsyncIteration:
-            first = []
+            firsts = await _first_batches(gens)
         except errors.DynamoError as exc:
-            await batches.aclose()
-            self.metrics.requests.labels(
-                model, endpoint, "stream" if body.stream else "unary", "error"
-            ).inc()
+            self.metrics.requests.labels(model, endpoint, kind, "error").inc()
             return _error_for(exc, fmt.id)
-        out = _Output(
-            entry,
-            body.stop_strings(),
-            logprobs,
-            prompt=token_ids,
-            min_tokens=body.extension("min_tokens") or 0,
-            text_offset=len(fmt.echo) if isinstance(fmt, CompletionStreamFormatter) else 0,
-        )
-        self.metrics.input_tokens.labels(model).observe(prompt_len)
-        if body.stream:
-            stream = self._sse(
-                entry, fmt, out, first, batches, body.include_usage(), prompt_len, t0, endpoint
+        source = Single(gens[0], firsts[0]) if n == 1 else Merged(gens, firsts)
+
+        def output(index: int) -> ChoiceOutput:
+            return ChoiceOutput(
+                entry,
+                body.stop_strings(),
+                logprobs,
+                prompt=token_ids,
+                min_tokens=body.extension("min_tokens") or 0,
+                text_offset=len(fmt.echo) if isinstance(fmt, CompletionStreamFormatter) else 0,
+                index=index,
+                parser=plan.new_parser() if plan.new_parser is not None else None,
+                skip_special_tokens=plan.skip_special_tokens,
             )
+
+        m = self.metrics
+        m.input_tokens.labels(model).observe(prompt_len)
+        if plan.structured is not None:
+            m.structured_requests.labels(model, plan.structured).inc()
+        run = _Run(entry, fmt, source, output, prompt_len, t0, endpoint)
+        if body.stream:
+            stream = self._sse(run, body.include_usage())
             return StreamingResponse(stream, on_shutdown=lambda: _shutdown_event(fmt))
-        return await self._whole(entry, fmt, out, first, batches, prompt_len, t0, endpoint)
+        return await self._whole(run)
 
     async def _engine_batches(
-        self, entry: ModelEntry, preq: PreprocessedRequest, ctx: Context
+        self,
+        entry: ModelEntry,
+        preq: PreprocessedRequest,
+        ctx: Context,
+        restartable: bool = False,
     ) -> Batches:
         """Batches of engine output maps, moving to another instance if a worker breaks.
 
         A worker that fails before sending anything (it died, discovery has not noticed yet)
         is simply skipped: nothing reached the client. One that fails mid-stream is replaced
-        up to the migration limit, continuing from the tokens generated so far.
+        up to the migration limit, continuing from the tokens generated so far; except under
+        a structured-output constraint, which an engine would start again from its beginning
+        after the prefix (invalid JSON): a `restartable` (whole) request starts again from
+        scratch on another worker (`RESTART` tells the consumer), a stream fails with a
+        retryable `NotResumableError`.
         """
         limit = min(self.migration_limit, entry.card.migration_limit)
         request = preq
@@ -513,7 +484,7 @@ class OpenAIService:
             prefill = await _PrefillLeg.start(pool, preq, ctx)
             if prefill.params is not None:
                 request = preq.with_transfer(prefill.params)
-        decode = self._decode_batches(entry, request, preq, ctx, limit, prefill)
+        decode = self._decode_batches(entry, request, preq, ctx, limit, prefill, restartable)
         try:
             async for batch in decode:
                 yield batch
@@ -530,12 +501,18 @@ class OpenAIService:
         ctx: Context,
         limit: int,
         prefill: _PrefillLeg | None,
+        restartable: bool,
     ) -> Batches:
         exclude: list[int] = []
         generated: list[int] = []
         router = entry.router
         prompt = preq.token_ids
+        constrained = preq.guided_decoding is not None
+        restart = False
         while True:
+            if restart:
+                restart = False
+                yield RESTART
             try:
                 route = await router.route(prompt, entry.live_instances(), exclude, ctx.id)
             except errors.NoInstancesError:
@@ -579,6 +556,11 @@ class OpenAIService:
                         )
                         raise
                     limit -= 1
+                    if constrained:
+                        restart = self._restart_constrained(ctx, iid, exc, restartable)
+                        generated.clear()
+                        request = preq
+                        continue
                     log.warning(
                         "request %s: instance %x failed (%s); migrating with %d tokens generated",
                         ctx.id,
@@ -608,138 +590,311 @@ class OpenAIService:
                 if stream is not None:
                     stream.cancel()
 
-    async def _sse(
-        self,
-        entry: ModelEntry,
-        fmt: ChatStreamFormatter | CompletionStreamFormatter,
-        out: _Output,
-        first: list[dict[str, Any]],
-        batches: Batches,
-        include_usage: bool,
-        prompt_len: int,
-        t0: float,
-        endpoint: str,
-    ) -> AsyncIterator[bytes]:
+    @staticmethod
+    def _restart_constrained(
+        ctx: Context, iid: int, exc: errors.DynamoError, restartable: bool
+    ) -> bool:
+        """A constrained request's worker failed mid-way: True to start it again elsewhere; a
+        stream (part of its answer already sent) fails instead, with a retryable error."""
+        if not restartable:
+            log.warning(
+                "request %s: instance %x failed (%s) mid-way through a structured-output "
+                "stream, which cannot be continued elsewhere",
+                ctx.id,
+                iid,
+                exc,
+            )
+            raise errors.NotResumableError(
+                "the worker serving this structured-output stream failed after part of the "
+                "answer was sent, and a constrained answer cannot be continued on another "
+                "worker: retry the request"
+            ) from exc
+        log.warning(
+            "request %s: instance %x failed (%s) mid-way through a structured-output answer; "
+            "starting it again on another instance",
+            ctx.id,
+            iid,
+            exc,
+        )
+        return True
+
+    async def _sse(self, run: _Run, include_usage: bool) -> AsyncIterator[bytes]:
+        """The stream of one request: the choices' events as their batches arrive, each batch
+        of engine outputs in one write."""
+        entry, fmt, source = run.entry, run.fmt, run.source
         model = entry.name
         m = self.metrics
         m.inflight.labels(model).inc()
-        status = "success"
-        want_lp = out.logprobs_wanted is not None
-        is_chat = isinstance(fmt, ChatStreamFormatter)
+        status = "cancelled"  # until it ends, one way or the other
+        outs = run.outputs()
+        want_lp = outs[0].logprobs_wanted is not None
+        is_chat = not isinstance(fmt, CompletionStreamFormatter)
         first_token_at: float | None = None
-        last_at = t0
+        remaining = len(outs)
+        head = fmt.start()
+        parts = [head] if head else []
+        gen = source.gen if isinstance(source, Single) else None  # n = 1: no wrapper per batch
+        index, batch = source.first()
         try:
-            head = fmt.role()
-            batch: list[dict[str, Any]] | None = first
-            while batch is not None:
-                parts = [head] if head else []
-                head = b""
+            while True:
+                out = outs[index]
                 now = time.monotonic()
                 new_tokens = 0
-                for item in batch:
+                if batch is None:  # the worker ended without a finish reason
+                    out.finish = "stop"
+                    if out.parser is not None:
+                        parts.append(fmt.events(out.events(""), index))
+                for item in batch or ():
                     text = out.feed(item)
                     new_tokens += out.kept
+                    lp: Any = None
                     if want_lp and out.kept:
-                        if is_chat:
-                            lp: Any = out.chat_logprobs(item)
-                        else:
-                            lp = out.completion_logprobs(item)
-                        parts.append(fmt.text_with_logprobs(text, lp))
+                        lp = out.chat_logprobs(item) if is_chat else out.completion_logprobs(item)
+                    if out.parser is not None:
+                        events = out.events(text)
+                        if events or lp is not None:
+                            parts.append(fmt.events(events, index, lp))
+                    elif lp is not None:
+                        parts.append(fmt.text_with_logprobs(text, lp, index))
                     elif text:
-                        parts.append(fmt.text(text))
+                        parts.append(fmt.text(text, index))
                     if out.finish is not None:
                         break
                 if new_tokens:
                     if first_token_at is None:
                         first_token_at = now
-                        m.ttft.labels(model).observe(now - t0)
+                        m.ttft.labels(model).observe(now - run.t0)
                     else:
-                        gap = (now - last_at) / new_tokens
+                        gap = (now - (out.last_at or first_token_at)) / new_tokens
                         itl = m.itl.labels(model)
                         for _ in range(new_tokens):
                             itl.observe(gap)
-                    last_at = now
+                    out.last_at = now
                 if out.finish is not None:
-                    parts.append(fmt.finish(out.finish))
-                    if include_usage:
-                        parts.append(
-                            fmt.usage(usage_dict(prompt_len, out.completion_tokens, out.cached))
-                        )
-                    parts.append(_DONE)
-                    yield Final(b"".join(parts))
-                    return
-                if parts:
+                    parts.append(fmt.finish(out.reason(), index))
+                    remaining -= 1
+                    if not remaining:
+                        break
+                    source.drop(index)
+                elif parts:
                     yield b"".join(parts)
-                batch = await anext(batches, None)
-            # the worker ended without a finish reason
-            yield Final(fmt.finish("stop") + _DONE)
+                    parts = []
+                if gen is not None:
+                    batch = await anext(gen, None)
+                else:
+                    index, batch = await source.next()
+            if include_usage:
+                parts.append(fmt.usage(run.usage(outs)))
+            parts.append(fmt.done)
+            status = "success"
+            yield Final(b"".join(parts))
         except errors.DynamoError as exc:
             status = "error"
             log.warning("request %s failed mid-stream: %s", fmt.id, exc)
             _, kind, message = _public(exc)
-            yield Final(fmt.error(message, kind) + _DONE)
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "cancelled"
-            raise
+            yield Final(fmt.error(message, kind) + fmt.done)
         finally:
-            await batches.aclose()
-            m.ended(model, endpoint, "stream", status, out.completion_tokens, t0)
+            await source.aclose()
+            run.ended(m, "stream", status, outs)
 
-    async def _whole(
+    async def _whole(self, run: _Run) -> Response:
+        """The whole response of one request, once every choice has finished."""
+        m = self.metrics
+        m.inflight.labels(run.entry.name).inc()
+        outs = run.outputs()
+        pieces: list[list[str]] = [[] for _ in outs]
+        logprobs: list[Any] = [_no_logprobs(run.fmt) for _ in outs]
+        want_lp = outs[0].logprobs_wanted is not None
+        is_chat = not isinstance(run.fmt, CompletionStreamFormatter)
+        status = "error"
+        source = run.source
+        try:
+            remaining = len(outs)
+            index, batch = source.first()
+            while True:
+                out = outs[index]
+                if batch is RESTART:  # the worker failed; it starts again on another one
+                    outs[index] = out = run.output(index)
+                    pieces[index] = []
+                    logprobs[index] = _no_logprobs(run.fmt)
+                if batch is None:
+                    out.finish = out.finish or "stop"
+                for item in batch or ():
+                    pieces[index].append(out.feed(item))
+                    if want_lp and out.kept:
+                        if is_chat:
+                            logprobs[index].extend(out.chat_logprobs(item))
+                        else:
+                            lp = out.completion_logprobs(item)
+                            for key, values in logprobs[index].items():
+                                values.extend(lp[key])
+                    if out.finish is not None:
+                        break
+                if out.finish is not None:
+                    remaining -= 1
+                    if not remaining:
+                        break
+                    source.drop(index)
+                index, batch = await source.next()
+            status = "success"
+        except errors.DynamoError as exc:
+            return _error_for(exc, run.fmt.id)
+        finally:
+            await source.aclose()
+            run.ended(m, "unary", status, outs)
+        results = []
+        for out, texts, lps in zip(outs, pieces, logprobs, strict=True):
+            parsed = out.parsed("".join(texts))
+            results.append(
+                ChoiceResult(
+                    index=out.index,
+                    text=parsed.content,
+                    finish_reason=out.reason(),
+                    logprobs=lps if want_lp else None,
+                    reasoning=parsed.reasoning,
+                    tool_calls=parsed.tool_calls,
+                )
+            )
+        run.count_calls(m, outs)
+        return Response(run.fmt.whole(results, run.usage(outs)))
+
+
+class _Sampled(Protocol):
+    """What `_generate` reads of a request (chat, completions or responses)."""
+
+    stream: bool | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    frequency_penalty: float | None
+    presence_penalty: float | None
+
+    def requested_max_tokens(self) -> int | None: ...
+
+    def logprobs_count(self) -> int | None: ...
+
+    def stop_strings(self) -> list[str]: ...
+
+    def extension(self, name: str) -> Any: ...
+
+    def include_usage(self) -> bool: ...
+
+    def choices(self) -> int: ...
+
+
+class _Format(Protocol):
+    """What the stream and the whole response write with (chat, completions, responses)."""
+
+    id: str
+    done: bytes
+
+    def start(self) -> bytes: ...
+
+    def text(self, text: str, i: int = 0) -> bytes: ...
+
+    def text_with_logprobs(self, text: str, logprobs: Any, i: int = 0) -> bytes: ...
+
+    def events(self, events: list[Event], i: int = 0, logprobs: Any = None) -> bytes: ...
+
+    def finish(self, reason: str, i: int = 0) -> bytes: ...
+
+    def usage(self, usage: dict[str, Any]) -> bytes: ...
+
+    def error(self, message: str, kind: str = ..., code: str | None = None) -> bytes: ...
+
+    def whole(self, choices: list[ChoiceResult], usage: dict[str, Any]) -> bytes: ...
+
+
+class _Run:
+    """One admitted request on its way out: its model, formatter, batches and timing."""
+
+    __slots__ = ("endpoint", "entry", "fmt", "output", "prompt_len", "source", "t0")
+
+    def __init__(
         self,
         entry: ModelEntry,
-        fmt: ChatStreamFormatter | CompletionStreamFormatter,
-        out: _Output,
-        first: list[dict[str, Any]],
-        batches: Batches,
+        fmt: _Format,
+        source: Single | Merged,
+        output: Callable[[int], ChoiceOutput],
         prompt_len: int,
         t0: float,
         endpoint: str,
-    ) -> Response:
-        model = entry.name
-        m = self.metrics
-        m.inflight.labels(model).inc()
-        pieces: list[str] = []
-        is_chat = isinstance(fmt, ChatStreamFormatter)
-        chat_lp: list[dict[str, Any]] = []
-        cmpl_lp: dict[str, list[Any]] = {
-            "tokens": [],
-            "token_logprobs": [],
-            "top_logprobs": [],
-            "text_offset": [],
-        }
-        want_lp = out.logprobs_wanted is not None
-        status = "success"
-        try:
-            batch: list[dict[str, Any]] | None = first
-            while batch is not None and out.finish is None:
-                for item in batch:
-                    pieces.append(out.feed(item))
-                    if want_lp and out.kept:
-                        if is_chat:
-                            chat_lp.extend(out.chat_logprobs(item))
-                        else:
-                            lp = out.completion_logprobs(item)
-                            for key in cmpl_lp:
-                                cmpl_lp[key].extend(lp[key])
-                    if out.finish is not None:
-                        break
-                if out.finish is None:
-                    batch = await anext(batches, None)
-        except errors.DynamoError as exc:
-            status = "error"
-            return _error_for(exc, fmt.id)
-        finally:
-            await batches.aclose()
-            m.ended(model, endpoint, "unary", status, out.completion_tokens, t0)
-        text = "".join(pieces)
-        usage = usage_dict(prompt_len, out.completion_tokens, out.cached)
-        reason = out.finish or "stop"
-        if is_chat:
-            body = fmt.whole(text, reason, usage, chat_lp if want_lp else None)  # type: ignore[arg-type]
-        else:
-            body = fmt.whole(text, reason, usage, cmpl_lp if want_lp else None)  # type: ignore[arg-type]
-        return Response(body)
+    ) -> None:
+        self.entry = entry
+        self.fmt = fmt
+        self.source = source
+        self.output = output
+        """A fresh `ChoiceOutput` for choice `i`."""
+        self.prompt_len = prompt_len
+        self.t0 = t0
+        self.endpoint = endpoint
+
+    def outputs(self) -> list[ChoiceOutput]:
+        n = getattr(self.fmt, "n", 1)
+        return [self.output(i) for i in range(n)]
+
+    def usage(self, outs: list[ChoiceOutput]) -> dict[str, Any]:
+        """The prompt once, the completions of every choice summed (OpenAI's rule for `n`)."""
+        completion = sum(out.completion_tokens for out in outs)
+        return usage_dict(self.prompt_len, completion, outs[0].cached)
+
+    def ended(self, m: FrontendMetrics, kind: str, status: str, outs: list[ChoiceOutput]) -> None:
+        tokens = sum(out.completion_tokens for out in outs)
+        m.ended(self.entry.name, self.endpoint, kind, status, tokens, self.t0)
+        if kind == "stream":
+            self.count_calls(m, outs)
+
+    def count_calls(self, m: FrontendMetrics, outs: list[ChoiceOutput]) -> None:
+        calls = sum(out.calls for out in outs)
+        if calls:
+            m.tool_calls.labels(self.entry.name).inc(calls)
+
+
+def _no_logprobs(fmt: _Format) -> Any:
+    """An empty collection of a choice's log-probabilities, as the format shows them."""
+    if isinstance(fmt, CompletionStreamFormatter):
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    return []
+
+
+async def _first_batches(gens: list[Batches]) -> list[list[dict[str, Any]]]:
+    """The first batch of every choice (awaited before any HTTP header goes out, so that an
+    error a worker reports at once becomes a proper HTTP error); on an error, every choice's
+    request is stopped."""
+
+    async def first(gen: Batches) -> list[dict[str, Any]]:
+        batch = await anext(gen, None)
+        return [] if batch is None else batch
+
+    try:
+        if len(gens) == 1:
+            batch = await anext(gens[0], None)
+            return [[] if batch is None else batch]
+        return list(await asyncio.gather(*(first(g) for g in gens)))
+    except BaseException:
+        for gen in gens:
+            await gen.aclose()
+        raise
+
+
+def _choice_request(preq: PreprocessedRequest, index: int, n: int) -> PreprocessedRequest:
+    """Choice `index` of `n`: its own request id and, with a seed, its own seed (seed +
+    index, so choice 0 is what the request with `n` = 1 gets)."""
+    if n == 1:
+        return preq
+    sampling = preq.sampling_options
+    if sampling.seed is not None:
+        seed = (sampling.seed + index + 2**63) % 2**64 - 2**63  # stays a signed 64-bit integer
+        sampling = msgspec.structs.replace(sampling, seed=seed)
+    return msgspec.structs.replace(
+        preq,
+        request_id=_choice_id(preq.request_id or "", index, n),
+        sampling_options=sampling,
+    )
+
+
+def _choice_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}-{index}"
 
 
 class _PrefillLeg:
@@ -818,10 +973,11 @@ class _PrefillLeg:
             self.task.cancel()
 
 
-def _shutdown_event(fmt: ChatStreamFormatter | CompletionStreamFormatter) -> bytes:
+def _shutdown_event(fmt: _Format) -> bytes:
     """How a stream ends when the frontend stops before it finished."""
     return (
-        fmt.error("the server is shutting down; retry the request", "service_unavailable") + _DONE
+        fmt.error("the server is shutting down; retry the request", "service_unavailable")
+        + fmt.done
     )
 
 
@@ -829,26 +985,37 @@ def _decode(body: bytes, kind: type[Any]) -> Any:
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        return _error(400, f"invalid request: {exc}", "invalid_request_error")
+        return _error(
+            400, f"invalid request: {exc}", "invalid_request_error", param=param_of(str(exc))
+        )
     except msgspec.DecodeError as exc:
         return _error(400, f"invalid JSON body: {exc}", "invalid_request_error")
 
 
-def _chat_prompt(entry: ModelEntry, body: ChatCompletionRequest) -> list[int] | Response:
+def _param_error(exc: ParamError) -> Response:
+    return _error(400, exc.message, "invalid_request_error", exc.code, exc.param)
+
+
+def _response_not_found(response_id: str) -> Response:
+    return _error(
+        404,
+        f"Response with id '{response_id}' not found.",
+        "invalid_request_error",
+        "response_not_found",
+    )
+
+
+def _render_prompt(
+    entry: ModelEntry,
+    messages: list[Any],
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any] | None,
+) -> list[int] | Response:
     """The prompt's token ids (template applied), or the error; work bounded by the context."""
-    if not body.messages:
-        return _error(400, "messages must not be empty", "invalid_request_error", param="messages")
-    for i, message in enumerate(body.messages):
-        if not isinstance(message.get("role"), str):
-            return _error(
-                400, f"messages[{i}] has no role", "invalid_request_error", param="messages"
-            )
+    messages = _developer_as_system(entry, messages)
     try:
         prompt = entry.template.render(
-            body.messages,
-            add_generation_prompt=True,
-            tools=body.tools,
-            **(body.chat_template_kwargs or {}),
+            messages, add_generation_prompt=True, tools=tools, **(template_kwargs or {})
         )
     except errors.InvalidRequestError as exc:
         return _error(400, str(exc), "invalid_request_error", param="messages")
@@ -857,6 +1024,25 @@ def _chat_prompt(entry: ModelEntry, body: ChatCompletionRequest) -> list[int] | 
     if not encoded.complete:
         return _context_error(context_length, len(encoded.ids), None, at_least=True)
     return encoded.ids
+
+
+def _developer_as_system(entry: ModelEntry, messages: list[Any]) -> list[Any]:
+    """OpenAI's `developer` role is the `system` role of models whose template does not know
+    it (most of them: their templates refuse a role they do not know)."""
+    if not any(m.get("role") == "developer" for m in messages):
+        return messages
+    template = entry.template
+    if "developer" in template.source or "developer" in (template.tool_use_source or ""):
+        return messages
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+
+
+def _chat_prompt(entry: ModelEntry, body: ChatCompletionRequest) -> list[int] | Response:
+    return _render_prompt(entry, body.messages, body.tool_dicts(), body.chat_template_kwargs)
+
+
+def _responses_prompt(entry: ModelEntry, call: Any) -> list[int] | Response:
+    return _render_prompt(entry, call.messages, call.template_tools, None)
 
 
 def _completion_prompt(
@@ -942,7 +1128,7 @@ def _context_error(
 
 def _preprocessed(
     entry: ModelEntry,
-    body: ChatCompletionRequest | CompletionRequest,
+    body: _Sampled,
     token_ids: list[int],
     max_tokens: int,
     logprobs: int | None,
