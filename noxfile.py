@@ -34,11 +34,13 @@ CORE = "packages/dynamo-core"
 TEST_DEPS = ["pytest>=8", "pytest-asyncio>=1.0", "pytest-timeout>=2.3"]
 # What the core tests compare against or drive: transformers' chat templates (no torch needed),
 # the real OpenAI client, hypothesis (the parsers' and the mocker's structured-output property
-# tests; fuzzing of the HTTP edge and the request plane), and jsonschema (structured output
-# validates; tests only).
+# tests; fuzzing of the HTTP edge and the request plane), jsonschema (structured output
+# validates; tests only) and langchain-openai (bind_tools / with_structured_output against the
+# frontend, offline).
 CORE_TEST_DEPS = [
     "transformers>=4.45",
-    "openai>=1.40",
+    "openai>=1.99",
+    "langchain-openai>=0.3",
     "httpx>=0.27",
     "hypothesis>=6.100",
     "jsonschema>=4.18",

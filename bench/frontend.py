@@ -3,6 +3,8 @@
     python bench/frontend.py                      # concurrency 1, 16, 64; keep-alive and new connections
     python bench/frontend.py --requests 2000 --concurrency 64 --no-new-connections
     python bench/frontend.py --aiperf             # also run aiperf at concurrency 1 (if installed)
+    python bench/frontend.py --dyn-tool-call-parser hermes --dyn-reasoning-parser qwen3 --tools
+                                                  # the cost of parsing the output (a tool in each request)
 
 Starts `python -m dynamo_core.mocker` (high speedup ratio, so the engine is not the bottleneck)
 and `python -m dynamo_core.frontend`, then drives them with a lean raw-socket HTTP client (so
@@ -98,18 +100,37 @@ async def one(
         writer.close()
 
 
+#: What `--tools` adds to each request (so that the tool-call parser runs on the output).
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
 async def run_load(
-    port: int, requests: int, concurrency: int, keep_alive: bool, prompt: str, max_tokens: int
+    port: int,
+    requests: int,
+    concurrency: int,
+    keep_alive: bool,
+    prompt: str,
+    max_tokens: int,
+    tools: bool = False,
 ) -> tuple[Result, float]:
-    body = json.dumps(
-        {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens,
-            "stream": True,
-            "ignore_eos": True,
-        }
-    ).encode()
+    request: dict[str, object] = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    if tools:
+        request["tools"] = TOOLS
+    body = json.dumps(request).encode()
     payload = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
         b"content-length: %d\r\n%b\r\n"
@@ -145,7 +166,14 @@ def main() -> None:
     parser.add_argument("--no-new-connections", action="store_true", help="keep-alive runs only")
     parser.add_argument("--speedup-ratio", type=float, default=10000.0)
     parser.add_argument("--aiperf", action="store_true", help="also run aiperf at concurrency 1")
+    parser.add_argument("--dyn-tool-call-parser", help="the mocker's tool-call parser")
+    parser.add_argument("--dyn-reasoning-parser", help="the mocker's reasoning parser")
+    parser.add_argument("--tools", action="store_true", help="a tool in every request")
     args = parser.parse_args()
+    parsers = []
+    for flag in ("dyn_tool_call_parser", "dyn_reasoning_parser"):
+        if getattr(args, flag):
+            parsers += ["--" + flag.replace("_", "-"), getattr(args, flag)]
 
     port = free_port()
     env = {
@@ -162,6 +190,7 @@ def main() -> None:
                 str(TINY),
                 "--speedup-ratio",
                 str(args.speedup_ratio),
+                *parsers,
             ],
             env=env,
         ) as mocker,
@@ -183,6 +212,8 @@ def main() -> None:
         run_uvloop(run_load(port, 50, 4, True, prompt, args.max_tokens))  # warm up
         print(
             f"cores: {os.cpu_count()}   prompt ~60 tokens, max_tokens {args.max_tokens}, ignore_eos"
+            + (f", parsers {' '.join(parsers)}" if parsers else "")
+            + (", tools" if args.tools else "")
         )
         header = (
             f"{'conn':<10}{'conc':>5}{'req/s':>9}{'tok/s':>10}{'ttft p50':>10}{'ttft p99':>10}"
@@ -193,7 +224,9 @@ def main() -> None:
             for conc in args.concurrency:
                 c0 = (cpu(fe), cpu(mk), cpu(me))
                 result, dt = run_uvloop(
-                    run_load(port, args.requests, conc, keep_alive, prompt, args.max_tokens)
+                    run_load(
+                        port, args.requests, conc, keep_alive, prompt, args.max_tokens, args.tools
+                    )
                 )
                 c1 = (cpu(fe), cpu(mk), cpu(me))
                 n = args.requests

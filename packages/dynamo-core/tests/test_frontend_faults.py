@@ -1,6 +1,7 @@
 """The frontend off the happy path, in one process: migration by default (streams and whole
 responses, token-exact), the limit a card may lower, what a client is shown when the request
-plane fails (never an internal address, never 401), and streams ended cleanly on shutdown."""
+plane fails (never an internal address, never 401), streams ended cleanly on shutdown, and
+structured-output answers never continued from a prefix."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ import pytest
 
 from dynamo_core.echo import EchoHandler
 from dynamo_core.frontend.service import OpenAIService
+from dynamo_core.handlers import BaseWorkerHandler
 from dynamo_core.http import HttpServer, serve_http
 from dynamo_core.llm import register_model
-from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
+from dynamo_core.runtime import Context, DistributedRuntime, RuntimeConfig
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 
 
-async def add_worker(runtime: DistributedRuntime, handler: EchoHandler, **card: Any) -> None:
+async def add_worker(runtime: DistributedRuntime, handler: BaseWorkerHandler, **card: Any) -> None:
     ep = runtime.namespace().component("backend").endpoint("generate")
     await register_model(ep, model_path=TINY, model_name="tiny", **card)
     await ep.start_serving(handler.generate)
@@ -148,6 +151,48 @@ async def test_a_migration_derives_from_the_request_no_worker_changed(namespace:
         await service.close()
 
 
+async def test_n_choices_each_migrate_on_their_own(namespace: str) -> None:
+    """n = 3 over two workers: the one that dies takes some choices with it; each moves to the
+    other worker and the stream ends with every choice whole."""
+    cfg = RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=0)
+    async with (
+        DistributedRuntime(cfg) as front,
+        DistributedRuntime(cfg) as a,
+        DistributedRuntime(cfg) as b,
+    ):
+        ha, hb = EchoHandler(delay=0.01), EchoHandler(delay=0.01)
+        await add_worker(a, ha)
+        await add_worker(b, hb)
+        service, server = await frontend(front, namespace, 2)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+        body: dict[str, Any] = {
+            "model": "tiny",
+            "messages": chat("the quick brown fox jumps over the lazy dog"),
+            "max_tokens": 30,
+            "extra_body": {"ignore_eos": True},
+        }
+        expected = (await client.chat.completions.create(**body)).choices[0].message.content
+        stream = await client.chat.completions.create(
+            **body, n=3, stream=True, stream_options={"include_usage": True}
+        )
+        texts = ["", "", ""]
+        killed = False
+        async for chunk in stream:
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+            if not killed and all(texts):
+                killed = True
+                await a.shutdown()  # a holds one or two of the choices
+        assert killed and texts == [expected] * 3
+        assert chunk.usage is not None and chunk.usage.completion_tokens == 90
+        assert ha.metrics.cancelled_total >= 1
+        await client.close()
+        await server.close()
+        await service.close()
+
+
 async def test_a_card_lowers_the_limit_and_the_error_names_no_address(namespace: str) -> None:
     """migration-limit 0 on the card: the stream fails (file + tcp: the failure is a broken
     connection, whose message names host:port), and the client sees a generic error event."""
@@ -244,3 +289,100 @@ async def test_shutdown_ends_open_streams_with_an_error_event_and_done(namespace
         assert len(errors) == 3 and data.count("[DONE]") == 3
         assert {e["type"] for e in errors} == {"service_unavailable"}
         await service.close()
+
+
+class RegrammarHandler(BaseWorkerHandler):
+    """An engine as real ones treat a structured-output constraint: the constrained answer
+    starts from its beginning on every request, whatever the prompt already holds (a grammar
+    is matched from the first generated token). The mocker continues token-exactly instead;
+    this is what vLLM, SGLang and TensorRT-LLM would do with a migration's continuation."""
+
+    def __init__(self, answer: list[int], die: asyncio.Event | None = None) -> None:
+        super().__init__(name="regrammar")
+        self.answer = answer
+        self.die = die
+        """Set after the fifth token: the test stops this worker's runtime then."""
+        self.requests: list[PreprocessedRequest] = []
+        self.release = asyncio.Event()
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        self.requests.append(request)
+        assert request.guided_decoding is not None
+        for i, token in enumerate(self.answer):
+            yield EngineOutput(token_ids=[token])
+            if i == 4 and self.die is not None:
+                self.die.set()
+                await self.release.wait()  # until the test has stopped this worker
+        yield EngineOutput(finish_reason="stop")
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+ANSWER = '{"city": "Paris, the capital of France"}'
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_a_constrained_answer_is_never_continued_on_another_worker(
+    namespace: str, stream: bool
+) -> None:
+    """A worker dies mid-way through a structured-output answer. Continuing elsewhere would
+    give the prefix plus a whole new answer (invalid JSON): a whole response starts again from
+    scratch on the other worker (the client gets one valid answer), a stream fails with a
+    retryable error (part of the answer was sent already)."""
+    from dynamo_core.llm.tokenizer import Tokenizer
+
+    answer = Tokenizer.from_dir(TINY).encode(ANSWER)
+    cfg = RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=0)
+    async with (
+        DistributedRuntime(cfg) as front,
+        DistributedRuntime(cfg) as a,
+        DistributedRuntime(cfg) as b,
+    ):
+        die = asyncio.Event()
+        ha, hb = RegrammarHandler(answer, die), RegrammarHandler(answer)
+        await add_worker(a, ha)
+        service, server = await frontend(front, namespace, 1)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+
+        async def kill_a() -> None:
+            """Five tokens into `a`'s answer: `b` joins, `a` dies."""
+            await die.wait()
+            await add_worker(b, hb)
+            async with asyncio.timeout(10):
+                while len(service.models.get("tiny").live_instances()) < 2:
+                    await service.models.wait_for_change()
+            await a.shutdown()
+            ha.release.set()
+
+        killer = asyncio.create_task(kill_a())
+        body: dict[str, Any] = {
+            "model": "tiny",
+            "messages": chat("where?"),
+            "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}},
+        }  # fmt: skip
+        try:
+            if stream:
+                chunks = await client.chat.completions.create(**body, stream=True)
+                text = ""
+                with pytest.raises(openai.APIError, match="retry the request"):
+                    async for chunk in chunks:
+                        text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+                assert ANSWER.startswith(text) and text != ANSWER  # only the first worker's part
+                assert hb.requests == []  # never continued elsewhere
+            else:
+                r = await client.chat.completions.create(**body)
+                assert r.choices[0].message.content == ANSWER  # once, valid
+                assert json.loads(ANSWER) == {"city": "Paris, the capital of France"}
+                [again] = hb.requests  # started from scratch on `b`: the original prompt
+                assert again.generated_tokens == 0
+                assert again.token_ids == ha.requests[0].token_ids
+                assert r.usage is not None and r.usage.completion_tokens == len(answer)
+            await killer
+        finally:
+            killer.cancel()
+            await client.close()
+            await server.close()
+            await service.close()

@@ -1,0 +1,242 @@
+"""Real clients against real processes: `python -m dynamo_core.frontend` and one mocker process
+per parser family (each started with its `--dyn-tool-call-parser` / `--dyn-reasoning-parser`
+and a `--reply-script` that makes it write that family's markup), driven by the `openai` SDK
+(`chat.completions.create(tools=...)` whole and streamed, `chat.completions.parse` with a
+pydantic model, `responses.create` / `responses.stream`, `models.retrieve`) and by
+langchain-openai (`bind_tools`, `with_structured_output`). Everything offline: the tiny model in
+examples/models, no hub, no tokenizer downloads."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pydantic
+import pytest
+
+from _families import CITY, FAMILIES, TOOL_FAMILIES, WEATHER_TOOL, Family
+from dynamo_core.testing.procs import run_python
+
+TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
+PLAIN = "tiny-plain"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A frontend and 11 mockers: one per tool-call family, one without parsers."""
+    folder = tmp_path_factory.mktemp("graph")
+    env = {
+        "DYN_FILE_KV": str(folder / "kv"),
+        "DYN_DISCOVERY_BACKEND": "file",
+        "DYN_REQUEST_PLANE": "tcp",
+        "DYN_NAMESPACE": "t" + uuid.uuid4().hex[:10],
+    }
+    mocker = ["-m", "dynamo_core.mocker", "--model-path", str(TINY), "--speedup-ratio", "100"]
+    port = free_port()
+    with ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                run_python([*mocker, "--model-name", PLAIN, "--component-name", "plain"], env=env)
+            )
+        ]
+        for name in TOOL_FAMILIES:
+            family = FAMILIES[name]
+            script = family.script(folder / f"{name}.json")
+            args = [*mocker, "--model-name", f"tiny-{name}", "--component-name", name]
+            args += ["--reply-script", str(script), *family.flags()]
+            procs.append(stack.enter_context(run_python(args, env=env)))
+        front = ["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", str(port)]
+        frontend = stack.enter_context(run_python(front, env=env))
+        for proc in procs:
+            proc.wait_for_line("/generate as instance", timeout=60)
+        frontend.wait_for_line("OpenAI API on", timeout=60)
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=5) as http:
+            wait_for_models(http, len(procs))
+        yield url
+
+
+def wait_for_models(http: httpx.Client, count: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while len(http.get("/v1/models").json()["data"]) < count:
+        assert time.monotonic() < deadline, http.get("/v1/models").json()
+        time.sleep(0.05)  # polling HTTP from outside: nothing to await on
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def user(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+# -- every family's tool calls and reasoning ----------------------------------------------------
+
+
+def check_call(family: Family, calls: list[tuple[str | None, str, str]]) -> None:
+    """calls: (id, name, arguments) as the client assembled them."""
+    assert [(name, json.loads(args)) for _, name, args in calls] == [("get_weather", CITY)]
+    ids = [cid for cid, _, _ in calls]
+    if family.call_ids:
+        assert ids == family.call_ids
+    else:
+        assert all(cid and len(cid) >= 9 for cid in ids), ids
+
+
+@pytest.mark.parametrize("name", TOOL_FAMILIES)
+def test_tool_calls_of_every_family_whole(client: openai.OpenAI, name: str) -> None:
+    family = FAMILIES[name]
+    r = client.chat.completions.create(
+        model=f"tiny-{name}", messages=user("weather in Paris?"), tools=[WEATHER_TOOL]
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    message = choice.message
+    assert (message.content or "") == family.call_content
+    assert (getattr(message, "reasoning_content", None) or "") == family.call_reasoning
+    check_call(family, [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()])  # type: ignore[union-attr]  # fmt: skip
+
+    # without tools: the answer, its reasoning split off when the family has a reasoning parser
+    r = client.chat.completions.create(model=f"tiny-{name}", messages=user("hello"))
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == family.answer_content
+    assert (
+        getattr(r.choices[0].message, "reasoning_content", None) or ""
+    ) == family.answer_reasoning
+
+
+@pytest.mark.parametrize("name", TOOL_FAMILIES)
+def test_tool_calls_of_every_family_streamed(client: openai.OpenAI, name: str) -> None:
+    family = FAMILIES[name]
+    stream = client.chat.completions.create(
+        model=f"tiny-{name}", messages=user("weather in Paris?"), tools=[WEATHER_TOOL], stream=True
+    )
+    content, reasoning, finish = "", "", None
+    calls: dict[int, list[Any]] = {}
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        for call in delta.tool_calls or ():
+            if call.id is not None:  # the first delta of a call: id, type, name
+                assert call.index not in calls and call.type == "function"
+                assert call.function is not None and call.function.arguments == ""
+                calls[call.index] = [call.id, call.function.name, ""]
+            else:
+                assert call.function is not None and call.function.name is None
+                calls[call.index][2] += call.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert content == family.call_content and reasoning == family.call_reasoning
+    check_call(family, [tuple(calls[i]) for i in sorted(calls)])  # type: ignore[misc]
+
+
+# -- structured output, responses, models ---------------------------------------------------------
+
+
+class Trip(pydantic.BaseModel):
+    city: str
+    days: int
+    tags: list[str]
+
+
+def test_chat_completions_parse_yields_the_pydantic_object(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.parse(
+        model=PLAIN, messages=user("plan a trip"), response_format=Trip
+    )
+    trip = completion.choices[0].message.parsed
+    assert isinstance(trip, Trip)
+    assert Trip.model_validate_json(completion.choices[0].message.content or "") == trip
+
+
+def test_responses_create_and_stream(client: openai.OpenAI) -> None:
+    model = "tiny-hermes"
+    r = client.responses.create(model=model, input="hello", instructions="Be nice.")
+    assert r.status == "completed" and r.output_text == "It is sunny."
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    follow = client.responses.create(model=model, input="hello again", previous_response_id=r.id)
+    assert follow.previous_response_id == r.id and follow.output_text == "It is sunny."
+
+    weather = {"type": "function", **WEATHER_TOOL["function"]}  # type: ignore[dict-item]
+    with client.responses.stream(model=model, input="weather in Paris?", tools=[weather]) as s:
+        types = [event.type for event in s]
+        final = s.get_final_response()
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.completed"
+    assert "response.function_call_arguments.delta" in types
+    call = final.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == CITY
+
+
+def test_models_retrieve(client: openai.OpenAI) -> None:
+    listed = sorted(m.id for m in client.models.list())
+    assert listed == sorted([PLAIN, *(f"tiny-{n}" for n in TOOL_FAMILIES)])
+    assert client.models.retrieve("tiny-glm45").id == "tiny-glm45"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("tiny-nope")
+
+
+# -- langchain-openai ---------------------------------------------------------------------------
+
+
+def chat_model(base_url: str, model: str, **kwargs: Any) -> Any:
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model=model,
+        base_url=base_url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_langchain_bind_tools(base_url: str) -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    llm = chat_model(base_url, "tiny-hermes").bind_tools([get_weather])
+    message = llm.invoke("weather in Paris?")
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [("get_weather", CITY)]
+
+    chunks = list(llm.stream("weather in Paris?"))
+    whole = chunks[0]
+    for chunk in chunks[1:]:
+        whole = whole + chunk
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", CITY)]
+    assert whole.response_metadata.get("finish_reason") == "tool_calls"
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_langchain_with_structured_output(base_url: str, method: str) -> None:
+    llm = chat_model(base_url, PLAIN).with_structured_output(Trip, method=method)
+    if method == "json_mode":  # the schema is only in the prompt: any JSON object comes back
+        llm = chat_model(base_url, PLAIN).with_structured_output(None, method=method)
+        assert isinstance(llm.invoke("plan a trip, as JSON"), dict)
+        return
+    assert isinstance(llm.invoke("plan a trip"), Trip)
