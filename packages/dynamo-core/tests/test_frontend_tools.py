@@ -496,3 +496,22 @@ async def test_tool_calls_and_structured_requests_are_counted(graph: Graph) -> N
         'dynamo_frontend_structured_output_requests_total{kind="tool_choice",model="qwen"} 1.0'
         in metrics
     )
+
+
+async def test_n_choices_that_fail_at_once_are_one_clean_error(graph: Graph) -> None:
+    """A constraint the engine refuses fails every choice before the response starts: one
+    400, and the graph serves the next request."""
+    bad = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"not": {}}}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError):
+            await graph.client.chat.completions.create(
+                model="org/plain",
+                messages=user("x"),
+                n=4,
+                response_format=bad,
+                stream=stream,  # type: ignore[arg-type]
+            )
+    ok = await graph.client.chat.completions.create(
+        model="org/plain", messages=user("x"), n=2, max_tokens=3
+    )
+    assert len(ok.choices) == 2

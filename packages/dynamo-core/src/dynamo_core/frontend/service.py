@@ -430,22 +430,26 @@ class OpenAIService:
             for i in range(n)
         ]  # fmt: skip
         try:
-            firsts = await _first_batches(gens)
+            firsts = [await _first_batch(gens[0])] if n == 1 else await _first_batches(gens)
         except errors.DynamoError as exc:
             self.metrics.requests.labels(model, endpoint, kind, "error").inc()
             return _error_for(exc, fmt.id)
         source = Single(gens[0], firsts[0]) if n == 1 else Merged(gens, firsts)
+        stops = body.stop_strings()
+        min_tokens = body.extension("min_tokens") or 0
+        echoed = len(fmt.echo) if isinstance(fmt, CompletionStreamFormatter) else 0
+        new_parser = plan.new_parser
 
         def output(index: int) -> ChoiceOutput:
             return ChoiceOutput(
                 entry,
-                body.stop_strings(),
+                stops,
                 logprobs,
                 prompt=token_ids,
-                min_tokens=body.extension("min_tokens") or 0,
-                text_offset=len(fmt.echo) if isinstance(fmt, CompletionStreamFormatter) else 0,
+                min_tokens=min_tokens,
+                text_offset=echoed,
                 index=index,
-                parser=plan.new_parser() if plan.new_parser is not None else None,
+                parser=new_parser() if new_parser is not None else None,
                 skip_special_tokens=plan.skip_special_tokens,
             )
 
@@ -839,9 +843,12 @@ class _Run:
         return usage_dict(self.prompt_len, completion, outs[0].cached)
 
     def ended(self, m: FrontendMetrics, kind: str, status: str, outs: list[ChoiceOutput]) -> None:
-        tokens = sum(out.completion_tokens for out in outs)
+        if len(outs) == 1:
+            tokens = outs[0].completion_tokens
+        else:
+            tokens = sum(out.completion_tokens for out in outs)
         m.ended(self.entry.name, self.endpoint, kind, status, tokens, self.t0)
-        if kind == "stream":
+        if kind == "stream" and outs[0].parser is not None:
             self.count_calls(m, outs)
 
     def count_calls(self, m: FrontendMetrics, outs: list[ChoiceOutput]) -> None:
@@ -857,21 +864,26 @@ def _no_logprobs(fmt: _Format) -> Any:
     return []
 
 
-async def _first_batches(gens: list[Batches]) -> list[list[dict[str, Any]]]:
-    """The first batch of every choice (awaited before any HTTP header goes out, so that an
-    error a worker reports at once becomes a proper HTTP error); on an error, every choice's
-    request is stopped."""
-
-    async def first(gen: Batches) -> list[dict[str, Any]]:
-        batch = await anext(gen, None)
-        return [] if batch is None else batch
-
+async def _first_batch(gen: Batches) -> list[dict[str, Any]]:
+    """The first batch of a choice (awaited before any HTTP header goes out, so that an error
+    a worker reports at once becomes a proper HTTP error); on an error the request is stopped."""
     try:
-        if len(gens) == 1:
-            batch = await anext(gens[0], None)
-            return [[] if batch is None else batch]
-        return list(await asyncio.gather(*(first(g) for g in gens)))
+        batch = await anext(gen, None)
     except BaseException:
+        await gen.aclose()
+        raise
+    return [] if batch is None else batch
+
+
+async def _first_batches(gens: list[Batches]) -> list[list[dict[str, Any]]]:
+    """`_first_batch` of every choice, together; on an error every choice is stopped."""
+    tasks = [asyncio.ensure_future(_first_batch(g)) for g in gens]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)  # a generator still running cannot be closed
         for gen in gens:
             await gen.aclose()
         raise
@@ -1029,7 +1041,10 @@ def _render_prompt(
 def _developer_as_system(entry: ModelEntry, messages: list[Any]) -> list[Any]:
     """OpenAI's `developer` role is the `system` role of models whose template does not know
     it (most of them: their templates refuse a role they do not know)."""
-    if not any(m.get("role") == "developer" for m in messages):
+    for message in messages:
+        if message.get("role") == "developer":
+            break
+    else:
         return messages
     template = entry.template
     if "developer" in template.source or "developer" in (template.tool_use_source or ""):

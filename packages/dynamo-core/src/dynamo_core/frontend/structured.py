@@ -167,13 +167,13 @@ def plan_output(
         name = tool_choice
         return OutputPlan(
             guided=GuidedDecoding(json=schema),
-            new_parser=lambda: NamedCallParser(name),
+            new_parser=lambda: NamedCallParser(name, _call_ids(spec)),
             structured="tool_choice",
         )
     if forced:
         return OutputPlan(
             guided=GuidedDecoding(json=required_calls_schema(functions, parallel)),
-            new_parser=RequiredCallsParser,
+            new_parser=lambda: RequiredCallsParser(_call_ids(spec)),
             structured="tool_choice",
         )
     if guided is not None:
@@ -187,6 +187,15 @@ def plan_output(
         new_parser=lambda: spec.new_parser(tools=tool_list, tool_calls=calls),
         skip_special_tokens=False,
     )
+
+
+def _call_ids(spec: ParserSpec) -> Callable[[], str]:
+    """Call ids as the model's family makes them (Mistral's templates want 9 alphanumerics)."""
+    if spec.tool_call_parser is None:
+        return new_call_id
+    factory = TOOL_CALL_PARSERS[spec.tool_call_parser].factory
+    ids: Callable[[], str] = getattr(factory, "default_call_id", new_call_id)
+    return ids
 
 
 def _functions(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[str, Any] | None]:
@@ -245,10 +254,15 @@ _GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_gramma
 
 
 def _guided_fields_given(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    if not (
+        body.guided_json is None
+        and body.guided_regex is None
+        and body.guided_choice is None
+        and body.guided_grammar is None
+    ):
+        return True
     nvext = body.nvext
-    return any(getattr(body, f) is not None for f in _GUIDED_FIELDS) or (
-        nvext is not None and any(getattr(nvext, f) is not None for f in _GUIDED_FIELDS)
-    )
+    return nvext is not None and any(getattr(nvext, f) is not None for f in _GUIDED_FIELDS)
 
 
 def guided_from_fields(body: ChatCompletionRequest | CompletionRequest) -> GuidedDecoding | None:
