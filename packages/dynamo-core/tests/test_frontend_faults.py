@@ -154,16 +154,7 @@ async def test_a_migration_derives_from_the_request_no_worker_changed(namespace:
 async def test_n_choices_each_migrate_on_their_own(namespace: str) -> None:
     """n = 3 over two workers: the one that dies takes some choices with it; each moves to the
     other worker and the stream ends with every choice whole."""
-    cfg = RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=0)
-    async with (
-        DistributedRuntime(cfg) as front,
-        DistributedRuntime(cfg) as a,
-        DistributedRuntime(cfg) as b,
-    ):
-        ha, hb = EchoHandler(delay=0.01), EchoHandler(delay=0.01)
-        await add_worker(a, ha)
-        await add_worker(b, hb)
-        service, server = await frontend(front, namespace, 2)
+    async with two_workers(namespace, EchoHandler) as (workers, service, server):
         client = openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
         )
@@ -178,16 +169,17 @@ async def test_n_choices_each_migrate_on_their_own(namespace: str) -> None:
             **body, n=3, stream=True, stream_options={"include_usage": True}
         )
         texts = ["", "", ""]
-        killed = False
+        victim = None
         async for chunk in stream:
             for c in chunk.choices:
                 texts[c.index] += c.delta.content or ""
-            if not killed and all(texts):
-                killed = True
-                await a.shutdown()  # a holds one or two of the choices
-        assert killed and texts == [expected] * 3
+            if victim is None and all(texts):
+                # round robin: both workers hold one or two of the three choices
+                victim = next(h for h in workers if h.active)
+                await workers[victim].shutdown()
+        assert victim is not None and texts == [expected] * 3
         assert chunk.usage is not None and chunk.usage.completion_tokens == 90
-        assert ha.metrics.cancelled_total >= 1
+        assert victim.metrics.cancelled_total >= 1
         await client.close()
         await server.close()
         await service.close()
