@@ -180,8 +180,23 @@ def test_indexer_matches_a_reference_model_under_random_events() -> None:
         if roll < 0.6:
             tokens = rng.choice(prompts)[: rng.randrange(1, 7) * BS]
             ids = list(range(next_id, next_id + len(tokens) // BS))
+            if rng.random() < 0.2 and model[w]:
+                ids[-1] = rng.choice(sorted(model[w]))  # an id announced again names a new block
             next_id += len(ids)
-            idx.apply(w, stored(event_ids[w], tokens, ids))
+            if rng.random() < 0.5:
+                idx.apply(w, stored(event_ids[w], tokens, ids))
+            else:  # one block per event, each continuing the chain (as a decoding sequence does)
+                events = [
+                    KvStored(
+                        block_hashes=[i],
+                        token_ids=[tokens[n * BS : (n + 1) * BS]],
+                        parent_hash=ids[n - 1] if n else None,
+                    )
+                    for n, i in enumerate(ids)
+                ]
+                idx.apply(w, KvEventBatch(event_id=event_ids[w], block_size=BS, events=events))
+            for i in ids:
+                model[w].pop(i, None)
             model[w].update(zip(ids, block_hashes(tokens, BS), strict=True))
         elif roll < 0.9 and model[w]:
             gone = rng.sample(sorted(model[w]), rng.randrange(1, len(model[w]) + 1))

@@ -11,7 +11,9 @@ bitmask over small per-worker slots (a slot is reused after its worker is remove
 the hot paths inside C loops where Python allows:
 
 - a `stored` event of N blocks is one hashing pass over one `array` of its tokens, one
-  `dict.update` of the engine map and one dict comprehension that ORs the worker's bit in;
+  `dict.update` of the engine map and one dict comprehension that ORs the worker's bit in; a
+  one-block event (a decoding sequence filling its next block, the commonest kind) skips those
+  containers and is a handful of dict and set operations;
 - a prompt's overlap with every candidate is one walk down its block hashes, one dict lookup and
   one AND per block for all candidates together, stopping where the last candidate drops out.
 
@@ -99,7 +101,10 @@ class KvIndexer:
         if not isinstance(batch, KvEventBatch):
             batch = msgspec.convert(batch, KvEventBatch)
         state = self._workers.get(worker) or self._add(worker)
-        self._check_sequence(worker, state, batch.event_id)
+        last = state.last_event
+        if last is not None and batch.event_id != last + 1:
+            self._lost(worker, last + 1, batch.event_id - 1)
+        state.last_event = batch.event_id
         if batch.block_size != self.block_size:
             log.warning(
                 "worker %x uses blocks of %d tokens, the router %d: ignoring its events",
@@ -132,16 +137,10 @@ class KvIndexer:
         return state
 
     @staticmethod
-    def _check_sequence(worker: int, state: _Worker, event_id: int) -> None:
-        last = state.last_event
-        if last is not None and event_id != last + 1:
-            log.warning(
-                "worker %x: KV events %d..%d were lost; its index may be stale",
-                worker,
-                last + 1,
-                event_id - 1,
-            )
-        state.last_event = event_id
+    def _lost(worker: int, first: int, last: int) -> None:
+        log.warning(
+            "worker %x: KV events %d..%d were lost; its index may be stale", worker, first, last
+        )
 
     def _stored(self, state: _Worker, event: KvStored) -> None:
         ids = state.ids
@@ -153,6 +152,9 @@ class KvIndexer:
         new_ids = event.block_hashes
         if len(event.token_ids) != len(new_ids):
             raise ValueError("a stored event needs one token list per block id")
+        if len(new_ids) == 1:
+            self._stored_one(state, new_ids[0], event.token_ids[0], parent)
+            return
         hashes = stored_block_hashes(event.token_ids, self.block_size, parent)
         if not ids.keys().isdisjoint(new_ids):
             self._removed(state, new_ids)  # ids announced again: they name new blocks now
@@ -171,6 +173,25 @@ class KvIndexer:
         get = self._holders.get
         self._holders.update({h: get(h, 0) | bit for h in hashes})
         self.blocks_applied += len(hashes)
+
+    def _stored_one(
+        self, state: _Worker, engine_id: int, tokens: Sequence[int], parent: int | None
+    ) -> None:
+        """`_stored` for the commonest event, one block (a decoding sequence fills one block at
+        a time): the same steps without building lists, sets and dicts of one element."""
+        h = stored_block_hashes((tokens,), self.block_size, parent)[0]
+        ids = state.ids
+        if engine_id in ids:
+            self._removed(state, (engine_id,))  # the id announced again names a new block now
+        ids[engine_id] = h
+        held = state.held
+        if h in held:  # the engine holds these tokens under another id already
+            state.dups[h] = state.dups.get(h, 0) + 1
+        else:
+            held.add(h)
+        holders = self._holders
+        holders[h] = holders.get(h, 0) | state.bit
+        self.blocks_applied += 1
 
     def _removed(self, state: _Worker, engine_ids: Iterable[int]) -> None:
         hashes = [h for h in map(state.ids.pop, engine_ids, repeat(None)) if h is not None]
