@@ -18,6 +18,7 @@ nox.options.reuse_existing_virtualenvs = not os.environ.get("CI")
 nox.options.sessions = [
     "lint",
     "typecheck",
+    "layers",
     "core",
     "sglang",
     "sglang_args",
@@ -146,6 +147,23 @@ def lint(session: nox.Session) -> None:
     session.install("ruff>=0.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+ALL_PACKAGES = [
+    CORE,
+    "packages/dynamo-serve",
+    "packages/dynamo-sglang",
+    "packages/dynamo-vllm",
+    "packages/dynamo-trtllm",
+]
+
+
+@nox.session(python=PYTHON)
+def layers(session: nox.Session) -> None:
+    """Who may import whom (ARCHITECTURE.md): the import-linter contracts in pyproject.toml,
+    over every import statement of the five packages, lazy and TYPE_CHECKING ones included."""
+    session.install("import-linter>=2.16", *ALL_PACKAGES)
+    session.run("lint-imports", "--no-cache", "--no-logo", "pyproject.toml")
 
 
 @nox.session(python=PYTHON)
