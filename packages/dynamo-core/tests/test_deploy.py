@@ -66,7 +66,7 @@ def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def test_defaults() -> None:
-    assert BaseDeployment.namespace == "dynamo"
+    assert not hasattr(BaseDeployment, "namespace")  # a launch setting, not a class attribute
     assert BaseDeployment.resources == Resources(gpu=0, cpu="1", memory="2Gi")
     assert BaseDeployment.replicas == 1
     assert BaseDeployment.env == {}
@@ -76,7 +76,6 @@ def test_defaults() -> None:
 
 def test_subclass_overrides_and_describe() -> None:
     class Deployment(BaseDeployment):
-        namespace = "prod"
         resources = Resources(gpu=2)
         replicas = 3
         env = {"HF_HOME": "/cache"}
@@ -85,7 +84,6 @@ def test_subclass_overrides_and_describe() -> None:
 
     assert Deployment.describe() == {
         "module": __name__,
-        "namespace": "prod",
         "name": "test-deploy",
         "resources": {"gpu": 2, "cpu": "1", "memory": "2Gi"},
         "replicas": 3,
@@ -97,8 +95,16 @@ def test_subclass_overrides_and_describe() -> None:
     Deployment.describe()["env"]["X"] = "1"
     assert Deployment.env == {"HF_HOME": "/cache"}
     # the base is untouched
-    assert BaseDeployment.namespace == "dynamo"
     assert BaseDeployment.resources.gpu == 0
+
+
+def test_a_namespace_attribute_is_deprecated_and_ignored() -> None:
+    with pytest.warns(DeprecationWarning, match=r"Old\.namespace is ignored.*DYN_NAMESPACE"):
+
+        class Old(BaseDeployment):
+            namespace = "prod"
+
+    assert "namespace" not in Old.describe()
 
 
 def test_name_is_derived_from_the_module_unless_set() -> None:

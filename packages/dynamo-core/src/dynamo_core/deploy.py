@@ -18,11 +18,16 @@ component module must stay cheap and must not import an engine (engines are impo
 inherited by subclasses; a derived one is derived again for each subclass from its own module.
 The attributes are checked when the subclass is created, so a typo such as `replicas = "2"`
 fails at import, naming the class, rather than in a manifest later.
+
+There is no `namespace` attribute: a component's namespace is a launch setting (`--namespace`,
+the graph's `namespace:`, `DYN_NAMESPACE`), one source of truth. A subclass that still sets
+one gets a `DeprecationWarning` naming it (the value was never read).
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,7 +59,6 @@ def _name_from_module(module: str) -> str:
 class BaseDeployment:
     """Defaults for every component; a component's `Deployment` overrides what it needs."""
 
-    namespace: ClassVar[str] = "dynamo"
     name: ClassVar[str] = "base"
     resources: ClassVar[Resources] = Resources()
     replicas: ClassVar[int] = 1
@@ -67,6 +71,13 @@ class BaseDeployment:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "namespace" in cls.__dict__:
+            warnings.warn(
+                f"{cls.__module__}.{cls.__qualname__}.namespace is ignored: the namespace comes "
+                "from --namespace, the graph file or DYN_NAMESPACE (remove the attribute)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         if "name" in cls.__dict__:
             cls._name_is_derived = False
         elif cls._name_is_derived:
@@ -82,8 +93,6 @@ class BaseDeployment:
             except ValidationError as exc:
                 raise ConfigError(f"{where}.resources: {exc.errors()[0]['msg']}") from None
         problems = []
-        if not isinstance(cls.namespace, str) or not cls.namespace:
-            problems.append("namespace must be a non-empty string")
         if not isinstance(cls.name, str) or not cls.name:
             problems.append("name must be a non-empty string")
         if not isinstance(cls.resources, Resources):
@@ -106,7 +115,6 @@ class BaseDeployment:
         """Every attribute, resolved (plain data, safe to serialize or to modify)."""
         return {
             "module": cls.__module__,
-            "namespace": cls.namespace,
             "name": cls.name,
             "resources": cls.resources.model_dump(),
             "replicas": cls.replicas,

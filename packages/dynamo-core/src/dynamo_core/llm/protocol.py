@@ -236,8 +236,6 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
     """Engine transfer parameters from a prefill worker, handed to the decode worker."""
     prefill_only: bool = False
     """Set by the frontend on the prefill leg of a disaggregated request."""
-    estimated_prefix_hit_blocks: int | None = None
-    """The router's estimate of cached prefix blocks on the chosen worker."""
     guided_decoding: GuidedDecoding | None = None
     """Structured output: the constraint the output must satisfy (see `GuidedDecoding`)."""
     generated_tokens: int = 0
