@@ -31,7 +31,7 @@ import psutil
 import pytest
 
 from dynamo_core.runtime import RuntimeConfig
-from dynamo_core.runtime.discovery import open_discovery
+from dynamo_core.runtime.discovery import keys, open_discovery
 from dynamo_core.testing.procs import Proc, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +89,8 @@ async def instances(kv: Path, namespace: str, component: str) -> dict[str, int]:
     discovery = open_discovery(RuntimeConfig.model_validate({"file_kv": kv}))
     await discovery.start()
     try:
-        keys = await discovery.get_prefix(f"v1/instances/{namespace}/{component}/generate/")
-        return {k: int(json.loads(v)["pid"]) for k, v in keys.items()}
+        found = await discovery.get_prefix(keys.instances_prefix(namespace, component, "generate"))
+        return {k: int(json.loads(v)["pid"]) for k, v in found.items()}
     finally:
         await discovery.close()
 

@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.runtime.discovery import keys
 from dynamo_core.testing.netns import network_hosts
 from dynamo_core.testing.procs import Proc, run_python
 from dynamo_core.testing.servers import EtcdServer, NatsServer, free_port, require_binary
@@ -151,7 +152,9 @@ async def test_hung_process_leaves_etcd_within_the_lease_ttl(
     worker.wait_for_line("/generate as instance")
     cfg = RuntimeConfig(discovery_backend="etcd", etcd_endpoints=etcd.url, namespace=namespace)
     async with DistributedRuntime(cfg) as rt:
-        watch = await rt.discovery.watch_prefix(f"v1/instances/{namespace}/backend/generate/")
+        watch = await rt.discovery.watch_prefix(
+            keys.instances_prefix(namespace, "backend", "generate")
+        )
         assert [e.kind for e in watch.pending()] == ["put"]
         loop = asyncio.get_running_loop()
         os.kill(worker.pid, signal.SIGSTOP)
@@ -179,7 +182,7 @@ async def test_etcd_restart_workers_reregister_frontend_recovers(
     async with DistributedRuntime(
         RuntimeConfig(discovery_backend="etcd", etcd_endpoints=etcd.url, namespace=namespace)
     ) as rt:
-        watch = await rt.discovery.watch_prefix(f"v1/models/{namespace}/")
+        watch = await rt.discovery.watch_prefix(keys.models_prefix(namespace))
         async with asyncio.timeout(10):  # the worker's keep-alive finds its lease gone
             event = await anext(aiter(watch))
         assert event.kind == "put"

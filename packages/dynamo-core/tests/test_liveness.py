@@ -130,13 +130,13 @@ async def test_repeated_stream_id_on_a_link_is_dropped_not_the_running_stream(
     """A peer that reuses the id of a running TCP stream: the duplicate is dropped (any reply
     would carry the running stream's id), the running stream finishes untouched."""
     _, iid = start_server(procs, namespace, proc_env)
-    from dynamo_core.runtime.discovery import open_discovery
+    from dynamo_core.runtime.discovery import keys, open_discovery
 
     disc = open_discovery(RuntimeConfig(file_kv=Path(proc_env["DYN_FILE_KV"])))
     await disc.start()
     record = msgspec.json.decode(
-        (await disc.get_prefix(f"v1/instances/{namespace}/echo/generate/"))[
-            f"v1/instances/{namespace}/echo/generate/{iid:x}"
+        (await disc.get_prefix(keys.instances_prefix(namespace, "echo", "generate")))[
+            keys.instance_key(namespace, "echo", "generate", iid)
         ]
     )
     await disc.close()

@@ -25,14 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynamo_core.runtime import RuntimeConfig
-from dynamo_core.runtime.discovery import Discovery, open_discovery
+from dynamo_core.runtime.discovery import Discovery, keys, open_discovery
 from dynamo_serve._claims import listens_on, port_owner
 from dynamo_serve.graph import Plan
 
 __all__ = ["ProcessState", "Readiness", "health_ready", "http_get"]
-
-INSTANCES = "v1/instances/"
-MODELS = "v1/models/"
 
 
 async def http_get(
@@ -150,7 +147,7 @@ class Readiness:
         if workers:
             self._discovery = _open_discovery(RuntimeConfig.from_env(dict(self.discovery_env)))
             await self._discovery.start()
-            watch = await self._discovery.watch_prefix(f"{INSTANCES}{self.plan.namespace}/")
+            watch = await self._discovery.watch_prefix(keys.instances_prefix(self.plan.namespace))
             self._tasks.append(asyncio.create_task(self._follow(watch), name="ready-discovery"))
         for component, port in self.http_ports.items():
             self._tasks.append(
@@ -171,9 +168,8 @@ class Readiness:
         """Names of the models registered in this namespace (for the summary)."""
         if self._discovery is None:
             return []
-        prefix = f"{MODELS}{self.plan.namespace}/"
-        keys = await self._discovery.get_prefix(prefix)
-        return sorted({k[len(prefix) :].split("/", 1)[0] for k in keys})
+        cards = await self._discovery.get_prefix(keys.models_prefix(self.plan.namespace))
+        return sorted({name for k in cards if (name := keys.model_name_of(k)) is not None})
 
     async def _follow(self, watch: Any) -> None:
         async for event in watch:

@@ -20,10 +20,11 @@ import msgspec
 
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.chat_template import ChatTemplate
-from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard, fetch_model_files
+from dynamo_core.llm.model_card import ModelCard, fetch_model_files
 from dynamo_core.llm.parsers import ParserSpec
 from dynamo_core.llm.tokenizer import Tokenizer
 from dynamo_core.router import LocalRouter, Router, RouterConfig, make_policy, make_router
+from dynamo_core.runtime.discovery.keys import models_prefix
 
 if TYPE_CHECKING:
     from dynamo_core.runtime import Client, DistributedRuntime
@@ -100,7 +101,7 @@ class ModelManager:
         self._tokenizers: dict[str, tuple[Tokenizer, ChatTemplate]] = {}
 
     async def start(self) -> None:
-        self._watch = await self.runtime.discovery.watch_prefix(f"{MODELS_PREFIX}{self.namespace}/")
+        self._watch = await self.runtime.discovery.watch_prefix(models_prefix(self.namespace))
         for event in self._watch.pending():
             self._apply(event.kind, event.key, event.value)
         self._task = self.runtime.spawn(self._follow(self._watch), name="model-watch")

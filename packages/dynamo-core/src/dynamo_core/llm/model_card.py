@@ -1,7 +1,8 @@
 """`ModelCard` and `register_model`: how a worker tells frontends what it serves.
 
 A worker calls `register_model(endpoint, ...)` before (or while) serving its endpoint. The card
-is stored in discovery at `v1/models/{namespace}/{model}/{instance_id:x}/{endpoint}`, bound to the
+is stored in discovery at `v1/models/{namespace}/{model}/{instance_id:x}/{endpoint}` (`model_key`,
+from `dynamo_core.runtime.discovery.keys`, where every key layout lives), bound to the
 endpoint's registration: it disappears when the endpoint stops or the process dies, so a model
 is listed exactly while at least one instance serves it.
 
@@ -30,6 +31,7 @@ import msgspec
 from dynamo_core.args import DEFAULT_MIGRATION_LIMIT
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.parsers import ParserSpec
+from dynamo_core.runtime.discovery.keys import MODELS, model_key
 
 if TYPE_CHECKING:
     from dynamo_core.runtime import DistributedRuntime, Endpoint
@@ -58,7 +60,7 @@ MODEL_FILES = (
 FILES_ENDPOINT = "model_files"
 _CHUNK = 256 * 1024
 
-MODELS_PREFIX = "v1/models/"
+MODELS_PREFIX = MODELS
 ModelType = Literal["chat", "completions", "embedding", "prefill"]
 """`prefill`: the card of a prefill worker; the frontend then disaggregates that model."""
 
@@ -98,13 +100,6 @@ class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
     @classmethod
     def decode(cls, data: bytes) -> ModelCard:
         return msgspec.json.decode(data, type=cls)
-
-
-def model_key(namespace: str, model: str, instance_id: int, endpoint: str) -> str:
-    """Where a card lives: one per (model, instance, endpoint), as one process may serve a
-    model on two endpoints (a prefill and a decode role in one process)."""
-    # model names may contain '/', as in "org/model": keep the key's shape fixed
-    return f"{MODELS_PREFIX}{namespace}/{model.replace('/', '%2F')}/{instance_id:x}/{endpoint}"
 
 
 def _context_length_from(model_path: Path) -> int | None:

@@ -38,7 +38,7 @@ from dynamo_core.errors import (
 )
 from dynamo_core.runtime.config import RuntimeConfig
 from dynamo_core.runtime.context import Context
-from dynamo_core.runtime.discovery import Discovery, Watch, WatchEvent, open_discovery
+from dynamo_core.runtime.discovery import Discovery, Watch, WatchEvent, keys, open_discovery
 from dynamo_core.runtime.transport import (
     DEFAULT_WINDOW,
     ClientStream,
@@ -60,8 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dynamo.runtime")
-
-INSTANCES_PREFIX = "v1/instances/"
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -336,10 +334,10 @@ class Endpoint:
 
     @property
     def discovery_prefix(self) -> str:
-        return f"{INSTANCES_PREFIX}{self.path}/"
+        return keys.instances_prefix(self.namespace_name, self.component.name, self.name)
 
     def instance_key(self, instance_id: int) -> str:
-        return f"{self.discovery_prefix}{instance_id:x}"
+        return keys.instance_key(self.namespace_name, self.component.name, self.name, instance_id)
 
     async def serve_endpoint(
         self,
@@ -516,9 +514,8 @@ class Client:
                 return
             self._instances[inst.instance_id] = inst
         else:
-            try:
-                iid = int(event.key.rsplit("/", 1)[1], 16)
-            except ValueError:
+            iid = keys.instance_id_of(event.key)
+            if iid is None:
                 return
             gone = self._instances.pop(iid, None)
             if gone is not None:

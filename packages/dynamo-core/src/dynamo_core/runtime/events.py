@@ -23,6 +23,7 @@ import msgspec
 
 from dynamo_core.errors import DynamoError
 from dynamo_core.runtime.context import Context
+from dynamo_core.runtime.discovery import keys
 
 if TYPE_CHECKING:
     from dynamo_core.runtime._core import Component
@@ -37,7 +38,6 @@ __all__ = [
 
 log = logging.getLogger("dynamo.events")
 
-EVENTS_PREFIX = "v1/events/"
 SUBSCRIBER_QUEUE = 65536
 #: The first item of every subscription stream: the subscription is in place.
 _SUBSCRIBED = {"_dynamo_subscribed": True}
@@ -83,9 +83,8 @@ class EventPublisher:
         await runtime.start()
         server = await runtime.request_plane_server()
         runtime.registry.add(self._path, self._serve)
-        self._key = (
-            f"{EVENTS_PREFIX}{self.component.namespace.name}/{self.component.name}/"
-            f"{self.topic}/{runtime.instance_id:x}"
+        self._key = keys.event_key(
+            self.component.namespace.name, self.component.name, self.topic, runtime.instance_id
         )
         record = {"transport": server.transport_info(), "path": self._path}
         await runtime.discovery.put(self._key, msgspec.json.encode(record))
@@ -131,7 +130,7 @@ class EventSubscriber:
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._pumps: dict[int, asyncio.Task[None]] = {}
         self._watch_task: asyncio.Task[None] | None = None
-        self._prefix = f"{EVENTS_PREFIX}{component.namespace.name}/{component.name}/{topic}/"
+        self._prefix = keys.events_prefix(component.namespace.name, component.name, topic)
         self._publishers: dict[int, dict[str, Any]] = {}
         self._connected: dict[int, asyncio.Event] = {}
 
@@ -150,9 +149,8 @@ class EventSubscriber:
             watch.close()
 
     def _on_change(self, kind: str, key: str, value: bytes | None) -> None:
-        try:
-            pid = int(key.rsplit("/", 1)[1], 16)
-        except ValueError:
+        pid = keys.instance_id_of(key)
+        if pid is None:
             return
         if kind == "put" and value is not None:
             record = msgspec.json.decode(value)

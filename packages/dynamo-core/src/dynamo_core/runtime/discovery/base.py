@@ -6,11 +6,7 @@ the lease stops being renewed; file: the lock the process held is released by th
 `watch_prefix` instead of reading per request: a watch yields the current keys first, then every
 change, so a client's view of live instances is always one event behind, never one poll behind.
 
-Keys used by Dynamo (values are JSON):
-
-    v1/instances/{namespace}/{component}/{endpoint}/{instance_id:x}   served endpoints
-    v1/models/{namespace}/{model}/{instance_id:x}/{endpoint}          model cards
-    v1/events/{namespace}/{component}/{topic}/{instance_id:x}         event publishers
+The keys Dynamo uses (values are JSON) are laid out in `dynamo_core.runtime.discovery.keys`.
 """
 
 from __future__ import annotations
