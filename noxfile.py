@@ -177,6 +177,7 @@ def typecheck(session: nox.Session) -> None:
         "packages/dynamo-vllm",
         "packages/dynamo-trtllm",
         "pytest>=8",
+        "pytest-asyncio>=1.0",
         "types-PyYAML",
         "types-psutil",
     )

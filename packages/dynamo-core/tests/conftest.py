@@ -1,21 +1,21 @@
+"""dynamo-core's own fixtures. The shared ones (namespace, kv_dir, proc_env, the etcd and NATS
+servers, runtime_config, runtime, tiny_model, uvloop) come from dynamo-core's pytest plugin,
+`dynamo_core.testing.plugin`."""
+
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tokenizers
-import uvloop
 from hypothesis import HealthCheck, settings
 
 from dynamo_core.llm.tokenizer import Tokenizer
-from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
-from dynamo_core.testing.servers import EtcdServer, NatsServer, require_binary
 
 HERE = Path(__file__).parent
+
+pytest_plugins = ["pytester"]  # test_testing_plugin runs pytest on small suites
 
 # Fuzzing (the HTTP edge, request-plane frames) is part of CI: the same examples on every run
 # (derandomized, no example database), bounded in count, no per-example deadline (a loaded CI
@@ -29,11 +29,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("dynamo")
-
-
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Any:
-    """Every async test runs on uvloop, as the components do."""
-    return {"uvloop": uvloop.new_event_loop}
 
 
 #: Word pieces of `sentencepiece` (after <unk>, <s>, </s> and the 256 byte pieces <0x00>..).
@@ -70,64 +65,3 @@ def sentencepiece() -> Tokenizer:
                   "vocab": vocab, "merges": []},
     }  # fmt: skip
     return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
-
-
-@pytest.fixture
-def namespace() -> str:
-    return "t" + uuid.uuid4().hex[:10]
-
-
-@pytest.fixture
-def kv_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "kv"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
-def proc_env(kv_dir: Path) -> dict[str, str]:
-    """Environment for child processes: file discovery in this test's own folder."""
-    return {"DYN_FILE_KV": str(kv_dir), "DYN_DISCOVERY_BACKEND": "file", "DYN_REQUEST_PLANE": "tcp"}
-
-
-@pytest.fixture(scope="session")
-def etcd_server() -> Iterator[EtcdServer]:
-    require_binary("etcd")
-    with EtcdServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def nats_server() -> Iterator[NatsServer]:
-    require_binary("nats-server")
-    with NatsServer() as server:
-        yield server
-
-
-@pytest.fixture(params=["mem+inproc", "file+tcp", "etcd+tcp", "etcd+nats"])
-def runtime_config(request: pytest.FixtureRequest, kv_dir: Path, namespace: str) -> RuntimeConfig:
-    """The same behaviour tests run on every combination of backends."""
-    if request.param == "mem+inproc":
-        return RuntimeConfig.in_process(namespace=namespace, graceful_shutdown_timeout=2)
-    if request.param == "file+tcp":
-        return RuntimeConfig(file_kv=kv_dir, namespace=namespace, graceful_shutdown_timeout=2)
-    etcd: EtcdServer = request.getfixturevalue("etcd_server")
-    settings: dict[str, Any] = {
-        "discovery_backend": "etcd",
-        "etcd_endpoints": etcd.url,
-        "namespace": namespace,
-        "graceful_shutdown_timeout": 2,
-        "lease_ttl": 2,
-        "tcp_host": "127.0.0.1",
-    }
-    if request.param == "etcd+nats":
-        nats: NatsServer = request.getfixturevalue("nats_server")
-        settings.update(request_plane="nats", event_plane="nats", nats_server=nats.url)
-    return RuntimeConfig(**settings)
-
-
-@pytest.fixture
-async def runtime(runtime_config: RuntimeConfig) -> AsyncIterator[DistributedRuntime]:
-    rt = await DistributedRuntime.create(runtime_config)
-    yield rt
-    await rt.shutdown()

@@ -6,6 +6,8 @@ import os
 import socket
 from pathlib import Path
 
+from dynamo_core.testing.fakes import child_env
+
 HERE = Path(__file__).parent
 FAKE = HERE / "fake_trtllm"
 REPO = HERE.parents[2]
@@ -14,8 +16,7 @@ TINY = REPO / "examples" / "models" / "tiny"
 
 def with_fake_path(env: dict[str, str]) -> dict[str, str]:
     """`env` with the fake `tensorrt_llm` first on PYTHONPATH (child processes)."""
-    path = [str(FAKE), os.environ.get("PYTHONPATH", "")]
-    return {**env, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    return child_env(FAKE, env)
 
 
 def without_fake_path() -> dict[str, str]:
