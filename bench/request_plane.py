@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--nats", action="store_true", help="start NATS; use it for requests")
     args = parser.parse_args()
     if args.serve:
-        sys.exit(serve(RuntimeConfig.from_env()))
+        sys.exit(serve.run(RuntimeConfig.from_env()))
     with contextlib.ExitStack() as stack:
         env: dict[str, str] = {}
         if args.etcd:

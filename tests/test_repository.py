@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -53,3 +54,46 @@ def test_test_module_names_are_unique() -> None:
     names = Counter(p.name for p in ROOT.glob("packages/*/tests/test_*.py"))
     names.update(p.name for p in (ROOT / "tests").rglob("test_*.py"))
     assert [n for n, c in names.items() if c > 1] == []
+
+
+def _component_files() -> list[Path]:
+    """Every module that defines a component (`class Deployment`): each runs as a script too."""
+    return sorted(
+        p
+        for p in ROOT.glob("packages/*/src/*/**/*.py")
+        if re.search(r"^class Deployment\(", p.read_text(), re.MULTILINE)
+    )
+
+
+def _import_names(requirements: list[str]) -> set[str]:
+    """The top-level modules the distributions named by `requirements` install here."""
+    from importlib.metadata import packages_distributions
+
+    wanted = {
+        re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements
+    }
+    return {
+        module
+        for module, dists in packages_distributions().items()
+        if any(d.lower().replace("_", "-") in wanted for d in dists)
+    }
+
+
+def test_every_component_file_runs_as_a_script_unshadowed() -> None:
+    """`python3 path/to/module.py` puts the module's folder first on sys.path: no sibling there
+    may take the name of a standard-library module or of a dependency the component imports."""
+    core = tomllib.loads((ROOT / "packages/dynamo-core/pyproject.toml").read_text())["project"]
+    files = _component_files()
+    assert len(files) >= 12, files  # frontend, mocker, echo and three roles per engine
+    for path in files:
+        text = path.read_text()
+        assert 'if __name__ == "__main__":' in text, f"{path}: no __main__ guard"
+        package = path.relative_to(ROOT / "packages").parts[0]
+        project = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())
+        taken = set(sys.stdlib_module_names) | _import_names(
+            project["project"]["dependencies"] + core["dependencies"]
+        )
+        siblings = {p.stem for p in path.parent.glob("*.py")} | {
+            p.name for p in path.parent.iterdir() if (p / "__init__.py").exists()
+        }
+        assert not siblings & taken, f"{path}: its folder shadows {sorted(siblings & taken)}"

@@ -17,4 +17,6 @@ async def main(runtime: DistributedRuntime, config: RuntimeConfig, name: str) ->
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(RuntimeConfig.from_env(), sys.argv[1] if len(sys.argv) > 1 else "world"))
+    raise SystemExit(
+        main.run(RuntimeConfig.from_env(), sys.argv[1] if len(sys.argv) > 1 else "world")
+    )

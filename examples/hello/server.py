@@ -32,4 +32,4 @@ async def worker(runtime: DistributedRuntime, config: RuntimeConfig) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    raise SystemExit(worker(RuntimeConfig.from_env()))
+    raise SystemExit(worker.run(RuntimeConfig.from_env()))

@@ -82,4 +82,13 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     ns = sys.argv[1]
     tag = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--tag" else "a"
-    sys.exit(worker(RuntimeConfig.from_env().model_copy(update={"namespace": ns}), tag))
+    config = RuntimeConfig.from_env().model_copy(update={"namespace": ns})
+    if "--asyncio-run" in sys.argv:  # NVIDIA Dynamo's idiom, exactly as its examples write it
+        import asyncio
+
+        import uvloop
+
+        uvloop.install()
+        asyncio.run(worker(config, tag))
+    else:
+        sys.exit(worker.run(config, tag))

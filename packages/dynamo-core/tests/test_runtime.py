@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from dynamo_core import errors
-from dynamo_core.runtime import Context, DistributedRuntime, RuntimeConfig
+from dynamo_core.errors import EXIT_CONFIG
+from dynamo_core.runtime import Context, DistributedRuntime, RuntimeConfig, dynamo_worker
 
 
 async def numbers(request: dict[str, Any]) -> AsyncIterator[int]:
@@ -338,3 +341,68 @@ async def test_burst_larger_than_a_frame_is_split(runtime: DistributedRuntime) -
     await client.wait_for_instances(timeout=5)
     sizes = [len(x) async for x in await client.generate(None)]
     assert sizes == [1_000_000] * 100
+
+
+# -- @dynamo_worker(): Dynamo's calling convention --------------------------------------------
+
+
+class _Parsed:
+    """Stands for a `ParsedArgs`: the runtime's settings come from its `.config`."""
+
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+
+
+@dynamo_worker()
+async def _serving(runtime: DistributedRuntime, parsed: _Parsed, seen: list[Any]) -> None:
+    seen.append(runtime.config.namespace)
+    component = runtime.namespace(parsed.config.namespace).component("w")
+    await component.create_service()
+    served = await component.endpoint("generate").start_serving(numbers)
+    seen.append(served)
+    runtime.request_shutdown()
+    await runtime.wait_for_shutdown()
+
+
+@dynamo_worker()
+async def _failing(runtime: DistributedRuntime, error: Exception) -> None:
+    raise error
+
+
+def test_the_decorated_function_is_a_coroutine_function(namespace: str) -> None:
+    assert inspect.iscoroutinefunction(_serving)
+    assert inspect.iscoroutinefunction(_serving.__wrapped__)
+    seen: list[Any] = []
+    parsed = _Parsed(RuntimeConfig.in_process(namespace=namespace))
+    asyncio.run(_serving(parsed, seen))  # the seed's idiom, as written
+    assert seen[0] == namespace  # the runtime was built from parsed.config
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(errors.EngineError("the engine fell over"), 1), (errors.ConfigError("no such model"), 78)],
+)
+def test_run_gives_an_exit_status_and_one_line(
+    error: Exception, status: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _failing.run(error) == status
+    assert capsys.readouterr().err == f"error: {error}\n"
+    assert EXIT_CONFIG == 78
+
+
+@dynamo_worker()
+async def _starting(runtime: DistributedRuntime, parsed: _Parsed) -> Any:
+    component = runtime.namespace(parsed.config.namespace).component("w")
+    await component.create_service()
+    return await component.endpoint("generate").start_serving(numbers)
+
+
+async def test_run_in_leaves_the_callers_runtime_running(namespace: str) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    async with DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as runtime:
+        await _starting.run_in(runtime, _Parsed(runtime.config))
+        assert signal.getsignal(signal.SIGTERM) == before  # no handler was installed
+        assert not runtime.is_shutting_down()
+        client = await runtime.endpoint(f"{namespace}.w.generate").client()
+        await client.wait_for_instances(timeout=5)
+        assert [x async for x in await client.generate({"n": 3})] == [0, 1, 2]

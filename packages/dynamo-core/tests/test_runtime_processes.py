@@ -30,9 +30,9 @@ def procs() -> Iterator[ExitStack]:
 
 
 def start_server(
-    stack: ExitStack, namespace: str, env: dict[str, str], tag: str = "a"
+    stack: ExitStack, namespace: str, env: dict[str, str], tag: str = "a", *flags: str
 ) -> tuple[Proc, int]:
-    proc = stack.enter_context(run_python([SERVER, namespace, "--tag", tag], env=env))
+    proc = stack.enter_context(run_python([SERVER, namespace, "--tag", tag, *flags], env=env))
     line = proc.wait_for_line("READY")
     return proc, int(line.split()[1])
 
@@ -235,10 +235,18 @@ async def test_auth_token(
                 )
 
 
+@pytest.mark.parametrize("entry", ["worker.run", "asyncio.run"])
 async def test_sigterm_lets_inflight_stream_finish(
-    procs: ExitStack, proc_env: dict[str, str], namespace: str, caller: DistributedRuntime
+    procs: ExitStack,
+    proc_env: dict[str, str],
+    namespace: str,
+    caller: DistributedRuntime,
+    entry: str,
 ) -> None:
-    proc, _ = start_server(procs, namespace, proc_env)
+    """`sys.exit(worker.run(config))` and `uvloop.install(); asyncio.run(worker(config))` are the
+    same process: signals handled, in-flight streams drained, exit status 0."""
+    flags = ["--asyncio-run"] if entry == "asyncio.run" else []
+    proc, _ = start_server(procs, namespace, proc_env, "a", *flags)
     client = await client_for(caller, "generate")
     stream = await client.generate({"n": 20, "delay": 0.02})
     assert await stream.__anext__() == 0

@@ -20,7 +20,7 @@ def main() -> int:
     config = build_parser().parse_or_exit().config
     helper = subprocess.Popen([sys.executable, "-c", HELPER], start_new_session=True)
     print(f"helper pid {helper.pid}", flush=True)
-    return worker(config)
+    return worker.run(config)
 
 
 if __name__ == "__main__":

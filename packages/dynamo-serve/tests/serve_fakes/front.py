@@ -67,7 +67,7 @@ async def front(runtime: DistributedRuntime, config: FrontConfig) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.WARNING)
-    return front(build_parser().parse_or_exit().config)
+    return front.run(build_parser().parse_or_exit().config)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def main() -> int:
         print("failing at start as asked", file=sys.stderr, flush=True)
         return 3
     logging.basicConfig(level=logging.WARNING)
-    return worker(config)
+    return worker.run(config)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"error: {INSTALL_HINT}\n")
         sys.exit(1)
     configure_logging()
-    sys.exit(worker(parsed.config, parsed))
+    sys.exit(worker.run(parsed.config, parsed))
 
 
 if __name__ == "__main__":

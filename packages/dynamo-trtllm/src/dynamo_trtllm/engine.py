@@ -18,7 +18,7 @@ import asyncio
 import logging
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.llm.model_card import ModelCard
     from dynamo_core.runtime import Component, DistributedRuntime, Endpoint
+    from dynamo_core.runtime.worker import DynamoWorker
     from dynamo_trtllm.handlers import TrtllmHandler
     from dynamo_trtllm.publisher import EnginePublisher
 
@@ -257,7 +258,7 @@ async def start_role(
 def run_role(
     role: Role,
     module: str,
-    worker: Callable[[TrtllmConfig, ParsedArgs[TrtllmConfig]], int],
+    worker: DynamoWorker[[TrtllmConfig, ParsedArgs[TrtllmConfig]]],
     argv: list[str] | None,
 ) -> None:
     """A role module's `main`: parse, check the engine, enter the MPI world it needs, run."""
@@ -275,4 +276,4 @@ def run_role(
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
-    sys.exit(worker(parsed.config, parsed))
+    sys.exit(worker.run(parsed.config, parsed))

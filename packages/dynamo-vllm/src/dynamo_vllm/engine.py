@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from dynamo_core.handlers import BaseWorkerHandler
     from dynamo_core.llm.model_card import ModelCard
     from dynamo_core.runtime import Component, DistributedRuntime, Endpoint, EventPublisher
+    from dynamo_core.runtime.worker import DynamoWorker
     from dynamo_vllm.args import VllmConfig
 
 Role = Literal["worker", "prefill", "decode"]
@@ -307,7 +308,7 @@ async def start_role(
 
 def run_role(
     parser: DynFlexibleArgumentParser[VllmConfig],
-    worker: Callable[[VllmConfig, ParsedArgs[VllmConfig]], int],
+    worker: DynamoWorker[[VllmConfig, ParsedArgs[VllmConfig]]],
     argv: list[str] | None,
 ) -> None:
     """A role module's `main`: parse, check vLLM is there, run."""
@@ -318,4 +319,4 @@ def run_role(
     from dynamo_core.runtime import configure_logging
 
     configure_logging()
-    sys.exit(worker(parsed.config, parsed))
+    sys.exit(worker.run(parsed.config, parsed))

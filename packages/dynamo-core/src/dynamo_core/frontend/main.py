@@ -136,4 +136,8 @@ def http_limits(config: FrontendConfig) -> HttpLimits:
 def main(argv: list[str] | None = None) -> None:
     config = build_parser().parse_or_exit(argv).config
     configure_logging()
-    sys.exit(worker(config))
+    sys.exit(worker.run(config))
+
+
+if __name__ == "__main__":
+    main()

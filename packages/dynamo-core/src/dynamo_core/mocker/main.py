@@ -313,4 +313,8 @@ async def worker(runtime: DistributedRuntime, config: MockerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     config = build_parser().parse_or_exit(argv).config
     configure_logging()
-    return worker(config)
+    return worker.run(config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -114,7 +114,7 @@ async def worker(runtime: DistributedRuntime, config: EchoConfig, parsed: Parsed
 def main(argv: list[str] | None = None) -> None:
     parsed = build_parser().parse_or_exit(argv)
     configure_logging()
-    sys.exit(worker(parsed.config, parsed))
+    sys.exit(worker.run(parsed.config, parsed))
 
 
 if __name__ == "__main__":
