@@ -33,6 +33,8 @@ __all__ = [
     "DynamoError",
     "EndpointNotFoundError",
     "EngineError",
+    "EngineNotInstalledError",
+    "EngineVersionError",
     "HandlerError",
     "InstanceNotFoundError",
     "InvalidRequestError",
@@ -70,6 +72,14 @@ class ConfigError(DynamoError):
     """A flag, environment variable or config file is invalid."""
 
     http_status = 400
+
+
+class EngineNotInstalledError(ConfigError):
+    """The engine library a worker runs on is not installed (the message says what to install)."""
+
+
+class EngineVersionError(ConfigError):
+    """The engine library is installed at a version its engine package does not support."""
 
 
 class PortInUseError(ConfigError):

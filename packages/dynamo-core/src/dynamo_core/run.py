@@ -111,6 +111,7 @@ async def _run(source: str, target: str, own: RunConfig, engine_argv: list[str])
     from dynamo_core.frontend.service import OpenAIService
 
     spec = find_engine(target)
+    spec.check()  # not installed, or the wrong version: one line, before anything starts
     module = spec.load()
     parsed = module.build_parser().parse_or_exit(engine_argv)
     namespace = parsed.config.namespace if isinstance(parsed.config, RuntimeConfig) else "dynamo"

@@ -9,11 +9,15 @@ import SGLang (`pip install "dynamo-sglang[sglang]"` brings it).
 from dynamo_core.engines import EngineSpec
 from dynamo_sglang._version import __version__
 
+#: How `dynamo-run out=sglang`, the role modules' `main()` and the test kit know this engine;
+#: the SGLang versions it runs on are the `sglang` extra's range in pyproject.toml.
 ENGINE = EngineSpec(
     name="sglang",
     module="dynamo_sglang.worker",
     extra="dynamo-sglang[sglang]",
     description="SGLang (aggregated, prefill or decode by --disaggregation-mode)",
+    import_name="sglang",
+    display_name="SGLang",
 )
 
 __all__ = ["ENGINE", "__version__"]

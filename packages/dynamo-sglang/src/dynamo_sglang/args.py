@@ -30,7 +30,6 @@ from dynamo_core.runtime import RuntimeConfig
 
 __all__ = [
     "EXTRA",
-    "INSTALL_HINT",
     "Mode",
     "SglangConfig",
     "add_sglang_args",
@@ -40,7 +39,6 @@ __all__ = [
 ]
 
 EXTRA = "dynamo-sglang[sglang]"
-INSTALL_HINT = f'SGLang is not installed: pip install "{EXTRA}"'
 
 #: SGLang's `--disaggregation-mode` values.
 Mode = Literal["null", "prefill", "decode"]

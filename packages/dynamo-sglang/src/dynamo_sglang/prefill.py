@@ -15,16 +15,16 @@ SGLang moves the KV cache between the two engines. Decode workers must reach thi
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.llm.kv import KV_EVENTS_TOPIC
 from dynamo_core.llm.model_card import register_model
-from dynamo_core.runtime import DistributedRuntime, configure_logging, dynamo_worker
+from dynamo_core.runtime import DistributedRuntime, dynamo_worker
+from dynamo_sglang import ENGINE
 from dynamo_sglang.args import (
-    INSTALL_HINT,
     SglangConfig,
     make_parser,
     resolve_mode,
@@ -64,11 +64,10 @@ async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[Any]) -> 
 
 
 @dynamo_worker()
-async def worker(
-    runtime: DistributedRuntime, config: SglangConfig, parsed: ParsedArgs[SglangConfig]
-) -> None:
-    resolve_mode(parsed, "prefill")
-    server_args = server_args_from(parsed)
+async def worker(runtime: DistributedRuntime, args: ParsedArgs[SglangConfig]) -> None:
+    config = args.config
+    resolve_mode(args, "prefill")
+    server_args = server_args_from(args)
 
     component = runtime.namespace(config.namespace).component(config.resolved_component("prefill"))
     await component.create_service()
@@ -80,7 +79,7 @@ async def worker(
     engine = None
     try:
         engine = start_sglang(server_args)  # loads the model: blocks until SGLang is ready
-        served = parsed.engine_sources.get("served_model_name", "default") != "default"
+        served = args.engine_sources.get("served_model_name", "default") != "default"
         info = EngineInfo.of(engine, served_name_given=served)
         handler = PrefillHandler(
             engine,
@@ -114,12 +113,7 @@ async def worker(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = build_parser().parse_or_exit(argv)
-    if parsed.engine_args is None:
-        sys.stderr.write(f"error: {INSTALL_HINT}\n")
-        sys.exit(1)
-    configure_logging()
-    sys.exit(worker.run(parsed.config, parsed))
+    run_component(build_parser(), worker, argv, engine=ENGINE)
 
 
 if __name__ == "__main__":

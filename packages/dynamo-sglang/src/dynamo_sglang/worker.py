@@ -14,15 +14,14 @@ the same code. Importing this module does not import SGLang.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
-from dynamo_core.errors import ConfigError
-from dynamo_core.runtime import DistributedRuntime, configure_logging, dynamo_worker
+from dynamo_core.runtime import DistributedRuntime, dynamo_worker
+from dynamo_sglang import ENGINE
 from dynamo_sglang.args import (
-    INSTALL_HINT,
     Mode,
     SglangConfig,
     make_parser,
@@ -63,7 +62,7 @@ async def start_worker(
     from dynamo_core.llm.model_card import register_model
 
     if parsed.engine_args is None:
-        raise ConfigError(INSTALL_HINT)
+        raise ENGINE.not_installed()
     config = parsed.config
     mode = resolve_mode(parsed, role)
     server_args = server_args_from(parsed)
@@ -114,10 +113,8 @@ async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[Any]) -> 
 
 
 @dynamo_worker()
-async def worker(
-    runtime: DistributedRuntime, config: SglangConfig, parsed: ParsedArgs[SglangConfig]
-) -> None:
-    sglang_worker = await start_worker(runtime, parsed, None)
+async def worker(runtime: DistributedRuntime, args: ParsedArgs[SglangConfig]) -> None:
+    sglang_worker = await start_worker(runtime, args, None)
     try:
         await sglang_worker.endpoint.serve_endpoint(sglang_worker.handler.generate)
     finally:
@@ -125,12 +122,7 @@ async def worker(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = build_parser().parse_or_exit(argv)
-    if parsed.engine_args is None:
-        sys.stderr.write(f"error: {INSTALL_HINT}\n")
-        sys.exit(1)
-    configure_logging()
-    sys.exit(worker.run(parsed.config, parsed))
+    run_component(build_parser(), worker, argv, engine=ENGINE)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ reported by `engine.start_llm` in one line naming the key and the file.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,23 +46,14 @@ from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
 __all__ = [
-    "INSTALL_HINT",
     "Role",
     "TrtllmConfig",
     "build_parser",
-    "engine_installed",
     "llm_kwargs",
     "load_extra_engine_args",
-    "require_engine",
 ]
 
 Role = Literal["worker", "prefill", "decode"]
-
-#: The one line a worker prints when TensorRT-LLM is missing.
-INSTALL_HINT = (
-    'TensorRT-LLM is not installed: pip install "dynamo-trtllm[trtllm]" '
-    "--extra-index-url https://pypi.nvidia.com"
-)
 
 if TYPE_CHECKING:
     from pydantic.config import JsonDict
@@ -183,21 +172,6 @@ def build_parser(role: Role = "worker") -> DynFlexibleArgumentParser[TrtllmConfi
         engine_extra="dynamo-trtllm[trtllm]",
         group="Dynamo",
     )
-
-
-def engine_installed() -> bool:
-    """Whether `tensorrt_llm` can be imported (checked without importing it)."""
-    try:
-        return importlib.util.find_spec("tensorrt_llm") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def require_engine() -> None:
-    """Exit at once, with one line naming the extra and NVIDIA's index, without TensorRT-LLM."""
-    if not engine_installed():
-        sys.stderr.write(f"error: {INSTALL_HINT}\n")
-        raise SystemExit(1)
 
 
 def load_extra_engine_args(path: Path) -> dict[str, Any]:

@@ -12,14 +12,15 @@ request without them is served aggregated, so a decode worker also works alone.
 
 from __future__ import annotations
 
-from typing import Any
-
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.component import run_component
 from dynamo_core.runtime import DistributedRuntime, dynamo_worker
+from dynamo_trtllm import ENGINE
 from dynamo_trtllm import args as trtllm_args
 from dynamo_trtllm.args import Role, TrtllmConfig
 from dynamo_trtllm.deploy import TrtllmDeployment
-from dynamo_trtllm.engine import TrtllmWorker, run_role, start_role
+from dynamo_trtllm.engine import TrtllmWorker, start_role
+from dynamo_trtllm.mpi import relaunch_under_mpi
 
 __all__ = ["Deployment", "build_parser", "main", "start_engine"]
 
@@ -45,8 +46,8 @@ async def start_engine(
 
 
 @dynamo_worker()
-async def worker(runtime: DistributedRuntime, config: TrtllmConfig, parsed: Any) -> None:
-    trt = await start_engine(runtime, parsed)
+async def worker(runtime: DistributedRuntime, args: ParsedArgs[TrtllmConfig]) -> None:
+    trt = await start_engine(runtime, args)
     try:
         await trt.endpoint.serve_endpoint(trt.handler.generate)
     finally:
@@ -54,7 +55,9 @@ async def worker(runtime: DistributedRuntime, config: TrtllmConfig, parsed: Any)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_role(ROLE, MODULE, worker, argv)
+    run_component(
+        build_parser(), worker, argv, engine=ENGINE, before_run=relaunch_under_mpi(MODULE)
+    )
 
 
 if __name__ == "__main__":

@@ -17,20 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynamo_core.errors import ConfigError, EngineError
-from dynamo_trtllm.args import INSTALL_HINT, Role, TrtllmConfig, engine_installed, llm_kwargs
+from dynamo_trtllm.args import Role, TrtllmConfig, llm_kwargs
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.llm.model_card import ModelCard
     from dynamo_core.runtime import Component, DistributedRuntime, Endpoint
-    from dynamo_core.runtime.worker import DynamoWorker
     from dynamo_trtllm.handlers import TrtllmHandler
     from dynamo_trtllm.publisher import EnginePublisher
 
@@ -39,7 +37,6 @@ __all__ = [
     "context_length",
     "kv_block_size",
     "model_dir",
-    "run_role",
     "served_model_name",
     "start_llm",
     "start_publisher",
@@ -121,8 +118,6 @@ def _build(kwargs: dict[str, Any], file_keys: set[str], source: str) -> Any:
 
 async def start_llm(config: TrtllmConfig, role: Role, parsed: Any = None) -> Any:
     """Create the `tensorrt_llm.LLM` for `config` (a `ParsedArgs` gives flag provenance)."""
-    if not engine_installed():
-        raise ConfigError(INSTALL_HINT)
     kwargs, file_keys = llm_kwargs(parsed if parsed is not None else config, role)
     source = str(config.extra_engine_args) if config.extra_engine_args else "the engine arguments"
     shown = {k: v for k, v in kwargs.items() if k != "model"}
@@ -253,27 +248,3 @@ async def start_role(
         parsers=config.parser_spec(),
     )
     return TrtllmWorker(llm, handler, endpoint, card, publisher)
-
-
-def run_role(
-    role: Role,
-    module: str,
-    worker: DynamoWorker[[TrtllmConfig, ParsedArgs[TrtllmConfig]]],
-    argv: list[str] | None,
-) -> None:
-    """A role module's `main`: parse, check the engine, enter the MPI world it needs, run."""
-    from dynamo_trtllm import args as trtllm_args
-    from dynamo_trtllm.mpi import maybe_relaunch
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parsed = trtllm_args.build_parser(role).parse_or_exit(argv)
-    trtllm_args.require_engine()
-    from dynamo_core.runtime import configure_logging
-
-    configure_logging()
-    try:
-        maybe_relaunch(parsed.config.world_size, parsed.config.mpi_launcher, module, argv)
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(1)
-    sys.exit(worker.run(parsed.config, parsed))

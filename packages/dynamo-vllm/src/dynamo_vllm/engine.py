@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,10 @@ from dynamo_core.errors import ConfigError, DynamoError, EngineError
 from dynamo_vllm.events import KvEventRelay, LoadMetricsLogger
 
 if TYPE_CHECKING:
-    from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+    from dynamo_core.args import ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
     from dynamo_core.llm.model_card import ModelCard
     from dynamo_core.runtime import Component, DistributedRuntime, Endpoint, EventPublisher
-    from dynamo_core.runtime.worker import DynamoWorker
     from dynamo_vllm.args import VllmConfig
 
 Role = Literal["worker", "prefill", "decode"]
@@ -46,7 +44,6 @@ __all__ = [
     "VllmWorker",
     "explain_validation",
     "model_dir",
-    "run_role",
     "served_model_name",
     "start_error",
     "start_role",
@@ -304,19 +301,3 @@ async def start_role(
         card.kv_block_size,
     )
     return VllmWorker(engine, handler, endpoint, card)
-
-
-def run_role(
-    parser: DynFlexibleArgumentParser[VllmConfig],
-    worker: DynamoWorker[[VllmConfig, ParsedArgs[VllmConfig]]],
-    argv: list[str] | None,
-) -> None:
-    """A role module's `main`: parse, check vLLM is there, run."""
-    from dynamo_vllm.args import require_vllm
-
-    parsed = parser.parse_or_exit(argv)
-    require_vllm()
-    from dynamo_core.runtime import configure_logging
-
-    configure_logging()
-    sys.exit(worker.run(parsed.config, parsed))

@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.runtime import DistributedRuntime, dynamo_worker
+from dynamo_vllm import ENGINE
 from dynamo_vllm.args import VllmConfig, make_parser
 
 if TYPE_CHECKING:
@@ -45,10 +47,8 @@ async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[VllmConfi
 
 
 @dynamo_worker()
-async def worker(
-    runtime: DistributedRuntime, config: VllmConfig, parsed: ParsedArgs[VllmConfig]
-) -> None:
-    vllm = await start_engine(runtime, parsed)
+async def worker(runtime: DistributedRuntime, args: ParsedArgs[VllmConfig]) -> None:
+    vllm = await start_engine(runtime, args)
     try:
         await vllm.endpoint.serve_endpoint(vllm.handler.generate)
     finally:
@@ -56,9 +56,7 @@ async def worker(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dynamo_vllm.engine import run_role
-
-    run_role(build_parser(), worker, argv)
+    run_component(build_parser(), worker, argv, engine=ENGINE)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ between tokens (0: as fast as the request plane goes).
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from pydantic import Field
 
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
+from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment
 from dynamo_core.handlers import BaseWorkerHandler
 from dynamo_core.llm.model_card import register_model
@@ -28,7 +28,6 @@ from dynamo_core.runtime import (
     DistributedRuntime,
     Endpoint,
     RuntimeConfig,
-    configure_logging,
     dynamo_worker,
 )
 
@@ -106,15 +105,13 @@ async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[Any]) -> 
 
 
 @dynamo_worker()
-async def worker(runtime: DistributedRuntime, config: EchoConfig, parsed: ParsedArgs[Any]) -> None:
-    echo = await start_engine(runtime, parsed)
+async def worker(runtime: DistributedRuntime, args: ParsedArgs[EchoConfig]) -> None:
+    echo = await start_engine(runtime, args)
     await echo.serve()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parsed = build_parser().parse_or_exit(argv)
-    configure_logging()
-    sys.exit(worker.run(parsed.config, parsed))
+    run_component(build_parser(), worker, argv)
 
 
 if __name__ == "__main__":

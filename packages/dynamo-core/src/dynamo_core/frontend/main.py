@@ -9,15 +9,20 @@ live, and each request is routed to a live instance of its model.
 from __future__ import annotations
 
 import logging
-import sys
 
 from pydantic import Field
 
-from dynamo_core.args import DEFAULT_MIGRATION_LIMIT, DynFlexibleArgumentParser, ParserFlags
+from dynamo_core.args import (
+    DEFAULT_MIGRATION_LIMIT,
+    DynFlexibleArgumentParser,
+    ParsedArgs,
+    ParserFlags,
+)
+from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.http import HttpLimits
 from dynamo_core.router.config import RouterConfig
-from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, configure_logging, dynamo_worker
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, dynamo_worker
 
 __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
 
@@ -90,11 +95,13 @@ def build_parser() -> DynFlexibleArgumentParser[FrontendConfig]:
 
 
 @dynamo_worker()
-async def worker(runtime: DistributedRuntime, config: FrontendConfig) -> None:
+async def worker(runtime: DistributedRuntime, args: ParsedArgs[FrontendConfig]) -> None:
     from dynamo_core._memory import return_large_blocks
     from dynamo_core.frontend.responses import ResponseStore
     from dynamo_core.frontend.service import OpenAIService
     from dynamo_core.http import raise_open_file_limit, serve_http
+
+    config = args.config
 
     raise_open_file_limit()
     return_large_blocks()
@@ -134,9 +141,7 @@ def http_limits(config: FrontendConfig) -> HttpLimits:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = build_parser().parse_or_exit(argv).config
-    configure_logging()
-    sys.exit(worker.run(config))
+    run_component(build_parser(), worker, argv)
 
 
 if __name__ == "__main__":

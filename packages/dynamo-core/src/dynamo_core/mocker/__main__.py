@@ -2,4 +2,4 @@
 
 from dynamo_core.mocker.main import main
 
-raise SystemExit(main())
+main()

@@ -32,6 +32,7 @@ from dynamo_core.args import (
     ParserFlags,
     migration_limit_field,
 )
+from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.errors import ConfigError
 from dynamo_core.runtime import (
@@ -40,7 +41,6 @@ from dynamo_core.runtime import (
     Endpoint,
     EventPublisher,
     RuntimeConfig,
-    configure_logging,
     dynamo_worker,
 )
 
@@ -299,8 +299,8 @@ async def start_engine(
 
 
 @dynamo_worker()
-async def worker(runtime: DistributedRuntime, config: MockerConfig) -> None:
-    mocker = await start_mocker(runtime, config)
+async def worker(runtime: DistributedRuntime, args: ParsedArgs[MockerConfig]) -> None:
+    mocker = await start_mocker(runtime, args.config)
     try:
         await asyncio.gather(
             mocker.endpoint.serve_endpoint(mocker.handler.generate),
@@ -310,11 +310,9 @@ async def worker(runtime: DistributedRuntime, config: MockerConfig) -> None:
         await mocker.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = build_parser().parse_or_exit(argv).config
-    configure_logging()
-    return worker.run(config)
+def main(argv: list[str] | None = None) -> None:
+    run_component(build_parser(), worker, argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
