@@ -55,8 +55,8 @@ def _pytest(session: nox.Session, *paths: str) -> None:
 
 @nox.session(python=PYTHON)
 def core(session: nox.Session) -> None:
-    """dynamo-core alone."""
-    session.install(CORE, *TEST_DEPS, *CORE_TEST_DEPS)
+    """dynamo-core alone (with its zmq extra: the KV-event relay's tests)."""
+    session.install(f"{CORE}[zmq]", *TEST_DEPS, *CORE_TEST_DEPS)
     _pytest(session, f"{CORE}/tests")
 
 

@@ -43,7 +43,8 @@ def test_engine_packages_depend_on_core_by_range_and_register_as_engines() -> No
         project = tomllib.loads((ROOT / "packages" / name / "pyproject.toml").read_text())[
             "project"
         ]
-        assert any(d.startswith("dynamo-core>=") and "<" in d for d in project["dependencies"])
+        core = [d for d in project["dependencies"] if re.match(r"dynamo-core(\[[a-z,]+\])?>=", d)]
+        assert len(core) == 1 and "<" in core[0], project["dependencies"]
         engine = name.removeprefix("dynamo-")
         assert engine in project["optional-dependencies"]
         assert project["entry-points"]["dynamo.engines"] == {engine: f"dynamo_{engine}:ENGINE"}

@@ -35,6 +35,7 @@ from dynamo_core.args import (
     ParserFlags,
     migration_limit_field,
 )
+from dynamo_core.llm.kv_relay import KvRelayConfig
 from dynamo_core.runtime import RuntimeConfig
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ __all__ = [
 EXTRA = "dynamo-vllm[vllm]"
 
 
-class VllmConfig(RuntimeConfig, ParserFlags):
+class VllmConfig(KvRelayConfig, RuntimeConfig, ParserFlags):
     """Dynamo's flags of a vLLM worker; the engine's own flags are vLLM's."""
 
     model: str | None = Field(
@@ -68,18 +69,6 @@ class VllmConfig(RuntimeConfig, ParserFlags):
     )
     endpoint: str = Field(default="generate", description="Endpoint that serves token streams.")
     migration_limit: int = migration_limit_field()
-    kv_events: bool = Field(
-        default=True,
-        description="Publish the engine's KV cache events (blocks stored and removed) for "
-        "KV-aware routing: vLLM's ZMQ KV-events publisher is enabled (unless "
-        "--kv-events-config is given) and its events re-published on the event plane.",
-    )
-    kv_events_port: int = Field(
-        default=0,
-        ge=0,
-        le=65535,
-        description="Local TCP port on which the worker receives vLLM's KV events (0: any free port).",
-    )
 
     def resolved_component(self, default: str = "backend") -> str:
         return self.component_name or default

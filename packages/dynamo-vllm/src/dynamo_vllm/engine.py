@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dynamo_core.errors import ConfigError, DynamoError, EngineError
-from dynamo_vllm.events import KvEventRelay, LoadMetricsLogger
+from dynamo_core.llm.kv_relay import ZmqKvEventRelay
+from dynamo_vllm.events import LoadMetricsLogger
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
@@ -85,7 +86,7 @@ def served_model_name(engine_args: Any) -> str | None:
     return None if Path(engine_args.model).is_dir() else str(engine_args.model)
 
 
-def _kv_event_relay(config: VllmConfig, engine_args: Any, publish: Any) -> KvEventRelay | None:
+def _kv_event_relay(config: VllmConfig, engine_args: Any, publish: Any) -> ZmqKvEventRelay | None:
     """A relay of vLLM's KV events, with vLLM's publisher pointed at it (unless the user
     configured one with --kv-events-config: then the relay follows that one)."""
     from vllm.config import KVEventsConfig
@@ -96,18 +97,18 @@ def _kv_event_relay(config: VllmConfig, engine_args: Any, publish: Any) -> KvEve
     if events is None:
         if not config.kv_events:
             return None
-        relay = KvEventRelay(publish, topic=KV_EVENTS_TOPIC)
+        relay = ZmqKvEventRelay(publish, topic=KV_EVENTS_TOPIC, engine="vLLM")
         engine_args.kv_events_config = KVEventsConfig(
             enable_kv_cache_events=True,
             publisher="zmq",
-            endpoint=relay.bind("127.0.0.1", config.kv_events_port),
+            endpoint=relay.bind_local(config.kv_events_port),
             topic=KV_EVENTS_TOPIC,
         )
         return relay
     if not events.enable_kv_cache_events or events.publisher != "zmq":
         return None
-    relay = KvEventRelay(publish, topic=str(events.topic or ""))
-    relay.connect(str(events.endpoint))
+    relay = ZmqKvEventRelay(publish, topic=str(events.topic or ""), engine="vLLM")
+    relay.connect([str(events.endpoint)])
     return relay
 
 
@@ -124,7 +125,7 @@ class VllmEngine:
     default_sampling: dict[str, Any]
     kv_publisher: EventPublisher
     metrics_publisher: EventPublisher
-    kv_relay: KvEventRelay | None = None
+    kv_relay: ZmqKvEventRelay | None = None
 
     async def close(self) -> None:
         if self.kv_relay is not None:
@@ -172,8 +173,7 @@ async def start_vllm(component: Component, config: VllmConfig, engine_args: Any)
         kv_relay=relay,
     )
     if relay is not None:
-        relay.block_size = block_size
-        await relay.start()
+        relay.start(block_size)
     return engine
 
 

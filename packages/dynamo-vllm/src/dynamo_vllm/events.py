@@ -1,23 +1,8 @@
-"""vLLM's KV events and scheduler stats, re-published on Dynamo's event plane.
+"""vLLM's scheduler stats, re-published on Dynamo's event plane as load metrics.
 
-**KV events.** With `KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=...)`
-vLLM's engine core publishes every step's cache changes on a ZMQ PUB socket, as multipart
-messages `(topic, sequence number: 8 bytes big-endian, payload)`. The payload is a msgpack
-`KVEventBatch`: `[ts, [event, ...], data_parallel_rank]` (the batch is `array_like`); each event
-a map tagged by `type` (`vllm.distributed.kv_events`):
-
-- `BlockStored`: `block_hashes`, `parent_block_hash`, `token_ids` (all the blocks' tokens, in
-  order), `block_size`, and fields Dynamo does not need (`lora_id`, `medium`, ...);
-- `BlockRemoved`: `block_hashes`;
-- `AllBlocksCleared`.
-
-(Older vLLM releases encoded events as arrays, tag first and fields in declaration order; both
-are read.) `KvEventRelay` subscribes to that socket and re-publishes each batch as a Dynamo
-`KvEventBatch` (`KvStored` with each block's tokens, `KvRemoved`, `KvCleared`) on the component's
-`kv_events` topic. Block hashes are vLLM's own ids: ints by default
-(`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1`); bytes hashes are folded into the same 64-bit int
-vLLM would have given. A gap in the sequence numbers (the PUB socket drops when a subscriber
-lags) is logged: the router's view of this worker is then stale until blocks are stored again.
+(vLLM's KV events, the other half of what a KV router reads, come over ZMQ and are relayed by
+core's `dynamo_core.llm.kv_relay.ZmqKvEventRelay`: `dynamo_vllm.engine` points vLLM's
+`KVEventsConfig` at it.)
 
 **Load metrics.** `LoadMetricsLogger` is a vLLM stat logger (passed to
 `AsyncLLM.from_engine_args(stat_loggers=[...])`, called with each step's `SchedulerStats`) that
@@ -30,165 +15,14 @@ excluded) over the step time beyond a decode step, both as decaying averages.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from dynamo_core.llm.kv import KvCleared, KvEvent, KvEventBatch, KvRemoved, KvStored, LoadMetrics
+from dynamo_core.llm.kv import LoadMetrics
 
-__all__ = [
-    "KvEventRelay",
-    "LoadMetricsLogger",
-    "connect_address",
-    "convert_events",
-    "external_hash",
-]
-
-log = logging.getLogger("dynamo.vllm.events")
-
-_U64 = (1 << 64) - 1
-# field order of vLLM's array-encoded events (older releases)
-_STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size")
-_REMOVED_FIELDS = ("block_hashes",)
-
-
-def external_hash(value: Any) -> int:
-    """A vLLM block hash as an unsigned 64-bit int (what vLLM sends with int hashes on)."""
-    if isinstance(value, bytes | bytearray):
-        return int.from_bytes(value, "big") & _U64
-    return int(value) & _U64
-
-
-def _fields(event: Any, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
-    if isinstance(event, dict):
-        return str(event.get("type", "")), event
-    if isinstance(event, list | tuple) and event:
-        return str(event[0]), dict(zip(names, event[1:], strict=False))
-    return "", {}
-
-
-def convert_events(payload: bytes, block_size: int) -> list[KvEvent]:
-    """Dynamo KV events for one msgpack `KVEventBatch` from vLLM's publisher."""
-    batch = msgspec.msgpack.decode(payload)
-    raw_events = batch[1] if isinstance(batch, list | tuple) else batch.get("events", [])
-    events: list[KvEvent] = []
-    for raw in raw_events:
-        kind = raw.get("type") if isinstance(raw, dict) else (raw[0] if raw else None)
-        if kind == "BlockStored":
-            _, f = _fields(raw, _STORED_FIELDS)
-            size = int(f.get("block_size") or block_size)
-            tokens = list(f.get("token_ids") or [])
-            hashes = [external_hash(h) for h in f.get("block_hashes") or []]
-            parent = f.get("parent_block_hash")
-            events.append(
-                KvStored(
-                    block_hashes=hashes,
-                    token_ids=[tokens[i * size : (i + 1) * size] for i in range(len(hashes))],
-                    parent_hash=None if parent is None else external_hash(parent),
-                )
-            )
-        elif kind == "BlockRemoved":
-            _, f = _fields(raw, _REMOVED_FIELDS)
-            events.append(
-                KvRemoved(block_hashes=[external_hash(h) for h in f.get("block_hashes") or []])
-            )
-        elif kind == "AllBlocksCleared":
-            events.append(KvCleared())
-        else:
-            log.debug("ignoring vLLM KV event %r", kind)
-    return events
-
-
-def connect_address(endpoint: str) -> str:
-    """Where a subscriber connects for a publisher bound to `endpoint` (`tcp://*:5557`)."""
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep or scheme != "tcp":
-        return endpoint
-    host, _, port = rest.rpartition(":")
-    if host in ("*", "0.0.0.0", "", "[::]", "::"):
-        host = "127.0.0.1"
-    return f"tcp://{host}:{port}"
-
-
-class KvEventRelay:
-    """Reads vLLM's ZMQ KV-events publisher and re-publishes on the event plane.
-
-    Either `bind()` a local SUB socket first and point vLLM's publisher at the returned
-    endpoint (vLLM's PUB socket *connects* to an endpoint without a wildcard), or `connect()` to
-    a publisher the user configured (`tcp://*:5557`: vLLM binds). `start()` begins relaying.
-    """
-
-    def __init__(
-        self, publish: Callable[[Any], None], *, topic: str = "", block_size: int = 0
-    ) -> None:
-        import zmq
-        import zmq.asyncio
-
-        self.publish = publish
-        self.topic = topic
-        self.block_size = block_size
-        self.batches = 0
-        self.events = 0
-        self._next_id = 0
-        self._last_seq: int | None = None
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self._task: asyncio.Task[None] | None = None
-        self.address = ""
-
-    def bind(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on `host:port` (0: any free port); returns the endpoint vLLM connects to."""
-        import zmq
-
-        self._socket.bind(f"tcp://{host}:{port}")
-        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        return self.address
-
-    def connect(self, endpoint: str) -> None:
-        """Follow a publisher that binds `endpoint` itself."""
-        self.address = connect_address(endpoint)
-        self._socket.connect(self.address)
-
-    async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        log.info("relaying vLLM KV events from %s", self.address)
-
-    def handle(self, frames: list[bytes]) -> None:
-        """One ZMQ message: (topic, seq, payload)."""
-        if len(frames) < 3:
-            return
-        seq = int.from_bytes(frames[-2], "big")
-        if self._last_seq is not None and seq != self._last_seq + 1:
-            log.warning("vLLM KV events %d..%d were lost", self._last_seq + 1, seq - 1)
-        self._last_seq = seq
-        events = convert_events(frames[-1], self.block_size)
-        if not events:
-            return
-        batch = KvEventBatch(event_id=self._next_id, events=events, block_size=self.block_size)
-        self._next_id += 1
-        self.batches += 1
-        self.events += len(events)
-        self.publish(msgspec.to_builtins(batch))
-
-    async def _run(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart()
-            try:
-                self.handle(frames)
-            except Exception:  # a malformed batch must not stop the relay
-                log.exception("could not read a vLLM KV event batch")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self._socket.close(0)
-        self._context.term()
+__all__ = ["LoadMetricsLogger"]
 
 
 class _StepSpeeds:

@@ -1,0 +1,185 @@
+"""Core's ZMQ KV-event relay: the engines' wire format (vLLM's, which SGLang shares) in both
+encodings, the relay's sockets, and what it does with garbage and gaps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from dynamo_core.llm.kv import KvCleared, KvRemoved, KvStored
+from dynamo_core.llm.kv_relay import (
+    ZmqKvEventRelay,
+    connectable,
+    convert_events,
+    external_hash,
+    rank_endpoint,
+)
+
+U64 = 2**64
+
+
+def batch(*events: Any, rank: int | None = None) -> bytes:
+    return msgspec.msgpack.encode([1700000000.0, list(events), rank])
+
+
+def stored(
+    hashes: list[Any], tokens: list[int], parent: Any = None, size: int = 4
+) -> dict[str, Any]:
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent,
+            "token_ids": tokens, "block_size": size, "lora_id": None, "medium": "GPU",
+            "lora_name": None}  # fmt: skip
+
+
+def test_stored_removed_cleared_as_tagged_maps() -> None:
+    events = convert_events(
+        batch(
+            stored([11, 12], list(range(8)), parent=10),
+            {"type": "BlockRemoved", "block_hashes": [11], "medium": "GPU"},
+            {"type": "AllBlocksCleared"},
+            {"type": "SomethingNew"},
+        ),
+        block_size=4,
+    )
+    assert msgspec.to_builtins(events) == [
+        {"type": "stored", "block_hashes": [11, 12], "token_ids": [[0, 1, 2, 3], [4, 5, 6, 7]],
+         "parent_hash": 10},
+        {"type": "removed", "block_hashes": [11]},
+        {"type": "cleared"},
+    ]  # fmt: skip
+
+
+def test_tagged_arrays_of_older_releases_and_bytes_hashes() -> None:
+    digest = bytes(range(32))
+    events = convert_events(
+        batch(["BlockStored", [digest], None, [1, 2], 2, None, "GPU"], ["BlockRemoved", [digest]]),
+        block_size=16,
+    )
+    expected = int.from_bytes(digest, "big") & (U64 - 1)  # as vLLM's int hashes
+    assert external_hash(digest) == expected
+    assert events == [
+        KvStored(block_hashes=[expected], token_ids=[[1, 2]], parent_hash=None),
+        KvRemoved(block_hashes=[expected]),
+    ]
+
+
+def test_negative_hashes_are_unsigned_and_uneven_blocks_split_evenly() -> None:
+    # SGLang hashes are signed 64-bit; its last page may not be full
+    events = convert_events(batch(stored([-5, 7], [1, 2, 3, 4, 5, 6], parent=-1, size=4)), 4)
+    assert events == [
+        KvStored(block_hashes=[U64 - 5, 7], token_ids=[[1, 2, 3], [4, 5, 6]], parent_hash=U64 - 1)
+    ]
+    assert convert_events(batch(stored([], [1, 2])), 2) == []  # nothing stored: no event
+
+
+def test_a_batch_encoded_as_a_map() -> None:
+    payload = msgspec.msgpack.encode({"ts": 1.0, "events": [{"type": "AllBlocksCleared"}]})
+    assert convert_events(payload, 4) == [KvCleared()]
+    assert convert_events(batch(), 4) == []
+
+
+def test_endpoints() -> None:
+    assert connectable("tcp://*:5557") == "tcp://127.0.0.1:5557"
+    assert connectable("tcp://0.0.0.0:5557") == "tcp://127.0.0.1:5557"
+    assert connectable("tcp://10.0.0.2:5557") == "tcp://10.0.0.2:5557"
+    assert connectable("ipc:///tmp/x") == "ipc:///tmp/x"
+    assert rank_endpoint("tcp://127.0.0.1:5557", 0) == "tcp://127.0.0.1:5557"
+    assert rank_endpoint("tcp://127.0.0.1:5557", 2) == "tcp://127.0.0.1:5559"
+    assert rank_endpoint("ipc:///tmp/kv", 1) == "ipc:///tmp/kv_dp1"
+
+
+def frames(seq: int, payload: bytes) -> list[bytes]:
+    return [b"kv-events", seq.to_bytes(8, "big"), payload]
+
+
+def test_garbage_is_skipped_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    got: list[Any] = []
+    relay = ZmqKvEventRelay(got.append, block_size=2, engine="vLLM")
+    try:
+        relay.handle([b"only one frame"])
+        relay.handle(frames(0, b"\xc1 not msgpack"))
+        relay.handle(frames(1, msgspec.msgpack.encode("a string")))
+        relay.handle(frames(2, batch({"type": "AllBlocksCleared"})))
+    finally:
+        relay._socket.close(0)
+        relay._context.term()
+    assert relay.bad == 3
+    assert (relay.batches, relay.events) == (1, 1)
+    assert got == [{"event_id": 0, "events": [{"type": "cleared"}], "block_size": 2}]
+    assert "unreadable vLLM KV event batch skipped" in caplog.text
+
+
+def test_a_gap_in_a_ranks_sequence_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    relay = ZmqKvEventRelay(lambda _: None, block_size=2, engine="SGLang")
+    cleared = {"type": "AllBlocksCleared"}
+    try:
+        with caplog.at_level(logging.WARNING, "dynamo.kv_relay"):
+            for seq, rank in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 1), (5, 0), (0, 0)]:
+                relay.handle(frames(seq, batch(cleared, rank=rank)))
+    finally:
+        relay._socket.close(0)
+        relay._context.term()
+    # ranks count apart; 2..4 of rank 0 were lost; a restart from 0 is no gap
+    assert relay.lost == 3
+    assert caplog.messages == ["SGLang KV events 2..4 of rank 0 were lost"]
+
+
+async def _until(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_bound_locally_the_engines_publishers_connect_one_per_rank() -> None:
+    got: list[Any] = []
+    relay = ZmqKvEventRelay(got.append, topic="kv-events", block_size=4)
+    endpoint = relay.bind_local(ranks=2)
+    relay.start()
+    ctx = zmq.Context()
+    pubs = [ctx.socket(zmq.PUB) for _ in range(2)]
+    try:
+        for rank, pub in enumerate(pubs):
+            pub.connect(rank_endpoint(endpoint, rank))  # what the engine's ranks do
+        async with asyncio.timeout(5):  # PUB/SUB: messages before the link is up are dropped
+            seq = 0
+            while {tuple(e["events"][0]["block_hashes"]) for e in got} != {(1,), (2,)}:
+                for rank, pub in enumerate(pubs):
+                    payload = batch(stored([rank + 1], [1, 2, 3, 4]), rank=rank)
+                    pub.send_multipart(frames(seq, payload))
+                seq += 1
+                await asyncio.sleep(0.05)
+        assert [e["event_id"] for e in got] == list(range(len(got)))
+        assert got[0]["block_size"] == 4 and got[0]["events"][0]["token_ids"] == [[1, 2, 3, 4]]
+        assert relay.lost == 0
+    finally:
+        for pub in pubs:
+            pub.close(0)
+        ctx.term()
+        await relay.close()
+
+
+async def test_connected_it_follows_a_publisher_that_binds() -> None:
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    got: list[Any] = []
+    relay = ZmqKvEventRelay(got.append, block_size=2)
+    relay.connect([f"tcp://*:{port}"])
+    assert relay.address == f"tcp://127.0.0.1:{port}"
+    relay.start(block_size=8)
+    try:
+        seq = 0
+        async with asyncio.timeout(5):
+            while not got:
+                pub.send_multipart(frames(seq, batch({"type": "AllBlocksCleared"})))
+                seq += 1
+                await asyncio.sleep(0.05)
+        assert got[0]["block_size"] == 8
+    finally:
+        pub.close(0)
+        ctx.term()
+        await relay.close()
