@@ -12,10 +12,11 @@ from typing import Any
 import msgspec
 
 from dynamo_core.llm.kv import KvCleared, KvEventBatch, KvRemoved, KvStored
+from dynamo_core.llm.kv_relay import convert_events
 from dynamo_core.testing.conformance import collect, make_request
 from dynamo_sglang.engine import prepare_kv_events
 from dynamo_sglang.handlers import WorkerHandler
-from dynamo_sglang.kv_events import convert_batch, subscriber_endpoints
+from dynamo_sglang.kv_events import subscriber_endpoints
 from sglang_testing import TINY, free_port
 
 
@@ -37,35 +38,11 @@ def test_convert_tagged_maps(fake_sglang: ModuleType) -> None:
             sk.AllBlocksCleared(),
         ],
     )
-    out = convert_batch(msgspec.msgpack.encode(batch), 3, 2)
-    assert out == KvEventBatch(
-        event_id=3,
-        block_size=2,
-        events=[
-            KvStored(
-                block_hashes=[2**64 - 5, 7], token_ids=[[1, 2], [3, 4]], parent_hash=2**64 - 1
-            ),
-            KvRemoved(block_hashes=[7]),
-            KvCleared(),
-        ],
-    )
-
-
-def test_convert_tagged_arrays_of_older_releases() -> None:
-    payload = msgspec.msgpack.encode(
-        [
-            1.0,
-            [["BlockStored", [10, 11], None, [5, 6, 7, 8], 2, None], ["BlockRemoved", [10]]],
-            None,
-        ]
-    )
-    out = convert_batch(payload, 0, 2)
-    assert out is not None
-    assert out.events == [
-        KvStored(block_hashes=[10, 11], token_ids=[[5, 6], [7, 8]], parent_hash=None),
-        KvRemoved(block_hashes=[10]),
+    assert convert_events(msgspec.msgpack.encode(batch), 2) == [
+        KvStored(block_hashes=[2**64 - 5, 7], token_ids=[[1, 2], [3, 4]], parent_hash=2**64 - 1),
+        KvRemoved(block_hashes=[7]),
+        KvCleared(),
     ]
-    assert convert_batch(msgspec.msgpack.encode([1.0, [], None]), 0, 2) is None
 
 
 def test_subscriber_endpoints() -> None:
@@ -153,3 +130,15 @@ def test_no_relay_when_disabled_or_not_zmq(fake_sglang: ModuleType) -> None:
     assert server_args.kv_events_config is None
     server_args.kv_events_config = json.dumps({"publisher": "null"})
     assert prepare_kv_events(server_args, Collector(), enabled=True) is None
+
+
+async def test_the_local_publisher_listens_on_kv_events_port(fake_sglang: ModuleType) -> None:
+    port = free_port()
+    server_args = fake_sglang.ServerArgs(model_path=str(TINY), page_size=4)
+    relay = prepare_kv_events(server_args, Collector(), enabled=True, port=port)
+    assert relay is not None
+    try:
+        config = json.loads(server_args.kv_events_config)
+        assert config["endpoint"] == f"tcp://127.0.0.1:{port}"
+    finally:
+        await relay.close()

@@ -26,6 +26,7 @@ from dynamo_core.args import (
     migration_limit_field,
 )
 from dynamo_core.errors import ConfigError
+from dynamo_core.llm.kv_relay import KvRelayConfig
 from dynamo_core.runtime import RuntimeConfig
 
 __all__ = [
@@ -44,7 +45,7 @@ EXTRA = "dynamo-sglang[sglang]"
 Mode = Literal["null", "prefill", "decode"]
 
 
-class SglangConfig(RuntimeConfig, ParserFlags):
+class SglangConfig(KvRelayConfig, RuntimeConfig, ParserFlags):
     """Dynamo's flags of an SGLang worker (SGLang's own flags are SGLang's)."""
 
     model_path: str | None = Field(
@@ -62,11 +63,6 @@ class SglangConfig(RuntimeConfig, ParserFlags):
         default=None,
         description="Prefill mode: the address decode workers reach this worker's bootstrap "
         "server at (default: the host of --dist-init-addr, else this machine's address).",
-    )
-    kv_events: bool = Field(
-        default=True,
-        description="Re-publish SGLang's KV cache events for KV-aware routing. Without "
-        "--kv-events-config, the worker sets up SGLang's ZMQ publisher on a free local port.",
     )
 
     def resolved_component(self, mode: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_core.errors import ConfigError, EngineError
+from dynamo_core.llm.kv_relay import ZmqKvEventRelay
 from dynamo_core.llm.model_card import ModelCard
 from dynamo_core.runtime import Endpoint
 from dynamo_sglang.handlers import (
@@ -31,7 +32,7 @@ from dynamo_sglang.handlers import (
     PrefillHandler,
     WorkerHandler,
 )
-from dynamo_sglang.kv_events import KvEventRelay, local_kv_events_config, subscriber_endpoints
+from dynamo_sglang.kv_events import LOCAL_TOPIC, local_kv_events_config, subscriber_endpoints
 
 __all__ = [
     "EngineInfo",
@@ -59,7 +60,7 @@ def start_sglang(server_args: Any) -> Any:
         raise EngineError(f"SGLang failed to start: {detail}") from exc
 
 
-async def stop_sglang(engine: Any | None, kv_relay: KvEventRelay | None = None) -> None:
+async def stop_sglang(engine: Any | None, kv_relay: ZmqKvEventRelay | None = None) -> None:
     """Stop relaying KV events and shut SGLang down (its scheduler and detokenizer processes)."""
     if kv_relay is not None:
         await kv_relay.close()
@@ -171,28 +172,33 @@ def make_handler(
     return WorkerHandler(engine, incremental_output=info.incremental_output, name=name)
 
 
-def prepare_kv_events(server_args: Any, publisher: Any, enabled: bool) -> KvEventRelay | None:
+def prepare_kv_events(
+    server_args: Any, publisher: Any, enabled: bool, port: int = 0
+) -> ZmqKvEventRelay | None:
     """A relay of SGLang's KV events to `publisher` (started by the caller once the engine
-    runs). Without `--kv-events-config`, SGLang is told to publish to a port the relay binds."""
+    runs). Without `--kv-events-config`, SGLang is told to publish to 127.0.0.1:`port` (0: a
+    free port), which the relay binds (and the next ports, one per data-parallel rank)."""
     if not enabled:
         return None
-
-    def publish(batch: Any) -> None:
-        publisher.publish(batch)
-
     raw = getattr(server_args, "kv_events_config", None)
     dp_size = int(getattr(server_args, "dp_size", None) or 1)
     if not raw:
-        relay = KvEventRelay.bound_locally(publish, block_size=1, dp_size=dp_size)
-        server_args.kv_events_config = local_kv_events_config(relay.port)
+        relay = ZmqKvEventRelay(publisher.publish, topic=LOCAL_TOPIC, engine="SGLang")
+        endpoint = relay.bind_local(port, ranks=dp_size)
+        server_args.kv_events_config = local_kv_events_config(endpoint)
         return relay
     config = json.loads(raw) if isinstance(raw, str) else dict(raw)
     if config.get("publisher", "null") != "zmq":
         return None
     endpoints, bind = subscriber_endpoints(config, dp_size)
-    return KvEventRelay(
-        publish, block_size=1, endpoints=endpoints, topic=str(config.get("topic") or ""), bind=bind
+    relay = ZmqKvEventRelay(
+        publisher.publish, topic=str(config.get("topic") or ""), engine="SGLang"
     )
+    if bind:
+        relay.bind(endpoints)
+    else:
+        relay.connect(endpoints)
+    return relay
 
 
 @dataclass
@@ -203,7 +209,7 @@ class SglangWorker:
     handler: WorkerHandler
     endpoint: Endpoint
     card: ModelCard
-    kv_relay: KvEventRelay | None = None
+    kv_relay: ZmqKvEventRelay | None = None
 
     async def serve(self) -> None:
         await self.endpoint.serve_endpoint(self.handler.generate)

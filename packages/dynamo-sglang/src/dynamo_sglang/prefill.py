@@ -73,7 +73,10 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[SglangConfig]) ->
     await component.create_service()
     endpoint = component.endpoint(config.endpoint)
     kv_relay = prepare_kv_events(
-        server_args, await component.event_publisher(KV_EVENTS_TOPIC), config.kv_events
+        server_args,
+        await component.event_publisher(KV_EVENTS_TOPIC),
+        config.kv_events,
+        config.kv_events_port,
     )
 
     engine = None

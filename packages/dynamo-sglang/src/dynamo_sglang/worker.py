@@ -72,7 +72,7 @@ async def start_worker(
     await component.create_service()
     endpoint = component.endpoint(config.endpoint)
     kv_publisher = await component.event_publisher(KV_EVENTS_TOPIC)
-    kv_relay = prepare_kv_events(server_args, kv_publisher, config.kv_events)
+    kv_relay = prepare_kv_events(server_args, kv_publisher, config.kv_events, config.kv_events_port)
 
     engine = start_sglang(server_args)
     try:
