@@ -37,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +125,11 @@ async def _run(source: str, target: str, own: RunConfig, engine_argv: list[str])
             ),
         )
     async with DistributedRuntime(runtime_config) as runtime:
-        worker = await module.start_engine(runtime, parsed)
-        serving = asyncio.create_task(worker.serve())
+        serving, close = await _start_engine(module, runtime, parsed)
         service = OpenAIService(runtime, namespace=namespace, router=own.router_settings())
         await service.start()
         try:
-            async with asyncio.timeout(120):
-                while not service.models.listed():
-                    if serving.done():
-                        serving.result()
-                        raise ConfigError(f"engine {target} stopped before serving a model")
-                    await service.models.wait_for_change()
+            await _until_listed(service, serving, target)
             entry = service.models.listed()[0]
             code = 0
             if source == "http":
@@ -147,9 +141,50 @@ async def _run(source: str, target: str, own: RunConfig, engine_argv: list[str])
         finally:
             runtime.request_shutdown()
             await service.close()
-            await asyncio.wait([serving], timeout=10)
-            await worker.close()
+            await _stop(serving, runtime.config.graceful_shutdown_timeout + 10)
+            await close()
     return code
+
+
+async def _start_engine(
+    module: Any, runtime: DistributedRuntime, parsed: Any
+) -> tuple[asyncio.Task[Any], Callable[[], Awaitable[None]]]:
+    """The engine module's own `worker` body on this process's runtime (`run_in`: its
+    adapter, `register_model` and `serve_endpoint`, as `python -m` runs them); a module that
+    still offers only `start_engine` is started and served through it."""
+    if hasattr(module, "worker") and hasattr(module.worker, "run_in"):
+        task = asyncio.create_task(module.worker.run_in(runtime, parsed))
+
+        async def nothing() -> None:
+            pass
+
+        return task, nothing
+    started = await module.start_engine(runtime, parsed)
+    return asyncio.create_task(started.serve()), started.close
+
+
+async def _until_listed(service: Any, serving: asyncio.Task[Any], target: str) -> None:
+    """Wait (120 s at most) until the frontend lists a model; the engine's own error if its
+    worker ends first."""
+    async with asyncio.timeout(120):
+        while not service.models.listed():
+            change = asyncio.ensure_future(service.models.wait_for_change())
+            await asyncio.wait([change, serving], return_when=asyncio.FIRST_COMPLETED)
+            change.cancel()
+            if serving.done():
+                serving.result()
+                raise ConfigError(f"engine {target} stopped before serving a model")
+
+
+async def _stop(serving: asyncio.Task[Any], timeout: float) -> None:
+    """Let the worker drain and close its engine after a shutdown request; cancel it after
+    `timeout` (its `async with` still closes the engine)."""
+    done, _ = await asyncio.wait([serving], timeout=timeout)
+    if not done:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    elif not serving.cancelled() and serving.exception() is not None:
+        log.warning("the engine stopped with an error: %s", serving.exception())
 
 
 async def _serve_http(runtime: DistributedRuntime, service: Any, own: RunConfig) -> None:
