@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from dynamo_core.http import HttpServer, serve_http
 from dynamo_core.llm import register_model
 from dynamo_core.router import RouterConfig
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.testing.inprocess import record_adapters, serving
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 
@@ -302,25 +304,26 @@ async def test_requests_spread_and_migrate(namespace: str) -> None:
         assert (ha.metrics.cancelled_total + hb.metrics.cancelled_total) == 1
 
 
-async def test_disaggregated_prefill_then_decode(namespace: str) -> None:
-    from dynamo_core.mocker.main import MockerConfig, start_mocker
+async def test_disaggregated_prefill_then_decode(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mocker = importlib.import_module("dynamo_core.mocker.main")  # the package's `main` is main()
 
+    adapters = record_adapters(monkeypatch, mocker, "MockerAdapter")
     cfg = RuntimeConfig.in_process(namespace=namespace)
 
-    def mocker_config(mode: str) -> MockerConfig:
-        return MockerConfig(
-            model_path=TINY,
-            namespace=namespace,
-            discovery_backend="mem",
-            request_plane="inproc",
-            disaggregation_mode=mode,  # type: ignore[arg-type]
-            speedup_ratio=1000,
-        )
+    def mocker_args(mode: str) -> Any:
+        flags = ["--model-path", str(TINY), "--namespace", namespace, "--discovery-backend",
+                 "mem", "--request-plane", "inproc", "--disaggregation-mode", mode,
+                 "--speedup-ratio", "1000"]  # fmt: skip
+        return mocker.build_parser().parse(flags, environ={})
 
-    async with DistributedRuntime(cfg) as rt:
-        prefill = await start_mocker(rt, mocker_config("prefill"))
-        decode = await start_mocker(rt, mocker_config("decode"))
-        tasks = [asyncio.create_task(prefill.serve()), asyncio.create_task(decode.serve())]
+    async with (
+        DistributedRuntime(cfg) as rt,
+        serving(mocker.worker, rt, mocker_args("prefill")),
+        serving(mocker.worker, rt, mocker_args("decode")),
+    ):
+        prefill, decode = adapters
         service = OpenAIService(rt, namespace=namespace)
         await service.start()
         server = await serve_http(service.handle, "127.0.0.1", 0)
@@ -354,10 +357,6 @@ async def test_disaggregated_prefill_then_decode(namespace: str) -> None:
             await client.close()
             await server.close()
             await service.close()
-            rt.request_shutdown()
-            await asyncio.gather(*tasks)
-            await prefill.close()
-            await decode.close()
 
 
 async def test_expect_100_continue_is_answered(graph: Graph) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -33,11 +34,13 @@ from dynamo_core.llm.kv import (
 )
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
 from dynamo_core.llm.tokenizer import Tokenizer
-from dynamo_core.mocker import Deployment, MockerConfig, MockerWorker, build_parser, start_mocker
+from dynamo_core.mocker import Deployment, MockerAdapter, MockerConfig, build_parser, worker
 from dynamo_core.runtime import Client, Context, DistributedRuntime, RuntimeConfig
 from dynamo_core.testing.conformance import make_request
+from dynamo_core.testing.inprocess import record_adapters, serving
 from dynamo_core.testing.procs import run_python
 
+mocker_main = importlib.import_module("dynamo_core.mocker.main")  # the package's `main` is main()
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 
 
@@ -87,16 +90,15 @@ def test_module_shape() -> None:
     assert load_deployment("dynamo_core.mocker") is Deployment
     assert Deployment.name == "mocker" and Deployment.resources.gpu == 0
     parser = load_parser("dynamo_core.mocker")
-    config = parser.parse(
-        ["--model-path", str(TINY), "--no-enable-prefix-caching"], environ={}
-    ).config
+    agg = parser.parse(["--model-path", str(TINY), "--no-enable-prefix-caching"], environ={})
+    config = agg.config
     assert isinstance(config, MockerConfig)
     assert config.enable_prefix_caching is False and config.block_size == 16
-    assert config.resolved_component() == "backend"
+    assert config.resolved_component(MockerAdapter(agg).role) == "backend"
     prefill = build_parser().parse(
         ["--model-path", str(TINY), "--disaggregation-mode", "prefill"], environ={}
     )
-    assert prefill.config.resolved_component() == "prefill"
+    assert prefill.config.resolved_component(MockerAdapter(prefill).role) == "prefill"
 
 
 def test_help_imports_no_engine() -> None:
@@ -121,27 +123,20 @@ def test_help_imports_no_engine() -> None:
 
 
 @pytest.fixture
-async def mocker(runtime: DistributedRuntime, namespace: str) -> AsyncIterator[MockerWorker]:
-    config = MockerConfig.model_validate(
-        {
-            "model_path": TINY,
-            "namespace": namespace,
-            "speedup_ratio": 1000,
-            "num_gpu_blocks": 40,
-            "block_size": 4,
-            "max_num_seqs": 8,
-        }
-    )
-    worker = await start_mocker(runtime, config)
-    task = asyncio.create_task(worker.serve())
-    yield worker
-    runtime.request_shutdown()
-    await task
-    await worker.close()
+async def mocker(
+    runtime: DistributedRuntime, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[MockerAdapter]:
+    """`python -m dynamo_core.mocker`'s own worker, on this test's runtime."""
+    adapters = record_adapters(monkeypatch, mocker_main, "MockerAdapter")
+    flags = ["--model-path", str(TINY), "--namespace", namespace, "--speedup-ratio", "1000",
+             "--num-gpu-blocks", "40", "--block-size", "4", "--max-num-seqs", "8"]  # fmt: skip
+    args = build_parser().parse(flags, environ={})
+    async with serving(worker, runtime, args):
+        yield adapters[0]
 
 
 async def test_serves_tokens_and_registers_the_model(
-    runtime: DistributedRuntime, namespace: str, mocker: MockerWorker
+    runtime: DistributedRuntime, namespace: str, mocker: MockerAdapter
 ) -> None:
     client = await client_for(runtime, namespace, "generate")
     outs = await collect(await client.round_robin(make_request(list(range(10, 40)), max_tokens=9)))
@@ -155,7 +150,7 @@ async def test_serves_tokens_and_registers_the_model(
 
 
 async def test_kv_events_on_the_event_plane_replay_to_the_cache(
-    runtime: DistributedRuntime, namespace: str, mocker: MockerWorker
+    runtime: DistributedRuntime, namespace: str, mocker: MockerAdapter
 ) -> None:
     component = runtime.namespace(namespace).component("backend")
     events = await component.subscribe(KV_EVENTS_TOPIC)
@@ -189,7 +184,7 @@ async def test_kv_events_on_the_event_plane_replay_to_the_cache(
 
 
 async def test_cancelling_a_stream_frees_its_blocks(
-    runtime: DistributedRuntime, namespace: str, mocker: MockerWorker
+    runtime: DistributedRuntime, namespace: str, mocker: MockerAdapter
 ) -> None:
     # real-time steps: at the fixture's speed the request would run to the end of the cache
     # (80 steps) in well under a millisecond, before the test could look at it
@@ -214,7 +209,7 @@ async def test_cancelling_a_stream_frees_its_blocks(
 
 
 async def test_requests_beyond_the_cache_queue_and_complete(
-    runtime: DistributedRuntime, namespace: str, mocker: MockerWorker
+    runtime: DistributedRuntime, namespace: str, mocker: MockerAdapter
 ) -> None:
     client = await client_for(runtime, namespace, "generate")
     prompts = [list(range(1000 * i, 1000 * i + 60)) for i in range(1, 9)]  # 16 blocks each

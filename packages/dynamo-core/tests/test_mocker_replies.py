@@ -18,9 +18,9 @@ from dynamo_core.llm.detokenizer import IncrementalDetokenizer
 from dynamo_core.llm.parsers import parse_output
 from dynamo_core.llm.protocol import PreprocessedRequest
 from dynamo_core.llm.tokenizer import Tokenizer
+from dynamo_core.mocker.adapter import _unprintable_token_ids
 from dynamo_core.mocker.engine import MockerEngine, MockerEngineArgs
 from dynamo_core.mocker.handlers import MockerDecodeHandler, MockerHandler, MockerPrefillHandler
-from dynamo_core.mocker.main import _unprintable_token_ids
 from dynamo_core.mocker.replies import Replies
 from dynamo_core.mocker.script import ChatLayout, PromptView, ReplyScript
 from dynamo_core.testing.conformance import collect, make_request

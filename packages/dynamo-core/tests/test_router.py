@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,6 +40,7 @@ from dynamo_core.router import (
 from dynamo_core.router.kv import DEFAULT_DECODE_STEP_S, DEFAULT_PREFILL_TOKENS_PER_S
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 from dynamo_core.runtime.events import EventPublisher
+from dynamo_core.testing.inprocess import record_adapters, serving
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 BS = 4
@@ -473,26 +475,23 @@ def test_kv_router_temperature_spreads_choices() -> None:
     assert picks.count(1) > picks.count(2) > 0
 
 
-async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
-    from dynamo_core.mocker.main import MockerConfig, start_mocker
+async def test_kv_routing_end_to_end_reuses_the_cache(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mocker = importlib.import_module("dynamo_core.mocker.main")  # the package's `main` is main()
 
+    workers = record_adapters(monkeypatch, mocker, "MockerAdapter")
+    flags = ["--model-path", str(TINY), "--namespace", namespace, "--discovery-backend", "mem",
+             "--request-plane", "inproc", "--speedup-ratio", "1000"]  # fmt: skip
+    args = mocker.build_parser().parse(flags, environ={})
     cfg = RuntimeConfig.in_process(namespace=namespace)
     async with (
         DistributedRuntime(cfg) as rt_a,
         DistributedRuntime(cfg) as rt_b,
         DistributedRuntime(cfg) as front,
+        serving(mocker.worker, rt_a, args),
+        serving(mocker.worker, rt_b, args),
     ):
-        workers = []
-        for rt in (rt_a, rt_b):
-            config = MockerConfig(
-                model_path=TINY,
-                namespace=namespace,
-                discovery_backend="mem",
-                request_plane="inproc",
-                speedup_ratio=1000,
-            )
-            workers.append(await start_mocker(rt, config))
-        tasks = [asyncio.create_task(w.serve()) for w in workers]
         service = OpenAIService(front, namespace=namespace, router=RouterConfig(router_mode="kv"))
         await service.start()
         server = await serve_http(service.handle, "127.0.0.1", 0)
@@ -543,11 +542,6 @@ async def test_kv_routing_end_to_end_reuses_the_cache(namespace: str) -> None:
             await client.close()
             await server.close()
             await service.close()
-            for rt in (rt_a, rt_b):
-                rt.request_shutdown()
-            await asyncio.gather(*tasks)
-            for w in workers:
-                await w.close()
 
 
 async def publishing_worker(

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import Field
 
-from dynamo_core.args import migration_limit_field
+from dynamo_core.args import ParserFlags, migration_limit_field
 from dynamo_core.runtime.config import RuntimeConfig
 
 if TYPE_CHECKING:
@@ -59,8 +59,9 @@ __all__ = ["EngineAdapter", "EngineInfo", "Role", "WorkerConfig"]
 Role = Literal["worker", "prefill", "decode"]
 
 
-class WorkerConfig(RuntimeConfig):
-    """The flags every engine worker has (its config subclasses this)."""
+class WorkerConfig(RuntimeConfig, ParserFlags):
+    """The flags every engine worker has (its config subclasses this); with `ParserFlags`, the
+    model's tool-call and reasoning parsers, which `register_model` carries in the card."""
 
     component_name: str | None = Field(
         default=None,

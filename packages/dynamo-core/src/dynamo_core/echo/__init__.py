@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from dynamo_core.echo.main import (
     Deployment,
+    EchoAdapter,
     EchoConfig,
     EchoHandler,
     build_parser,
     main,
-    start_engine,
     worker,
 )
 
 __all__ = [
     "Deployment",
+    "EchoAdapter",
     "EchoConfig",
     "EchoHandler",
     "build_parser",
     "main",
-    "start_engine",
     "worker",
 ]

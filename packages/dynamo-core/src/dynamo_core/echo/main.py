@@ -4,34 +4,36 @@
 
 Useful to check a graph end to end without a model: the output text is the prompt's text, so
 templating, tokenizing, detokenizing and stop strings are all visible. `--delay` seconds pass
-between tokens (0: as fast as the request plane goes).
+between tokens (0: as fast as the request plane goes). `worker()` is the role-module recipe
+every engine follows; `EchoAdapter` has no engine to start.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
+from dynamo_core.adapter import EngineAdapter, EngineInfo, WorkerConfig
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment
 from dynamo_core.handlers import BaseWorkerHandler
 from dynamo_core.llm.model_card import register_model
 from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
-from dynamo_core.runtime import (
-    Context,
-    DistributedRuntime,
-    Endpoint,
-    RuntimeConfig,
-    dynamo_worker,
-)
+from dynamo_core.runtime import Component, Context, DistributedRuntime, dynamo_worker
 
-__all__ = ["Deployment", "EchoConfig", "EchoHandler", "build_parser", "main", "start_engine"]
+__all__ = [
+    "Deployment",
+    "EchoAdapter",
+    "EchoConfig",
+    "EchoHandler",
+    "build_parser",
+    "main",
+    "worker",
+]
 
 
 class EchoHandler(BaseWorkerHandler):
@@ -65,12 +67,31 @@ class EchoHandler(BaseWorkerHandler):
         self.active.discard(request_id)
 
 
-class EchoConfig(RuntimeConfig):
+class EchoConfig(WorkerConfig):
     model_path: Path = Field(description="Folder with the tokenizer (tokenizer.json).")
     model_name: str | None = Field(None, description="Served model name (default: folder name).")
-    component_name: str = Field("backend", description="Component to serve as.")
-    endpoint: str = Field("generate", description="Endpoint name to serve.")
     delay: float = Field(0.0, ge=0, description="Seconds between tokens.")
+
+
+class EchoAdapter(EngineAdapter[EchoConfig]):
+    """No engine to start: the model card comes from the model folder, the handler echoes."""
+
+    def __init__(self, args: ParsedArgs[EchoConfig]) -> None:
+        super().__init__(args, "worker")
+
+    async def start(self, component: Component) -> EngineInfo:
+        return EngineInfo(
+            context_length=None,  # the model's config.json
+            kv_block_size=16,
+            model_dir=self.config.model_path,
+            served_name=self.config.model_name,
+        )
+
+    def handler(self, cls: type[BaseWorkerHandler] | None = None) -> BaseWorkerHandler:
+        return (cls or EchoHandler)(self.config.delay)
+
+    async def close(self) -> None:
+        pass
 
 
 class Deployment(BaseDeployment):
@@ -83,31 +104,27 @@ def build_parser() -> DynFlexibleArgumentParser[EchoConfig]:
     )
 
 
-@dataclass
-class EchoWorker:
-    handler: EchoHandler
-    endpoint: Endpoint
-
-    async def serve(self) -> None:
-        await self.endpoint.serve_endpoint(self.handler.generate)
-
-    async def close(self) -> None:
-        pass
-
-
-async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[Any]) -> EchoWorker:
-    config: EchoConfig = parsed.config
-    component = runtime.namespace(config.namespace).component(config.component_name)
-    await component.create_service()
-    endpoint = component.endpoint(config.endpoint)
-    await register_model(endpoint, model_path=config.model_path, model_name=config.model_name)
-    return EchoWorker(EchoHandler(config.delay), endpoint)
-
-
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, args: ParsedArgs[EchoConfig]) -> None:
-    echo = await start_engine(runtime, args)
-    await echo.serve()
+    config = args.config
+    async with EchoAdapter(args) as adapter:
+        component = runtime.namespace(config.namespace).component(
+            config.resolved_component(adapter.role)
+        )
+        await component.create_service()
+        endpoint = component.endpoint(config.endpoint)
+        engine = await adapter.start(component)
+        handler = adapter.handler(EchoHandler)
+        await register_model(
+            endpoint,
+            model_path=engine.model_dir,
+            model_name=engine.served_name,
+            context_length=engine.context_length,
+            kv_block_size=engine.kv_block_size,
+            migration_limit=config.migration_limit,
+            parsers=config.parser_spec(),
+        )
+        await endpoint.serve_endpoint(handler.generate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -197,6 +197,14 @@ async def register_model(
         model_key(endpoint.namespace_name, card.name, runtime.instance_id, card.endpoint),
         card.encode(),
     )
+    log.info(
+        "model %s registered on %s%s: context length %d, KV block size %d",
+        card.name,
+        card.endpoint,
+        " (prefill pool)" if "prefill" in card.model_type else "",
+        card.context_length,
+        card.kv_block_size,
+    )
     return card
 
 

@@ -1,7 +1,8 @@
 """`dynamo_core.mocker`: a simulated engine for CPU-only graphs, tests and benchmarks.
 
-`python -m dynamo_core.mocker --model-path DIR` serves it as a component (`main.py`);
-`start_mocker(runtime, config)` runs the same inside a process. The simulation (continuous
+`python -m dynamo_core.mocker --model-path DIR` serves it as a component (`main.py`: the
+role-module recipe; `worker.run_in(runtime, args)` runs the same inside a process), its start-up
+half in `adapter.py` (`MockerAdapter`). The simulation (continuous
 batching, paged KV cache with prefix reuse, timing, KV events) is in `engine.py` and
 `kv_cache.py`; the handlers on the core bases in `handlers.py`. What a request is answered with
 when it is not random tokens is in `replies.py`: a reply script's text (`script.py`,
@@ -17,15 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dynamo_core._lazy import lazy_attributes
-from dynamo_core.mocker.main import (
-    Deployment,
-    MockerConfig,
-    MockerWorker,
-    build_parser,
-    main,
-    start_engine,
-    start_mocker,
-)
+from dynamo_core.mocker.adapter import MockerAdapter
+from dynamo_core.mocker.main import Deployment, MockerConfig, build_parser, main, worker
 
 if TYPE_CHECKING:
     from dynamo_core.mocker.engine import MockerEngine, MockerEngineArgs, TimingModel
@@ -39,18 +33,17 @@ if TYPE_CHECKING:
 __all__ = [
     "Deployment",
     "KvCache",
+    "MockerAdapter",
     "MockerConfig",
     "MockerDecodeHandler",
     "MockerEngine",
     "MockerEngineArgs",
     "MockerHandler",
     "MockerPrefillHandler",
-    "MockerWorker",
     "TimingModel",
     "build_parser",
     "main",
-    "start_engine",
-    "start_mocker",
+    "worker",
 ]
 
 _LAZY = {
