@@ -1,5 +1,5 @@
-"""The role modules end to end, on the fake `vllm`: `start_engine` in a runtime (model card, KV
-events, load metrics), and real processes (`python -m dynamo_vllm.worker|prefill|decode` next to
+"""The role modules end to end, on the fake `vllm`: each module's own `worker()` in a runtime
+(model card, KV events, load metrics; `dynamo_core.testing.inprocess.serving`), and real processes (`python -m dynamo_vllm.worker|prefill|decode` next to
 `python -m dynamo_core.frontend`) driven by the `openai` client."""
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ from conftest import TINY
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.runtime.discovery import keys
+from dynamo_core.testing.inprocess import serving
 from dynamo_core.testing.procs import Proc, run_python
 from dynamo_vllm import prefill, worker
+from dynamo_vllm.engine import VllmAdapter
 
 pytestmark = pytest.mark.usefixtures("fake_vllm")
 CONNECTOR = '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'
@@ -48,9 +51,7 @@ async def test_worker_registers_the_engines_limits_and_publishes_events(namespac
              "--served-model-name", "tiny-vllm", "--namespace", namespace,
              "--discovery-backend", "mem", "--request-plane", "inproc"]
         )  # fmt: skip
-        vllm = await worker.start_engine(runtime, parsed)
-        serving = asyncio.create_task(vllm.serve())
-        try:
+        async with serving(worker.worker, runtime, parsed):
             # events published before a subscription is in place are not replayed
             await kv.wait_for_publishers(1, timeout=10)
             await load.wait_for_publishers(1, timeout=10)
@@ -89,10 +90,6 @@ async def test_worker_registers_the_engines_limits_and_publishes_events(namespac
                 metrics = await anext(aiter(load))
             assert stored["type"] == "stored" and event.payload["block_size"] == 16
             assert metrics.payload["total_blocks"] == 1024
-        finally:
-            runtime.request_shutdown()
-            await serving
-            await vllm.close()
 
 
 async def test_no_kv_events_when_asked(namespace: str) -> None:
@@ -100,12 +97,11 @@ async def test_no_kv_events_when_asked(namespace: str) -> None:
         parsed = worker.build_parser().parse(
             ["--model", str(TINY), "--no-kv-events", "--namespace", namespace]
         )
-        vllm = await worker.start_engine(runtime, parsed)
-        try:
-            assert vllm.engine.kv_relay is None
-            assert vllm.engine.vllm_config.kv_events_config is None
-        finally:
-            await vllm.close()
+        async with VllmAdapter(parsed, role="worker") as adapter:
+            await adapter.start(runtime.namespace(namespace).component("backend"))
+            assert adapter.kv_relay is None
+            assert adapter.vllm_config.kv_events_config is None
+        assert adapter.llm is None  # closed
 
 
 async def test_prefill_registers_as_the_prefill_pool_and_needs_a_connector(
@@ -114,15 +110,14 @@ async def test_prefill_registers_as_the_prefill_pool_and_needs_a_connector(
     async with DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as runtime:
         flags = ["--model", str(TINY), "--namespace", namespace]
         with pytest.raises(ConfigError, match="--kv-transfer-config"):
-            await prefill.start_engine(runtime, prefill.build_parser().parse(flags))
+            async with serving(prefill.worker, runtime, prefill.build_parser().parse(flags)):
+                pass
+        assert await runtime.discovery.get_prefix(keys.instances_prefix(namespace)) == {}
         parsed = prefill.build_parser().parse([*flags, "--kv-transfer-config", CONNECTOR])
-        vllm = await prefill.start_engine(runtime, parsed)
-        try:
+        async with serving(prefill.worker, runtime, parsed):
             (card,) = await _cards(runtime)
             assert card.model_type == ["prefill"]
             assert card.endpoint == f"{namespace}.prefill.generate"
-        finally:
-            await vllm.close()
 
 
 # -- real processes ------------------------------------------------------------------------
@@ -229,3 +224,26 @@ def test_engine_that_cannot_start_says_why_in_one_line(
         "config.json)"
     ]
     assert "Traceback" not in done.stderr
+
+
+def test_dynamo_run_out_vllm_runs_the_same_worker(fake_env: dict[str, str], tmp_path: Path) -> None:
+    """`dynamo-run out=vllm` runs `dynamo_vllm.worker`'s own `worker()` in one process, vLLM's
+    flags included: the batch is answered token-exactly to its limits."""
+    from importlib.metadata import entry_points
+
+    if "vllm" not in {ep.name for ep in entry_points(group="dynamo.engines")}:
+        pytest.skip("dynamo-vllm is not installed (its entry point is not registered)")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "Hello"}\n{"prompt": "Once upon", "max_tokens": 3}\n')
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "dynamo_core.run", f"in=batch:{prompts}", "out=vllm",
+         "--model", str(TINY), "--max-model-len", "256", "--max-tokens", "5",
+         "--output", str(out)],
+        env={**os.environ, "PYTHONPATH": fake_env["PYTHONPATH"]},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["tokens_out"], r["finish_reason"]) for r in rows] == [(5, "length"), (3, "length")]
+    assert "model tiny registered on dynamo.backend.generate" in result.stderr

@@ -29,14 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from dynamo_core.args import (
-    DynFlexibleArgumentParser,
-    ParsedArgs,
-    ParserFlags,
-    migration_limit_field,
-)
+from dynamo_core.adapter import WorkerConfig
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.llm.kv_relay import KvRelayConfig
-from dynamo_core.runtime import RuntimeConfig
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -54,7 +49,7 @@ __all__ = [
 EXTRA = "dynamo-vllm[vllm]"
 
 
-class VllmConfig(KvRelayConfig, RuntimeConfig, ParserFlags):
+class VllmConfig(KvRelayConfig, WorkerConfig):
     """Dynamo's flags of a vLLM worker; the engine's own flags are vLLM's."""
 
     model: str | None = Field(
@@ -62,16 +57,6 @@ class VllmConfig(KvRelayConfig, RuntimeConfig, ParserFlags):
         description="Model: a local folder (with tokenizer.json) or a Hugging Face name. This is "
         "vLLM's own --model; its value also names the tokenizer folder in the model card.",
     )
-    component_name: str | None = Field(
-        default=None,
-        description="Component to serve as (default: 'backend', or 'prefill' for the prefill "
-        "worker). Named --component-name because --component selects a graph file's section.",
-    )
-    endpoint: str = Field(default="generate", description="Endpoint that serves token streams.")
-    migration_limit: int = migration_limit_field()
-
-    def resolved_component(self, default: str = "backend") -> str:
-        return self.component_name or default
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

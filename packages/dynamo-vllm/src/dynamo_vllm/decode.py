@@ -11,19 +11,17 @@ instead of computed; any other request is served whole, so a decode worker also 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
+from dynamo_core.llm.model_card import register_model
 from dynamo_core.runtime import DistributedRuntime, dynamo_worker
 from dynamo_vllm import ENGINE
 from dynamo_vllm.args import VllmConfig, make_parser
+from dynamo_vllm.engine import VllmAdapter
+from dynamo_vllm.handlers import DecodeHandler
 
-if TYPE_CHECKING:
-    from dynamo_vllm.engine import VllmWorker
-
-__all__ = ["Deployment", "build_parser", "main", "start_engine"]
+__all__ = ["Deployment", "build_parser", "main", "worker"]
 
 
 class Deployment(BaseDeployment):
@@ -38,21 +36,28 @@ def build_parser() -> DynFlexibleArgumentParser[VllmConfig]:
     )
 
 
-async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[VllmConfig]) -> VllmWorker:
-    """Start vLLM with its KV connector and register the model for decoding."""
-    from dynamo_vllm.engine import start_role
-    from dynamo_vllm.handlers import DecodeHandler
-
-    return await start_role(runtime, parsed, "decode", DecodeHandler)
-
-
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, args: ParsedArgs[VllmConfig]) -> None:
-    vllm = await start_engine(runtime, args)
-    try:
-        await vllm.endpoint.serve_endpoint(vllm.handler.generate)
-    finally:
-        await vllm.close()
+    config = args.config
+    async with VllmAdapter(args, role="decode") as adapter:
+        component = runtime.namespace(config.namespace).component(
+            config.resolved_component(adapter.role)
+        )
+        await component.create_service()
+        endpoint = component.endpoint(config.endpoint)
+        engine = await adapter.start(component)  # loads the model (in a thread)
+        handler = adapter.handler(DecodeHandler)
+        await register_model(
+            endpoint,
+            model_path=engine.model_dir,
+            model_name=engine.served_name,
+            aliases=list(engine.aliases),
+            context_length=engine.context_length,
+            kv_block_size=engine.kv_block_size,
+            migration_limit=config.migration_limit,
+            parsers=config.parser_spec(),
+        )
+        await endpoint.serve_endpoint(handler.generate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,20 +1,30 @@
-"""Starting vLLM for a Dynamo worker, the part every role shares.
+"""`VllmAdapter`: vLLM's start-up half of every role (`worker`, `prefill`, `decode`).
 
-`start_vllm(component, config, engine_args)`:
+The role modules show the runtime calls (component, `create_service`, `register_model`,
+`serve_endpoint`); what is vLLM's is here:
 
-1. turns on vLLM's KV-events publisher (`KVEventsConfig`, ZMQ), pointed at a local socket the
-   worker listens on, unless the user configured one (`--kv-events-config`: the worker then
-   follows it) or turned events off (`--no-kv-events`);
-2. starts `AsyncLLM.from_engine_args(engine_args, stat_loggers=[...])` in a thread: loading a
-   model takes seconds to minutes, during which the event loop keeps the runtime's leases alive;
-3. reads what the model card needs from the engine's own config: the context length
-   (`model_config.max_model_len`), the KV block size (`cache_config.block_size`), the model's
-   generation-config sampling defaults (`model_config.get_diff_sampling_param()`);
-4. relays KV events and publishes load metrics on the component's event topics.
-
-The role modules (`worker`, `prefill`, `decode`) call it between `create_service()` and
-`register_model(...)`, so those calls stay visible in each role's own `start_engine`.
-`VllmWorker` is what `start_engine` returns (`serve()`, `close()`), as `dynamo-run` expects.
+- `VllmAdapter(args, role)` builds vLLM's `AsyncEngineArgs` from the merged flags and checks
+  the role: a prefill worker needs a KV connector (`--kv-transfer-config`), a `ConfigError`
+  before any component exists; a decode worker without one only warns (it serves whole
+  requests).
+- `start(component)`:
+  1. turns on vLLM's KV-events publisher (`KVEventsConfig`, ZMQ), pointed at a local socket the
+     worker listens on (core's `ZmqKvEventRelay`, `--kv-events-port`), unless the user
+     configured one (`--kv-events-config`: the relay then follows it) or turned events off
+     (`--no-kv-events`);
+  2. starts `AsyncLLM.from_engine_args(engine_args, stat_loggers=[...])` in a thread: loading a
+     model takes seconds to minutes, during which the event loop keeps the runtime's leases
+     alive; a failure is one line (`start_error`);
+  3. reads what the model card needs from the engine's own config: the context length
+     (`model_config.max_model_len`), the KV block size (`cache_config.block_size`), the
+     tokenizer folder and served name, and the model's generation-config sampling defaults
+     (`model_config.get_diff_sampling_param()`, which the handler applies);
+  4. relays KV events and publishes load metrics (`LoadMetricsLogger`) on the component's
+     event topics.
+- `handler(cls)` builds the role's handler on the started `AsyncLLM`.
+- `close()` stops the relay, shuts vLLM down on the event loop (its output-handler task must
+  not see the engine process go before it is cancelled: that logs a spurious
+  `EngineDeadError`) and closes the publishers; after a failed start it releases what exists.
 """
 
 from __future__ import annotations
@@ -22,33 +32,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError, DynamoError, EngineError
 from dynamo_core.llm.kv_relay import ZmqKvEventRelay
+from dynamo_vllm.args import engine_args
 from dynamo_vllm.events import LoadMetricsLogger
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
-    from dynamo_core.llm.model_card import ModelCard
-    from dynamo_core.runtime import Component, DistributedRuntime, Endpoint, EventPublisher
+    from dynamo_core.runtime import Component, EventPublisher
     from dynamo_vllm.args import VllmConfig
 
-Role = Literal["worker", "prefill", "decode"]
-
 __all__ = [
-    "VllmEngine",
-    "VllmWorker",
+    "VllmAdapter",
     "explain_validation",
     "model_dir",
     "served_model_name",
     "start_error",
-    "start_role",
-    "start_vllm",
 ]
 
 log = logging.getLogger("dynamo.vllm")
@@ -112,86 +116,95 @@ def _kv_event_relay(config: VllmConfig, engine_args: Any, publish: Any) -> ZmqKv
     return relay
 
 
-@dataclass
-class VllmEngine:
-    """A started `AsyncLLM` and what Dynamo reads from it."""
+class VllmAdapter(EngineAdapter["VllmConfig"]):
+    """vLLM for one worker role (see the module docstring)."""
 
-    llm: Any
-    vllm_config: Any
-    context_length: int
-    block_size: int
-    model_path: Path
-    model_name: str | None
-    default_sampling: dict[str, Any]
-    kv_publisher: EventPublisher
-    metrics_publisher: EventPublisher
-    kv_relay: ZmqKvEventRelay | None = None
+    def __init__(self, args: ParsedArgs[VllmConfig], role: Role) -> None:
+        super().__init__(args, role)
+        self.engine_args = engine_args(args)
+        if self.engine_args.kv_transfer_config is None:
+            if role == "prefill":
+                raise ConfigError(
+                    "the prefill worker needs a KV connector: --kv-transfer-config "
+                    '\'{"kv_connector": "NixlConnector", "kv_role": "kv_both"}\''
+                )
+            if role == "decode":
+                log.warning(
+                    "no --kv-transfer-config: this decode worker can only serve whole requests"
+                )
+        self.llm: Any = None
+        self.vllm_config: Any = None
+        self.default_sampling: dict[str, Any] = {}
+        self.kv_relay: ZmqKvEventRelay | None = None
+        self.name = "vllm"
+        self._publishers: list[EventPublisher] = []
 
-    async def close(self) -> None:
+    async def start(self, component: Component) -> EngineInfo:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from dynamo_core.llm.kv import KV_EVENTS_TOPIC as DYN_KV_TOPIC
+        from dynamo_core.llm.kv import LOAD_METRICS_TOPIC
+
+        self.name = component.name
+        args = self.engine_args
+        kv_publisher = await component.event_publisher(DYN_KV_TOPIC)
+        self._publishers.append(kv_publisher)
+        metrics_publisher = await component.event_publisher(LOAD_METRICS_TOPIC)
+        self._publishers.append(metrics_publisher)
+        self.kv_relay = _kv_event_relay(self.config, args, kv_publisher.publish)
+        metrics = LoadMetricsLogger.factory(metrics_publisher.publish)
+
+        log.info("starting vLLM on %s", args.model)
+        try:
+            self.llm = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, args, stat_loggers=[metrics]
+            )
+        except Exception as exc:
+            log.debug("vLLM failed to start", exc_info=True)
+            raise start_error(exc, args.model) from exc
+        self.vllm_config = self.llm.vllm_config
+        model_config = self.vllm_config.model_config
+        block_size = int(self.vllm_config.cache_config.block_size)
+        self.default_sampling = dict(model_config.get_diff_sampling_param() or {})
         if self.kv_relay is not None:
-            await self.kv_relay.close()
-        # on the loop, not in a thread: vLLM's output handler task must not see the engine
-        # process go before it is cancelled (it would log a spurious EngineDeadError)
-        self.llm.shutdown()
-        await self.kv_publisher.close()
-        await self.metrics_publisher.close()
-
-
-async def start_vllm(component: Component, config: VllmConfig, engine_args: Any) -> VllmEngine:
-    """Start vLLM for `component` (see the module docstring)."""
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from dynamo_core.llm.kv import KV_EVENTS_TOPIC as DYN_KV_TOPIC
-    from dynamo_core.llm.kv import LOAD_METRICS_TOPIC
-
-    kv_publisher: EventPublisher = await component.event_publisher(DYN_KV_TOPIC)
-    metrics_publisher: EventPublisher = await component.event_publisher(LOAD_METRICS_TOPIC)
-    relay = _kv_event_relay(config, engine_args, kv_publisher.publish)
-    metrics = LoadMetricsLogger.factory(metrics_publisher.publish)
-
-    log.info("starting vLLM on %s", engine_args.model)
-    try:
-        llm = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, engine_args, stat_loggers=[metrics]
+            self.kv_relay.start(block_size)
+        return EngineInfo(
+            context_length=int(model_config.max_model_len),
+            kv_block_size=block_size,
+            model_dir=await asyncio.to_thread(model_dir, args),
+            served_name=served_model_name(args),
+            aliases=(str(args.model),),  # the --model text, as users will send it
         )
-    except Exception as exc:
-        log.debug("vLLM failed to start", exc_info=True)
-        raise start_error(exc, engine_args.model) from exc
-    vllm_config = llm.vllm_config
-    model_config = vllm_config.model_config
-    block_size = int(vllm_config.cache_config.block_size)
-    engine = VllmEngine(
-        llm=llm,
-        vllm_config=vllm_config,
-        context_length=int(model_config.max_model_len),
-        block_size=block_size,
-        model_path=await asyncio.to_thread(model_dir, engine_args),
-        model_name=served_model_name(engine_args),
-        default_sampling=dict(model_config.get_diff_sampling_param() or {}),
-        kv_publisher=kv_publisher,
-        metrics_publisher=metrics_publisher,
-        kv_relay=relay,
-    )
-    if relay is not None:
-        relay.start(block_size)
-    return engine
 
+    def handler(self, cls: type[BaseWorkerHandler] | None = None) -> BaseWorkerHandler:
+        from dynamo_vllm.handlers import DecodeHandler, PrefillHandler, WorkerHandler
 
-@dataclass
-class VllmWorker:
-    """A role's running worker: engine, handler, endpoint, model card."""
-
-    engine: VllmEngine
-    handler: BaseWorkerHandler
-    endpoint: Endpoint
-    card: ModelCard | None
-
-    async def serve(self) -> None:
-        """Serve `generate` until the runtime shuts down."""
-        await self.endpoint.serve_endpoint(self.handler.generate)
+        if self.llm is None:
+            raise RuntimeError("VllmAdapter.handler() before start()")
+        chosen = (
+            cls
+            or {
+                "worker": WorkerHandler,
+                "prefill": PrefillHandler,
+                "decode": DecodeHandler,
+            }[self.role]
+        )
+        if not issubclass(chosen, WorkerHandler):
+            raise TypeError(f"{chosen.__name__} is not a vLLM handler")
+        return chosen(
+            self.llm, default_sampling=self.default_sampling, name=f"dynamo.vllm.{self.name}"
+        )
 
     async def close(self) -> None:
-        await self.engine.close()
+        relay, self.kv_relay = self.kv_relay, None
+        if relay is not None:
+            await relay.close()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()  # on the loop, not in a thread (see the module docstring)
+        publishers, self._publishers = self._publishers, []
+        for publisher in publishers:
+            await publisher.close()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -246,58 +259,3 @@ def start_error(exc: BaseException, model: str) -> DynamoError:
             "cache, and the hub cannot be reached (offline?): give a model folder or download it"
         )
     return EngineError(f"vLLM failed to start: {_first_line(exc)}")
-
-
-async def start_role(
-    runtime: DistributedRuntime,
-    parsed: ParsedArgs[VllmConfig],
-    role: Role,
-    handler_class: Callable[..., BaseWorkerHandler],
-) -> VllmWorker:
-    """What every role module's `start_engine` does: create the component, start vLLM,
-    register the model (a prefill worker as the model's prefill pool); not served yet."""
-    from dynamo_core.llm.model_card import register_model
-    from dynamo_vllm.args import engine_args
-
-    config = parsed.config
-    args = engine_args(parsed)
-    if args.kv_transfer_config is None:
-        if role == "prefill":
-            raise ConfigError(
-                "the prefill worker needs a KV connector: --kv-transfer-config "
-                '\'{"kv_connector": "NixlConnector", "kv_role": "kv_both"}\''
-            )
-        if role == "decode":
-            log.warning("no --kv-transfer-config: this decode worker can only serve whole requests")
-    component = runtime.namespace(config.namespace).component(
-        config.resolved_component("prefill" if role == "prefill" else "backend")
-    )
-    await component.create_service()
-    endpoint = component.endpoint(config.endpoint)
-
-    engine = await start_vllm(component, config, args)
-    handler = handler_class(
-        engine.llm,
-        default_sampling=engine.default_sampling,
-        name=f"dynamo.vllm.{component.name}",
-    )
-    card = await register_model(
-        endpoint,
-        model_path=engine.model_path,
-        model_name=engine.model_name,
-        aliases=[str(args.model)],  # the --model text, as users will send it
-        model_type=["prefill"] if role == "prefill" else None,
-        context_length=engine.context_length,
-        kv_block_size=engine.block_size,
-        migration_limit=config.migration_limit,
-        parsers=config.parser_spec(),
-    )
-    log.info(
-        "vllm %s %s: model %s, context length %d, KV block size %d",
-        role,
-        card.endpoint,
-        card.name,
-        card.context_length,
-        card.kv_block_size,
-    )
-    return VllmWorker(engine, handler, endpoint, card)

@@ -6,24 +6,23 @@
 It serves `{namespace}.prefill.generate` and registers the model as its prefill pool
 (`model_type=["prefill"]`): the frontend then sends each prompt here first (`max_tokens=1`),
 and hands the `kv_transfer_params` vLLM's KV connector returns to a decode worker
-(`python -m dynamo_vllm.decode`, same `--kv-transfer-config`). A KV connector is required.
+(`python -m dynamo_vllm.decode`, same `--kv-transfer-config`). A KV connector is required
+(`VllmAdapter` says so before anything starts).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
+from dynamo_core.llm.model_card import register_model
 from dynamo_core.runtime import DistributedRuntime, dynamo_worker
 from dynamo_vllm import ENGINE
 from dynamo_vllm.args import VllmConfig, make_parser
+from dynamo_vllm.engine import VllmAdapter
+from dynamo_vllm.handlers import PrefillHandler
 
-if TYPE_CHECKING:
-    from dynamo_vllm.engine import VllmWorker
-
-__all__ = ["Deployment", "build_parser", "main", "start_engine"]
+__all__ = ["Deployment", "build_parser", "main", "worker"]
 
 
 class Deployment(BaseDeployment):
@@ -38,21 +37,29 @@ def build_parser() -> DynFlexibleArgumentParser[VllmConfig]:
     )
 
 
-async def start_engine(runtime: DistributedRuntime, parsed: ParsedArgs[VllmConfig]) -> VllmWorker:
-    """Start vLLM with its KV connector and register as the model's prefill pool."""
-    from dynamo_vllm.engine import start_role
-    from dynamo_vllm.handlers import PrefillHandler
-
-    return await start_role(runtime, parsed, "prefill", PrefillHandler)
-
-
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, args: ParsedArgs[VllmConfig]) -> None:
-    vllm = await start_engine(runtime, args)
-    try:
-        await vllm.endpoint.serve_endpoint(vllm.handler.generate)
-    finally:
-        await vllm.close()
+    config = args.config
+    async with VllmAdapter(args, role="prefill") as adapter:
+        component = runtime.namespace(config.namespace).component(
+            config.resolved_component(adapter.role)
+        )
+        await component.create_service()
+        endpoint = component.endpoint(config.endpoint)
+        engine = await adapter.start(component)  # loads the model (in a thread)
+        handler = adapter.handler(PrefillHandler)
+        await register_model(
+            endpoint,
+            model_path=engine.model_dir,
+            model_name=engine.served_name,
+            aliases=list(engine.aliases),
+            model_type=["prefill"],  # this worker is the model's prefill pool
+            context_length=engine.context_length,
+            kv_block_size=engine.kv_block_size,
+            migration_limit=config.migration_limit,
+            parsers=config.parser_spec(),
+        )
+        await endpoint.serve_endpoint(handler.generate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,9 @@
 `serving` runs `worker.run_in(runtime, args)` (the role module's body, line for line: the same
 adapter, `register_model` and `serve_endpoint`) as a task on the caller's runtime, and enters
 once a new model card is in discovery (one that was not there when it began); if the worker
-fails first, its error is raised instead. On exit it asks the runtime to shut down (the
-endpoint drains and the adapter closes, as on SIGTERM) and awaits the task; the runtime itself
-stays the caller's to close.
+fails first, its error is raised instead (and the runtime is left as it was). On exit it asks
+the runtime to shut down (the endpoint drains and the adapter closes, as on SIGTERM) and awaits
+the task; the runtime itself stays the caller's to close.
 
 `record_adapters(monkeypatch, module, "VllmAdapter")` gives a white-box test the adapters a
 role module makes (its engine, for fault injection or counters), without another code path.
@@ -68,7 +68,8 @@ async def serving(
         yield registered.result()
     finally:
         registered.cancel()
-        runtime.request_shutdown()
+        if not task.done():  # a worker that failed to start left nothing to stop
+            runtime.request_shutdown()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, runtime.config.graceful_shutdown_timeout + 10)
 
