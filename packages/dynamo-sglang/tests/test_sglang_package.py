@@ -30,7 +30,7 @@ def test_entry_point_when_installed() -> None:
     if "sglang" in names:  # installed as a wheel (the nox session), not only on PYTHONPATH
         assert find_engine("sglang") == dynamo_sglang.ENGINE
         module = find_engine("sglang").load()
-        assert callable(module.build_parser) and callable(module.start_engine)
+        assert callable(module.build_parser) and callable(module.worker.run_in)
 
 
 def test_role_modules_import_without_sglang() -> None:

@@ -95,6 +95,7 @@ class EngineInfo:
 
 
 C = TypeVar("C", bound=WorkerConfig)
+H = TypeVar("H", bound="BaseWorkerHandler")
 
 
 class EngineAdapter(ABC, Generic[C]):
@@ -112,6 +113,21 @@ class EngineAdapter(ABC, Generic[C]):
     @abstractmethod
     def handler(self, cls: type[BaseWorkerHandler] | None = None) -> BaseWorkerHandler:
         """The role's handler on the started engine (`cls`: which handler class serves it)."""
+
+    def handler_class(
+        self,
+        cls: type[BaseWorkerHandler] | None,
+        *,
+        worker: type[H],
+        prefill: type[H],
+        decode: type[H],
+    ) -> type[H]:
+        """`cls`, or this role's class of the three; `TypeError` for a class of another engine
+        (one that is not below the `worker` class)."""
+        chosen = cls or {"worker": worker, "prefill": prefill, "decode": decode}[self.role]
+        if not issubclass(chosen, worker):
+            raise TypeError(f"{chosen.__name__} is not a {worker.__name__}")
+        return chosen
 
     @abstractmethod
     async def close(self) -> None:

@@ -19,15 +19,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dynamo_core.args import (
-    DynFlexibleArgumentParser,
-    ParsedArgs,
-    ParserFlags,
-    migration_limit_field,
-)
+from dynamo_core.adapter import WorkerConfig
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.errors import ConfigError
 from dynamo_core.llm.kv_relay import KvRelayConfig
-from dynamo_core.runtime import RuntimeConfig
 
 __all__ = [
     "EXTRA",
@@ -45,30 +40,18 @@ EXTRA = "dynamo-sglang[sglang]"
 Mode = Literal["null", "prefill", "decode"]
 
 
-class SglangConfig(KvRelayConfig, RuntimeConfig, ParserFlags):
+class SglangConfig(KvRelayConfig, WorkerConfig):
     """Dynamo's flags of an SGLang worker (SGLang's own flags are SGLang's)."""
 
     model_path: str | None = Field(
         default=None,
         description="Model folder or Hugging Face id (SGLang's --model-path; required by SGLang).",
     )
-    component_name: str | None = Field(
-        default=None,
-        description="Component to serve as (default: 'prefill' in prefill mode, else 'backend'). "
-        "Named --component-name because --component selects a graph file's section.",
-    )
-    endpoint: str = Field(default="generate", description="Endpoint that serves token streams.")
-    migration_limit: int = migration_limit_field()
     bootstrap_host: str | None = Field(
         default=None,
         description="Prefill mode: the address decode workers reach this worker's bootstrap "
         "server at (default: the host of --dist-init-addr, else this machine's address).",
     )
-
-    def resolved_component(self, mode: str) -> str:
-        if self.component_name:
-            return self.component_name
-        return "prefill" if mode == "prefill" else "backend"
 
 
 def add_sglang_args(parser: argparse.ArgumentParser) -> None:

@@ -1,16 +1,23 @@
-"""Starting and reading an `sglang.Engine`: what the role modules share.
+"""`SglangAdapter`: SGLang's start-up half of every role (`worker`, `prefill`, `decode`).
 
-- `start_sglang(server_args)`: `sglang.Engine(server_args=...)`. SGLang must be built on the main
-  thread (it installs signal handlers) and on the event loop that will serve it (its tokenizer
-  manager binds asyncio ZMQ sockets there), so it runs on the loop and blocks it while the model
-  loads; the role modules do it after `create_service()` and before anything is registered (an
-  etcd lease that lapses meanwhile is granted again by the runtime).
-- `EngineInfo.of(engine)`: what the model card needs, from the engine itself: the context
-  length SGLang enforces, its page size (the KV block size), the served name and the folder
-  with the tokenizer (a Hugging Face id is looked up in the local cache SGLang loaded it from).
-- `bootstrap_address(...)`: where decode workers reach a prefill worker's bootstrap server.
-- `make_handler(...)`: the handler class for the disaggregation mode.
-- `SglangWorker`: a started worker (`serve()`, `close()`), what `start_engine` returns.
+The role modules show the runtime calls (component, `create_service`, `register_model`,
+`serve_endpoint`); what is SGLang's is here:
+
+- `SglangAdapter(args, role)` settles the disaggregation mode (the role module's, or SGLang's
+  `--disaggregation-mode` for `dynamo_sglang.worker`; a flag that contradicts the module is a
+  `ConfigError` before anything starts) and builds SGLang's `ServerArgs`.
+- `start(component)` sets up the KV-event relay first (core's `ZmqKvEventRelay`; SGLang is
+  told where to publish unless `--kv-events-config` says so), then starts
+  `sglang.Engine(server_args=...)`. SGLang must be built on the main thread (it installs signal
+  handlers) and on the event loop that will serve it (its tokenizer manager binds asyncio ZMQ
+  sockets there), so it runs on the loop and blocks it while the model loads (an etcd lease that
+  lapses meanwhile is granted again by the runtime). It then reads what the model card needs
+  from the engine itself (`SglangSettings.of`): the context length SGLang enforces, its page
+  size (the KV block size), the served name and the folder with the tokenizer (a Hugging Face
+  id is looked up in the local cache SGLang loaded it from).
+- `handler(cls)`: `WorkerHandler`, `PrefillHandler` (with the bootstrap address decode workers
+  dial: `bootstrap_address`) or `DecodeHandler`, by mode.
+- `close()` stops the relay and shuts SGLang down (its scheduler and detokenizer processes).
 """
 
 from __future__ import annotations
@@ -21,12 +28,12 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError, EngineError
 from dynamo_core.llm.kv_relay import ZmqKvEventRelay
-from dynamo_core.llm.model_card import ModelCard
-from dynamo_core.runtime import Endpoint
+from dynamo_sglang.args import Mode, resolve_mode, server_args_from
 from dynamo_sglang.handlers import (
     DecodeHandler,
     PrefillHandler,
@@ -34,11 +41,16 @@ from dynamo_sglang.handlers import (
 )
 from dynamo_sglang.kv_events import LOCAL_TOPIC, local_kv_events_config, subscriber_endpoints
 
+if TYPE_CHECKING:
+    from dynamo_core.args import ParsedArgs
+    from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.runtime import Component
+    from dynamo_sglang.args import SglangConfig
+
 __all__ = [
-    "EngineInfo",
-    "SglangWorker",
+    "SglangAdapter",
+    "SglangSettings",
     "bootstrap_address",
-    "make_handler",
     "prepare_kv_events",
     "start_sglang",
     "stop_sglang",
@@ -100,7 +112,7 @@ def _model_dir(path: str) -> Path:
 
 
 @dataclass(frozen=True)
-class EngineInfo:
+class SglangSettings:
     context_length: int
     page_size: int
     model_dir: Path
@@ -111,7 +123,7 @@ class EngineInfo:
     settings: dict[str, Any]
 
     @classmethod
-    def of(cls, engine: Any, *, served_name_given: bool = True) -> EngineInfo:
+    def of(cls, engine: Any, *, served_name_given: bool = True) -> SglangSettings:
         tm = engine.tokenizer_manager
         server_args = getattr(tm, "server_args", None) or engine.server_args
         s = _settings(server_args)
@@ -154,24 +166,6 @@ def bootstrap_address(configured: str | None, settings: dict[str, Any]) -> str:
         return "127.0.0.1"
 
 
-def make_handler(
-    engine: Any, mode: str, info: EngineInfo, *, bootstrap_host: str | None, name: str
-) -> WorkerHandler:
-    if mode == "prefill":
-        return PrefillHandler(
-            engine,
-            bootstrap_host=bootstrap_address(bootstrap_host, info.settings),
-            bootstrap_port=info.bootstrap_port,
-            incremental_output=info.incremental_output,
-            name=name,
-        )
-    if mode == "decode":
-        return DecodeHandler(
-            engine, needs_bootstrap=True, incremental_output=info.incremental_output, name=name
-        )
-    return WorkerHandler(engine, incremental_output=info.incremental_output, name=name)
-
-
 def prepare_kv_events(
     server_args: Any, publisher: Any, enabled: bool, port: int = 0
 ) -> ZmqKvEventRelay | None:
@@ -201,18 +195,86 @@ def prepare_kv_events(
     return relay
 
 
-@dataclass
-class SglangWorker:
-    """A started SGLang worker: its engine, handler, endpoint and KV-event relay."""
+_ROLES: dict[str, Role] = {"null": "worker", "prefill": "prefill", "decode": "decode"}
 
-    engine: Any
-    handler: WorkerHandler
-    endpoint: Endpoint
-    card: ModelCard
-    kv_relay: ZmqKvEventRelay | None = None
 
-    async def serve(self) -> None:
-        await self.endpoint.serve_endpoint(self.handler.generate)
+class SglangAdapter(EngineAdapter["SglangConfig"]):
+    """SGLang for one worker role (see the module docstring)."""
+
+    def __init__(
+        self, args: ParsedArgs[SglangConfig], role: Literal["prefill", "decode"] | None = None
+    ) -> None:
+        """`role` None: as SGLang's `--disaggregation-mode` says (`dynamo_sglang.worker`)."""
+        if args.engine_args is None:  # the parser found no SGLang
+            from dynamo_sglang import ENGINE
+
+            raise ENGINE.not_installed()
+        mode = resolve_mode(args, role)
+        super().__init__(args, _ROLES[mode])
+        self.mode: Mode = mode
+        self.server_args = server_args_from(args)
+        self.engine: Any = None
+        self.settings: SglangSettings | None = None
+        self.kv_relay: ZmqKvEventRelay | None = None
+        self.name = "sglang"
+        self._publishers: list[Any] = []
+
+    async def start(self, component: Component) -> EngineInfo:
+        from dynamo_core.llm.kv import KV_EVENTS_TOPIC
+
+        config = self.config
+        self.name = component.name
+        publisher = await component.event_publisher(KV_EVENTS_TOPIC)
+        self._publishers.append(publisher)
+        self.kv_relay = prepare_kv_events(
+            self.server_args, publisher, config.kv_events, config.kv_events_port
+        )
+        self.engine = start_sglang(self.server_args)  # blocks the loop until SGLang is ready
+        served = self.args.engine_sources.get("served_model_name", "default") != "default"
+        self.settings = info = SglangSettings.of(self.engine, served_name_given=served)
+        if self.kv_relay is not None:
+            self.kv_relay.start(info.page_size)
+        log.info(
+            "sglang %s worker %s: model %s, context %d, page size %d",
+            "aggregated" if self.mode == "null" else self.mode,
+            f"{config.namespace}.{component.name}.{config.endpoint}",
+            info.served_model_name or info.model_dir.name,
+            info.context_length,
+            info.page_size,
+        )
+        return EngineInfo(
+            context_length=info.context_length,
+            kv_block_size=info.page_size,
+            model_dir=info.model_dir,
+            served_name=info.served_model_name,
+        )
+
+    def handler(self, cls: type[BaseWorkerHandler] | None = None) -> BaseWorkerHandler:
+        info = self.settings
+        if self.engine is None or info is None:
+            raise RuntimeError("SglangAdapter.handler() before start()")
+        chosen = self.handler_class(
+            cls, worker=WorkerHandler, prefill=PrefillHandler, decode=DecodeHandler
+        )
+        name = f"dynamo.sglang.{self.name}"
+        if issubclass(chosen, PrefillHandler):
+            prefill = chosen(
+                self.engine,
+                bootstrap_host=bootstrap_address(self.config.bootstrap_host, info.settings),
+                bootstrap_port=info.bootstrap_port,
+                incremental_output=info.incremental_output,
+                name=name,
+            )
+            log.info(
+                "%s hands out bootstrap %s:%d", name, prefill.bootstrap_host, prefill.bootstrap_port
+            )
+            return prefill
+        return chosen(self.engine, incremental_output=info.incremental_output, name=name)
 
     async def close(self) -> None:
-        await stop_sglang(self.engine, self.kv_relay)
+        engine, self.engine = self.engine, None
+        relay, self.kv_relay = self.kv_relay, None
+        await stop_sglang(engine, relay)
+        publishers, self._publishers = self._publishers, []
+        for publisher in publishers:
+            await publisher.close()

@@ -51,7 +51,7 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[VllmConfig]) -> N
             endpoint,
             model_path=engine.model_dir,
             model_name=engine.served_name,
-            aliases=list(engine.aliases),
+            aliases=engine.aliases,
             context_length=engine.context_length,
             kv_block_size=engine.kv_block_size,
             migration_limit=config.migration_limit,

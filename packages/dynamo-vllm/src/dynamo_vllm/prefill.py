@@ -52,7 +52,7 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[VllmConfig]) -> N
             endpoint,
             model_path=engine.model_dir,
             model_name=engine.served_name,
-            aliases=list(engine.aliases),
+            aliases=engine.aliases,
             model_type=["prefill"],  # this worker is the model's prefill pool
             context_length=engine.context_length,
             kv_block_size=engine.kv_block_size,

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -164,7 +164,7 @@ async def register_model(
     kv_block_size: int = 16,
     migration_limit: int = DEFAULT_MIGRATION_LIMIT,
     extra: dict[str, object] | None = None,
-    aliases: list[str] | None = None,
+    aliases: Sequence[str] | None = None,
     parsers: ParserSpec | None = None,
 ) -> ModelCard:
     """Publish a `ModelCard` for `endpoint`, for as long as the endpoint is served.

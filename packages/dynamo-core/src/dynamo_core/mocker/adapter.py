@@ -150,17 +150,9 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
 
         if self.engine is None:
             raise RuntimeError("MockerAdapter.handler() before start()")
-        chosen = (
-            cls
-            or {
-                "worker": MockerHandler,
-                "prefill": MockerPrefillHandler,
-                "decode": MockerDecodeHandler,
-            }[self.role]
-        )
-        if not issubclass(chosen, MockerHandler):
-            raise TypeError(f"{chosen.__name__} is not a mocker handler")
-        return chosen(self.engine, replies=self.replies, name=f"dynamo.mocker.{self.name}")
+        return self.handler_class(
+            cls, worker=MockerHandler, prefill=MockerPrefillHandler, decode=MockerDecodeHandler
+        )(self.engine, replies=self.replies, name=f"dynamo.mocker.{self.name}")
 
     async def close(self) -> None:
         engine, self.engine = self.engine, None

@@ -118,7 +118,7 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[MockerConfig]) ->
             endpoint,
             model_path=engine.model_dir,
             model_name=engine.served_name,
-            aliases=list(engine.aliases),
+            aliases=engine.aliases,
             model_type=["prefill"] if adapter.role == "prefill" else None,
             context_length=engine.context_length,
             kv_block_size=engine.kv_block_size,
