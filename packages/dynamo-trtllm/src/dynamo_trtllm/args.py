@@ -35,15 +35,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from dynamo_core.args import (
-    DynFlexibleArgumentParser,
-    ParsedArgs,
-    ParserFlags,
-    load_yaml_file,
-    migration_limit_field,
-)
+from dynamo_core.adapter import Role, WorkerConfig
+from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs, load_yaml_file
 from dynamo_core.errors import ConfigError
-from dynamo_core.runtime import RuntimeConfig
 
 __all__ = [
     "Role",
@@ -53,15 +47,13 @@ __all__ = [
     "load_extra_engine_args",
 ]
 
-Role = Literal["worker", "prefill", "decode"]
-
 if TYPE_CHECKING:
     from pydantic.config import JsonDict
 
 _ENGINE_GROUP: JsonDict = {"group": "TensorRT-LLM engine (tensorrt_llm.LLM arguments)"}
 
 
-class TrtllmConfig(RuntimeConfig, ParserFlags):
+class TrtllmConfig(WorkerConfig):
     """Flags of `python -m dynamo_trtllm.{worker,prefill,decode}`."""
 
     model_path: str = Field(
@@ -115,19 +107,12 @@ class TrtllmConfig(RuntimeConfig, ParserFlags):
     served_model_name: str | None = Field(
         None, description="Model name clients use (default: the model folder's or id's last part)."
     )
-    component_name: str | None = Field(
-        None,
-        description="Component to serve as (default: 'backend', or 'prefill' for prefill workers). "
-        "Named --component-name because --component selects a graph file's section.",
-    )
-    endpoint: str = Field("generate", description="Endpoint that serves token streams.")
     kv_block_size: int = Field(
         32,
         ge=1,
         description="Tokens per KV cache block, as the engine pages them (TensorRT-LLM's "
         "tokens_per_block, 32 by default): the router hashes blocks of this size.",
     )
-    migration_limit: int = migration_limit_field()
     publish_events_and_metrics: bool = Field(
         True,
         description="Publish the engine's KV cache events and load metrics for KV-aware routing "
@@ -145,11 +130,6 @@ class TrtllmConfig(RuntimeConfig, ParserFlags):
     def world_size(self) -> int:
         """GPUs (MPI ranks) one engine instance uses."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    def resolved_component(self, role: Role) -> str:
-        if self.component_name:
-            return self.component_name
-        return "prefill" if role == "prefill" else "backend"
 
 
 _DESCRIPTIONS: dict[Role, str] = {

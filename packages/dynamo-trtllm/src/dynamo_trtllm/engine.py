@@ -1,4 +1,7 @@
-"""Starting TensorRT-LLM's engine (`tensorrt_llm.LLM`) and reading back what Dynamo needs.
+"""`TrtllmAdapter`: TensorRT-LLM's start-up half of every role (`worker`, `prefill`, `decode`).
+
+The role modules show the runtime calls (component, `create_service`, `register_model`,
+`serve_endpoint`); what is TensorRT-LLM's is here:
 
 - `start_llm` builds the LLM from `args.llm_kwargs` in a worker thread (loading weights takes
   minutes; the event loop keeps the runtime's leases alive meanwhile). `kv_cache_config` is
@@ -10,6 +13,14 @@
 - `context_length`, `kv_block_size` and `model_dir` are what the model card needs: the engine's
   real sequence limit, its KV page size, and a local folder with the tokenizer (a Hugging Face id
   is resolved to the cached snapshot, tokenizer files only).
+- `start_publisher` re-publishes the engine's KV events and load metrics
+  (`dynamo_trtllm.publisher`) unless `--no-publish-events-and-metrics`.
+
+`TrtllmAdapter(args, role)` reads the `--extra-engine-args` file at once (a bad one is one line
+before anything starts); `start(component)` is the above, `handler(cls)` the role's handler on
+the LLM, `close()` stops the publisher and shuts the LLM down, after a failed start too. The MPI
+world a multi-GPU engine needs is entered before the runtime starts (`dynamo_trtllm.mpi`, the
+role modules' `before_run` hook), not here.
 """
 
 from __future__ import annotations
@@ -18,29 +29,27 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError, EngineError
-from dynamo_trtllm.args import Role, TrtllmConfig, llm_kwargs
+from dynamo_trtllm.args import TrtllmConfig, llm_kwargs
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
-    from dynamo_core.llm.model_card import ModelCard
-    from dynamo_core.runtime import Component, DistributedRuntime, Endpoint
-    from dynamo_trtllm.handlers import TrtllmHandler
+    from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.runtime import Component
     from dynamo_trtllm.publisher import EnginePublisher
 
 __all__ = [
-    "TrtllmWorker",
+    "TrtllmAdapter",
     "context_length",
     "kv_block_size",
     "model_dir",
     "served_model_name",
     "start_llm",
     "start_publisher",
-    "start_role",
 ]
 
 log = logging.getLogger("dynamo.trtllm")
@@ -119,6 +128,10 @@ def _build(kwargs: dict[str, Any], file_keys: set[str], source: str) -> Any:
 async def start_llm(config: TrtllmConfig, role: Role, parsed: Any = None) -> Any:
     """Create the `tensorrt_llm.LLM` for `config` (a `ParsedArgs` gives flag provenance)."""
     kwargs, file_keys = llm_kwargs(parsed if parsed is not None else config, role)
+    return await _start(config, kwargs, file_keys)
+
+
+async def _start(config: TrtllmConfig, kwargs: dict[str, Any], file_keys: set[str]) -> Any:
     source = str(config.extra_engine_args) if config.extra_engine_args else "the engine arguments"
     shown = {k: v for k, v in kwargs.items() if k != "model"}
     log.info("starting TensorRT-LLM: model %s, %s", kwargs["model"], shown)
@@ -194,57 +207,49 @@ async def start_publisher(component: Component, llm: Any, block_size: int) -> En
     return publisher
 
 
-@dataclass
-class TrtllmWorker:
-    """A started worker: what `dynamo-run` serves and closes (`dynamo_core.engines`)."""
+class TrtllmAdapter(EngineAdapter[TrtllmConfig]):
+    """TensorRT-LLM for one worker role (see the module docstring)."""
 
-    llm: Any
-    handler: TrtllmHandler
-    endpoint: Endpoint
-    card: ModelCard
-    publisher: EnginePublisher | None = None
+    def __init__(self, args: ParsedArgs[TrtllmConfig], role: Role) -> None:
+        super().__init__(args, role)
+        self.kwargs, self.file_keys = llm_kwargs(args, role)  # reads --extra-engine-args now
+        self.llm: Any = None
+        self.publisher: EnginePublisher | None = None
+        self.name = "trtllm"
 
-    async def serve(self) -> None:
-        await self.endpoint.serve_endpoint(self.handler.generate)
+    async def start(self, component: Component) -> EngineInfo:
+        config = self.config
+        self.name = component.name
+        self.llm = await _start(config, self.kwargs, self.file_keys)
+        block_size = kv_block_size(self.llm, config)
+        if config.publish_events_and_metrics:
+            self.publisher = await start_publisher(component, self.llm, block_size)
+        return EngineInfo(
+            context_length=context_length(self.llm, config),
+            kv_block_size=block_size,
+            model_dir=await asyncio.to_thread(model_dir, config.model_path),
+            served_name=served_model_name(config),
+        )
+
+    def handler(self, cls: type[BaseWorkerHandler] | None = None) -> BaseWorkerHandler:
+        from dynamo_trtllm.handlers import (
+            TrtllmDecodeHandler,
+            TrtllmHandler,
+            TrtllmPrefillHandler,
+        )
+
+        if self.llm is None:
+            raise RuntimeError("TrtllmAdapter.handler() before start()")
+        chosen = self.handler_class(
+            cls, worker=TrtllmHandler, prefill=TrtllmPrefillHandler, decode=TrtllmDecodeHandler
+        )
+        return chosen(self.llm, name=f"dynamo.trtllm.{self.name}")
 
     async def close(self) -> None:
-        if self.publisher is not None:
-            await self.publisher.close()
-        shutdown = getattr(self.llm, "shutdown", None)
+        publisher, self.publisher = self.publisher, None
+        if publisher is not None:
+            await publisher.close()
+        llm, self.llm = self.llm, None
+        shutdown = getattr(llm, "shutdown", None)
         if shutdown is not None:
             await asyncio.to_thread(shutdown)
-
-
-async def start_role(
-    runtime: DistributedRuntime,
-    parsed: ParsedArgs[TrtllmConfig],
-    role: Role,
-    handler_class: type[TrtllmHandler],
-) -> TrtllmWorker:
-    """What every role module's `start_engine` does: create the component, start the engine,
-    register the model (a prefill worker as the model's prefill pool); not served yet."""
-    from dynamo_core.llm.model_card import register_model
-
-    config = parsed.config
-    name = config.resolved_component(role)
-    component = runtime.namespace(config.namespace).component(name)
-    await component.create_service()
-    endpoint = component.endpoint(config.endpoint)
-
-    llm = await start_llm(config, role, parsed)
-    handler = handler_class(llm, name=f"dynamo.trtllm.{name}")
-    block_size = kv_block_size(llm, config)
-    publisher = None
-    if config.publish_events_and_metrics:
-        publisher = await start_publisher(component, llm, block_size)
-    card = await register_model(
-        endpoint,
-        model_path=model_dir(config.model_path),
-        model_name=served_model_name(config),
-        model_type=["prefill"] if role == "prefill" else None,
-        context_length=context_length(llm, config),
-        kv_block_size=block_size,
-        migration_limit=config.migration_limit,
-        parsers=config.parser_spec(),
-    )
-    return TrtllmWorker(llm, handler, endpoint, card, publisher)
