@@ -1,10 +1,13 @@
-import dynamo_core
-import dynamo_trtllm
+"""Packaging: the engine-package conformance kit (public names, entry point, lazy engine import,
+`--help` and the one-line exit without TensorRT-LLM, scripts, deployments, the adapter)."""
+
+from __future__ import annotations
+
+from dynamo_core.testing.engine_package import EnginePackageConformance
 
 
-def test_public_names() -> None:
-    assert dynamo_trtllm.__all__ == ["ENGINE", "__version__"]
-
-
-def test_one_version_for_all_packages() -> None:
-    assert dynamo_trtllm.__version__ == dynamo_core.__version__
+class TestTrtllmPackage(EnginePackageConformance):
+    package = "dynamo_trtllm"
+    roles = {"worker": "trtllm-worker", "prefill": "trtllm-prefill", "decode": "trtllm-decode"}
+    sample_args = ["--model-path", "x"]
+    help_mentions = ("--migration-limit", "--extra-engine-args", "--tensor-parallel-size")

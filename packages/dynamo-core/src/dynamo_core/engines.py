@@ -127,10 +127,8 @@ class EngineSpec:
             raise ConfigError(f"engine {self.name!r} cannot be loaded ({exc}){hint}") from None
         if not callable(getattr(module, "build_parser", None)):
             raise ConfigError(f"engine module {self.module} has no build_parser()")
-        if not callable(getattr(module, "worker", None)) and not callable(
-            getattr(module, "start_engine", None)
-        ):
-            raise ConfigError(f"engine module {self.module} has no worker")
+        if not callable(getattr(getattr(module, "worker", None), "run_in", None)):
+            raise ConfigError(f"engine module {self.module} has no @dynamo_worker() worker")
         return module
 
 

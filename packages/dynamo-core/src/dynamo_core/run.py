@@ -5,9 +5,14 @@
     dynamo-run in=batch:prompts.jsonl out=vllm --model examples/models/tiny [--output out.jsonl]
 
 `out=` names an engine: `echo` and `mocker` are built in; others come from the `dynamo.engines`
-entry-point group (`out=vllm` once dynamo-vllm is installed), and run the very same worker code
-as `python -m dynamo_<engine>.worker`. Everything runs on the in-process backends (`mem`
-discovery, `inproc` requests): no ports but the HTTP one, no files.
+entry-point group (`out=vllm` once dynamo-vllm is installed). The engine is checked first (not
+installed, or a version outside its package's range: one line, exit status 2); then the engine
+module's own `worker()` runs on this process's runtime (`worker.run_in`: the same adapter,
+`register_model` and `serve_endpoint` as `python -m dynamo_<engine>.worker`, with the engine's
+flags), next to the frontend. Everything runs on the in-process backends (`mem` discovery,
+`inproc` requests): no ports but the HTTP one, no files. What a process does before its runtime
+starts is not done here: signals are dynamo-run's own, and TensorRT-LLM's LLM API spawns its
+ranks itself rather than being re-run under mpirun.
 
 dynamo-run's own flags (`RunConfig`, anywhere on the line): `--http-host`, `--http-port`,
 `--output` (batch), `--concurrency` (batch), `--max-tokens` (text and batch defaults), and the
@@ -37,7 +42,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +130,9 @@ async def _run(source: str, target: str, own: RunConfig, engine_argv: list[str])
             ),
         )
     async with DistributedRuntime(runtime_config) as runtime:
-        serving, close = await _start_engine(module, runtime, parsed)
+        # the engine module's own worker() body on this process's runtime: its adapter,
+        # register_model and serve_endpoint, line for line what python -m runs
+        serving = asyncio.create_task(module.worker.run_in(runtime, parsed))
         service = OpenAIService(runtime, namespace=namespace, router=own.router_settings())
         await service.start()
         try:
@@ -142,25 +149,7 @@ async def _run(source: str, target: str, own: RunConfig, engine_argv: list[str])
             runtime.request_shutdown()
             await service.close()
             await _stop(serving, runtime.config.graceful_shutdown_timeout + 10)
-            await close()
     return code
-
-
-async def _start_engine(
-    module: Any, runtime: DistributedRuntime, parsed: Any
-) -> tuple[asyncio.Task[Any], Callable[[], Awaitable[None]]]:
-    """The engine module's own `worker` body on this process's runtime (`run_in`: its
-    adapter, `register_model` and `serve_endpoint`, as `python -m` runs them); a module that
-    still offers only `start_engine` is started and served through it."""
-    if hasattr(module, "worker") and hasattr(module.worker, "run_in"):
-        task = asyncio.create_task(module.worker.run_in(runtime, parsed))
-
-        async def nothing() -> None:
-            pass
-
-        return task, nothing
-    started = await module.start_engine(runtime, parsed)
-    return asyncio.create_task(started.serve()), started.close
 
 
 async def _until_listed(service: Any, serving: asyncio.Task[Any], target: str) -> None:
