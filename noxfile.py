@@ -166,6 +166,19 @@ def layers(session: nox.Session) -> None:
     session.run("lint-imports", "--no-cache", "--no-logo", "pyproject.toml")
 
 
+#: Where each engine package's fake of its engine lives, and the file that checks it.
+ENGINE_FAKES = [
+    "packages/dynamo-vllm/tests/fake_vllm",
+    "packages/dynamo-sglang/tests/fakes",
+    "packages/dynamo-trtllm/tests/fake_trtllm",
+]
+ENGINE_FAKE_CHECKS = [
+    "packages/dynamo-vllm/tests/check_vllm_fakes.py",
+    "packages/dynamo-sglang/tests/check_sglang_fakes.py",
+    "packages/dynamo-trtllm/tests/check_trtllm_fakes.py",
+]
+
+
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy, strict for every package (engines are imported lazily, so they need not be here)."""
@@ -182,6 +195,17 @@ def typecheck(session: nox.Session) -> None:
         "types-psutil",
     )
     session.run("mypy", "--config-file", "pyproject.toml")
+    # The engine fakes against what each package uses of its engine (protocols.py): a fake that
+    # drifts from the boundary fails here. --disallow-any-unimported: a fake that is not found
+    # (an Any) is an error, not a silent pass.
+    session.run(
+        "mypy",
+        "--config-file",
+        "pyproject.toml",
+        "--disallow-any-unimported",
+        *ENGINE_FAKE_CHECKS,
+        env={"MYPYPATH": os.pathsep.join(ENGINE_FAKES)},
+    )
 
 
 @nox.session(python=PYTHON, venv_backend="virtualenv")

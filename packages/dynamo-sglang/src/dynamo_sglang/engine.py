@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from dynamo_core.handlers import BaseWorkerHandler
     from dynamo_core.runtime import Component
     from dynamo_sglang.args import SglangConfig
+    from dynamo_sglang.protocols import EngineLike
 
 __all__ = [
     "SglangAdapter",
@@ -59,20 +60,21 @@ __all__ = [
 log = logging.getLogger("dynamo.sglang")
 
 
-def start_sglang(server_args: Any) -> Any:
+def start_sglang(server_args: Any) -> EngineLike:
     """`sglang.Engine(server_args=server_args)` (blocks while the model loads)."""
     import sglang
 
     try:
-        return sglang.Engine(server_args=server_args)
+        engine: EngineLike = sglang.Engine(server_args=server_args)
     except Exception as exc:
         log.debug("SGLang failed to start", exc_info=True)
         lines = str(exc).strip().splitlines()
         detail = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
         raise EngineError(f"SGLang failed to start: {detail}") from exc
+    return engine
 
 
-async def stop_sglang(engine: Any | None, kv_relay: ZmqKvEventRelay | None = None) -> None:
+async def stop_sglang(engine: EngineLike | None, kv_relay: ZmqKvEventRelay | None = None) -> None:
     """Stop relaying KV events and shut SGLang down (its scheduler and detokenizer processes)."""
     if kv_relay is not None:
         await kv_relay.close()
@@ -123,7 +125,7 @@ class SglangSettings:
     settings: dict[str, Any]
 
     @classmethod
-    def of(cls, engine: Any, *, served_name_given: bool = True) -> SglangSettings:
+    def of(cls, engine: EngineLike, *, served_name_given: bool = True) -> SglangSettings:
         tm = engine.tokenizer_manager
         server_args = getattr(tm, "server_args", None) or engine.server_args
         s = _settings(server_args)
@@ -213,7 +215,7 @@ class SglangAdapter(EngineAdapter["SglangConfig"]):
         super().__init__(args, _ROLES[mode])
         self.mode: Mode = mode
         self.server_args = server_args_from(args)
-        self.engine: Any = None
+        self.engine: EngineLike | None = None
         self.settings: SglangSettings | None = None
         self.kv_relay: ZmqKvEventRelay | None = None
         self.name = "sglang"

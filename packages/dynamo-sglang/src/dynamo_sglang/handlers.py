@@ -47,6 +47,7 @@ from dynamo_core.llm.protocol import (
     PreprocessedRequest,
 )
 from dynamo_core.runtime import Context
+from dynamo_sglang.protocols import EngineLike
 
 __all__ = [
     "BOOTSTRAP_KEYS",
@@ -141,8 +142,10 @@ def _pairs(top: Any) -> list[tuple[int, float]]:
 class WorkerHandler(BaseWorkerHandler):
     """Aggregated worker on an `sglang.Engine`."""
 
+    engine: EngineLike
+
     def __init__(
-        self, engine: Any, *, incremental_output: bool = False, name: str | None = None
+        self, engine: EngineLike, *, incremental_output: bool = False, name: str | None = None
     ) -> None:
         context = getattr(getattr(engine, "tokenizer_manager", None), "context_len", None)
         # the base class fills a missing max_tokens from the engine's context (SGLang's own
@@ -231,7 +234,7 @@ class PrefillHandler(WorkerHandler, BasePrefillHandler):
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineLike,
         *,
         bootstrap_host: str,
         bootstrap_port: int,
@@ -264,7 +267,7 @@ class DecodeHandler(WorkerHandler, BaseDecodeHandler):
 
     def __init__(
         self,
-        engine: Any,
+        engine: EngineLike,
         *,
         needs_bootstrap: bool = True,
         incremental_output: bool = False,

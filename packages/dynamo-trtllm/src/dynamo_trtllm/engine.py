@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
     from dynamo_core.runtime import Component
+    from dynamo_trtllm.protocols import LLMLike
     from dynamo_trtllm.publisher import EnginePublisher
 
 __all__ = [
@@ -213,7 +214,7 @@ class TrtllmAdapter(EngineAdapter[TrtllmConfig]):
     def __init__(self, args: ParsedArgs[TrtllmConfig], role: Role) -> None:
         super().__init__(args, role)
         self.kwargs, self.file_keys = llm_kwargs(args, role)  # reads --extra-engine-args now
-        self.llm: Any = None
+        self.llm: LLMLike | None = None
         self.publisher: EnginePublisher | None = None
         self.name = "trtllm"
 

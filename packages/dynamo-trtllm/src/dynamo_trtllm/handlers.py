@@ -51,6 +51,7 @@ from dynamo_core.llm.protocol import (
     PreprocessedRequest,
 )
 from dynamo_core.runtime import Context
+from dynamo_trtllm.protocols import LLMLike, RequestOutputLike
 
 __all__ = [
     "PARAMS_KEY",
@@ -134,7 +135,9 @@ def _value(lp: Any) -> float:
 class TrtllmHandler(BaseWorkerHandler):
     """Aggregated worker on a `tensorrt_llm.LLM`."""
 
-    def __init__(self, llm: Any, *, name: str | None = None) -> None:
+    engine: LLMLike
+
+    def __init__(self, llm: LLMLike, *, name: str | None = None) -> None:
         seq = getattr(getattr(llm, "args", None), "max_seq_len", None)
         # the base class fills a missing max_tokens from the context the LLM was built with
         super().__init__(llm, name=name, context_length=seq if isinstance(seq, int) else None)
@@ -145,7 +148,7 @@ class TrtllmHandler(BaseWorkerHandler):
         self._params_class = DisaggregatedParams
         self._guided_class = GuidedDecodingParams
         #: request id -> the engine's RequestOutput, while the engine works on it
-        self.active: dict[str, Any] = {}
+        self.active: dict[str, RequestOutputLike] = {}
         self._cached: dict[str, int] = {}
 
     # -- request -> engine ------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 
 from dynamo_core.llm.kv import KvEvent, KvEventBatch, KvRemoved, KvStored, LoadMetrics
+from dynamo_trtllm.protocols import LLMLike
 
 __all__ = ["EnginePublisher", "kv_events_from_engine", "load_metrics_from_stats"]
 
@@ -139,7 +140,7 @@ class EnginePublisher:
 
     def __init__(
         self,
-        llm: Any,
+        llm: LLMLike,
         kv_publisher: Any,
         metrics_publisher: Any,
         block_size: int,
@@ -174,10 +175,10 @@ class EnginePublisher:
             await publisher.close()
 
     def _kv_events(self) -> AsyncIterator[Any]:
-        return self.llm.get_kv_cache_events_async(timeout=self.timeout)  # type: ignore[no-any-return]
+        return self.llm.get_kv_cache_events_async(timeout=self.timeout)
 
     def _stats(self) -> AsyncIterator[Any]:
-        return self.llm.get_stats_async(timeout=self.timeout)  # type: ignore[no-any-return]
+        return self.llm.get_stats_async(timeout=self.timeout)
 
     async def _poll(
         self,

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from dynamo_core.handlers import BaseWorkerHandler
     from dynamo_core.runtime import Component, EventPublisher
     from dynamo_vllm.args import VllmConfig
+    from dynamo_vllm.protocols import AsyncLLMClass, AsyncLLMLike
 
 __all__ = [
     "VllmAdapter",
@@ -132,7 +133,7 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
                 log.warning(
                     "no --kv-transfer-config: this decode worker can only serve whole requests"
                 )
-        self.llm: Any = None
+        self.llm: AsyncLLMLike | None = None
         self.vllm_config: Any = None
         self.default_sampling: dict[str, Any] = {}
         self.kv_relay: ZmqKvEventRelay | None = None
@@ -140,8 +141,9 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
         self._publishers: list[EventPublisher] = []
 
     async def start(self, component: Component) -> EngineInfo:
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.async_llm import AsyncLLM as _AsyncLLM
 
+        engine_class: AsyncLLMClass = _AsyncLLM
         from dynamo_core.llm.kv import KV_EVENTS_TOPIC as DYN_KV_TOPIC
         from dynamo_core.llm.kv import LOAD_METRICS_TOPIC
 
@@ -156,13 +158,13 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
 
         log.info("starting vLLM on %s", args.model)
         try:
-            self.llm = await asyncio.to_thread(
-                AsyncLLM.from_engine_args, args, stat_loggers=[metrics]
+            self.llm = llm = await asyncio.to_thread(
+                engine_class.from_engine_args, args, stat_loggers=[metrics]
             )
         except Exception as exc:
             log.debug("vLLM failed to start", exc_info=True)
             raise start_error(exc, args.model) from exc
-        self.vllm_config = self.llm.vllm_config
+        self.vllm_config = llm.vllm_config
         model_config = self.vllm_config.model_config
         block_size = int(self.vllm_config.cache_config.block_size)
         self.default_sampling = dict(model_config.get_diff_sampling_param() or {})

@@ -38,6 +38,7 @@ from dynamo_core.llm.protocol import (
     PreprocessedRequest,
 )
 from dynamo_core.runtime import Context
+from dynamo_vllm.protocols import AsyncLLMLike
 
 __all__ = [
     "PARAMS_KEY",
@@ -158,9 +159,11 @@ def logprobs(
 class WorkerHandler(BaseWorkerHandler):
     """Aggregated serving on a vLLM `AsyncLLM`."""
 
+    engine: AsyncLLMLike
+
     def __init__(
         self,
-        engine: Any,
+        engine: AsyncLLMLike,
         *,
         default_sampling: Mapping[str, Any] | None = None,
         name: str | None = None,
