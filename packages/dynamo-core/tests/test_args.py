@@ -122,7 +122,11 @@ def test_same_flags_give_the_same_config_through_cli_env_file_and_graph(tmp_path
     assert cli.sources["http_port"] == "cli"
     assert env.sources["http_port"] == "env"
     assert from_file.sources["http_port"] == "file"
-    assert from_graph.sources["namespace"] == "file"
+    # a graph's namespace is DYN_NAMESPACE for its components, as dynamo serve sets it
+    assert from_graph.sources["namespace"] == "env"
+    assert from_graph.origins["namespace"] == f"env DYN_NAMESPACE (from {graph})"
+    assert from_graph.env_overlay == {"DYN_NAMESPACE": "demo"}
+    assert from_graph.sources["http_port"] == "file"
     assert from_graph.component == "backend"
     assert cli.sources["model_path"] == "default"
 
@@ -210,11 +214,17 @@ def test_misspelt_key_in_a_file(tmp_path: Path) -> None:
 
 
 def test_misspelt_key_in_a_graph_section(tmp_path: Path) -> None:
-    path = write(tmp_path, "g.yaml", "components:\n  backend:\n    args: {htp-port: 1}\n")
+    path = write(
+        tmp_path, "g.yaml", "components:\n  backend:\n    module: m\n    args: {htp-port: 1}\n"
+    )
     [error] = make_parser().check(["--config", path, "--component", "backend"], environ={})
     assert "unknown key 'htp-port'" in error
     assert f"in {path} (components.backend.args)" in error
     assert "did you mean 'http-port'?" in error
+    # a graph dynamo serve would refuse is refused here too, with serve's message
+    bad = write(tmp_path, "bad.yaml", "components:\n  backend:\n    args: {http-port: 1}\n")
+    [error] = make_parser().check(["--config", bad, "--component", "backend"], environ={})
+    assert error == f"{bad}: components.backend.module: Field required"
 
 
 def test_misspelt_env_var() -> None:

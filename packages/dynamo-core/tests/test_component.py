@@ -23,6 +23,11 @@ from dynamo_core.runtime import RuntimeConfig, dynamo_worker
 class Cfg(RuntimeConfig):
     what: str = Field("ok", description="What the worker does.")
 
+from dynamo_core.deploy import BaseDeployment
+
+class Deployment(BaseDeployment):
+    env = {"FOO": "module", "BAR": "module"}
+
 ENGINE = EngineSpec("fake", "dyn_comp", extra="dynamo-fakeeng[fakeeng]",
                     import_name="fakeeng", display_name="FakeEng")
 
@@ -33,6 +38,8 @@ async def worker(runtime, args):
     if args.config.what == "config-error":
         raise ConfigError("no such model")
     logging.getLogger("dynamo.test").info("ran in namespace %s", runtime.config.namespace)
+    import os
+    logging.getLogger("dynamo.test").debug("FOO=%s", os.environ.get("FOO"))
 
 def before(args, argv):
     if args.config.what == "before":
@@ -140,3 +147,18 @@ def test_failures_are_one_line_with_their_status(
     assert done.returncode == status
     assert [ln for ln in done.stderr.splitlines() if ln.startswith("error:")] == [line]
     assert "Traceback" not in done.stderr
+
+
+def test_a_graph_files_env_reaches_the_process(site: Path) -> None:
+    """`--config graph --component X`: the module's Deployment.env < the graph's env < the
+    component's env, set in os.environ before logging starts (DYN_LOG: debug works)."""
+    _engine(site, "1.2")
+    graph = site / "graph.yaml"
+    graph.write_text(
+        "namespace: from-graph\nenv: {DYN_LOG: debug, FOO: graph}\n"
+        "components:\n  w: {module: dyn_comp, env: {FOO: component}}\n"
+    )
+    done = _run(site, "--config", str(graph), "--component", "w")
+    assert done.returncode == 0, done.stderr
+    assert " INFO dynamo.test: ran in namespace from-graph" in done.stderr
+    assert " DEBUG dynamo.test: FOO=component" in done.stderr

@@ -8,9 +8,16 @@ field's `json_schema_extra={"env": ...}`). Sources, lowest to highest::
 
     defaults < --config FILE < environment < command line
 
-`--config` takes a flat YAML map of flag names, or a graph file (top-level `components:`) with
-`--component NAME`, which picks `components.NAME.args` (the graph's top-level `namespace`
-applies too, below the component's own args).
+`--config` takes a flat YAML map of flag names (as above), or a graph file (top-level
+`components:`, read and validated by `dynamo_core.graph`, as `dynamo serve` reads it) with
+`--component NAME`, which means exactly what `dynamo serve` means by that component::
+
+    defaults < environment (the caller's, under the graph's: Deployment.env < graph env <
+               component env < DYN_NAMESPACE from the graph's namespace)
+             < components.NAME.args < command line
+
+(the graph's args are the flags serve would pass, so they sit above the environment; the
+graph's environment is `ParsedArgs.env_overlay`, which `run_component` puts in `os.environ`).
 
 Choices worth knowing in review:
 
@@ -22,8 +29,12 @@ Choices worth knowing in review:
   `AsyncEngineArgs.add_cli_args`): its types, choices and actions are reused, never restated.
   To know which engine values the user actually gave, each source is parsed "sparse" (every
   default set to `SUPPRESS`, `required` off); the merged namespace is engine defaults < file <
-  env < CLI. A YAML value for an engine flag is turned back into flag tokens and parsed the
-  same way, so `tp-size: 2` in a file and `--tp-size 2` mean exactly the same.
+  env < CLI. A YAML value for an engine flag is turned back into flag tokens by the one
+  renderer launchers use (`dynamo_core.graph.render_arg`: the key names the flag, so
+  `no-cache: true` gives `--no-cache`) and parsed the same way, so `tp-size: 2` in a file and
+  `--tp-size 2` mean exactly the same. A launcher that did not load the engine writes an engine
+  flag as one token (`--x`, `--x=VALUE`); `--x=false` for an on/off flag, `--x=3` for a counted
+  one and `--x=[...]` for a list are read here as the tokens the flag's action takes.
 - A flag both sides declare (`--model-path` in sglang, `--model` in vllm) is owned by the
   engine: it is parsed once by the engine's parser and its value also fills the Dynamo field,
   whose environment variable keeps working (env vars exist for Dynamo fields only).
@@ -69,6 +80,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic.fields import FieldInfo
 
 from dynamo_core.errors import ConfigError
+from dynamo_core.graph import GraphError, component_env, graph_from_data, render_arg
 from dynamo_core.runtime.config import RuntimeConfig, env_var_name
 
 if typing.TYPE_CHECKING:
@@ -82,6 +94,7 @@ __all__ = [
     "ParsedArgs",
     "ParserFlags",
     "Preflight",
+    "Resolution",
     "load_yaml_file",
     "migration_limit_field",
     "parse_component_args",
@@ -474,41 +487,18 @@ def _long_flag(action: argparse.Action) -> str:
     return action.option_strings[0]
 
 
-def _as_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict | list | tuple):
-        return json.dumps(value, default=str)
-    return str(value)
+def _is_append(action: argparse.Action) -> bool:
+    return isinstance(action, argparse._AppendAction | argparse._ExtendAction)
 
 
-@dataclass(frozen=True)
-class _Direct:
-    """A value set on the engine namespace as is, bypassing argparse."""
-
-    value: Any
-
-
-def _engine_tokens(action: argparse.Action, value: Any) -> list[str] | _Direct:
-    """The CLI tokens that give `action` the (YAML or environment) `value`."""
-    flag = _long_flag(action)
-    if value is None:
-        return _Direct(None)
-    if isinstance(action, argparse.BooleanOptionalAction):
-        return [flag] if _to_bool(value) else ["--no-" + flag[2:]]
-    if isinstance(action, argparse._CountAction):
-        return [flag] * int(value)
-    if action.nargs == 0:
-        if isinstance(action.const, bool):
-            wanted = _to_bool(value)
-            return [flag] if wanted == action.const else _Direct(wanted)
-        return [flag] if value == action.const or value is True else []
-    items = list(value) if isinstance(value, list | tuple) else None
-    if isinstance(action, argparse._AppendAction | argparse._ExtendAction):
-        return [f"{flag}={_as_text(v)}" for v in (items if items is not None else [value])]
-    if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs >= 1):
-        return [flag, *(_as_text(v) for v in (items if items is not None else [value]))]
-    return [f"{flag}={_as_text(value)}"]
+def _engine_tokens(action: argparse.Action, value: Any) -> list[str]:
+    """The CLI tokens that give `action` the (YAML or environment) `value`: the one renderer
+    every launcher uses (`dynamo_core.graph.render_arg`). A value that cannot be a flag's on/off
+    is refused here, with the reason, rather than by argparse."""
+    zero_arg = action.nargs == 0 and not isinstance(action, argparse._CountAction)
+    if zero_arg and value is not None and not isinstance(value, bool):
+        _to_bool(value)  # raises _BadValue: expected true or false
+    return render_arg(_long_flag(action), value, {opt: action for opt in action.option_strings})
 
 
 def _suggest(
@@ -573,6 +563,26 @@ class _Built:
                 return self.keys[candidate]
         return None
 
+    def normalized(self, token: str) -> list[str]:
+        """`--x=VALUE` for an on/off or counted flag, or `--x=[...]` for a list flag, as the
+        tokens the flag's action reads (`dynamo_core.graph.render_arg`): what a launcher that
+        did not load this parser's engine writes for an engine flag. Anything else unchanged."""
+        flag, eq, text = token.partition("=")
+        action = self.parser._option_string_actions.get(flag) if eq else None
+        if action is None or not flag.startswith("--"):
+            return [token]
+        many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+        listed = text.lstrip().startswith("[") and (many or _is_append(action))
+        if action.nargs != 0 and not listed:
+            return [token]
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return [token]  # argparse says what is wrong with it
+        if action.nargs == 0 and not isinstance(value, bool | int):
+            return [token]
+        return render_arg(flag, value, {flag: action})
+
     def canonical_flag(self, token: str) -> str:
         """`--model_path` -> `--model-path` (and the reverse for engines with underscores)."""
         if not token.startswith("--") or token == "--":
@@ -601,6 +611,17 @@ class ParsedArgs(Generic[C]):
     #: engine dest -> "default" | "file" | "env" | "cli"
     engine_sources: dict[str, str]
     component: str | None = None
+    #: What a graph file (`--config GRAPH --component X`) adds to the process's environment, as
+    #: `dynamo serve` would set it (`dynamo_core.graph.component_env`); `run_component` applies it.
+    env_overlay: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resolution(Generic[C]):
+    """What `DynFlexibleArgumentParser.resolve` found: the errors, or the parse."""
+
+    errors: list[str]
+    parsed: ParsedArgs[C] | None
 
 
 @dataclass
@@ -694,39 +715,67 @@ class DynFlexibleArgumentParser(Generic[C]):
         return dict(self._build().parser._option_string_actions)
 
     def parse(
-        self, argv: list[str] | None = None, *, environ: Mapping[str, str] | None = None
+        self,
+        argv: list[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        module_env: Mapping[str, str] | None = None,
     ) -> ParsedArgs[C]:
-        """Merge all sources. Raises `ConfigError`; `--help`/`--print-config` exit 0."""
-        outcome = self._outcome(argv, environ)
+        """Merge all sources. Raises `ConfigError`; `--help`/`--print-config` exit 0.
+
+        `module_env`: the component module's `Deployment.env`, the lowest layer of the
+        environment a graph file (`--config GRAPH --component X`) gives its processes."""
+        outcome = self._outcome(argv, environ, module_env)
         if outcome.errors or outcome.parsed is None:
             raise ConfigError("; ".join(outcome.errors))
         return self._finish(outcome.parsed, outcome.print_config)
 
     def parse_or_exit(
-        self, argv: list[str] | None = None, *, environ: Mapping[str, str] | None = None
+        self,
+        argv: list[str] | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        module_env: Mapping[str, str] | None = None,
     ) -> ParsedArgs[C]:
         """`parse` for a `main()`: each error is one line on stderr, then exit status 2."""
-        outcome = self._outcome(argv, environ)
+        outcome = self._outcome(argv, environ, module_env)
         if outcome.errors or outcome.parsed is None:
             sys.stderr.write("".join(f"{self.prog}: error: {e}\n" for e in outcome.errors))
             raise SystemExit(2)
         return self._finish(outcome.parsed, outcome.print_config)
+
+    def resolve(
+        self,
+        argv: list[str],
+        *,
+        environ: Mapping[str, str] | None = None,
+        module_env: Mapping[str, str] | None = None,
+    ) -> Resolution[C]:
+        """The one parse a launcher does per component: every error `parse` would report, or
+        the merged result; never exits or prints (`--help` and `--print-config` are not read)."""
+        if _wants_help(argv):
+            return Resolution([], None)
+        outcome = self._resolve(list(argv), environ, module_env)
+        return Resolution(outcome.errors, None if outcome.errors else outcome.parsed)
 
     def check(
         self, argv: list[str] | None = None, *, environ: Mapping[str, str] | None = None
     ) -> list[str]:
         """The error messages `parse` would report (empty if none); never exits or prints."""
         args = list(sys.argv[1:] if argv is None else argv)
-        if _wants_help(args):
-            return []
-        return self._resolve(args, environ).errors
+        return self.resolve(args, environ=environ).errors
 
-    def _outcome(self, argv: list[str] | None, environ: Mapping[str, str] | None) -> _Outcome[C]:
+    def _outcome(
+        self,
+        argv: list[str] | None,
+        environ: Mapping[str, str] | None,
+        module_env: Mapping[str, str] | None = None,
+    ) -> _Outcome[C]:
         args = list(sys.argv[1:] if argv is None else argv)
         if _wants_help(args):
             sys.stdout.write(self.format_help())
             raise SystemExit(0)
-        return self._resolve(args, environ)
+        return self._resolve(args, environ, module_env)
 
     def _finish(self, parsed: ParsedArgs[C], print_config: str | None) -> ParsedArgs[C]:
         if print_config:
@@ -946,7 +995,12 @@ class DynFlexibleArgumentParser(Generic[C]):
 
     # -- resolving ----------------------------------------------------------------------------
 
-    def _resolve(self, argv: list[str], environ: Mapping[str, str] | None) -> _Outcome[C]:
+    def _resolve(
+        self,
+        argv: list[str],
+        environ: Mapping[str, str] | None,
+        module_env: Mapping[str, str] | None = None,
+    ) -> _Outcome[C]:
         built = self._build()
         env = os.environ if environ is None else environ
         got = _Collected()
@@ -956,7 +1010,7 @@ class DynFlexibleArgumentParser(Generic[C]):
             if token == "--":
                 tokens += argv[i:]
                 break
-            tokens.append(built.canonical_flag(token))
+            tokens += built.normalized(built.canonical_flag(token))
         try:
             with _parsing_mode(built.parser, sparse=True):
                 ns, extras = built.parser.parse_known_args(tokens)
@@ -968,13 +1022,27 @@ class DynFlexibleArgumentParser(Generic[C]):
         print_config: str | None = cli.pop(_DEST_PREFIX + "print_config", None)
         cli.pop("help", None)
 
+        graph_args: tuple[dict[str, Any], _Origin] | None = None
+        overlay: dict[str, str] = {}
         if config_path is not None:
-            self._read_file(built, config_path, component, got)
+            data = _load_yaml(config_path, got.errors)
+            if data is not None and "components" in data:
+                found = self._read_graph(config_path, data, component, module_env, got)
+                if found is not None:
+                    graph_args, overlay = found
+            elif data is not None:
+                self._read_file(built, config_path, data, component, got)
         elif component is not None:
             got.errors.append("--component needs --config GRAPH_FILE on command line")
-        self._read_env(built, env, got)
+        # a graph file means what `dynamo serve` means: its env above the caller's, its args
+        # above the environment (they are the flags serve would pass), the command line on top
+        self._read_env(built, {**env, **overlay}, got, overlay, config_path)
+        if graph_args is not None:
+            entries, origin = graph_args
+            for key, value in entries.items():
+                self._file_entry(built, str(key), value, origin, got)
         self._read_cli(built, cli, extras, got)
-        return self._merge(built, got, component, print_config)
+        return self._merge(built, got, component, print_config, overlay)
 
     def _read_cli(
         self, built: _Built, cli: dict[str, Any], extras: list[str], got: _Collected
@@ -1001,12 +1069,21 @@ class DynFlexibleArgumentParser(Generic[C]):
             elif not after_unknown_flag:
                 got.errors.append(f"unexpected argument '{token}' on command line")
 
-    def _read_env(self, built: _Built, env: Mapping[str, str], got: _Collected) -> None:
+    def _read_env(
+        self,
+        built: _Built,
+        env: Mapping[str, str],
+        got: _Collected,
+        overlay: Mapping[str, str] | None = None,
+        graph_path: str | None = None,
+    ) -> None:
         by_var = {f.env: f for f in built.fields.values()}
         for var, f in by_var.items():
             if var not in env:
                 continue
             origin = _env_origin(var)
+            if overlay and var in overlay:  # set by the graph file, as dynamo serve sets it
+                origin = _Origin("env", f"env {var} (from {graph_path})", f"in {graph_path} (env)")
             if f.name in built.shared:
                 self._engine_value(built, built.shared[f.name], env[var], origin, got, f.flag)
             else:
@@ -1022,57 +1099,53 @@ class DynFlexibleArgumentParser(Generic[C]):
                     f"(did you mean '{hint}', i.e. '--{by_var[hint].flag}'?)"
                 )
 
-    def _read_file(self, built: _Built, path: str, component: str | None, got: _Collected) -> None:
-        data = _load_yaml(path, got.errors)
-        if data is None:
-            return
-        origin = _Origin("file", f"file {path}", f"in {path}")
-        entries: Any = data
-        if "components" in data:
-            comps = data["components"]
-            if not isinstance(comps, dict) or not comps:
-                got.errors.append(f"'components' in {path} must be a non-empty map of components")
-                return
-            if component is None:
-                got.errors.append(
-                    f"{path} is a graph file: choose a component with --component "
-                    f"(one of: {', '.join(map(str, comps))})"
-                )
-                return
-            if component not in comps:
-                hint = _suggest(component, map(str, comps))
-                got.errors.append(
-                    f"no component '{component}' in {path}"
-                    + (f" (did you mean '{hint}'?)" if hint else "")
-                )
-                return
-            namespace = data.get("namespace")
-            ns_field = built.fields.get("namespace")
-            if namespace is not None and ns_field is not None:
-                ns_origin = _Origin("file", f"file {path} (namespace)", f"in {path} (namespace)")
-                if ns_field.name in built.shared:
-                    action = built.shared[ns_field.name]
-                    self._engine_value(built, action, namespace, ns_origin, got, ns_field.flag)
-                else:
-                    got.set_dyn(ns_field, namespace, ns_origin, textual=False)
-            spec = comps[component] if comps[component] is not None else {}
-            section = f"components.{component}.args"
-            if not isinstance(spec, dict):
-                got.errors.append(f"components.{component} in {path} must be a map")
-                return
-            entries = spec.get("args") or {}
-            origin = _Origin("file", f"file {path} ({section})", f"in {path} ({section})")
-            if not isinstance(entries, dict):
-                got.errors.append(f"{section} in {path} must be a map of flag names to values")
-                return
-        elif component is not None:
+    def _read_file(
+        self, built: _Built, path: str, data: dict[str, Any], component: str | None, got: _Collected
+    ) -> None:
+        """A flat config file: a map of flag names to values, below the environment."""
+        if component is not None:
             got.errors.append(
                 f"--component {component} given but {path} is not a graph file "
                 "(it has no top-level 'components:')"
             )
             return
-        for key, value in entries.items():
+        origin = _Origin("file", f"file {path}", f"in {path}")
+        for key, value in data.items():
             self._file_entry(built, str(key), value, origin, got)
+
+    def _read_graph(
+        self,
+        path: str,
+        data: dict[str, Any],
+        component: str | None,
+        module_env: Mapping[str, str] | None,
+        got: _Collected,
+    ) -> tuple[tuple[dict[str, Any], _Origin], dict[str, str]] | None:
+        """A graph file (read as `dynamo serve` reads it, `dynamo_core.graph`): the component's
+        args with their origin, and the environment its processes would get on top of ours."""
+        try:
+            graph = graph_from_data(data, path)
+        except GraphError as exc:
+            got.errors += exc.errors
+            return None
+        names = list(graph.components)
+        if component is None:
+            got.errors.append(
+                f"{path} is a graph file: choose a component with --component "
+                f"(one of: {', '.join(names)})"
+            )
+            return None
+        if component not in graph.components:
+            hint = _suggest(component, names)
+            got.errors.append(
+                f"no component '{component}' in {path}"
+                + (f" (did you mean '{hint}'?)" if hint else "")
+            )
+            return None
+        section = f"components.{component}.args"
+        origin = _Origin("file", f"file {path} ({section})", f"in {path} ({section})")
+        overlay = component_env(graph, component, module_env)
+        return (dict(graph.components[component].args), origin), overlay
 
     def _file_entry(
         self, built: _Built, key: str, value: Any, origin: _Origin, got: _Collected
@@ -1083,7 +1156,7 @@ class DynFlexibleArgumentParser(Generic[C]):
             if bare.replace("_", "-") in {f.lstrip("-") for f in _RESERVED_FLAGS}:
                 got.errors.append(f"key '{key}' {origin.where} is only valid on the command line")
             elif built.engine_missing:
-                got.passthrough.append(f"--{bare}={_as_text(value)}")
+                got.passthrough += render_arg(bare, value, {})
             else:
                 hint = _suggest(bare, built.keys)
                 got.errors.append(
@@ -1107,8 +1180,8 @@ class DynFlexibleArgumentParser(Generic[C]):
         """Parse one engine value, given as YAML or env text, with the engine's own rules."""
         try:
             tokens = _engine_tokens(action, value)
-            if isinstance(tokens, _Direct):
-                got.engine[action.dest] = (tokens.value, origin)
+            if not tokens:  # null, or an on/off flag turned off: the flag's default, from here
+                got.engine[action.dest] = (action.default, origin)
                 return
             with _parsing_mode(built.parser, sparse=True):
                 ns, extras = built.parser.parse_known_args(tokens)
@@ -1124,7 +1197,12 @@ class DynFlexibleArgumentParser(Generic[C]):
             got.engine[dest] = (parsed, origin)
 
     def _merge(
-        self, built: _Built, got: _Collected, component: str | None, print_config: str | None
+        self,
+        built: _Built,
+        got: _Collected,
+        component: str | None,
+        print_config: str | None,
+        overlay: Mapping[str, str] | None = None,
     ) -> _Outcome[C]:
         # Errors already found (a misspelt key, a bad value) come first and alone for their
         # field: a "missing required flag" next to "unknown key 'modle-path'" would only confuse.
@@ -1185,6 +1263,7 @@ class DynFlexibleArgumentParser(Generic[C]):
             origins={n: origins.get(n, _DEFAULT).label for n in built.fields},
             engine_sources={d: o.source for d, o in engine_origin.items()},
             component=component,
+            env_overlay=dict(overlay or {}),
         )
         if self.preflight is not None:
             problems = self.preflight(parsed)

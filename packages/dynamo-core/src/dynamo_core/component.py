@@ -7,7 +7,10 @@ In order:
 
 1. **parse** (`parse_or_exit`): each problem one line on stderr, exit status 2; `--help` and
    `--print-config` print and exit 0. Parsing comes first so that `--help` works without the
-   engine installed.
+   engine installed. Started with `--config graph.yaml --component X`, the component's
+   environment is what `dynamo serve` would give it (the module's `Deployment.env`, the graph's
+   and the component's `env`, the graph's namespace): it is set in `os.environ` here, before
+   logging is configured and the runtime starts, and the engine's own processes inherit it.
 2. **check the engine** (`EngineSpec.check`): not installed, or at a version outside the range
    its engine package declares, is one line and exit status 1 (as a failed start).
 3. **configure logging** from `DYN_LOG` / `DYN_LOGGING_JSONL` (`configure_logging`).
@@ -24,6 +27,7 @@ alike expect.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -58,7 +62,9 @@ def run_component(
 ) -> NoReturn:
     """Parse, check the engine, configure logging, run (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_or_exit(argv)
+    deployment = getattr(sys.modules.get(worker.__module__), "Deployment", None)
+    args = parser.parse_or_exit(argv, module_env=getattr(deployment, "env", None))
+    os.environ.update(args.env_overlay)  # a graph file's env, as dynamo serve would set it
     if engine is not None:
         try:
             engine.check()

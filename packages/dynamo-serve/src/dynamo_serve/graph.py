@@ -15,20 +15,23 @@ A graph file names the components of an inference graph and the flags each one r
         resources: {gpu: 1}               # overrides the module's Deployment.resources
         args: {model-path: examples/models/tiny}
 
-`build_plan` turns it (plus command-line overrides) into one `ProcessPlan` per process: the exact
-argv `[sys.executable, "-m", module, *flags]` and the environment variables set on top of the
-caller's. Nothing here imports a component module or starts a process; what the plan needs from a
-module (its `Deployment` and its parser's flags) arrives as a `ComponentInfo`, which
-`load_component` builds (in `dynamo serve`) and tests build by hand.
+The file itself (its model, `load_graph`, the value -> argv renderer `render_arg(s)` and the
+environment `component_env`) is core's, `dynamo_core.graph`, which a component started with
+`--config graph.yaml --component X` reads too: both mean the same thing. The names are re-exported
+here. This module is the launcher's half: `build_plan` turns a graph (plus command-line
+overrides) into one `ProcessPlan` per process: the exact argv `[sys.executable, "-m", module,
+*flags]` and the environment variables set on top of the caller's. Nothing here imports a
+component module or starts a process; what the plan needs from a module (its `Deployment` and its
+parser's flags) arrives as a `ComponentInfo`, which `load_component` builds (in `dynamo serve`)
+and tests build by hand.
 
 Choices worth knowing in review:
 
-- **Args become flags by asking the component's parser.** `args` keys are flag names (`model-path`,
-  `--model-path` and `model_path` all work). How a value is written depends on the flag's argparse
-  action: a `BooleanOptionalAction` gets `--x`/`--no-x`; a `store_true`/`store_false` flag is
-  given (`true`) or left out (`false`); an `append` flag is repeated (`--x=a --x=b`); an
-  `nargs="+"` flag takes the list (`--x a b`); a map is written as JSON. A flag the parser does not know is written plainly (bool `--x`/`--no-x`,
-  list `--x a b`) and left to `check()` to reject, with the component's own suggestion.
+- **Args become flags by asking the component's parser** (`dynamo_core.graph.render_arg`):
+  `args` keys are flag names (`model-path`, `--model-path` and `model_path` all work), written
+  as the flag's argparse action reads them. A flag the parser does not know (an engine's: the
+  launcher parses without the engine) is written as one token, `--x` or `--x=VALUE`, which the
+  component's own parser reads back with the engine's action when the process starts.
 - **Relative paths stay relative**: processes run in the current directory of `dynamo serve`, so
   `model-path: examples/models/tiny` resolves against it (as it would when you type the command),
   not against the graph file's folder. `--dry-run` prints that directory.
@@ -44,9 +47,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
-import re
 import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,11 +55,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from dynamo_core.deploy import BaseDeployment, Resources
-from dynamo_core.errors import ConfigError
+from dynamo_core.graph import (
+    ComponentSpec,
+    Graph,
+    GraphError,
+    ResourcesOverride,
+    component_env,
+    load_graph,
+    render_arg,
+    render_args,
+)
 
 if TYPE_CHECKING:
     from dynamo_core.args import DynFlexibleArgumentParser
@@ -73,6 +80,7 @@ __all__ = [
     "Overrides",
     "Plan",
     "ProcessPlan",
+    "ResourcesOverride",
     "apply_overrides",
     "build_plan",
     "format_dry_run",
@@ -80,6 +88,7 @@ __all__ = [
     "load_graph",
     "parse_gpus",
     "parse_overrides",
+    "render_arg",
     "render_args",
     "validate_plan",
 ]
@@ -94,142 +103,6 @@ RUNTIME_FLAGS: dict[str, str] = {
     "etcd-endpoints": "ETCD_ENDPOINTS",
     "nats-server": "NATS_SERVER",
 }
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-class GraphError(ConfigError):
-    """A graph that cannot run; `errors` holds one message per problem."""
-
-    def __init__(self, errors: str | Sequence[str]) -> None:
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        super().__init__("; ".join(self.errors))
-
-
-# --------------------------------------------------------------------------------------------
-# The file.
-
-
-def _env_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-class ResourcesOverride(BaseModel):
-    """Part of `Resources`: what the graph sets wins over the module's `Deployment.resources`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    gpu: int | None = Field(None, ge=0)
-    cpu: str | None = None
-    memory: str | None = None
-
-    def over(self, base: Resources) -> Resources:
-        return base.model_copy(update=self.model_dump(exclude_none=True))
-
-
-class ComponentSpec(BaseModel):
-    """One component of a graph: which module runs, with which flags, how many times."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    module: str = Field(description="The component's module, run as `python -m <module>`.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Flag name -> value.")
-    replicas: int | None = Field(
-        None, ge=0, description="Processes to run (default: the module's Deployment.replicas)."
-    )
-    env: dict[str, str] = Field(default_factory=dict, description="Variables for its processes.")
-    resources: ResourcesOverride | None = Field(
-        None, description="Overrides the module's Deployment.resources (gpu, cpu, memory)."
-    )
-
-    @field_validator("module")
-    @classmethod
-    def _module_name(cls, value: str) -> str:
-        if not _MODULE.match(value):
-            raise ValueError(f"{value!r} is not a dotted module name")
-        return value
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _env_values(cls, value: Any) -> Any:
-        return _stringify_env(value)
-
-    @field_validator("args", mode="before")
-    @classmethod
-    def _args_none(cls, value: Any) -> Any:
-        return {} if value is None else value
-
-
-def _stringify_env(value: Any) -> Any:
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return {str(k): _env_text(v) for k, v in value.items()}
-    return value
-
-
-class Graph(BaseModel):
-    """A graph file, validated."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    namespace: str | None = Field(None, description="DYN_NAMESPACE of every component.")
-    env: dict[str, str] = Field(default_factory=dict, description="Variables for every process.")
-    components: dict[str, ComponentSpec] = Field(min_length=1)
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _env_values(cls, value: Any) -> Any:
-        return _stringify_env(value)
-
-    @field_validator("components")
-    @classmethod
-    def _names(cls, value: dict[str, ComponentSpec]) -> dict[str, ComponentSpec]:
-        for name in value:
-            if not _NAME.match(name):
-                raise ValueError(
-                    f"component name {name!r}: use letters, digits, '-' and '_' "
-                    "(a '.' would clash with --<component>.<arg> overrides)"
-                )
-        return value
-
-
-def _location(loc: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
-def load_graph(path: str | Path) -> Graph:
-    """Read and validate a graph file; `GraphError` lists every problem, each with its place."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GraphError(f"graph file {path} not found") from None
-    except OSError as exc:
-        raise GraphError(f"cannot read graph file {path}: {exc.strerror or exc}") from None
-    try:
-        data: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise GraphError(f"invalid YAML in {path}{at}: {problem}") from None
-    if not isinstance(data, dict):
-        raise GraphError(f"{path} must hold a map with 'components:'")
-    try:
-        return Graph.model_validate(data)
-    except ValidationError as exc:
-        raise GraphError(
-            [
-                f"{path}: {_location(e['loc'])}: {e['msg']}"
-                + (f" (got {e['input']!r})" if e["type"] == "extra_forbidden" else "")
-                for e in exc.errors(include_url=False)
-            ]
-        ) from None
-
 
 # --------------------------------------------------------------------------------------------
 # Command-line overrides: --<component>.<arg> VALUE, --<component>.replicas N.
@@ -372,90 +245,6 @@ def load_component(module: str) -> ComponentInfo:
 
 
 # --------------------------------------------------------------------------------------------
-# Args -> flags.
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict | list | tuple):
-        return json.dumps(value)
-    return str(value)
-
-
-_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
-_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
-
-
-def _as_bool(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    return True if text in _TRUE else False if text in _FALSE else None
-
-
-def _with_value(flag: str, value: Any) -> list[str]:
-    text = _text(value)
-    # `--x -1` reads as two flags to argparse; `--x=-1` cannot be misread.
-    return [f"{flag}={text}"] if text.startswith("-") or text == "" else [flag, text]
-
-
-def _long_flag(action: argparse.Action) -> str:
-    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
-
-
-def _find_action(key: str, actions: Mapping[str, argparse.Action]) -> argparse.Action | None:
-    bare = key.lstrip("-")
-    for candidate in (bare, bare.replace("_", "-"), bare.replace("-", "_")):
-        action = actions.get("--" + candidate)
-        if action is not None:
-            return action
-    return None
-
-
-def render_arg(key: str, value: Any, actions: Mapping[str, argparse.Action]) -> list[str]:
-    """The command-line tokens that give flag `key` the (YAML) `value`, as its parser expects."""
-    if value is None:
-        return []  # `key: null` in YAML: leave the flag at its default
-    action = _find_action(key, actions)
-    flag = _long_flag(action) if action is not None else "--" + key.lstrip("-")
-    items = list(value) if isinstance(value, list | tuple) else None
-    if action is None:
-        if isinstance(value, bool):
-            return [flag] if value else ["--no-" + flag[2:]]
-        if items is not None:
-            return [flag, *(_text(v) for v in items)]
-        return _with_value(flag, value)
-    if isinstance(action, argparse.BooleanOptionalAction):
-        wanted = _as_bool(value)
-        if wanted is None:
-            return _with_value(flag, value)  # let the parser say what is wrong
-        return [flag] if wanted else ["--no-" + flag[2:]]
-    if action.nargs == 0:  # store_true / store_false / store_const / count
-        if isinstance(action, argparse._CountAction) and not isinstance(value, bool):
-            return [flag] * int(value)
-        wanted = _as_bool(value)
-        if wanted is None:
-            return _with_value(flag, value)
-        return [flag] if wanted else []  # `no-cache: true` gives `--no-cache`, whatever its dest
-    if isinstance(action, argparse._AppendAction | argparse._ExtendAction):
-        return [f"{flag}={_text(v)}" for v in (items if items is not None else [value])]
-    if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs >= 1):
-        if items is None:
-            return _with_value(flag, value)
-        return [flag, *(_text(v) for v in items)]
-    return _with_value(flag, value)
-
-
-def render_args(args: Mapping[str, Any], actions: Mapping[str, argparse.Action]) -> list[str]:
-    """All of a component's args as flags, in the graph's order."""
-    flags: list[str] = []
-    for key, value in args.items():
-        flags.extend(render_arg(str(key), value, actions))
-    return flags
-
-
-# --------------------------------------------------------------------------------------------
 # The plan.
 
 
@@ -560,7 +349,7 @@ def build_plan(
         resources = spec.resources.over(base) if spec.resources else base
         flags = tuple(render_args(spec.args, info.actions()))
         argv = (*deployment.launch_prefix(spec.args), python, "-m", spec.module, *flags)
-        env = {**deployment.env, **graph.env, **spec.env, **launcher_env}
+        env = {**component_env(graph, name, deployment.env), **launcher_env}
         if resources.gpu:
             demands.append(f"{name}: {replicas} x {resources.gpu}")
         processes: list[ProcessPlan] = []
