@@ -376,6 +376,83 @@ def test_engine_graphs_dry_run_prints_each_nodes_commands(graph: str) -> None:
     assert any(m.startswith(f"dynamo_{engine}.") for m in modules), done.stdout
 
 
+#: The engine fakes of the engine packages' tests: importable, so an import would succeed (and
+#: show) rather than fail quietly.
+FAKES = [
+    ROOT / "packages/dynamo-vllm/tests/fake_vllm",
+    ROOT / "packages/dynamo-sglang/tests/fakes",
+    ROOT / "packages/dynamo-trtllm/tests/fake_trtllm",
+]
+ENGINES = ("vllm", "sglang", "tensorrt_llm", "torch")
+
+
+@pytest.mark.parametrize("graph", ["vllm-disagg", "sglang-disagg", "trtllm-disagg"])
+def test_dry_run_of_an_engine_graph_imports_no_engine_library(graph: str) -> None:
+    """Planning a graph imports its components' modules (their Deployment, their parsers in
+    Dynamo-only mode), never an engine: the engines' flags are checked by each child at start."""
+    code = (
+        "import sys\n"
+        "from dynamo_serve import serve\n"
+        f"code = serve.main(['examples/graphs/{graph}.yaml', '--dry-run', '--gpus', '0,1,2,3'])\n"
+        f"loaded = [m for m in sys.modules if m.split('.')[0] in {ENGINES!r}]\n"
+        "print('LOADED', loaded, 'STATUS', code)\n"
+    )
+    path = os.pathsep.join([*map(str, FAKES), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "LOADED [] STATUS 0", done.stdout[-2000:]
+
+
+def _example_graphs() -> list[str]:
+    return sorted(p.name for p in (ROOT / "examples" / "graphs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _example_graphs())
+def test_config_graph_component_means_what_dynamo_serve_runs(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For every example graph and component: the process `dynamo serve` would start (its argv
+    and environment, from the plan) and `python -m MODULE --config GRAPH --component X` parse
+    to the same config and the same engine arguments, with each engine's own parser (the fakes)."""
+    from dynamo_core.deploy import load_deployment, load_parser
+    from dynamo_core.errors import ConfigError
+    from dynamo_serve import serve
+
+    monkeypatch.chdir(ROOT)
+    for fake in FAKES:
+        monkeypatch.syspath_prepend(str(fake))
+    graph = f"examples/graphs/{name}"
+    args = serve.build_parser().parse_args([graph, "--gpus", ",".join(map(str, range(16)))])
+    plan, _ = serve.prepare(args, [], {})
+    for comp in plan.components:
+        process = comp.processes[0]
+        flags = list(process.argv[process.argv.index("-m") + 2 :])
+        module = comp.module
+        try:
+            parser = load_parser(module)  # with its engine
+        except ConfigError:  # a package component (frontend, mocker): its main.py has them
+            module = f"{comp.module}.main"
+            parser = load_parser(module)
+        env = {k: v for k, v in process.env.items() if k != "CUDA_VISIBLE_DEVICES"}
+        served = parser.parse(flags, environ=env)
+        standalone = load_parser(module).parse(
+            ["--config", graph, "--component", comp.name],
+            environ={},
+            module_env=load_deployment(module).env,
+        )
+        assert served.config.model_dump() == standalone.config.model_dump(), comp.name
+        engine = vars(served.engine_args) if served.engine_args is not None else None
+        alone = vars(standalone.engine_args) if standalone.engine_args is not None else None
+        assert engine == alone, comp.name
+
+
 def test_a_busy_frontend_port_refuses_the_graph_with_one_line(serve: Any) -> None:
     """Checked before anything starts (a frontend that found it taken later would exit with
     status 78, which stops the graph: test_serve_run covers that rule)."""

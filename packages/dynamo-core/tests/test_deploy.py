@@ -169,3 +169,17 @@ def test_load_errors_are_config_errors(modules: Path) -> None:
         load_deployment("dyn_test_wrong")
     with pytest.raises(ConfigError, match="not a DynFlexibleArgumentParser"):
         load_parser("dyn_test_wrong")
+
+
+def test_load_parser_without_the_engine_checks_dynamos_flags_only(modules: Path) -> None:
+    """What launchers plan with: the engine's parser is never built, its flags pass through
+    (the child checks them at start), and a close misspelling of a Dynamo flag is still caught."""
+    parser = load_parser("dyn_test_component", engine=False)
+    assert parser.check(["--model-path", "m", "--tp-sise", "2"], environ={}) == []
+    outcome = parser.resolve(["--model-path", "m", "--tp-sise=2"], environ={})
+    assert outcome.parsed is not None and outcome.parsed.passthrough == ["--tp-sise=2"]
+    assert parser.check(["--modle-path", "m"], environ={}) == [
+        "unknown flag '--modle-path' on command line (did you mean '--model-path'?)"
+    ]
+    assert "--tp-size" not in parser.option_actions()
+    assert "dyn_test_fake_engine" not in sys.modules

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import collections.abc
+import copy
 import dataclasses
 import difflib
 import enum
@@ -551,6 +552,16 @@ class _Built:
     engine_actions: list[argparse.Action]
     engine_missing: bool
     keys: dict[str, _Target]
+    #: The engine's flags were not asked for (`without_engine()`): they pass through unchecked,
+    #: but a close misspelling of one of Dynamo's own flags is still an error.
+    dynamo_only: bool = False
+
+    def misspelt_dynamo_flag(self, flag: str) -> str | None:
+        """In Dynamo-only mode: the Dynamo flag `flag` looks like a typo of, if any."""
+        if not self.dynamo_only:
+            return None
+        ours = [o for o in self.parser._option_string_actions if o.startswith("--")]
+        return _suggest(flag, ours, prefix="--", cutoff=_ENV_TYPO_CUTOFF)
 
     @property
     def engine_dests(self) -> set[str]:
@@ -703,8 +714,21 @@ class DynFlexibleArgumentParser(Generic[C]):
                 title = str(extra["group"])
             self._fields[name] = _analyse(name, info, title)
         self._built: _Built | None = None
+        self._dynamo_only = False
 
     # -- public API -----------------------------------------------------------------------
+
+    def without_engine(self) -> DynFlexibleArgumentParser[C]:
+        """This parser in Dynamo-only mode: the engine's parser is never built (so its library
+        is never imported), Dynamo's flags are validated as always, and the engine's flags pass
+        through unchecked, except a close misspelling of one of Dynamo's (an error, with its
+        suggestion). What a launcher plans with: each child parses again, with its engine."""
+        if self.engine_args is None:  # every flag is Dynamo's already
+            return self
+        twin = copy.copy(self)
+        twin._built = None
+        twin._dynamo_only = True
+        return twin
 
     def format_help(self) -> str:
         return self._build().parser.format_help()
@@ -889,7 +913,9 @@ class DynFlexibleArgumentParser(Generic[C]):
             if f.group not in groups:
                 groups[f.group] = parser.add_argument_group(f.group)
 
-        engine_actions, engine_missing = self._add_engine_flags(parser)
+        engine_actions, engine_missing = (
+            ([], False) if self._dynamo_only else self._add_engine_flags(parser)
+        )
 
         shared: dict[str, argparse.Action] = {}
         opts = parser._option_string_actions
@@ -915,7 +941,15 @@ class DynFlexibleArgumentParser(Generic[C]):
         for f in self._fields.values():
             if f.name not in shared:
                 keys[f.flag] = _Target(field=f)
-        return _Built(parser, self._fields, shared, engine_actions, engine_missing, keys)
+        return _Built(
+            parser,
+            self._fields,
+            shared,
+            engine_actions,
+            engine_missing or self._dynamo_only,
+            keys,
+            dynamo_only=self._dynamo_only,
+        )
 
     @staticmethod
     def _add_field(group: argparse._ArgumentGroup, f: _Field) -> None:
@@ -1053,6 +1087,13 @@ class DynFlexibleArgumentParser(Generic[C]):
             elif dest in built.engine_dests:
                 got.engine[dest] = (value, _CLI)
         if built.engine_missing:
+            for token in extras:
+                hint = built.misspelt_dynamo_flag(token.split("=", 1)[0])
+                if hint is not None and token.startswith("--"):
+                    flag = token.split("=", 1)[0]
+                    got.errors.append(
+                        f"unknown flag '{flag}' on command line (did you mean '{hint}'?)"
+                    )
             got.passthrough.extend(extras)
             return
         flags = [o for o in built.parser._option_string_actions if o.startswith("--")]
@@ -1155,8 +1196,11 @@ class DynFlexibleArgumentParser(Generic[C]):
         if target is None:
             if bare.replace("_", "-") in {f.lstrip("-") for f in _RESERVED_FLAGS}:
                 got.errors.append(f"key '{key}' {origin.where} is only valid on the command line")
-            elif built.engine_missing:
+            elif built.engine_missing and built.misspelt_dynamo_flag("--" + bare) is None:
                 got.passthrough += render_arg(bare, value, {})
+            elif built.engine_missing:
+                hint = built.misspelt_dynamo_flag("--" + bare)
+                got.errors.append(f"unknown key '{key}' {origin.where} (did you mean '{hint}'?)")
             else:
                 hint = _suggest(bare, built.keys)
                 got.errors.append(

@@ -162,8 +162,11 @@ def load_deployment(module_name: str) -> type[BaseDeployment]:
     return deployment
 
 
-def load_parser(module_name: str) -> DynFlexibleArgumentParser[Any]:
-    """The parser a component module's `build_parser()` returns (its engine is not imported)."""
+def load_parser(module_name: str, *, engine: bool = True) -> DynFlexibleArgumentParser[Any]:
+    """The parser a component module's `build_parser()` returns (its engine is not imported).
+
+    `engine=False`: in Dynamo-only mode (`without_engine()`), as launchers plan with it: the
+    engine's parser is never built, so even validating and rendering flags imports no engine."""
     from dynamo_core.args import DynFlexibleArgumentParser
 
     module = _import(module_name)
@@ -179,4 +182,4 @@ def load_parser(module_name: str) -> DynFlexibleArgumentParser[Any]:
             f"{module_name}.build_parser() returned {type(parser).__name__}, "
             "not a DynFlexibleArgumentParser"
         )
-    return parser
+    return parser if engine else parser.without_engine()

@@ -21,8 +21,9 @@ classes and parsers, tested without a cluster):
 Choices worth knowing in review:
 
 - **The same validation as `dynamo serve`, minus the machine**: graph file, overrides, `--only`,
-  component modules, replica counts, and every component's flags handed to its own parser
-  (`check()`), with the environment its pods will have. Not checked: GPUs (the cluster schedules
+  component modules (`read_graph`, shared with serve), replica counts, and every component's
+  flags handed to its own parser once (`validate_plan`, Dynamo-only: no engine is imported), with
+  the environment its pods will have. Not checked: GPUs (the cluster schedules
   them: `nvidia.com/gpu` limits, and the device plugin sets the visible devices, so no
   `CUDA_VISIBLE_DEVICES` is written), and input paths (`model-path: examples/models/tiny`):
   they live in the image, not on the machine that renders, and resolve against the image's
@@ -54,9 +55,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from dynamo_core.errors import ConfigError
 from dynamo_serve import _k8s
 from dynamo_serve._k8s import Manifest
 from dynamo_serve.graph import (
@@ -65,11 +65,11 @@ from dynamo_serve.graph import (
     Graph,
     GraphError,
     Plan,
-    apply_overrides,
+    Resolved,
     build_plan,
-    load_component,
-    load_graph,
-    parse_overrides,
+    flag_value,
+    read_graph,
+    validate_plan,
 )
 
 __all__ = [
@@ -179,37 +179,14 @@ def cluster_plan(graph: Graph, infos: Mapping[str, ComponentInfo], options: Depl
     )
 
 
-def _check_flags(plan: Plan, infos: Mapping[str, ComponentInfo], where: str) -> None:
-    """Each component's flags, through its own parser, with its pods' environment.
-
-    Like `graph.validate_plan`, but with nothing from this machine: neither its environment nor
-    its files (input paths are in the image)."""
-    errors: list[str] = []
-    for comp in plan.components:
-        parser = infos[comp.name].parser
-        if parser is None:
-            continue
-        for message in parser.check(list(comp.flags), environ=comp.env):
-            message = message.replace(" on command line", "")
-            errors.append(f"{where}, component '{comp.name}' ({comp.module}): {message}")
-    if errors:
-        raise GraphError(errors)
-
-
-def _http_port(comp: ComponentPlan, info: ComponentInfo) -> int | None:
-    """The value of the component's `health_http_port_arg`, as its parser resolves it (so a
+def _http_port(comp: ComponentPlan, resolved: Resolved) -> int | None:
+    """The value of the component's `health_http_port_arg`, as its parser resolved it (so a
     default port counts too)."""
     arg = comp.health_http_port_arg
-    if arg is None or info.parser is None:
+    parsed = resolved.get(comp.name)
+    if arg is None or parsed is None:
         return None
-    try:
-        parsed = info.parser.parse(list(comp.flags), environ=comp.env)
-    except ConfigError:
-        return None  # reported by _check_flags
-    attr = arg.lstrip("-").replace("-", "_")
-    value: Any = getattr(parsed.config, attr, None)
-    if value is None and parsed.engine_args is not None:
-        value = getattr(parsed.engine_args, attr, None)
+    value = flag_value(parsed, arg)
     if not value:
         raise GraphError(
             f"component '{comp.name}': its health port ({arg}) must be a fixed port on Kubernetes, "
@@ -228,7 +205,11 @@ def _labels(plan: Plan, component: str, app: str) -> dict[str, str]:
 
 
 def _component(
-    plan: Plan, comp: ComponentPlan, info: ComponentInfo, options: DeployOptions
+    plan: Plan,
+    comp: ComponentPlan,
+    info: ComponentInfo,
+    options: DeployOptions,
+    resolved: Resolved,
 ) -> list[Manifest]:
     name = _object_name(plan.namespace, comp.name)
     labels = _labels(plan, comp.name, info.deployment.name)
@@ -239,7 +220,7 @@ def _component(
             "Deployment.image in the module)"
         )
     command = [*info.deployment.launch_prefix(comp.args), "python", "-m", comp.module, *comp.flags]
-    port = _http_port(comp, info)
+    port = _http_port(comp, resolved)
     annotations = {f"{_k8s.PREFIX}/module": comp.module}
     env = dict(comp.env)
     if port:
@@ -331,15 +312,19 @@ def _check_names(plan: Plan, options: DeployOptions) -> None:
 
 
 def render(
-    plan: Plan, infos: Mapping[str, ComponentInfo], options: DeployOptions
+    plan: Plan,
+    infos: Mapping[str, ComponentInfo],
+    options: DeployOptions,
+    resolved: Resolved,
 ) -> list[Manifest]:
-    """The objects of a validated plan, in the order `kubectl apply` should create them."""
+    """The objects of a validated plan (`resolved`: each component's parse, from
+    `validate_plan`), in the order `kubectl apply` should create them."""
     _check_names(plan, options)
     objs = _graph_config_map(plan, options) + _infrastructure(plan, options)
     errors: list[str] = []
     for comp in plan.components:
         try:
-            objs += _component(plan, comp, infos[comp.name], options)
+            objs += _component(plan, comp, infos[comp.name], options, resolved)
         except GraphError as exc:
             errors += exc.errors
     if errors:
@@ -356,8 +341,9 @@ def manifests(
 ) -> list[Manifest]:
     """Graph (overrides applied) -> Kubernetes objects; `GraphError` lists every problem."""
     plan = cluster_plan(graph, infos, options)
-    _check_flags(plan, infos, where)
-    return render(plan, infos, options)
+    # serve's validation minus the machine: no caller environment, no input paths (in the image)
+    resolved = validate_plan(plan, infos, base_env={}, where=where, check_paths=False)
+    return render(plan, infos, options, resolved)
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,9 +421,8 @@ def prepare(
 ) -> tuple[Graph, dict[str, ComponentInfo], DeployOptions]:
     """Read the graph and its component modules; everything `manifests` needs. Raises
     `GraphError`, each problem naming its component, as `dynamo serve` does."""
-    graph = load_graph(args.graph)
-    graph = apply_overrides(graph, parse_overrides(override_tokens, graph.components))
     only = _only(args.only)
+    graph, infos = read_graph(args.graph, override_tokens, only)
     options = DeployOptions(
         image=args.image,
         k8s_namespace=args.k8s_namespace,
@@ -454,22 +439,6 @@ def prepare(
         graph_text=Path(args.graph).read_text(encoding="utf-8"),
         overrides=tuple(override_tokens),
     )
-    unknown = [n for n in only or () if n not in graph.components]
-    if unknown:
-        build_plan(graph, {}, only=unknown)  # raises the error naming them, as serve's does
-    infos: dict[str, ComponentInfo] = {}
-    errors: list[str] = []
-    for name, spec in graph.components.items():
-        if only and name not in only:
-            continue
-        try:
-            infos[name] = load_component(spec.module)
-        except GraphError as exc:
-            errors += [f"{args.graph}, component '{name}': {e}" for e in exc.errors]
-        except Exception as exc:  # a broken component module: say which
-            errors.append(f"{args.graph}, component '{name}': {exc}")
-    if errors:
-        raise GraphError(errors)
     return graph, infos, options
 
 

@@ -68,7 +68,7 @@ from dynamo_core.graph import (
 )
 
 if TYPE_CHECKING:
-    from dynamo_core.args import DynFlexibleArgumentParser
+    from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 
 __all__ = [
     "RUNTIME_FLAGS",
@@ -80,14 +80,17 @@ __all__ = [
     "Overrides",
     "Plan",
     "ProcessPlan",
+    "Resolved",
     "ResourcesOverride",
     "apply_overrides",
     "build_plan",
+    "flag_value",
     "format_dry_run",
     "load_component",
     "load_graph",
     "parse_gpus",
     "parse_overrides",
+    "read_graph",
     "render_arg",
     "render_args",
     "validate_plan",
@@ -196,7 +199,8 @@ def apply_overrides(graph: Graph, overrides: Overrides) -> Graph:
 
 @dataclass(frozen=True)
 class ComponentInfo:
-    """A component module as the launcher sees it: its `Deployment` and its parser."""
+    """A component module as the launcher sees it: its `Deployment` and its parser (in
+    Dynamo-only mode when `load_component` made it: the engine's parser is never built)."""
 
     module: str
     deployment: type[BaseDeployment]
@@ -205,8 +209,9 @@ class ComponentInfo:
     def actions(self) -> Mapping[str, argparse.Action]:
         """The parser's flags (`--x` -> argparse action); empty without a parser.
 
-        They come from the very parser `check()` parses with, which is what makes the flags we
-        write exactly the ones it accepts.
+        They come from the very parser `validate_plan` parses with, which is what makes the
+        flags we write exactly the ones it accepts (an engine flag it does not know is written as
+        one token the child's full parser reads: `dynamo_core.graph.render_arg`).
         """
         if self.parser is None:
             return {}
@@ -214,7 +219,8 @@ class ComponentInfo:
 
 
 def load_component(module: str) -> ComponentInfo:
-    """Import a component module (never its engine) and read its `Deployment` and parser.
+    """Import a component module (never its engine) and read its `Deployment` and its parser,
+    in Dynamo-only mode: planning, rendering and validating import no engine library.
 
     A component that is a package (run through its `__main__`) normally re-exports both; if it
     does not, they are taken from its `main` submodule, the conventional home of `main()`.
@@ -241,7 +247,30 @@ def load_component(module: str) -> ComponentInfo:
         package = importlib.import_module(module)
         if not hasattr(package, "Deployment") and importlib.util.find_spec(f"{module}.main"):
             source = f"{module}.main"
-    return ComponentInfo(module, load_deployment(source), load_parser(source))
+    return ComponentInfo(module, load_deployment(source), load_parser(source, engine=False))
+
+
+def read_graph(
+    path: str | Path, override_tokens: Sequence[str], only: Sequence[str] | None
+) -> tuple[Graph, dict[str, ComponentInfo]]:
+    """The step `dynamo serve` and `dynamo deploy` share before they plan: the graph file, the
+    command-line overrides, `--only`, and each selected component's module (`load_component`).
+    Raises `GraphError`, each problem naming its component."""
+    graph = load_graph(path)
+    graph = apply_overrides(graph, parse_overrides(override_tokens, graph.components))
+    selected = _select(graph, only)  # raises the error naming unknown --only names
+    infos: dict[str, ComponentInfo] = {}
+    errors: list[str] = []
+    for name in selected:
+        try:
+            infos[name] = load_component(graph.components[name].module)
+        except GraphError as exc:
+            errors += [f"{path}, component '{name}': {e}" for e in exc.errors]
+        except Exception as exc:  # a broken component module: say which
+            errors.append(f"{path}, component '{name}': {exc}")
+    if errors:
+        raise GraphError(errors)
+    return graph, infos
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,34 +425,57 @@ def build_plan(
     )
 
 
+#: Each component's one parse in the launcher (its first process's flags and environment).
+Resolved = dict[str, "ParsedArgs[Any]"]
+
+
 def validate_plan(
     plan: Plan,
     components: Mapping[str, ComponentInfo],
     *,
     base_env: Mapping[str, str] | None = None,
     where: str = "graph",
-) -> None:
-    """Ask each component's own parser whether it accepts its flags and environment.
+    check_paths: bool = True,
+) -> Resolved:
+    """Ask each component's own parser whether it accepts its flags and environment: one parse
+    per component (`resolve`), whose results the launcher keeps (the health port, ...).
 
+    `base_env` is the environment the processes inherit (`dynamo deploy`: none, a pod's own);
+    `check_paths`: input paths must exist here (`dynamo serve`; in an image they need not).
     Raises `GraphError` with one message per problem, each naming the component and the arg.
     """
     environ = os.environ if base_env is None else base_env
     errors: list[str] = []
+    resolved: Resolved = {}
     for comp in plan.components:
         info = components[comp.name]
         if info.parser is None:
             continue
-        for process in comp.processes[:1] or [None]:
-            env = {**environ, **(process.env if process else comp.env)}
-            for message in info.parser.check(list(comp.flags), environ=env):
-                message = message.replace(" on command line", "")
-                errors.append(f"{where}, component '{comp.name}' ({comp.module}): {message}")
-        errors += [
-            f"{where}, component '{comp.name}' ({comp.module}): {message}"
-            for message in _missing_paths(comp, info, plan.cwd)
-        ]
+        process = comp.processes[0] if comp.processes else None
+        env = {**environ, **(process.env if process else comp.env)}
+        outcome = info.parser.resolve(list(comp.flags), environ=env)
+        for message in outcome.errors:
+            message = message.replace(" on command line", "")
+            errors.append(f"{where}, component '{comp.name}' ({comp.module}): {message}")
+        if outcome.parsed is not None:
+            resolved[comp.name] = outcome.parsed
+        if check_paths:
+            errors += [
+                f"{where}, component '{comp.name}' ({comp.module}): {message}"
+                for message in _missing_paths(comp, info, plan.cwd)
+            ]
     if errors:
         raise GraphError(errors)
+    return resolved
+
+
+def flag_value(parsed: ParsedArgs[Any], flag: str) -> Any:
+    """A parsed flag's value, Dynamo's or (passed through, in Dynamo-only mode) the engine's."""
+    attr = flag.lstrip("-").replace("-", "_")
+    value = getattr(parsed.config, attr, None)
+    if value is None and parsed.engine_args is not None:
+        value = getattr(parsed.engine_args, attr, None)
+    return value
 
 
 def _is_path_type(annotation: Any) -> bool:

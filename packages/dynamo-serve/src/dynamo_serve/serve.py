@@ -7,11 +7,13 @@
 
 What happens, in order:
 
-1. **Validation, before anything starts.** The graph file is read and checked (pydantic), the
-   overrides applied, every selected component module imported (never its engine) for its
-   `Deployment` and its parser, the plan built (flags, env, GPUs), and each component's flags and
-   environment handed to *that component's own parser* (`check()`): a misspelt arg is reported by
-   the parser that would have rejected it, with its suggestion, naming the component. Then the
+1. **Validation, before anything starts.** The graph file is read and checked (`read_graph`,
+   shared with `dynamo deploy`), the overrides applied, every selected component module imported
+   (never its engine) for its `Deployment` and its parser in Dynamo-only mode, the plan built
+   (flags, env, GPUs), and each component's flags and environment handed to *that component's own
+   parser*, once (`validate_plan`, whose parse also gives the HTTP port): a misspelt arg is
+   reported by the parser that would have rejected it, with its suggestion, naming the component.
+   An engine's own flags are checked by the engine's parser in the child, at start. Then the
    machine is checked (`_claims`): a component of this namespace that another `dynamo serve`
    already runs here, or an HTTP port already taken, is a conflict. Any problem: one line each
    on stderr, exit status 2, no process started.
@@ -47,23 +49,21 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dynamo_core.errors import EXIT_CONFIG, BackendUnavailableError, ConfigError
 from dynamo_serve._claims import Claims, claim_components, port_owner, port_taken
 from dynamo_serve.graph import (
     RUNTIME_FLAGS,
-    ComponentInfo,
     ComponentPlan,
     GraphError,
     Plan,
-    apply_overrides,
+    Resolved,
     build_plan,
+    flag_value,
     format_dry_run,
-    load_component,
-    load_graph,
     parse_gpus,
-    parse_overrides,
+    read_graph,
     validate_plan,
 )
 
@@ -193,28 +193,10 @@ def _gpus(args: argparse.Namespace, environ: Mapping[str, str], needed: bool) ->
 
 def prepare(
     args: argparse.Namespace, override_tokens: Sequence[str], environ: Mapping[str, str]
-) -> tuple[Plan, dict[str, ComponentInfo]]:
-    """Everything that can fail before a process starts; raises `GraphError`."""
-    graph = load_graph(args.graph)
-    graph = apply_overrides(graph, parse_overrides(override_tokens, graph.components))
-    only = _only(args.only)
-    if only:
-        unknown = [n for n in only if n not in graph.components]
-        if unknown:
-            build_plan(graph, {}, only=only)  # raises the error naming them
-    selected = [n for n in graph.components if not only or n in only]
-    infos: dict[str, ComponentInfo] = {}
-    errors: list[str] = []
-    for name in selected:
-        module = graph.components[name].module
-        try:
-            infos[name] = load_component(module)
-        except GraphError as exc:
-            errors += [f"{args.graph}, component '{name}': {e}" for e in exc.errors]
-        except Exception as exc:  # a broken component module: say which
-            errors.append(f"{args.graph}, component '{name}': {exc}")
-    if errors:
-        raise GraphError(errors)
+) -> tuple[Plan, Resolved]:
+    """Everything that can fail before a process starts; raises `GraphError`. The plan, and
+    each component's one parse (its flags and environment, through its own parser)."""
+    graph, infos = read_graph(args.graph, override_tokens, _only(args.only))
     needed = any(
         (
             spec.resources.over(infos[n].deployment.resources)
@@ -234,13 +216,13 @@ def prepare(
     plan = build_plan(
         graph,
         infos,
-        only=only,
+        only=_only(args.only),
         namespace=args.namespace,
         runtime_env=runtime_env,
         gpus=_gpus(args, environ, needed),
     )
-    validate_plan(plan, infos, base_env=environ, where=str(args.graph))
-    return plan, infos
+    resolved = validate_plan(plan, infos, base_env=environ, where=str(args.graph))
+    return plan, resolved
 
 
 def _default_log_dir(namespace: str) -> Path:
@@ -254,19 +236,14 @@ def _default_log_dir(namespace: str) -> Path:
     )
 
 
-def _http_listen(
-    info: ComponentInfo, comp: ComponentPlan, environ: Mapping[str, str]
-) -> tuple[str, int] | None:
-    """(host, port) a component's HTTP server will listen on, as its own parser reads its flags
+def _http_listen(comp: ComponentPlan, resolved: Resolved) -> tuple[str, int] | None:
+    """(host, port) a component's HTTP server will listen on, as its own parser read its flags
     (the host is its `http_host` where it has one)."""
     arg = comp.health_http_port_arg
-    if arg is None or info.parser is None:
+    parsed = resolved.get(comp.name)
+    if arg is None or parsed is None:
         return None
-    parsed = info.parser.parse(list(comp.flags), environ={**environ, **comp.env})
-    attr = arg.replace("-", "_")
-    value: Any = getattr(parsed.config, attr, None)
-    if value is None and parsed.engine_args is not None:
-        value = getattr(parsed.engine_args, attr, None)
+    value = flag_value(parsed, arg)
     if not value:
         return None
     host = getattr(parsed.config, "http_host", None)
@@ -296,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest, override_tokens = split_overrides(tokens)
     args = build_parser().parse_args(rest)
     try:
-        plan, infos = prepare(args, override_tokens, os.environ)
+        plan, resolved = prepare(args, override_tokens, os.environ)
     except GraphError as exc:
         sys.stderr.write("".join(f"{PROG}: error: {e}\n" for e in exc.errors))
         return 2
@@ -310,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     listen: dict[str, tuple[str, int]] = {}
     for comp in plan.components:
-        found = _http_listen(infos[comp.name], comp, os.environ) if comp.replicas else None
+        found = _http_listen(comp, resolved) if comp.replicas else None
         if found:
             listen[comp.name] = found
     claims, conflict = _conflict(plan, listen)
