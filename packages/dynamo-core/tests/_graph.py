@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,12 @@ from typing import Any
 import httpx
 import openai
 
+from dynamo_core.args import ParsedArgs
 from dynamo_core.frontend.service import OpenAIService
 from dynamo_core.http import HttpServer, serve_http
-from dynamo_core.mocker.main import MockerConfig, start_mocker
+from dynamo_core.mocker.main import MockerConfig, worker
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
+from dynamo_core.testing.inprocess import serving
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 
@@ -46,8 +48,10 @@ async def in_process_graph(
     namespace: str, models: dict[str, dict[str, Any]], **service: Any
 ) -> AsyncIterator[Graph]:
     """`models`: served name -> the mocker's flags (`MockerConfig` fields)."""
-    async with DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as rt:
-        workers = []
+    async with (
+        DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as rt,
+        AsyncExitStack() as workers,  # the mocker's own worker(), as python -m runs it
+    ):
         for i, (name, flags) in enumerate(models.items()):
             config = MockerConfig(
                 model_path=TINY,
@@ -59,8 +63,8 @@ async def in_process_graph(
                 speedup_ratio=1000,
                 **flags,
             )
-            workers.append(await start_mocker(rt, config))
-        tasks = [asyncio.create_task(w.serve()) for w in workers]
+            args = ParsedArgs(config, None, [], {}, {}, {})
+            await workers.enter_async_context(serving(worker, rt, args))
         front = OpenAIService(rt, namespace=namespace, **service)
         await front.start()
         try:
@@ -76,7 +80,3 @@ async def in_process_graph(
             await server.close()
         finally:
             await front.close()
-            rt.request_shutdown()
-            await asyncio.gather(*tasks)
-            for w in workers:
-                await w.close()
