@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dynamo_core.testing.procs import card_of_module, registered_card
+
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 MOCKER = ["out=mocker", "--model-path", str(TINY)]
 PROMPT = b"\r\n> "
@@ -217,3 +219,25 @@ def test_the_routers_flags_are_dynamo_runs_too(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1].startswith("dynamo-run: error: ")
     assert "router-temperature" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_out_mocker_registers_the_card_python_m_registers(tmp_path: Path) -> None:
+    """`dynamo-run out=mocker` runs the mocker's own `worker()`: the same model card (name,
+    endpoint, context length, KV block size) as `python -m dynamo_core.mocker` with the same
+    flags, the non-default ones included."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "one"}\n')
+    flags = ["--model-path", str(TINY), "--model-name", "mini", "--block-size", "32",
+             "--context-length", "512", "--speedup-ratio", "1000"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "dynamo_core.run", f"in=batch:{prompts}", "out=mocker", *flags,
+         "--output", str(tmp_path / "out.jsonl")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    card = registered_card(result.stderr)
+    assert card == (
+        "model mini registered on dynamo.backend.generate: context length 512, KV block size 32"
+    )
+    assert card_of_module("dynamo_core.mocker", flags, env) == card

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from dynamo_core.testing.procs import Proc, run_python
+from dynamo_core.testing.procs import Proc, card_of_module, registered_card, run_python
 from sglang_testing import TINY, free_port
 
 
@@ -150,18 +150,29 @@ async def test_prefill_failure_after_handoff_ends_the_request_promptly(
 
 
 def test_dynamo_run_out_sglang(proc_env: dict[str, str], tmp_path: Path) -> None:
-    """`dynamo-run out=sglang` finds the worker through the entry point (installed wheel)."""
+    """`dynamo-run out=sglang` finds the worker through the entry point (installed wheel) and
+    runs its own `worker()`: the model card is the one `python -m dynamo_sglang.worker`
+    registers with the same flags."""
     if "sglang" not in {ep.name for ep in entry_points(group="dynamo.engines")}:
         pytest.skip("dynamo-sglang is not installed (its entry point is not registered)")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "Hello"}\n{"prompt": "Once upon", "max_tokens": 4}\n')
     out = tmp_path / "out.jsonl"
+    flags = ["--model-path", str(TINY), "--page-size", "32", "--context-length", "256",
+             "--served-model-name", "tiny-sglang"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+    env["PYTHONPATH"] = proc_env["PYTHONPATH"]
     result = subprocess.run(
-        [sys.executable, "-m", "dynamo_core.run", f"in=batch:{prompts}", "out=sglang",
-         "--model-path", str(TINY), "--max-tokens", "6", "--output", str(out)],
-        env={**os.environ, "PYTHONPATH": proc_env["PYTHONPATH"]},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "dynamo_core.run", f"in=batch:{prompts}", "out=sglang", *flags,
+         "--max-tokens", "6", "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["tokens_out"], r["finish_reason"]) for r in rows] == [(6, "length"), (4, "length")]
+    card = registered_card(result.stderr)
+    assert card == (
+        "model tiny-sglang registered on dynamo.backend.generate: context length 256, "
+        "KV block size 32"
+    )
+    assert card_of_module("dynamo_sglang.worker", [*flags, "--no-kv-events"], env) == card

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_core.testing.procs import card_of_module, registered_card
 from trtllm_testing import REPO, TINY, with_fake_path
 
 GRAPHS = REPO / "examples" / "graphs"
@@ -64,25 +65,23 @@ def test_dynamo_run_finds_the_engine(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"text": "hello", "max_tokens": 5}) + "\n")
     out = tmp_path / "out.jsonl"
+    flags = ["--model-path", str(TINY), "--max-seq-len", "256", "--kv-block-size", "32",
+             "--served-model-name", "tiny-trt"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+    env.update(with_fake_path({}))
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dynamo_core.run",
-            f"in=batch:{prompts}",
-            "out=trtllm",
-            "--output",
-            str(out),
-            "--model-path",
-            str(TINY),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **with_fake_path({})},
-        timeout=120,
-    )
+        [sys.executable, "-m", "dynamo_core.run", f"in=batch:{prompts}", "out=trtllm",
+         "--output", str(out), *flags],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (line,) = out.read_text().splitlines()
     result = json.loads(line)
     assert result["tokens_out"] == 5 and result["finish_reason"] == "length", result
     assert result["response"]
+    # the role module's own worker(): the card `python -m dynamo_trtllm.worker` registers
+    card = registered_card(done.stderr)
+    assert card == (
+        "model tiny-trt registered on dynamo.backend.generate: context length 256, KV block size 32"
+    )
+    assert card_of_module("dynamo_trtllm.worker", flags, env) == card

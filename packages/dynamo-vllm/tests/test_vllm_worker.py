@@ -27,7 +27,7 @@ from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 from dynamo_core.runtime.discovery import keys
 from dynamo_core.testing.inprocess import serving
-from dynamo_core.testing.procs import Proc, run_python
+from dynamo_core.testing.procs import Proc, card_of_module, registered_card, run_python
 from dynamo_vllm import prefill, worker
 from dynamo_vllm.engine import VllmAdapter
 
@@ -228,7 +228,8 @@ def test_engine_that_cannot_start_says_why_in_one_line(
 
 def test_dynamo_run_out_vllm_runs_the_same_worker(fake_env: dict[str, str], tmp_path: Path) -> None:
     """`dynamo-run out=vllm` runs `dynamo_vllm.worker`'s own `worker()` in one process, vLLM's
-    flags included: the batch is answered token-exactly to its limits."""
+    flags included: the batch is answered token-exactly to its limits, and the model card is the
+    one `python -m dynamo_vllm.worker` registers with the same flags."""
     from importlib.metadata import entry_points
 
     if "vllm" not in {ep.name for ep in entry_points(group="dynamo.engines")}:
@@ -236,14 +237,21 @@ def test_dynamo_run_out_vllm_runs_the_same_worker(fake_env: dict[str, str], tmp_
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"text": "Hello"}\n{"prompt": "Once upon", "max_tokens": 3}\n')
     out = tmp_path / "out.jsonl"
+    flags = ["--model", str(TINY), "--max-model-len", "256", "--block-size", "32",
+             "--served-model-name", "tiny-vllm"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYN_")}
+    env["PYTHONPATH"] = fake_env["PYTHONPATH"]
     result = subprocess.run(
-        [sys.executable, "-m", "dynamo_core.run", f"in=batch:{prompts}", "out=vllm",
-         "--model", str(TINY), "--max-model-len", "256", "--max-tokens", "5",
-         "--output", str(out)],
-        env={**os.environ, "PYTHONPATH": fake_env["PYTHONPATH"]},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "dynamo_core.run", f"in=batch:{prompts}", "out=vllm", *flags,
+         "--max-tokens", "5", "--output", str(out)],
+        env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["tokens_out"], r["finish_reason"]) for r in rows] == [(5, "length"), (3, "length")]
-    assert "model tiny registered on dynamo.backend.generate" in result.stderr
+    card = registered_card(result.stderr)
+    assert card == (
+        "model tiny-vllm registered on dynamo.backend.generate: context length 256, "
+        "KV block size 32"
+    )
+    assert card_of_module("dynamo_vllm.worker", [*flags, "--no-kv-events"], env) == card

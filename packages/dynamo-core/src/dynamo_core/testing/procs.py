@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,3 +91,24 @@ def run_python(
         yield proc
     finally:
         proc.stop(signal.SIGKILL if popen.poll() is None else signal.SIGTERM, timeout=5)
+
+
+#: The line `register_model` logs (the card's name, endpoint, context length, KV block size).
+_REGISTERED = re.compile(r"model \S+ registered on .*: context length \d+, KV block size \d+")
+
+
+def registered_card(output: str) -> str:
+    """The one model card a process's `output` says it registered (without the log prefix)."""
+    found = [m.group(0) for m in _REGISTERED.finditer(output)]
+    assert len(found) == 1, f"{len(found)} registered cards in: {output[-3000:]}"
+    return found[0]
+
+
+def card_of_module(
+    module: str, argv: list[str], env: dict[str, str] | None = None, timeout: float = 60.0
+) -> str:
+    """`python -m module argv` on an in-process runtime (no etcd, no NATS): the model card it
+    registers, as `registered_card` reads it; the process is stopped once it is logged."""
+    local = ["--discovery-backend", "mem", "--request-plane", "inproc"]
+    with run_python(["-m", module, *argv, *local], env) as proc:
+        return registered_card(proc.wait_for_line("registered on", timeout))
