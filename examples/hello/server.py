@@ -6,11 +6,16 @@ python examples/hello/server.py        # then, in another shell: python examples
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dynamo_core.runtime import Context, DistributedRuntime, RuntimeConfig, dynamo_worker
+from dynamo_core.runtime import (
+    Context,
+    DistributedRuntime,
+    RuntimeConfig,
+    configure_logging,
+    dynamo_worker,
+)
 
 
 async def greet(request: dict[str, Any], context: Context) -> AsyncIterator[str]:
@@ -31,5 +36,5 @@ async def worker(runtime: DistributedRuntime, config: RuntimeConfig) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
+    configure_logging()  # DYN_LOG: the levels (info by default)
     raise SystemExit(worker.run(RuntimeConfig.from_env()))
