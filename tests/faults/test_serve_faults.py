@@ -44,7 +44,10 @@ def test_always_failing_worker_gives_up_after_exactly_n_starts(tmp_path: Path, n
     argv += ["--frontend.http-port", str(free_port()), "--max-start-failures", str(n)]
     argv += ["--log-dir", str(tmp_path / "logs")]
     with run_python(argv, env=serve_env(tmp_path), cwd=ROOT) as proc:
-        code = proc.popen.wait(120)
+        try:
+            code = proc.popen.wait(120)
+        except subprocess.TimeoutExpired:  # an exit lost, or a start that never ended: show it
+            pytest.fail(f"dynamo serve still running after 120 s:\n{proc.output()[-6000:]}")
         proc.stop()
     out = proc.output()
     starts = re.findall(r"^dynamo +\| backend (?:started|restarted): pid (\d+)$", out, re.M)
