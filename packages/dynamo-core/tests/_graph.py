@@ -35,6 +35,17 @@ class Graph:
         return (await self.http.get("/metrics")).text
 
 
+def assert_param_error(response: httpx.Response, param: str | None, code: str | None) -> None:
+    """`response` is OpenAI's 400 for a bad request: `invalid_request_error` naming `param`
+    (and `code`, when given)."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    if code is not None:
+        assert error["code"] == code, error
+
+
 def qwen_flags(folder: Path, script: list[dict[str, Any]]) -> dict[str, Any]:
     """A Qwen-like model's mocker flags: hermes tool calls, qwen3 reasoning, and `script` (a
     reply script's rules, written to a file in `folder`)."""

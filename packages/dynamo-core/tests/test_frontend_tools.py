@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from _families import HERMES_CALL, WEATHER_TOOL
-from _graph import Graph, in_process_graph, qwen_flags
+from _graph import Graph, assert_param_error, in_process_graph, qwen_flags
 
 TIME_TOOL = {
     "type": "function",
@@ -405,12 +405,7 @@ async def test_what_openai_refuses_is_a_400_naming_the_param(
     r = await graph.http.post(
         f"/v1/{route.replace('chat', 'chat/completions')}", json={**base, **body}
     )
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert error["type"] == "invalid_request_error"
-    assert error["param"] == param, error
-    if code is not None:
-        assert error["code"] == code, error
+    assert_param_error(r, param, code)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,9 @@ and engine specifics live in the package's `EngineAdapter` subclass (its `engine
   needs (context length, KV block size, model folder, served name, aliases);
 - `handler(cls)` builds the role's handler on the started engine (`None`: the class the role
   calls for);
+- `embedding_handler()` is the embedding role's handler (a `BaseEmbeddingHandler`), for an
+  engine that serves embeddings; `start` then reports the vectors' `EmbeddingSpec` in
+  `EngineInfo.embedding`, which the role module puts on the card;
 - `close()` releases the engine and its publishers; idempotent, and safe after a failed or
   partial `start` (the `async with` calls it on every way out: a shutdown, a cancellation, an
   error while registering).
@@ -46,17 +49,20 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Self, TypeVar
 from pydantic import Field
 
 from dynamo_core.args import ParserFlags, migration_limit_field
+from dynamo_core.errors import ConfigError
 from dynamo_core.runtime.config import RuntimeConfig
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
-    from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.handlers import BaseEmbeddingHandler, BaseWorkerHandler
+    from dynamo_core.llm.model_card import EmbeddingSpec
     from dynamo_core.runtime import Component
 
 __all__ = ["EngineAdapter", "EngineInfo", "Role", "WorkerConfig"]
 
-#: What a worker process serves: prefill and decode in one engine, or one half of them.
-Role = Literal["worker", "prefill", "decode"]
+#: What a worker process serves: prefill and decode in one engine, or one half of them; or an
+#: embedding model's vectors.
+Role = Literal["worker", "prefill", "decode", "embedding"]
 
 
 class WorkerConfig(RuntimeConfig, ParserFlags):
@@ -92,6 +98,8 @@ class EngineInfo:
     served_name: str | None = None
     #: Other names the model answers to (e.g. the `--model` text the engine was started with).
     aliases: tuple[str, ...] = field(default=())
+    #: The embedding role's vectors (size, Matryoshka dimensions): the card's `embedding`.
+    embedding: EmbeddingSpec | None = None
 
 
 C = TypeVar("C", bound=WorkerConfig)
@@ -128,6 +136,11 @@ class EngineAdapter(ABC, Generic[C]):
         if not issubclass(chosen, worker):
             raise TypeError(f"{chosen.__name__} is not a {worker.__name__}")
         return chosen
+
+    def embedding_handler(self) -> BaseEmbeddingHandler:
+        """The embedding role's handler on the started engine (an engine that serves
+        embeddings overrides it)."""
+        raise ConfigError(f"{type(self).__name__} serves no embedding model")
 
     @abstractmethod
     async def close(self) -> None:

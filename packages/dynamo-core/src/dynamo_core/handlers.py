@@ -28,6 +28,12 @@ engine must share (and that `dynamo_core.testing.conformance` checks):
 - the last chunk always carries `finish_reason` and `usage` (prompt, completion, cached tokens);
 - an engine exception reaches the caller as `EngineError` with the original type and message;
 - per-request debug logs and counters (`metrics`).
+
+An embedding worker's handler is a `BaseEmbeddingHandler`: its engine implements
+`engine_embed` (one vector per input of a `PreprocessedEmbeddingRequest`), and the base checks
+the request (inputs, `dimensions` against the model's `EmbeddingSpec`), the engine's answer (one
+vector per input, of the promised length, finite) and packs it into one `EmbeddingOutput`. It
+is served as `handler.generate`, as every other role, so the role module reads the same.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +52,20 @@ import msgspec
 from msgspec.structs import replace
 
 from dynamo_core.errors import DynamoError, EngineError, InvalidRequestError
-from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest, Usage
+from dynamo_core.llm.model_card import EmbeddingSpec
+from dynamo_core.llm.protocol import (
+    EmbeddingOutput,
+    EngineOutput,
+    PreprocessedEmbeddingRequest,
+    PreprocessedRequest,
+    Usage,
+    pack_embedding,
+)
 from dynamo_core.runtime import Context
 
 __all__ = [
     "BaseDecodeHandler",
+    "BaseEmbeddingHandler",
     "BasePrefillHandler",
     "BaseWorkerHandler",
     "HandlerMetrics",
@@ -267,6 +283,126 @@ class BasePrefillHandler(BaseWorkerHandler):
     def parse_request(self, request: Any) -> PreprocessedRequest:
         """Whatever the request says, a prefill worker computes the prompt and one token."""
         return super().parse_request(request).prefill_leg()
+
+
+class BaseEmbeddingHandler(ABC):
+    """An embedding worker: vectors for token ids, one answer per request."""
+
+    role = "embedding"
+
+    def __init__(
+        self,
+        engine: Any = None,
+        *,
+        spec: EmbeddingSpec,
+        name: str | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.spec = spec
+        """What the engine makes (the card's): vector size, whether `dimensions` may shorten."""
+        self.metrics = HandlerMetrics()
+        self.log = logging.getLogger(name or f"dynamo.{type(self).__module__}.{self.role}")
+        self.context_length = context_length
+
+    # -- what an engine implements ---------------------------------------------------------
+
+    @abstractmethod
+    async def engine_embed(
+        self, request: PreprocessedEmbeddingRequest, context: Context
+    ) -> list[Sequence[float]]:
+        """One vector per input of `request`, in order, each `request.dimensions` long (when
+        set) or `spec.size`. Cancelled when the caller goes away."""
+
+    async def abort(self, request_id: str) -> None:  # noqa: B027 - engines override when they can
+        """Tell the engine to drop `request_id` (called when the caller cancels)."""
+
+    # -- what the endpoint serves ----------------------------------------------------------
+
+    async def generate(
+        self, request: Any, context: Context
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The endpoint handler: `PreprocessedEmbeddingRequest` map in, one `EmbeddingOutput`
+        map out."""
+        req = self.parse_request(request)
+        if req.request_id is None:
+            req = replace(req, request_id=context.id)
+        request_id = req.request_id or context.id
+        m = self.metrics
+        m.requests_total += 1
+        m.prompt_tokens_total += req.prompt_tokens()
+        m.inflight += 1
+        t0 = time.monotonic()
+        try:
+            vectors = await self.engine_embed(req, context)
+            output = self._output(req, vectors)
+        except (asyncio.CancelledError, GeneratorExit):
+            m.cancelled_total += 1
+            await _abort_quietly(self, request_id)
+            raise
+        except DynamoError:
+            m.errors_total += 1
+            raise
+        except Exception as exc:
+            m.errors_total += 1
+            await _abort_quietly(self, request_id)
+            self.log.exception("engine failed on embedding request %s", request_id)
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            m.inflight -= 1
+        self.log.debug(
+            "request %s: %d inputs, %d tokens, %.3fs",
+            request_id,
+            len(req.token_ids),
+            req.prompt_tokens(),
+            time.monotonic() - t0,
+        )
+        yield output.to_wire()
+
+    def parse_request(self, request: Any) -> PreprocessedEmbeddingRequest:
+        try:
+            req = PreprocessedEmbeddingRequest.from_wire(request)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequestError(f"invalid request: {exc}") from None
+        if not req.token_ids or not all(req.token_ids):
+            raise InvalidRequestError("invalid request: an input has no token ids")
+        limit = self.context_length
+        if limit is not None:
+            longest = max(len(ids) for ids in req.token_ids)
+            if longest > limit:
+                raise InvalidRequestError(
+                    f"an input has {longest} tokens; this model takes at most {limit}"
+                )
+        if req.dimensions is not None:
+            why = self.spec.check_dimensions(req.dimensions)
+            if why is not None:
+                raise InvalidRequestError(why)
+        return req
+
+    def _output(
+        self, req: PreprocessedEmbeddingRequest, vectors: list[Sequence[float]]
+    ) -> EmbeddingOutput:
+        """The engine's vectors, checked against what was asked, packed for the wire."""
+        if len(vectors) != len(req.token_ids):
+            raise EngineError(
+                f"the engine returned {len(vectors)} vectors for {len(req.token_ids)} inputs"
+            )
+        size = req.dimensions or self.spec.size
+        packed = []
+        for vector in vectors:
+            if len(vector) != size:
+                raise EngineError(f"the engine returned a vector of {len(vector)}, not {size}")
+            if not math.isfinite(sum(vector)):  # a NaN or infinity anywhere makes the sum one
+                raise EngineError("the engine returned a vector with a NaN or infinite value")
+            packed.append(pack_embedding(vector))
+        return EmbeddingOutput(embeddings=packed, prompt_tokens=req.prompt_tokens())
+
+
+async def _abort_quietly(handler: BaseEmbeddingHandler, request_id: str) -> None:
+    try:
+        await asyncio.shield(handler.abort(request_id))
+    except Exception:
+        handler.log.exception("aborting request %s failed", request_id)
 
 
 def _truncate_logprobs(out: EngineOutput, n: int) -> None:

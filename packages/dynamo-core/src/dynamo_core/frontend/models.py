@@ -5,6 +5,10 @@ per model), and disappears when its last card goes (its instances stopped or die
 routed only to instances that have both a card and a live endpoint registration. Each model's
 routing is a `Router` from `dynamo_core.router.make_router` (the router package owns the policy,
 admission control and the workers' event feed); the frontend only composes it.
+
+A name is one kind of model: an embedding model (card type `embedding`) or a text-generation
+one. A card that names a model already served as the other kind is left out (logged): its
+workers would get requests they cannot serve.
 """
 
 from __future__ import annotations
@@ -12,18 +16,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
-from dynamo_core.errors import ConfigError
+from dynamo_core.errors import ConfigError, NoInstancesError
 from dynamo_core.llm.chat_template import ChatTemplate
 from dynamo_core.llm.model_card import ModelCard, fetch_model_files
 from dynamo_core.llm.parsers import ParserSpec
 from dynamo_core.llm.tokenizer import Tokenizer
-from dynamo_core.router import LocalRouter, Router, RouterConfig, make_policy, make_router
+from dynamo_core.router import (
+    LocalRouter,
+    Route,
+    Router,
+    RouterConfig,
+    make_policy,
+    make_router,
+)
 from dynamo_core.runtime.discovery.keys import models_prefix
 
 if TYPE_CHECKING:
@@ -66,6 +78,16 @@ class ModelEntry:
 
     def live_instances(self) -> list[int]:
         return [i for i in self.client.instance_ids() if i in self.card_instances]
+
+    async def route(
+        self, token_ids: Sequence[int], exclude: Sequence[int], request_id: str | None
+    ) -> Route:
+        """A live instance for a request (not one of `exclude`), counted there by the model's
+        router; `NoInstancesError` naming the model when none is left."""
+        try:
+            return await self.router.route(token_ids, self.live_instances(), exclude, request_id)
+        except NoInstancesError:
+            raise NoInstancesError(f"The model `{self.name}` has no live instances.") from None
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -124,7 +146,16 @@ class ModelManager:
                 self._add_prefill(card)
                 return
             entry = self.models.get(card.name)
-            if entry is not None:
+            if entry is not None and _embeds(entry.card) != _embeds(card):
+                log.warning(
+                    "model %s: instance %x registered it as %s model, but it is served as %s "
+                    "one here; that instance is left out",
+                    card.name,
+                    card.instance_id,
+                    _kind(card),
+                    _kind(entry.card),
+                )
+            elif entry is not None:
                 entry.card_instances.add(card.instance_id)
                 self._notify()
             elif card.name not in self._loading:
@@ -210,7 +241,7 @@ class ModelManager:
         instances = {
             c.instance_id
             for (name, c) in self._cards.values()
-            if name == card.name and "prefill" not in c.model_type
+            if name == card.name and "prefill" not in c.model_type and _embeds(c) == _embeds(card)
         }
         if not instances:
             await client.close()
@@ -289,6 +320,14 @@ class ModelManager:
             await entry.client.close()
         for pool in self.prefill.values():
             await pool.client.close()
+
+
+def _embeds(card: ModelCard) -> bool:
+    return "embedding" in card.model_type
+
+
+def _kind(card: ModelCard) -> str:
+    return "an embedding" if _embeds(card) else "a text-generation"
 
 
 def _load_tokenizer(model_path: str) -> tuple[Tokenizer, ChatTemplate]:

@@ -21,6 +21,8 @@ structured-output constraint for the engine, and the model's tool-call/reasoning
 forced-call parser) per choice; a request that needs none pays nothing for them. `n` choices are
 `n` engine requests whose batches interleave (`frontend.choices`). Chat Completions, Completions
 and the Responses API (`frontend.responses`) share this path; they differ in their formatter.
+Embeddings (`frontend.embeddings`) are one unary request per OpenAI request, to a model whose
+card has type `embedding`; a model is only served on the routes its card's type names.
 
 Off the happy path (ARCHITECTURE.md, "Off the happy path"):
 
@@ -56,6 +58,7 @@ import msgspec
 from dynamo_core import errors
 from dynamo_core._memory import Trimmer
 from dynamo_core.args import DEFAULT_MIGRATION_LIMIT
+from dynamo_core.frontend import embeddings
 from dynamo_core.frontend.choices import RESTART, Batches, ChoiceOutput, Merged, Single
 from dynamo_core.frontend.messages import check_messages
 from dynamo_core.frontend.metrics import FrontendMetrics
@@ -80,6 +83,7 @@ from dynamo_core.frontend.responses import (
 )
 from dynamo_core.frontend.structured import NO_PLAN, OutputPlan, plan_chat, plan_completion
 from dynamo_core.http import Final, Request, Response, StreamingResponse
+from dynamo_core.llm.model_card import ModelType
 from dynamo_core.llm.parsers import Event
 from dynamo_core.llm.protocol import (
     OutputOptions,
@@ -194,6 +198,7 @@ class OpenAIService:
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/completions"): self.completions,
             ("POST", "/v1/responses"): self.responses,
+            ("POST", "/v1/embeddings"): self.embeddings,
             ("GET", "/v1/models"): self.list_models,
             ("GET", "/health"): self.health,
             ("GET", "/live"): self.live,
@@ -299,6 +304,9 @@ class OpenAIService:
         entry = self.models.get(body.model)
         if entry is None:
             return _model_not_found(body.model, self.models.retired)
+        wanted: ModelType = "chat" if kind is ChatCompletionRequest else "completions"
+        if not entry.card.serves(wanted):
+            return _not_served(entry, wanted)
         return body, entry
 
     async def chat_completions(self, request: Request) -> Response | StreamingResponse:
@@ -342,6 +350,8 @@ class OpenAIService:
         entry = self.models.get(body.model)
         if entry is None:
             return _model_not_found(body.model, self.models.retired)
+        if not entry.card.serves("chat"):
+            return _not_served(entry, "chat")
         try:
             call = prepare_responses(body, entry.parsers, self.responses_store)
         except ParamError as exc:
@@ -356,6 +366,50 @@ class OpenAIService:
             return token_ids
         fmt = ResponsesFormatter(body, call, self.responses_store)
         return await self._generate(entry, body, token_ids, fmt, "responses", call.plan)
+
+    # -- embeddings -----------------------------------------------------------------------
+
+    async def embeddings(self, request: Request) -> Response:
+        body = _decode(request.body, embeddings.EmbeddingRequest)
+        if isinstance(body, Response):
+            return body
+        entry = self.models.get(body.model)
+        if entry is None:
+            return _model_not_found(body.model, self.models.retired)
+        if not entry.card.serves("embedding"):
+            return _not_served(entry, "embedding")
+        try:
+            embeddings.check_model(body, entry.card)
+            inputs = await self._off_loop_if_large(
+                request, embeddings.embedding_inputs, entry, body
+            )
+        except ParamError as exc:
+            return _param_error(exc)
+        t0 = time.monotonic()
+        model, m = entry.name, self.metrics
+        try:
+            await entry.router.admit()
+        except errors.OverloadedError as exc:
+            m.requests.labels(model, "embeddings", "unary", "overloaded").inc()
+            return _overloaded(exc)
+        wire = embeddings.wire_request(entry, body, inputs)
+        prompt_tokens = wire.prompt_tokens()
+        m.input_tokens.labels(model).observe(prompt_tokens)
+        m.inflight.labels(model).inc()
+        status = "cancelled"  # until it ends, one way or the other
+        limit = min(self.migration_limit, entry.card.migration_limit)
+        ctx = Context(wire.request_id)
+        try:
+            vectors = await embeddings.embed_on_workers(entry, wire, ctx, limit, _MIGRATABLE)
+            status = "success"
+        except errors.DynamoError as exc:
+            status = "error"
+            return _error_for(exc, ctx.id)
+        finally:
+            m.ended(model, "embeddings", "unary", status, 0, t0)
+        return Response(
+            embeddings.embeddings_body(body.model, vectors, body.encoding_format, prompt_tokens)
+        )
 
     async def retrieve_response(self, request: Request, response_id: str) -> Response:
         stored = self.responses_store.response(response_id)
@@ -509,7 +563,6 @@ class OpenAIService:
     ) -> Batches:
         exclude: list[int] = []
         generated: list[int] = []
-        router = entry.router
         prompt = preq.token_ids
         constrained = preq.guided_decoding is not None
         restart = False
@@ -517,12 +570,7 @@ class OpenAIService:
             if restart:
                 restart = False
                 yield RESTART
-            try:
-                route = await router.route(prompt, entry.live_instances(), exclude, ctx.id)
-            except errors.NoInstancesError:
-                raise errors.NoInstancesError(
-                    f"The model `{entry.name}` has no live instances."
-                ) from None
+            route = await entry.route(prompt, exclude, ctx.id)
             iid = route.instance_id
             stream = None
             received = False
@@ -1106,6 +1154,30 @@ def _overloaded(exc: errors.OverloadedError) -> Response:
     response = _error(503, str(exc), "service_unavailable", "overloaded")
     response.headers.append(("retry-after", str(exc.retry_after)))
     return response
+
+
+#: What each model type is served on (the error for a route its card does not list names it).
+_ROUTES_OF = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
+
+
+def _not_served(entry: ModelEntry, wanted: ModelType) -> Response:
+    """A 400 for a model on a route its card's type does not list (an embedding model asked to
+    chat, a chat model asked for embeddings), saying where it is served."""
+    types = entry.card.model_type
+    kind = "an embedding model" if "embedding" in types else "a text-generation model"
+    routes = " and ".join(_ROUTES_OF[t] for t in types if t in _ROUTES_OF) or "no route"
+    return _error(
+        400,
+        f"The model `{entry.name}` is {kind}, served on {routes}; it does not serve "
+        f"{_ROUTES_OF[wanted]}.",
+        "invalid_request_error",
+        "model_not_supported",
+        "model",
+    )
 
 
 def _model_not_found(model: str, retired: set[str]) -> Response:

@@ -12,6 +12,11 @@ A frontend elsewhere fetches them from the worker itself: `register_model` also 
 files on the component's `model_files` endpoint (streamed in chunks, so they fit any request
 plane's message size), and `fetch_model_files` writes them into a local cache keyed by their
 digests. No shared file system, no hub.
+
+What a model is for is its card's `model_type`: `chat` and `completions` (token generation, the
+default), `embedding` (vectors, `/v1/embeddings`; its `embedding` says their size and whether
+they may be shortened) or `prefill` (a disaggregated model's prefill pool). The frontend
+answers a route the model does not serve with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MODELS_PREFIX",
     "MODEL_FILES",
+    "EmbeddingSpec",
     "ModelCard",
     "ModelType",
     "fetch_model_files",
@@ -65,6 +71,29 @@ ModelType = Literal["chat", "completions", "embedding", "prefill"]
 """`prefill`: the card of a prefill worker; the frontend then disaggregates that model."""
 
 
+class EmbeddingSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The vectors an embedding model makes (the card of a model of type `embedding`)."""
+
+    size: int
+    """Values per vector."""
+    matryoshka: bool = False
+    """The model may shorten its vectors (OpenAI's `dimensions`): Matryoshka training, or an
+    engine that truncates and renormalises (the mocker)."""
+    matryoshka_dimensions: list[int] | None = None
+    """The lengths it may shorten them to (None: any from 1 to `size`)."""
+
+    def check_dimensions(self, dimensions: int) -> str | None:
+        """Why `dimensions` cannot be served (a message for the client), or None."""
+        if not self.matryoshka:
+            return "This model does not support specifying dimensions."
+        if not 1 <= dimensions <= self.size:
+            return f"dimensions must be between 1 and {self.size} for this model"
+        allowed = self.matryoshka_dimensions
+        if allowed is not None and dimensions not in allowed:
+            return f"dimensions must be one of {sorted(allowed)} for this model"
+        return None
+
+
 class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     """The served model name (what clients put in `model`)."""
@@ -89,6 +118,11 @@ class ModelCard(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The worker's `--dyn-tool-call-parser`: how the frontend finds tool calls in the output."""
     reasoning_parser: str | None = None
     """The worker's `--dyn-reasoning-parser`: how the frontend splits reasoning from content."""
+    embedding: EmbeddingSpec | None = None
+    """An embedding model's vectors (set with model type `embedding`)."""
+
+    def serves(self, model_type: ModelType) -> bool:
+        return model_type in self.model_type
 
     def parser_spec(self) -> ParserSpec:
         """The card's parsers (a `ConfigError` names a parser this frontend does not know)."""
@@ -166,6 +200,7 @@ async def register_model(
     extra: dict[str, object] | None = None,
     aliases: Sequence[str] | None = None,
     parsers: ParserSpec | None = None,
+    embedding: EmbeddingSpec | None = None,
 ) -> ModelCard:
     """Publish a `ModelCard` for `endpoint`, for as long as the endpoint is served.
 
@@ -173,7 +208,11 @@ async def register_model(
     is served as `model_name` (default: the folder's name) and also answers to `model_path`
     (as given and resolved) and `aliases` (e.g. the `--model` text an engine was started with).
     `parsers`: the worker's tool-call and reasoning parsers (`ParserFlags.parser_spec()`).
+    `embedding`: the vectors of an embedding model (its model type then defaults to
+    ``["embedding"]``).
     """
+    if model_type and "embedding" in model_type and embedding is None:
+        raise ConfigError("an embedding model's card needs its `embedding` (vector size)")
     path, config_length, files = await asyncio.to_thread(_inspect_model_path, model_path)
     runtime = endpoint.runtime
     name = model_name or path.name
@@ -182,7 +221,7 @@ async def register_model(
         aliases=sorted({str(model_path), str(path), *(aliases or ())} - {name}),
         endpoint=f"{endpoint.namespace_name}.{endpoint.component.name}.{endpoint.name}",
         model_path=str(path),
-        model_type=model_type or ["chat", "completions"],
+        model_type=model_type or (["embedding"] if embedding else ["chat", "completions"]),
         context_length=context_length or config_length or 2048,
         kv_block_size=kv_block_size,
         migration_limit=migration_limit,
@@ -191,6 +230,7 @@ async def register_model(
         extra=extra or {},
         tool_call_parser=parsers.tool_call_parser if parsers else None,
         reasoning_parser=parsers.reasoning_parser if parsers else None,
+        embedding=embedding,
     )
     await _serve_files(endpoint, card.name, files)
     await endpoint.register(

@@ -26,11 +26,19 @@ with what the first one generated). Who decides `max_tokens`: the frontend sets 
 client's request (or what the context leaves); a worker's `BaseWorkerHandler` answers 0 without
 the engine and fills a missing one from its context (`dynamo_core.handlers`); the two legs'
 values come from the derivations here. Engines only translate it.
+
+Embeddings have their own pair: `PreprocessedEmbeddingRequest` (every input of one OpenAI
+request, as token ids, in one request to one worker: the engine batches them itself) and
+`EmbeddingOutput` (one answer with every vector). Vectors travel as little-endian float32 bytes
+(`pack_embedding` / `unpack_embedding`): a quarter of what msgpack floats take, and exactly what
+OpenAI's `encoding_format: base64` sends, so the frontend only base64-encodes them.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from array import array
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -38,15 +46,19 @@ import msgspec
 from msgspec.structs import replace
 
 __all__ = [
+    "EmbeddingOutput",
     "EngineOutput",
     "FinishReason",
     "GuidedDecoding",
     "GuidedKind",
     "OutputOptions",
+    "PreprocessedEmbeddingRequest",
     "PreprocessedRequest",
     "SamplingOptions",
     "StopConditions",
     "Usage",
+    "pack_embedding",
+    "unpack_embedding",
 ]
 
 FinishReason = Literal["eos", "stop", "length", "cancelled", "error"]
@@ -319,3 +331,64 @@ class EngineOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     def to_wire(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+
+# -- embeddings -------------------------------------------------------------------------------
+
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def pack_embedding(vector: Sequence[float]) -> bytes:
+    """`vector` as little-endian float32 bytes (the wire form, and OpenAI's base64 payload)."""
+    values = array("f", vector)
+    if _BIG_ENDIAN:
+        values.byteswap()
+    return values.tobytes()
+
+
+def unpack_embedding(data: bytes) -> list[float]:
+    """The floats of `pack_embedding`'s bytes (each a float32 value, widened)."""
+    if len(data) % 4:
+        raise ValueError(f"an embedding of {len(data)} bytes is not a float32 vector")
+    values = array("f")
+    values.frombytes(data)
+    if _BIG_ENDIAN:
+        values.byteswap()
+    return values.tolist()
+
+
+class PreprocessedEmbeddingRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """Every input of one embeddings request, tokenized by the frontend (in the client's order).
+
+    Idempotent: the frontend may send it again to another worker whenever one fails it."""
+
+    token_ids: list[list[int]]
+    model: str = ""
+    dimensions: int | None = None
+    """Shorten every vector to this many values (Matryoshka models; the card says which can)."""
+    request_id: str | None = None
+    annotations: list[str] = msgspec.field(default_factory=list)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> PreprocessedEmbeddingRequest:
+        """Validate a request map received from the request plane (one check per request)."""
+        if isinstance(data, cls):
+            return data
+        return msgspec.convert(data, cls)
+
+    def to_wire(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    def prompt_tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+
+class EmbeddingOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A worker's answer to a `PreprocessedEmbeddingRequest`: one vector per input, in order."""
+
+    embeddings: list[bytes]
+    """Each vector as `pack_embedding` bytes."""
+    prompt_tokens: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"embeddings": self.embeddings, "prompt_tokens": self.prompt_tokens}

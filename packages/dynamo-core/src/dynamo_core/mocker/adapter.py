@@ -3,13 +3,17 @@
 `python -m dynamo_core.mocker` (`main.py`) is the recipe every role module follows; what is the
 mocker's own is here:
 
-- `__init__` takes the role from `--disaggregation-mode` (agg: `worker`) and checks, before
-  anything exists, that `--model-path` holds a tokenizer and that `--reply-script` reads;
+- `__init__` takes the role from `--disaggregation-mode` (agg: `worker`), or `embedding` with
+  `--embedding-worker` (which takes neither another mode nor a reply script), and checks,
+  before anything exists, that `--model-path` holds a tokenizer and that `--reply-script` reads;
 - `start(component)` loads the tokenizer, builds the simulated engine (`MockerEngine`, whose
   vocabulary is the tokenizer's printable tokens), publishes its KV events and load metrics on
   the component's event topics, and reports the context length (`--context-length`, else the
-  model's config.json, else 2048) and the block size;
+  model's config.json, else 2048) and the block size (and for the embedding role, the vectors:
+  `--embedding-size`, else config.json's `hidden_size`, else 256; Matryoshka-style
+  `dimensions` allowed);
 - `handler()` is `MockerHandler`, `MockerPrefillHandler` or `MockerDecodeHandler` by role;
+  `embedding_handler()` is `MockerEmbeddingHandler`;
 - `close()` stops the engine and its publishers.
 
 The engine, the tokenizer and the handlers are imported in `start`, so `--help` and
@@ -32,8 +36,9 @@ from dynamo_core.errors import ConfigError
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.llm.model_card import EmbeddingSpec
     from dynamo_core.mocker.engine import MockerEngine
-    from dynamo_core.mocker.handlers import MockerHandler
+    from dynamo_core.mocker.handlers import MockerEmbeddingHandler, MockerHandler
     from dynamo_core.mocker.main import MockerConfig
     from dynamo_core.mocker.replies import Replies
     from dynamo_core.mocker.script import ReplyScript
@@ -55,24 +60,38 @@ def _unprintable_token_ids(tokenizer: Any) -> set[int]:
     return bad | set(tokenizer.special_token_ids)
 
 
-def _context_length(model_path: Path) -> int | None:
+def _config_int(model_path: Path, keys: tuple[str, ...]) -> int | None:
     config = model_path / "config.json"
     if not config.is_file():
         return None
     data = json.loads(config.read_text(encoding="utf-8"))
-    for key in ("max_position_embeddings", "max_sequence_length", "n_positions"):
+    for key in keys:
         value = data.get(key)
         if isinstance(value, int) and value > 1:
             return value
     return None
 
 
+def _context_length(model_path: Path) -> int | None:
+    return _config_int(
+        model_path, ("max_position_embeddings", "max_sequence_length", "n_positions")
+    )
+
+
 class MockerAdapter(EngineAdapter["MockerConfig"]):
     """A simulated engine for a mocker worker (see the module docstring)."""
 
     def __init__(self, args: ParsedArgs[MockerConfig]) -> None:
-        super().__init__(args, _ROLES[args.config.disaggregation_mode])
-        config = self.config
+        config = args.config
+        if config.embedding_worker and (
+            config.disaggregation_mode != "agg" or config.reply_script is not None
+        ):
+            raise ConfigError(
+                "--embedding-worker serves vectors: it takes no --disaggregation-mode "
+                f"{config.disaggregation_mode} and no --reply-script"
+            )
+        role: Role = "embedding" if config.embedding_worker else _ROLES[config.disaggregation_mode]
+        super().__init__(args, role)
         self.model_dir = config.model_path.resolve()
         if not (self.model_dir / "tokenizer.json").is_file():
             raise ConfigError(f"--model-path {config.model_path}: no tokenizer.json in that folder")
@@ -83,6 +102,7 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
             self.script = ReplyScript.load(config.reply_script)
         self.engine: MockerEngine | None = None
         self.replies: Replies | None = None
+        self.embedding: EmbeddingSpec | None = None
         self.name = "mocker"
         self._publishers: list[EventPublisher] = []
 
@@ -125,10 +145,12 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
         engine.on_load_metrics = lambda event: load_metrics.publish(msgspec.to_builtins(event))
         engine.start()
         self.engine = engine
+        if self.role == "embedding":
+            self.embedding = await asyncio.to_thread(self._embedding_spec)
         log.info(
             "mocker %s: %s mode, %d blocks of %d tokens, speedup x%g",
             f"{config.namespace}.{component.name}.{config.endpoint}",
-            config.disaggregation_mode,
+            "embedding" if self.embedding else config.disaggregation_mode,
             config.num_gpu_blocks,
             config.block_size,
             config.speedup_ratio,
@@ -139,7 +161,14 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
             model_dir=self.model_dir,
             served_name=config.model_name,
             aliases=(str(config.model_path),),
+            embedding=self.embedding,
         )
+
+    def _embedding_spec(self) -> EmbeddingSpec:
+        from dynamo_core.llm.model_card import EmbeddingSpec
+
+        size = self.config.embedding_size or _config_int(self.model_dir, ("hidden_size", "d_model"))
+        return EmbeddingSpec(size=size or 256, matryoshka=True)  # it truncates, renormalises
 
     def handler(self, cls: type[BaseWorkerHandler] | None = None) -> MockerHandler:
         from dynamo_core.mocker.handlers import (
@@ -153,6 +182,20 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
         return self.handler_class(
             cls, worker=MockerHandler, prefill=MockerPrefillHandler, decode=MockerDecodeHandler
         )(self.engine, replies=self.replies, name=f"dynamo.mocker.{self.name}")
+
+    def embedding_handler(self) -> MockerEmbeddingHandler:
+        from dynamo_core.mocker.handlers import MockerEmbeddingHandler
+
+        if self.engine is None or self.embedding is None:
+            raise RuntimeError(
+                "MockerAdapter.embedding_handler() before start() of an embedding role"
+            )
+        return MockerEmbeddingHandler(
+            self.engine,
+            spec=self.embedding,
+            seed=self.config.seed,
+            name=f"dynamo.mocker.{self.name}",
+        )
 
     async def close(self) -> None:
         engine, self.engine = self.engine, None

@@ -15,23 +15,41 @@ What a request says is decided before it runs (`replies`, a `dynamo_core.mocker.
 built from the model's tokenizer): a reply script's text, the text of its `guided_decoding`
 constraint, or (neither) the engine's random tokens. A handler built without `replies` refuses a
 constrained request with `InvalidRequestError` rather than ignore the constraint.
+
+- `MockerEmbeddingHandler` (`--embedding-worker`): each input is prefilled on the simulated
+  engine (its time, its KV blocks and events, its cancellation), then answered with the
+  deterministic unit vector of its token ids (`dynamo_core.mocker.embedding`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
 
 from dynamo_core.errors import InvalidRequestError
-from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
-from dynamo_core.llm.protocol import EngineOutput, PreprocessedRequest
+from dynamo_core.handlers import (
+    BaseDecodeHandler,
+    BaseEmbeddingHandler,
+    BasePrefillHandler,
+    BaseWorkerHandler,
+    HandlerMetrics,
+)
+from dynamo_core.llm.model_card import EmbeddingSpec
+from dynamo_core.llm.protocol import EngineOutput, PreprocessedEmbeddingRequest, PreprocessedRequest
+from dynamo_core.mocker.embedding import mock_embedding
 from dynamo_core.mocker.engine import MockerEngine, StepOutput
 from dynamo_core.mocker.replies import Replies
 from dynamo_core.runtime import Context
 
-__all__ = ["MockerDecodeHandler", "MockerHandler", "MockerPrefillHandler"]
+__all__ = [
+    "MockerDecodeHandler",
+    "MockerEmbeddingHandler",
+    "MockerHandler",
+    "MockerPrefillHandler",
+]
 
 #: The key of the mocker's transfer parameters inside `disaggregated_params`.
 PARAMS_KEY = "mocker"
@@ -112,19 +130,21 @@ class MockerHandler(BaseWorkerHandler):
 
     async def stats(self, request: Any = None, context: Context | None = None) -> dict[str, Any]:
         """The `stats` endpoint: engine and handler counters (see the module docstring)."""
-        result: dict[str, Any] = {
-            "role": self.role,
-            **self.engine.stats(),
-            "handler": self.metrics.snapshot(),
-        }
-        if isinstance(request, dict):
-            rid = request.get("request_id")
-            if isinstance(rid, str):
-                metrics = self.engine.request_metrics(rid)
-                result["request"] = None if metrics is None else metrics.to_dict()
-            if request.get("cached_block_hashes"):
-                result["cached_block_hashes"] = sorted(self.engine.cache.cached_hashes())
-        return result
+        return _stats(self.engine, self.role, self.metrics, request)
+
+
+def _stats(
+    engine: MockerEngine, role: str, metrics: HandlerMetrics, request: Any
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"role": role, **engine.stats(), "handler": metrics.snapshot()}
+    if isinstance(request, dict):
+        rid = request.get("request_id")
+        if isinstance(rid, str):
+            found = engine.request_metrics(rid)
+            result["request"] = None if found is None else found.to_dict()
+        if request.get("cached_block_hashes"):
+            result["cached_block_hashes"] = sorted(engine.cache.cached_hashes())
+    return result
 
 
 class MockerPrefillHandler(MockerHandler, BasePrefillHandler):
@@ -174,3 +194,41 @@ class MockerDecodeHandler(MockerHandler, BaseDecodeHandler):
                 )
         async for out in self._run_engine(request, transferred=transferred):
             yield _engine_output(out)
+
+
+class MockerEmbeddingHandler(BaseEmbeddingHandler):
+    """Embedding worker on a `MockerEngine`: simulated prefill time, deterministic vectors."""
+
+    engine: MockerEngine
+
+    def __init__(
+        self,
+        engine: MockerEngine,
+        *,
+        spec: EmbeddingSpec,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(engine, spec=spec, name=name, context_length=engine.args.context_length)
+        self.seed = seed
+
+    async def engine_embed(
+        self, request: PreprocessedEmbeddingRequest, context: Context
+    ) -> list[Sequence[float]]:
+        rid = request.request_id or context.id
+        # the engine refuses a prompt that fills its context (it must leave room for a token):
+        # one that long is timed as one token shorter
+        room = self.engine.args.context_length - 1
+        async with asyncio.TaskGroup() as tg:  # a cancelled request aborts every input's run
+            for i, ids in enumerate(request.token_ids):
+                tg.create_task(self._prefill(f"{rid}-{i}", ids[:room]))
+        size, dims = self.spec.size, request.dimensions
+        return [mock_embedding(ids, size, dims, self.seed) for ids in request.token_ids]
+
+    async def _prefill(self, request_id: str, token_ids: list[int]) -> None:
+        async for _ in self.engine.generate(request_id, token_ids, max_tokens=1, prefill_only=True):
+            pass
+
+    async def stats(self, request: Any = None, context: Context | None = None) -> dict[str, Any]:
+        """The `stats` endpoint, as the generating handlers serve it."""
+        return _stats(self.engine, self.role, self.metrics, request)

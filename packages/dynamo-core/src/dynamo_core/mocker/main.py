@@ -5,7 +5,8 @@
 
 It registers a model card (in prefill mode, as the model's prefill pool), serves `generate`
 (token streams, on `MockerHandler`, `MockerPrefillHandler` or `MockerDecodeHandler` by
-`--disaggregation-mode`) and `stats` (engine counters), and publishes KV events and load metrics
+`--disaggregation-mode`; with `--embedding-worker`, an embedding model's vectors on
+`MockerEmbeddingHandler`, for `/v1/embeddings`) and `stats` (engine counters), and publishes KV events and load metrics
 on the event plane, exactly as an engine worker does; only the engine is simulated
 (`dynamo_core.mocker.engine` explains how). `worker()` is the whole component, runtime calls in
 plain sight, as in every engine's role modules; what is the mocker's own is `MockerAdapter`
@@ -87,6 +88,19 @@ class MockerConfig(WorkerConfig):
         "tools: ...}, reply: TEXT}): the first rule matching a request's prompt gives its "
         "reply, word for word (dynamo_core.mocker.script explains the format).",
     )
+    embedding_worker: bool = Field(
+        default=False,
+        description="Serve the model as an embedding model (/v1/embeddings), as Dynamo's "
+        "--embedding-worker: each input is prefilled on the simulated engine, then answered "
+        "with a deterministic unit vector seeded from its token ids (and --seed); "
+        "`dimensions` shortens it (first values, renormalised).",
+    )
+    embedding_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Values per vector of --embedding-worker (default: config.json's "
+        "hidden_size, else 256).",
+    )
 
 
 class Deployment(BaseDeployment):
@@ -106,14 +120,16 @@ def build_parser() -> DynFlexibleArgumentParser[MockerConfig]:
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, args: ParsedArgs[MockerConfig]) -> None:
     config = args.config
-    async with MockerAdapter(args) as adapter:  # the role: --disaggregation-mode
+    async with MockerAdapter(
+        args
+    ) as adapter:  # the role: --disaggregation-mode, --embedding-worker
         component = runtime.namespace(config.namespace).component(
             config.resolved_component(adapter.role)
         )
         await component.create_service()
         endpoint = component.endpoint(config.endpoint)
         engine = await adapter.start(component)
-        handler = adapter.handler()
+        handler = adapter.embedding_handler() if engine.embedding else adapter.handler()
         await register_model(
             endpoint,
             model_path=engine.model_dir,
@@ -124,6 +140,7 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[MockerConfig]) ->
             kv_block_size=engine.kv_block_size,
             migration_limit=config.migration_limit,
             parsers=config.parser_spec(),
+            embedding=engine.embedding,
         )
         await asyncio.gather(
             endpoint.serve_endpoint(handler.generate),
