@@ -2,14 +2,17 @@
 per parser family (each started with its `--dyn-tool-call-parser` / `--dyn-reasoning-parser`
 and a `--reply-script` that makes it write that family's markup), driven by the `openai` SDK
 (`chat.completions.create(tools=...)` whole and streamed, `chat.completions.parse` with a
-pydantic model, `responses.create` / `responses.stream`, `models.retrieve`) and by
-langchain-openai (`bind_tools`, `with_structured_output`). Everything offline: the tiny model in
+pydantic model, `responses.create` / `responses.stream`, `models.retrieve`, `embeddings.create`
+against an embedding mocker) and by langchain-openai (`bind_tools`, `with_structured_output`,
+`OpenAIEmbeddings`). Everything offline: the tiny model in
 examples/models, no hub, no tokenizer downloads."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -26,6 +29,7 @@ from dynamo_core.testing.procs import run_python
 
 TINY = Path(__file__).parents[3] / "examples" / "models" / "tiny"
 PLAIN = "tiny-plain"
+EMBED = "tiny-embed"
 
 
 def free_port() -> int:
@@ -36,7 +40,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A frontend and 11 mockers: one per tool-call family, one without parsers."""
+    """A frontend and 12 mockers: one per tool-call family, one without parsers, one that
+    serves embeddings."""
     folder = tmp_path_factory.mktemp("graph")
     env = {
         "DYN_FILE_KV": str(folder / "kv"),
@@ -52,6 +57,8 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 run_python([*mocker, "--model-name", PLAIN, "--component-name", "plain"], env=env)
             )
         ]
+        embed = [*mocker, "--model-name", EMBED, "--component-name", "embed", "--embedding-worker"]
+        procs.append(stack.enter_context(run_python(embed, env=env)))
         for name in TOOL_FAMILIES:
             family = FAMILIES[name]
             script = family.script(folder / f"{name}.json")
@@ -191,10 +198,69 @@ def test_responses_create_and_stream(client: openai.OpenAI) -> None:
 
 def test_models_retrieve(client: openai.OpenAI) -> None:
     listed = sorted(m.id for m in client.models.list())
-    assert listed == sorted([PLAIN, *(f"tiny-{n}" for n in TOOL_FAMILIES)])
+    assert listed == sorted([PLAIN, EMBED, *(f"tiny-{n}" for n in TOOL_FAMILIES)])
     assert client.models.retrieve("tiny-glm45").id == "tiny-glm45"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("tiny-nope")
+
+
+# -- embeddings -------------------------------------------------------------------------------
+
+
+def unit_vector(tokens: list[int], size: int = 64) -> list[float]:
+    """What the embedding mocker answers for `tokens` (its vectors are the same in every
+    process: computed here, in the test's own)."""
+    from dynamo_core.mocker.embedding import mock_embedding
+
+    return mock_embedding(tokens, size)
+
+
+def tiny_tokens(text: str) -> list[int]:
+    from dynamo_core.llm import Tokenizer
+
+    return Tokenizer.from_dir(TINY).encode(text, add_special_tokens=True)
+
+
+def assert_vectors(got: list[Any], want: list[list[float]]) -> None:
+    for v, w in zip(got, want, strict=True):
+        assert list(v) == pytest.approx(w, rel=1e-6, abs=1e-7)
+
+
+def test_embeddings_create(client: openai.OpenAI) -> None:
+    texts = ["the quick brown fox", "jumps over the lazy dog"]
+    want = [unit_vector(tiny_tokens(t)) for t in texts]
+    tokens = sum(len(tiny_tokens(t)) for t in texts)
+    for encoding in ("float", "base64", openai.NOT_GIVEN):
+        r = client.embeddings.create(model=EMBED, input=texts, encoding_format=encoding)
+        assert r.model == EMBED and [d.index for d in r.data] == [0, 1]
+        got: list[Any] = [d.embedding for d in r.data]
+        if encoding == "base64":  # asked for: the SDK hands the text over as it came
+            got = [struct.unpack("<64f", base64.b64decode(v)) for v in got]
+        # not given: the SDK asks for base64 and decodes it itself
+        assert_vectors(got, want)
+        assert r.usage.prompt_tokens == r.usage.total_tokens == tokens
+    one = client.embeddings.create(model=EMBED, input=texts[0])
+    assert_vectors([one.data[0].embedding], want[:1])
+
+    ids = tiny_tokens(texts[1])
+    r = client.embeddings.create(model=EMBED, input=ids)
+    assert_vectors([r.data[0].embedding], want[1:])
+    r = client.embeddings.create(model=EMBED, input=[ids, [7, 8, 9]], encoding_format="float")
+    assert_vectors([d.embedding for d in r.data], [want[1], unit_vector([7, 8, 9])])
+    assert r.usage.prompt_tokens == len(ids) + 3
+
+    short = client.embeddings.create(model=EMBED, input=texts[0], dimensions=16)
+    assert len(short.data[0].embedding) == 16
+
+
+def test_embedding_and_chat_models_refuse_each_others_routes(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="embedding model"):
+        client.chat.completions.create(model=EMBED, messages=user("hello"))
+    with pytest.raises(openai.BadRequestError, match="/v1/embeddings"):
+        client.embeddings.create(model=PLAIN, input="hello")
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.embeddings.create(model=EMBED, input="")
+    assert isinstance(empty.value.body, dict) and empty.value.body["param"] == "input"
 
 
 # -- langchain-openai ---------------------------------------------------------------------------
@@ -240,3 +306,18 @@ def test_langchain_with_structured_output(base_url: str, method: str) -> None:
         assert isinstance(llm.invoke("plan a trip, as JSON"), dict)
         return
     assert isinstance(llm.invoke("plan a trip"), Trip)
+
+
+def test_langchain_embeddings(base_url: str) -> None:
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        model=EMBED,
+        base_url=base_url + "/v1",
+        api_key="unused",  # type: ignore[arg-type]
+        max_retries=0,
+        check_embedding_ctx_length=False,  # else it tokenizes with tiktoken (a download)
+    )
+    texts = ["a document", "another one"]
+    assert_vectors(embeddings.embed_documents(texts), [unit_vector(tiny_tokens(t)) for t in texts])
+    assert_vectors([embeddings.embed_query("a query")], [unit_vector(tiny_tokens("a query"))])

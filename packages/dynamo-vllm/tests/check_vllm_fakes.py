@@ -4,13 +4,14 @@ A fake that drifts from the engine boundary the code is written against fails he
 
 from __future__ import annotations
 
-from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from dynamo_vllm.protocols import (
     AsyncLLMClass,
     AsyncLLMLike,
     CompletionOutputLike,
+    PoolingRequestOutputLike,
     RequestOutputLike,
 )
 
@@ -28,4 +29,8 @@ def request_output(out: RequestOutput) -> RequestOutputLike:
 
 
 def completion_output(out: CompletionOutput) -> CompletionOutputLike:
+    return out
+
+
+def pooling_output(out: PoolingRequestOutput) -> PoolingRequestOutputLike:
     return out

@@ -3,6 +3,7 @@
     python -m dynamo_vllm.worker --model DIR_OR_NAME      # aggregated
     python -m dynamo_vllm.prefill --model ... --kv-transfer-config '{...}'
     python -m dynamo_vllm.decode --model ... --kv-transfer-config '{...}'
+    python -m dynamo_vllm.embedding --model DIR_OR_NAME   # a pooling model: /v1/embeddings
     dynamo-run out=vllm --model DIR_OR_NAME               # through the entry point below
 
 Importing this package (or any role module) never imports vLLM: the engine is an extra

@@ -1,4 +1,5 @@
-"""`VllmAdapter`: vLLM's start-up half of every role (`worker`, `prefill`, `decode`).
+"""`VllmAdapter`: vLLM's start-up half of every role (`worker`, `prefill`, `decode`,
+`embedding`).
 
 The role modules show the runtime calls (component, `create_service`, `register_model`,
 `serve_endpoint`); what is vLLM's is here:
@@ -6,7 +7,8 @@ The role modules show the runtime calls (component, `create_service`, `register_
 - `VllmAdapter(args, role)` builds vLLM's `AsyncEngineArgs` from the merged flags and checks
   the role: a prefill worker needs a KV connector (`--kv-transfer-config`), a `ConfigError`
   before any component exists; a decode worker without one only warns (it serves whole
-  requests).
+  requests). The embedding role runs vLLM's pooling runner (`--runner pooling`, which converts
+  a `*ForCausalLM` model to an embedding model; another runner is a `ConfigError`).
 - `start(component)`:
   1. turns on vLLM's KV-events publisher (`KVEventsConfig`, ZMQ), pointed at a local socket the
      worker listens on (core's `ZmqKvEventRelay`, `--kv-events-port`), unless the user
@@ -18,10 +20,12 @@ The role modules show the runtime calls (component, `create_service`, `register_
   3. reads what the model card needs from the engine's own config: the context length
      (`model_config.max_model_len`), the KV block size (`cache_config.block_size`), the
      tokenizer folder and served name, and the model's generation-config sampling defaults
-     (`model_config.get_diff_sampling_param()`, which the handler applies);
+     (`model_config.get_diff_sampling_param()`, which the handler applies); for the embedding
+     role, its `EmbeddingSpec` (`embedding_size`, `is_matryoshka`, `matryoshka_dimensions`);
   4. relays KV events and publishes load metrics (`LoadMetricsLogger`) on the component's
      event topics.
-- `handler(cls)` builds the role's handler on the started `AsyncLLM`.
+- `handler(cls)` builds the role's handler on the started `AsyncLLM` (`embedding_handler()`:
+  the embedding role's `EmbeddingHandler`).
 - `close()` stops the relay, shuts vLLM down on the event loop (its output-handler task must
   not see the engine process go before it is cancelled: that logs a spurious
   `EngineDeadError`) and closes the publishers; after a failed start it releases what exists.
@@ -44,12 +48,15 @@ from dynamo_vllm.events import LoadMetricsLogger
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.llm.model_card import EmbeddingSpec
     from dynamo_core.runtime import Component, EventPublisher
     from dynamo_vllm.args import VllmConfig
+    from dynamo_vllm.handlers import EmbeddingHandler
     from dynamo_vllm.protocols import AsyncLLMClass, AsyncLLMLike
 
 __all__ = [
     "VllmAdapter",
+    "embedding_spec",
     "explain_validation",
     "model_dir",
     "served_model_name",
@@ -123,7 +130,15 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
     def __init__(self, args: ParsedArgs[VllmConfig], role: Role) -> None:
         super().__init__(args, role)
         self.engine_args = engine_args(args)
-        if self.engine_args.kv_transfer_config is None:
+        if role == "embedding":
+            runner = self.engine_args.runner
+            if runner not in ("auto", "pooling"):
+                raise ConfigError(
+                    f"the embedding worker runs vLLM's pooling runner: --runner {runner} "
+                    "cannot serve embeddings (leave --runner out, or give pooling)"
+                )
+            self.engine_args.runner = "pooling"  # a *ForCausalLM model becomes an embedding one
+        elif self.engine_args.kv_transfer_config is None:
             if role == "prefill":
                 raise ConfigError(
                     "the prefill worker needs a KV connector: --kv-transfer-config "
@@ -136,6 +151,8 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
         self.llm: AsyncLLMLike | None = None
         self.vllm_config: Any = None
         self.default_sampling: dict[str, Any] = {}
+        self.embedding: EmbeddingSpec | None = None
+        self.context_length = 0
         self.kv_relay: ZmqKvEventRelay | None = None
         self.name = "vllm"
         self._publishers: list[EventPublisher] = []
@@ -170,12 +187,16 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
         self.default_sampling = dict(model_config.get_diff_sampling_param() or {})
         if self.kv_relay is not None:
             self.kv_relay.start(block_size)
+        self.context_length = int(model_config.max_model_len)
+        if self.role == "embedding":
+            self.embedding = embedding_spec(model_config)
         return EngineInfo(
-            context_length=int(model_config.max_model_len),
+            context_length=self.context_length,
             kv_block_size=block_size,
             model_dir=await asyncio.to_thread(model_dir, args),
             served_name=served_model_name(args),
             aliases=(str(args.model),),  # the --model text, as users will send it
+            embedding=self.embedding,
         )
 
     def handler(self, cls: type[BaseWorkerHandler] | None = None) -> BaseWorkerHandler:
@@ -197,6 +218,20 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
             self.llm, default_sampling=self.default_sampling, name=f"dynamo.vllm.{self.name}"
         )
 
+    def embedding_handler(self) -> EmbeddingHandler:
+        from dynamo_vllm.handlers import EmbeddingHandler
+
+        if self.llm is None or self.embedding is None:
+            raise RuntimeError(
+                "VllmAdapter.embedding_handler() before start() of an embedding role"
+            )
+        return EmbeddingHandler(
+            self.llm,
+            spec=self.embedding,
+            name=f"dynamo.vllm.{self.name}",
+            context_length=self.context_length,
+        )
+
     async def close(self) -> None:
         relay, self.kv_relay = self.kv_relay, None
         if relay is not None:
@@ -207,6 +242,18 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
         publishers, self._publishers = self._publishers, []
         for publisher in publishers:
             await publisher.close()
+
+
+def embedding_spec(model_config: Any) -> EmbeddingSpec:
+    """The vectors of a pooling model, as vLLM's model config describes them."""
+    from dynamo_core.llm.model_card import EmbeddingSpec
+
+    dims = model_config.matryoshka_dimensions
+    return EmbeddingSpec(
+        size=int(model_config.embedding_size),
+        matryoshka=bool(model_config.is_matryoshka),
+        matryoshka_dimensions=[int(d) for d in dims] if dims else None,
+    )
 
 
 def _first_line(exc: BaseException) -> str:

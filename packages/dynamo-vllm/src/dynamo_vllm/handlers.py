@@ -21,20 +21,33 @@ client as `InvalidRequestError`. vLLM's finish reasons map to
 Dynamo's: `stop` with a `stop_reason` is `stop`, `stop` without one (an end-of-sequence token)
 is `eos`, `length` is `length`, `abort` is `cancelled`. Cancellation calls `engine.abort(id)`;
 usage, stop enforcement and error mapping come from the base class.
+
+- `EmbeddingHandler` (`dynamo_vllm.embedding`, a pooling model): one
+  `AsyncLLM.encode({"prompt_token_ids": [...]}, PoolingParams(task="embed", dimensions=...),
+  id)` per input, all at once (vLLM's scheduler batches them); each `PoolingRequestOutput`'s
+  `outputs.data` (a 1-D tensor, normalised by vLLM's embed pooler) is the vector. A cancelled
+  request cancels every input's `encode`, which aborts it in vLLM.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+import asyncio
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
 from dynamo_core.errors import EngineError, InvalidRequestError
-from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
+from dynamo_core.handlers import (
+    BaseDecodeHandler,
+    BaseEmbeddingHandler,
+    BasePrefillHandler,
+    BaseWorkerHandler,
+)
 from dynamo_core.llm.protocol import (
     EngineOutput,
     FinishReason,
     GuidedDecoding,
+    PreprocessedEmbeddingRequest,
     PreprocessedRequest,
 )
 from dynamo_core.runtime import Context
@@ -43,6 +56,7 @@ from dynamo_vllm.protocols import AsyncLLMLike
 __all__ = [
     "PARAMS_KEY",
     "DecodeHandler",
+    "EmbeddingHandler",
     "PrefillHandler",
     "WorkerHandler",
     "finish_reason",
@@ -276,3 +290,43 @@ class DecodeHandler(WorkerHandler, BaseDecodeHandler):
         async with aclosing(self.run_engine(request, params)) as outputs:
             async for _, out in outputs:
                 yield out
+
+
+class EmbeddingHandler(BaseEmbeddingHandler):
+    """Embedding worker on a vLLM `AsyncLLM` started with `--runner pooling`."""
+
+    engine: AsyncLLMLike
+
+    async def engine_embed(
+        self, request: PreprocessedEmbeddingRequest, context: Context
+    ) -> list[Sequence[float]]:
+        from vllm.pooling_params import PoolingParams
+
+        rid = request.request_id or context.id
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failing input stops the others
+                tasks = [
+                    tg.create_task(
+                        self._encode(
+                            f"{rid}-{i}",
+                            ids,
+                            PoolingParams(task="embed", dimensions=request.dimensions),
+                        )
+                    )
+                    for i, ids in enumerate(request.token_ids)
+                ]
+        except* Exception as group:
+            first = group.exceptions[0]
+            raise _client_error(first) or first from None
+        return [task.result() for task in tasks]
+
+    async def _encode(self, request_id: str, token_ids: list[int], params: Any) -> list[float]:
+        stream = self.engine.encode({"prompt_token_ids": token_ids}, params, request_id)
+        try:
+            async for result in stream:
+                if result.finished:
+                    vector: list[float] = result.outputs.data.tolist()
+                    return vector
+        finally:
+            await stream.aclose()
+        raise EngineError(f"vLLM ended embedding request {request_id} without a result")

@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
-__all__ = ["AsyncLLMClass", "AsyncLLMLike", "CompletionOutputLike", "RequestOutputLike"]
+__all__ = [
+    "AsyncLLMClass",
+    "AsyncLLMLike",
+    "CompletionOutputLike",
+    "PoolingRequestOutputLike",
+    "RequestOutputLike",
+]
 
 
 class CompletionOutputLike(Protocol):
@@ -39,6 +45,28 @@ class RequestOutputLike(Protocol):
     def kv_transfer_params(self) -> dict[str, Any] | None: ...
 
 
+class TensorLike(Protocol):
+    """`torch.Tensor`, as far as a pooling output's data is read."""
+
+    def tolist(self) -> Any: ...
+
+
+class PoolingOutputLike(Protocol):
+    """`vllm.outputs.PoolingOutput`: the pooled hidden states (1-D for an embedding)."""
+
+    @property
+    def data(self) -> TensorLike: ...
+
+
+class PoolingRequestOutputLike(Protocol):
+    """`vllm.outputs.PoolingRequestOutput`: what `AsyncLLM.encode` yields."""
+
+    @property
+    def outputs(self) -> PoolingOutputLike: ...
+    @property
+    def finished(self) -> bool: ...
+
+
 class AsyncLLMLike(Protocol):
     """`vllm.v1.engine.async_llm.AsyncLLM`, as the adapter and the handlers use it."""
 
@@ -48,6 +76,10 @@ class AsyncLLMLike(Protocol):
     def generate(
         self, prompt: Any, sampling_params: Any, request_id: str
     ) -> AsyncGenerator[RequestOutputLike, None]: ...
+
+    def encode(
+        self, prompt: Any, pooling_params: Any, request_id: str
+    ) -> AsyncGenerator[PoolingRequestOutputLike, None]: ...
 
     async def abort(self, request_id: str) -> None: ...
 

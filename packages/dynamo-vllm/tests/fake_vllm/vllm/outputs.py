@@ -1,4 +1,6 @@
-"""`RequestOutput` and `CompletionOutput` (vllm/outputs.py)."""
+"""`RequestOutput`, `CompletionOutput`, `PoolingRequestOutput` and `PoolingOutput`
+(vllm/outputs.py). A pooling output's `data` is a torch tensor in vLLM; here an `array("f")`,
+which has the one method dynamo-vllm calls on it (`tolist()`)."""
 
 from __future__ import annotations
 
@@ -48,3 +50,27 @@ class RequestOutput:
         self.metrics = metrics
         self.num_cached_tokens = num_cached_tokens
         self.kv_transfer_params = kv_transfer_params
+
+
+@dataclass
+class PoolingOutput:
+    data: Any  # torch.Tensor in vLLM: 1-D for an embedding
+
+
+class PoolingRequestOutput:
+    def __init__(
+        self,
+        request_id: str,
+        outputs: PoolingOutput,
+        prompt_token_ids: list[int],
+        num_cached_tokens: int,
+        finished: bool,
+        *,
+        error: Any = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.num_cached_tokens = num_cached_tokens
+        self.finished = finished
+        self.outputs = outputs
+        self.error = error

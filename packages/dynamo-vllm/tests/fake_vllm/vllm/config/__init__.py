@@ -46,6 +46,15 @@ class ModelConfig:
     served_model_name: str
     max_model_len: int
     generation_config: dict[str, Any] = field(default_factory=dict)
+    runner_type: str = "generate"
+    """`--runner`, resolved: "pooling" serves `encode` (and the embed task), "generate" does not."""
+    hidden_size: int = 64
+    is_matryoshka: bool = False
+    matryoshka_dimensions: list[int] | None = None
+
+    @property
+    def embedding_size(self) -> int:
+        return self.hidden_size
 
     def get_diff_sampling_param(self) -> dict[str, Any]:
         return dict(self.generation_config)

@@ -41,6 +41,8 @@ class EngineArgs:
     kv_transfer_config: KVTransferConfig | None = None
     kv_events_config: KVEventsConfig | None = None
     disable_log_stats: bool = False
+    runner: str = "auto"
+    convert: str = "auto"
 
     @staticmethod
     def add_cli_args(parser: Any) -> Any:
@@ -60,6 +62,12 @@ class EngineArgs:
         model.add_argument("--max-model-len", type=int, default=None)
         model.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
         model.add_argument("--seed", type=int, default=0)
+        model.add_argument(
+            "--runner", choices=["auto", "draft", "generate", "pooling"], default="auto"
+        )
+        model.add_argument(
+            "--convert", choices=["auto", "none", "embed", "classify"], default="auto"
+        )
         cache = parser.add_argument_group(title="CacheConfig", description="KV cache settings.")
         cache.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128], default=None)
         cache.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -104,7 +112,20 @@ class EngineArgs:
         names = self.served_model_name
         served = (names[0] if isinstance(names, list) else names) or self.model
         return VllmConfig(
-            model_config=ModelConfig(self.model, served, max_len, defaults),
+            model_config=ModelConfig(
+                self.model,
+                served,
+                max_len,
+                defaults,
+                # a *ForCausalLM model runs "generate" unless told "pooling" (then it is converted
+                # to an embedding model, vLLM's `--convert auto` for that architecture)
+                runner_type="pooling" if self.runner == "pooling" else "generate",
+                hidden_size=int(config.get("hidden_size", 64)),
+                is_matryoshka=bool(
+                    config.get("matryoshka_dimensions") or config.get("is_matryoshka")
+                ),
+                matryoshka_dimensions=config.get("matryoshka_dimensions"),
+            ),
             cache_config=CacheConfig(
                 block_size=self.block_size or 16,
                 enable_prefix_caching=self.enable_prefix_caching is not False,

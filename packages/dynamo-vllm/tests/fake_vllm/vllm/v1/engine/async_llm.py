@@ -21,7 +21,14 @@ mirrors vLLM:
 - stat loggers: `factory(vllm_config, engine_index)`, then `record(scheduler_stats,
   iteration_stats, mm_cache_stats=None, engine_idx=0)` each step.
 
-`requests` holds the running request ids; `fail_next` makes the next `generate` raise.
+- `encode(prompt, pooling_params, request_id)` (a `--runner pooling` engine only, as vLLM's
+  input processor checks: "This model does not support pooling" otherwise) verifies the
+  `PoolingParams` against the model config (`dimensions`) and, after one step, yields one
+  finished `PoolingRequestOutput` whose `outputs.data` is a unit vector of `embedding_size`
+  values (or `dimensions`: its prefix, renormalised), a function of the prompt alone.
+
+`requests` holds the running request ids; `fail_next` makes the next `generate` or `encode`
+raise.
 """
 
 from __future__ import annotations
@@ -31,13 +38,16 @@ import hashlib
 import logging
 import math
 import time
+from array import array
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
+from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
-from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
+from vllm.pooling_params import PoolingParams
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 log = logging.getLogger("vllm.fake")
@@ -58,6 +68,15 @@ class SchedulerStats:
 def _token(prompt: list[int], seed: int, i: int) -> int:
     digest = hashlib.blake2b(f"{seed}|{prompt}|{i}".encode(), digest_size=8).digest()
     return FIRST_TOKEN + int.from_bytes(digest, "little") % (VOCAB - FIRST_TOKEN)
+
+
+def _unit_vector(prompt: list[int], size: int, dimensions: int | None) -> array[float]:
+    """The fake model's embedding of `prompt`: `size` values from a digest, the first
+    `dimensions` of them kept (Matryoshka), normalised."""
+    digest = hashlib.shake_256(repr(prompt).encode()).digest(size)
+    values = [b - 127.5 for b in digest[: dimensions or size]]
+    norm = math.sqrt(sum(v * v for v in values))
+    return array("f", [v / norm for v in values])
 
 
 class AsyncLLM:
@@ -136,6 +155,16 @@ class AsyncLLM:
                 entry[alt] = Logprob(logprob=-1.0 - r, rank=r + 1)
         return entry
 
+    def _check_prompt(self, prompt: Any) -> None:
+        """What every request meets first: a live engine, `fail_next`, a TokensPrompt."""
+        if self.is_shutdown:
+            raise RuntimeError("EngineDeadError: engine is shut down")
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt:
+            raise TypeError("this fake takes TokensPrompt dicts only")
+
     # -- the AsyncLLM interface ------------------------------------------------------------
 
     async def generate(
@@ -151,13 +180,7 @@ class AsyncLLM:
         priority: int = 0,
         data_parallel_rank: int | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
-        if self.is_shutdown:
-            raise RuntimeError("EngineDeadError: engine is shut down")
-        if self.fail_next is not None:
-            exc, self.fail_next = self.fail_next, None
-            raise exc
-        if not isinstance(prompt, dict) or "prompt_token_ids" not in prompt:
-            raise TypeError("this fake takes TokensPrompt dicts only")
+        self._check_prompt(prompt)
         tokens_in = list(prompt["prompt_token_ids"])
         params = sampling_params
         if request_id in self.requests:
@@ -286,6 +309,53 @@ class AsyncLLM:
             num_cached_tokens=cached,
             kv_transfer_params=kv_params,
         )
+
+    async def encode(
+        self,
+        prompt: Any,
+        pooling_params: PoolingParams,
+        request_id: str,
+        lora_request: Any = None,
+        trace_headers: Mapping[str, str] | None = None,
+        priority: int = 0,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        reasoning_ended: bool | None = None,
+    ) -> AsyncGenerator[PoolingRequestOutput, None]:
+        self._check_prompt(prompt)
+        model_config = self.vllm_config.model_config
+        if model_config.runner_type != "pooling":
+            raise VLLMValidationError("This model does not support pooling")
+        if pooling_params.task not in ("embed", None):
+            raise VLLMValidationError(
+                f"Unsupported task: {pooling_params.task!r} Supported tasks: ['embed']"
+            )
+        pooling_params.verify(model_config)
+        tokens_in = list(prompt["prompt_token_ids"])
+        if len(tokens_in) > model_config.max_model_len:
+            raise VLLMValidationError(
+                f"The prompt (length {len(tokens_in)}) is longer than the maximum model length "
+                f"of {model_config.max_model_len}."
+            )
+        if request_id in self.requests:
+            raise ValueError(f"Request id {request_id} already running.")
+        self.requests.add(request_id)
+        try:
+            cached = self._cache(tokens_in)
+            await asyncio.sleep(STEP_S)
+            self._record()
+            if request_id in self.aborted:
+                self.aborted.discard(request_id)
+                return
+            vector = _unit_vector(tokens_in, model_config.embedding_size, pooling_params.dimensions)
+            yield PoolingRequestOutput(
+                request_id=request_id,
+                outputs=PoolingOutput(data=vector),
+                prompt_token_ids=tokens_in,
+                num_cached_tokens=cached,
+                finished=True,
+            )
+        finally:
+            self.requests.discard(request_id)
 
     async def abort(self, request_id: str | list[str], internal: bool = False) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
