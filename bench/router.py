@@ -4,12 +4,17 @@
     python bench/router.py --workload random        # no shared prefixes (kv must not lose)
     python bench/router.py --runs 5 --modes round-robin least-loaded kv
     python bench/router.py --overlap-weight 4       # an override, for comparison
+    python bench/router.py --modes kv kv@service    # kv in the frontend, and in a router service
 
 The default workload is the one issue 16 measures: 8 groups of requests sharing a system prompt
 of about 1,300 tokens (each request adds its own short question), 160 requests at concurrency 4,
 to 2 mockers of 380 KV blocks of 16 tokens at real-time speed (speedup 1): the prefixes do not
 all fit in one worker's cache, so where a request lands decides whether its prefill is cached.
 `--workload random` sends prompts of the same sizes with nothing shared.
+
+A mode `MODE@service` routes through `python -m dynamo_core.router --router-mode MODE` (the
+frontend asks it for each request with `--router-endpoint router.route`): the same decisions, one
+request-plane round trip more per request.
 
 Each run starts fresh mockers and a fresh frontend per mode (cold caches), modes alternating, and
 sends the same requests in the same order (`max_tokens` and `ignore_eos` set, so every request
@@ -148,14 +153,21 @@ def run_mode(mode: str, args: argparse.Namespace, requests: list[tuple[str, str]
     mocker = ["-m", "dynamo_core.mocker", "--model-path", str(TINY),
               "--speedup-ratio", str(args.speedup_ratio), "--num-gpu-blocks", str(args.blocks),
               "--block-size", str(args.block_size)]  # fmt: skip
-    frontend = ["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
-                "--router-mode", mode]  # fmt: skip
+    policy, _, where = mode.partition("@")
+    routing = ["--router-mode", policy]
     if args.overlap_weight is not None:
-        frontend += ["--kv-overlap-score-weight", str(args.overlap_weight)]
+        routing += ["--kv-overlap-score-weight", str(args.overlap_weight)]
     if args.temperature is not None:
-        frontend += ["--router-temperature", str(args.temperature)]
+        routing += ["--router-temperature", str(args.temperature)]
+    frontend = ["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", str(port)]
+    frontend += ["--router-endpoint", "router.route"] if where == "service" else routing
     result = Result(mode)
     with ExitStack() as stack:
+        if where == "service":
+            router = stack.enter_context(
+                run_python(["-m", "dynamo_core.router", *routing], env=env)
+            )
+            router.wait_for_line("/route as instance")
         for _ in range(args.workers):
             stack.enter_context(run_python(mocker, env=env))
         front = stack.enter_context(run_python(frontend, env=env))

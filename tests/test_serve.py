@@ -37,6 +37,7 @@ from dynamo_core.testing.procs import Proc, run_python
 ROOT = Path(__file__).resolve().parents[1]
 AGG = "examples/graphs/agg.yaml"
 AGG_REPLICAS = "examples/graphs/agg-replicas.yaml"
+ROUTER = "examples/graphs/router.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -335,6 +336,22 @@ def test_misspelt_component_arg_fails_before_starting_anything(
     )
     assert not logs.exists()
     assert not list(Path(env["DYN_FILE_KV"]).iterdir())  # nobody registered anything
+
+
+def test_two_frontends_on_one_router_service(serve: Any) -> None:
+    """examples/graphs/router.yaml: both frontends serve, and their decisions come from the
+    router component (which logs the pool it routes for) once they see it in discovery."""
+    other = free_port()
+    with serve(ROUTER, "--frontend-b.http-port", str(other)) as graph:
+        graph.wait_ready()
+        routing = re.compile(r"^router +\| .*routing for \S+\.backend\.generate \(kv\)", re.M)
+        deadline = time.monotonic() + 30
+        while not routing.search(graph.proc.output()):  # a discovery scan after it registered
+            assert time.monotonic() < deadline, graph.proc.output()
+            for url in (graph.url, f"http://127.0.0.1:{other}/v1"):
+                assert chat(url)
+        for url in (graph.url, f"http://127.0.0.1:{other}/v1"):
+            assert chat(url)
 
 
 def test_disagg_graph_is_valid() -> None:

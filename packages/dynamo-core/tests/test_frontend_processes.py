@@ -1,5 +1,6 @@
 """The frontend as users run it: `python -m dynamo_core.frontend` next to mocker processes,
-driven by the real `openai` client; and `dynamo-run` from the command line."""
+driven by the real `openai` client; several frontends on one `python -m dynamo_core.router`
+(killed under load, restarted); and `dynamo-run` from the command line."""
 
 from __future__ import annotations
 
@@ -313,3 +314,95 @@ def test_a_busy_port_is_one_line_naming_it_and_its_flag(
         f"error: cannot listen on 127.0.0.1:{port}: the port is already in use; "
         f"choose another with {flag}"
     )
+
+
+# -- several frontends, one router service (python -m dynamo_core.router) -----------------
+
+
+def start_router(stack: ExitStack, env: dict[str, str]) -> Proc:
+    proc = stack.enter_context(
+        run_python(["-m", "dynamo_core.router", "--router-mode", "least-loaded"], env=env)
+    )
+    proc.wait_for_line("/route as instance")
+    return proc
+
+
+def start_routed_frontend(
+    stack: ExitStack, env: dict[str, str], namespace: str
+) -> tuple[Proc, str]:
+    port = free_port()
+    args = ["--http-host", "127.0.0.1", "--http-port", str(port)]
+    # a slow answer on a loaded machine is not an outage here: a dead service is (at once)
+    args += ["--router-endpoint", f"{namespace}.router.route", "--router-timeout", "30"]
+    proc = stack.enter_context(run_python(["-m", "dynamo_core.frontend", *args], env=env))
+    proc.wait_for_line("OpenAI API on")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def router_decisions(kv_dir: Path, namespace: str) -> int:
+    """The router service's decision count (its `stats` endpoint)."""
+    async with DistributedRuntime(RuntimeConfig(file_kv=kv_dir, namespace=namespace)) as rt:
+        client = await rt.namespace().component("router").endpoint("stats").client()
+        (iid,) = await client.wait_for_instances(10)
+        async for stats in await client.direct(None, iid):
+            return int(stats["decisions"])
+        raise AssertionError("no stats")
+
+
+async def chats(urls: list[str], requests: int, concurrency: int, out: list[Any]) -> list[Any]:
+    """`requests` chats over the frontends in turn, `concurrency` at a time; each status (an
+    exception where the request failed) is appended to `out` as it comes."""
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "count to ten"}],
+        "max_tokens": 20,
+        "ignore_eos": True,
+    }
+    todo = iter(range(requests))
+    async with httpx.AsyncClient(timeout=60) as http:
+
+        async def worker() -> None:
+            for i in todo:
+                try:
+                    r = await http.post(urls[i % len(urls)] + "/v1/chat/completions", json=body)
+                    out.append(r.status_code)
+                except httpx.HTTPError as exc:
+                    out.append(exc)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+async def test_frontends_survive_the_router_service_and_come_back_to_it(
+    procs: ExitStack, env: dict[str, str], kv_dir: Path, namespace: str
+) -> None:
+    router = start_router(procs, env)
+    start_mocker(procs, env)
+    start_mocker(procs, env)
+    fronts = [start_routed_frontend(procs, env, namespace) for _ in range(2)]
+    urls = [url for _, url in fronts]
+    for url in urls:
+        async with httpx.AsyncClient(base_url=url) as http:
+            await wait_instances(http, 2)
+    assert await chats(urls, 20, 4, []) == [200] * 20
+    assert await router_decisions(kv_dir, namespace) == 20
+
+    # killed under load: no request fails, each frontend says once that it routes locally
+    done: list[Any] = []
+    running = asyncio.create_task(chats(urls, 300, 8, done))
+    async with asyncio.timeout(30):
+        while len(done) < 40:
+            await asyncio.sleep(0.01)
+    router.stop(signal.SIGKILL)
+    assert await running == [200] * 300
+    for proc, _ in fronts:
+        assert proc.output().count("routing locally") == 1, proc.output()
+
+    # restarted: each frontend sees it in discovery (a scan interval) and asks it again
+    start_router(procs, env)
+    async with asyncio.timeout(30):
+        while not all("answers again" in proc.output() for proc, _ in fronts):
+            assert await chats(urls, 2, 2, []) == [200, 200]
+    before = await router_decisions(kv_dir, namespace)
+    assert await chats(urls, 20, 4, []) == [200] * 20
+    assert await router_decisions(kv_dir, namespace) == before + 20

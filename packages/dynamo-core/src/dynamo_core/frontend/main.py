@@ -21,7 +21,7 @@ from dynamo_core.args import (
 from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
 from dynamo_core.http import HttpLimits
-from dynamo_core.router.config import RouterConfig
+from dynamo_core.router.config import RouterClientConfig
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig, dynamo_worker
 
 __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
@@ -29,9 +29,9 @@ __all__ = ["Deployment", "FrontendConfig", "build_parser", "main"]
 log = logging.getLogger("dynamo.frontend")
 
 
-class FrontendConfig(RouterConfig, RuntimeConfig, ParserFlags):
-    """The frontend's flags: the runtime's, the router's (`RouterConfig`), the output parsers'
-    overrides (`ParserFlags`), then its own."""
+class FrontendConfig(RouterClientConfig, RuntimeConfig, ParserFlags):
+    """The frontend's flags: the runtime's, the router's (`RouterClientConfig`), the output
+    parsers' overrides (`ParserFlags`), then its own."""
 
     http_host: str = Field("0.0.0.0", description="Address the HTTP server listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")

@@ -486,7 +486,10 @@ class OpenAIService:
         try:
             firsts = [await _first_batch(gens[0])] if n == 1 else await _first_batches(gens)
         except errors.DynamoError as exc:
-            self.metrics.requests.labels(model, endpoint, kind, "error").inc()
+            shed = isinstance(exc, errors.OverloadedError)  # by a router service
+            self.metrics.requests.labels(model, endpoint, kind, "overloaded" if shed else "error").inc()
+            if isinstance(exc, errors.OverloadedError):
+                return _overloaded(exc)
             return _error_for(exc, fmt.id)
         source = Single(gens[0], firsts[0]) if n == 1 else Merged(gens, firsts)
         stops = body.stop_strings()

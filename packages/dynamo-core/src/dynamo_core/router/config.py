@@ -1,9 +1,11 @@
 """`RouterConfig`: how requests are routed, declared once.
 
-The frontend (`class FrontendConfig(RouterConfig, RuntimeConfig)`), `dynamo-run` and the
+The frontend (`class FrontendConfig(RouterClientConfig, RuntimeConfig)`), `dynamo-run` and the
 standalone router (`python -m dynamo_core.router`) compose this one model, so each flag, its
 `DYN_*` variable, its YAML key and its `--help` text exist once (help group "Routing"), and
 `make_router` (`dynamo_core.router.router`) is the one place that turns them into a router.
+`RouterClientConfig` adds what only a frontend chooses: whether a router service decides for it
+(`--router-endpoint`), and how long it waits for one (`--router-timeout`).
 
 The modes are declared once, with the policies (`dynamo_core.router.policies.RouterMode`).
 """
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dynamo_core.router.admission import AdmissionLimits
 from dynamo_core.router.policies import RouterMode
 
-__all__ = ["RouterConfig"]
+__all__ = ["RouterClientConfig", "RouterConfig"]
 
 _GROUP: dict[str, Any] = {"group": "Routing"}
 
@@ -89,4 +91,29 @@ class RouterConfig(BaseModel):
         """Only the routing part of a (possibly larger) component config."""
         return RouterConfig.model_validate(
             {name: getattr(self, name) for name in RouterConfig.model_fields}
+        )
+
+
+class RouterClientConfig(RouterConfig):
+    """A frontend's routing: `RouterConfig`, and whether a router service decides instead."""
+
+    router_endpoint: str | None = Field(
+        default=None,
+        description="Ask the router service at this endpoint (python -m dynamo_core.router: "
+        "router.route, or namespace.router.route in another namespace) for each request's worker, so "
+        "that several frontends share one count of the load and one KV index; the service's "
+        "flags decide. While it cannot be reached, requests are routed here, by the flags above.",
+        json_schema_extra=_GROUP,
+    )
+    router_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="With --router-endpoint: seconds the router service has to answer before "
+        "this frontend routes locally (and keeps doing so for a few seconds).",
+        json_schema_extra=_GROUP,
+    )
+
+    def router_settings(self) -> RouterClientConfig:
+        return RouterClientConfig.model_validate(
+            {name: getattr(self, name) for name in RouterClientConfig.model_fields}
         )

@@ -23,10 +23,10 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dynamo_core.router.admission import Admission, AdmissionLimits
-from dynamo_core.router.config import RouterConfig
+from dynamo_core.router.config import RouterClientConfig, RouterConfig
 from dynamo_core.router.feed import follow_worker_events
 from dynamo_core.router.kv import KvRouter
 from dynamo_core.router.policies import RoutingPolicy, make_policy
@@ -53,7 +53,7 @@ class Route:
         instance_id: int,
         token_ids: Sequence[int],
         key: str | None,
-        handle: object = None,
+        handle: Any = None,
     ) -> None:
         self._router = router
         self.instance_id = instance_id
@@ -189,10 +189,30 @@ async def make_router(
     instances: Instances | None = None,
 ) -> Router:
     """The router `config` describes, for the workers serving `endpoint` (`client` reaches
-    them; `instances` says which are live for this model, by default all of the client's)."""
+    them; `instances` says which are live for this model, by default all of the client's).
+
+    With a `RouterClientConfig` naming a `router_endpoint`: a `RemoteRouter` that asks that
+    router service, routing locally (without the workers' events) while it cannot."""
     live = instances or client.instance_ids
-    router = LocalRouter(make_policy_for(config, block_size), live, config.admission_limits())
-    if config.router_mode == "kv" or config.active_decode_blocks_threshold is not None:
-        router.follow(runtime, endpoint, client)
+    local = LocalRouter(make_policy_for(config, block_size), live, config.admission_limits())
+    router: Router = local
+    if isinstance(config, RouterClientConfig) and config.router_endpoint:
+        from dynamo_core.router.remote import RemoteRouter
+
+        path = config.router_endpoint
+        if path.count(".") == 1:  # component.endpoint: in this process's namespace
+            path = f"{runtime.config.namespace}.{path}"
+        service = runtime.endpoint(path)
+        router = RemoteRouter(
+            runtime,
+            local,
+            await service.client(),
+            await service.component.endpoint("mark").client(),
+            endpoint=endpoint,
+            block_size=block_size,
+            timeout=config.router_timeout,
+        )
+    elif config.router_mode == "kv" or config.active_decode_blocks_threshold is not None:
+        local.follow(runtime, endpoint, client)
     client.on_change(router.instances_changed)
     return router
