@@ -36,8 +36,8 @@ TEST_DEPS = ["pytest>=8", "pytest-asyncio>=1.0", "pytest-timeout>=2.3"]
 # What the core tests compare against or drive: transformers' chat templates (no torch needed),
 # the real OpenAI client, hypothesis (the parsers' and the mocker's structured-output property
 # tests; fuzzing of the HTTP edge and the request plane), jsonschema (structured output
-# validates; tests only) and langchain-openai (bind_tools / with_structured_output against the
-# frontend, offline).
+# validates; tests only), langchain-openai (bind_tools / with_structured_output against the
+# frontend, offline) and psutil (the processes of --http-workers and their sockets).
 CORE_TEST_DEPS = [
     "transformers>=4.45",
     "openai>=1.99",
@@ -45,6 +45,7 @@ CORE_TEST_DEPS = [
     "httpx>=0.27",
     "hypothesis>=6.100",
     "jsonschema>=4.18",
+    "psutil>=6.0",
 ]
 PYTEST = ["pytest", "-c", "pyproject.toml", "--rootdir", ".", "--timeout", "300"]
 

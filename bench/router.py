@@ -43,6 +43,7 @@ from pathlib import Path
 import openai
 from tokenizers import Tokenizer
 
+from _plots import pyplot, save
 from dynamo_core.runtime import run_uvloop
 from dynamo_core.testing.procs import run_python
 from dynamo_core.testing.servers import free_port
@@ -208,15 +209,11 @@ def summary(args: argparse.Namespace, runs: list[dict[str, Result]]) -> str:
 
 
 def plot(path: Path, args: argparse.Namespace, runs: list[dict[str, Result]]) -> None:
-    try:
-        import matplotlib
-        import matplotlib.ticker
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('no plot: matplotlib is not installed (pip install "dynamo-core[bench]")')
+    plt = pyplot()
+    if plt is None:
         return
+    import matplotlib.ticker
+
     fig, (cdf, hits) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[2.2, 1])
     for mode in args.modes:
         values = sorted(t * 1e3 for run in runs for t in run[mode].ttfts)
@@ -237,14 +234,12 @@ def plot(path: Path, args: argparse.Namespace, runs: list[dict[str, Result]]) ->
     hits.set_ylim(0, 100)
     hits.set_ylabel("prompt tokens served from cache (%)")
     hits.set_title("cache-hit share")
-    fig.suptitle(
+    save(
+        fig,
+        path,
         f"{args.workers} mockers x {args.blocks} blocks of {args.block_size}, "
         f"{args.requests} requests at concurrency {args.concurrency}, speedup {args.speedup_ratio}",
-        fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from dynamo_core.runtime import Client, DistributedRuntime, RuntimeConfig
@@ -406,3 +407,147 @@ async def test_frontends_survive_the_router_service_and_come_back_to_it(
     before = await router_decisions(kv_dir, namespace)
     assert await chats(urls, 20, 4, []) == [200] * 20
     assert await router_decisions(kv_dir, namespace) == before + 20
+
+
+# -- --http-workers: several frontend processes on one port ----------------------------------
+
+
+def start_http_workers(
+    stack: ExitStack, env: dict[str, str], workers: int, *extra: str
+) -> tuple[Proc, str]:
+    port = free_port()
+    args = ["--http-host", "127.0.0.1", "--http-port", str(port), "--http-workers", str(workers)]
+    proc = stack.enter_context(run_python(["-m", "dynamo_core.frontend", *args, *extra], env=env))
+    for i in range(workers):
+        proc.wait_for_line(f"HTTP worker {i})", timeout=60)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def family(proc: Proc) -> list[psutil.Process]:
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+async def test_http_workers_share_the_port(procs: ExitStack, env: dict[str, str]) -> None:
+    """Three processes listen on the port; connections land on more than one of them, and every
+    request is served."""
+    start_mocker(procs, env)
+    proc, url = start_http_workers(procs, env, 3)
+    port = int(url.rsplit(":", 1)[1])
+    pids = [p.pid for p in family(proc)]
+    assert len(pids) == 3
+    listening = {
+        p.pid for p in family(proc) for c in p.net_connections("tcp") if c.status == "LISTEN"
+    }
+    assert listening == set(pids)
+    body = {"model": "tiny", "messages": chat("hello"), "max_tokens": 20, "ignore_eos": True}
+    limits = httpx.Limits(max_connections=24, max_keepalive_connections=24)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+        await wait_instances(http, 1)
+        for _ in range(3):  # 24 kept-alive connections, several requests each
+            replies = await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=body) for _ in range(24))
+            )
+            assert [r.status_code for r in replies] == [200] * 24
+        serving = {
+            p.pid
+            for p in family(proc)
+            for c in p.net_connections("tcp")
+            if c.status == "ESTABLISHED" and c.laddr and c.laddr.port == port
+        }
+    assert len(serving) >= 2, serving  # (all 24 on one of 3: 1 chance in 3**23)
+
+
+async def test_a_killed_http_worker_is_replaced(procs: ExitStack, env: dict[str, str]) -> None:
+    start_mocker(procs, env)
+    proc, url = start_http_workers(procs, env, 2)
+    (copy,) = psutil.Process(proc.pid).children()
+    copy.kill()
+    proc.wait_for_line("HTTP worker 1 (pid")  # "... exited with status -9: starting it again"
+    assert "exited with status -9" in proc.output()
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        body = {"model": "tiny", "messages": chat("hello"), "max_tokens": 4}
+        for _ in range(10):  # a new connection each: the port serves meanwhile
+            r = await http.post("/v1/chat/completions", json=body, headers={"connection": "close"})
+            assert r.status_code == 200
+    async with asyncio.timeout(60):  # the replacement comes up: two "HTTP worker 1)" lines
+        while proc.output().count("HTTP worker 1)") < 2:
+            await asyncio.sleep(0.05)
+    (again,) = psutil.Process(proc.pid).children()
+    assert again.pid != copy.pid
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_http_workers_end_with_the_first(
+    procs: ExitStack, env: dict[str, str], sig: signal.Signals
+) -> None:
+    """SIGTERM: worker 0 passes it on and waits for its copies; SIGKILL: the kernel tells the
+    copies (PR_SET_PDEATHSIG). Either way none is left behind."""
+    proc, _ = start_http_workers(procs, env, 3, "--graceful-shutdown-timeout", "1")
+    everyone = family(proc)
+    assert len(everyone) == 3
+    code = proc.stop(sig, timeout=30)
+    assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    _, alive = psutil.wait_procs(everyone, timeout=30)
+    assert not alive
+
+
+def test_a_port_someone_shares_is_refused(procs: ExitStack, env: dict[str, str]) -> None:
+    """A program listening with SO_REUSEPORT would quietly get a share of our connections: it
+    is refused like any busy port (one line, exit 78)."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "dynamo_core.frontend", "--http-host", "127.0.0.1",
+             "--http-port", str(port), "--http-workers", "2"],
+            env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 78
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: the port is already in use; "
+        "choose another with --http-port"
+    )
+
+
+async def test_http_workers_share_their_routing_load(procs: ExitStack, env: dict[str, str]) -> None:
+    """One request at a time per worker, no queue, one worker: with a long stream running on
+    one process, every new request is refused, whichever process its connection lands on (the
+    processes' routers share their counts: `--router-replica-sync`, on with --http-workers)."""
+    start_mocker(procs, env, "--speedup-ratio", "1")
+    _, url = start_http_workers(
+        procs, env, 2, "--active-requests-threshold", "1", "--max-queued-requests", "0"
+    )
+    long = {"model": "tiny", "messages": chat("hi"), "max_tokens": 2000, "ignore_eos": True}
+    short = {"model": "tiny", "messages": chat("hi"), "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        await wait_instances(http, 1)
+        started = asyncio.Event()
+
+        async def read_the_stream() -> None:
+            body = {**long, "stream": True}
+            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                async for _ in response.aiter_lines():
+                    started.set()
+
+        reader = asyncio.create_task(read_the_stream())
+        try:
+            await asyncio.wait_for(started.wait(), 30)
+            async with asyncio.timeout(30):
+                while True:  # until the other process's view has it too (a sync interval)
+                    replies = [
+                        await http.post(
+                            "/v1/chat/completions", json=short, headers={"connection": "close"}
+                        )
+                        for _ in range(8)  # new connections: both processes, all but surely
+                    ]
+                    if all(r.status_code == 503 for r in replies):
+                        break
+            assert {r.json()["error"]["code"] for r in replies} == {"overloaded"}
+            assert not reader.done()
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)

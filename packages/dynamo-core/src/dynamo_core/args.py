@@ -625,6 +625,9 @@ class ParsedArgs(Generic[C]):
     #: What a graph file (`--config GRAPH --component X`) adds to the process's environment, as
     #: `dynamo serve` would set it (`dynamo_core.graph.component_env`); `run_component` applies it.
     env_overlay: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The command line parsed (what a process repeats to start a copy of itself:
+    #: the frontend's `--http-workers`).
+    argv: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -1076,7 +1079,10 @@ class DynFlexibleArgumentParser(Generic[C]):
             for key, value in entries.items():
                 self._file_entry(built, str(key), value, origin, got)
         self._read_cli(built, cli, extras, got)
-        return self._merge(built, got, component, print_config, overlay)
+        outcome = self._merge(built, got, component, print_config, overlay)
+        if outcome.parsed is not None:
+            outcome.parsed = dataclasses.replace(outcome.parsed, argv=list(argv))
+        return outcome
 
     def _read_cli(
         self, built: _Built, cli: dict[str, Any], extras: list[str], got: _Collected

@@ -624,13 +624,22 @@ class HttpServer:
         self.port = 0
         self.host = ""
 
-    async def start(self, host: str, port: int, *, flag: str = "--http-port") -> None:
-        """Listen; a port that cannot be had is a `PortInUseError` naming `flag`."""
+    async def start(
+        self, host: str, port: int, *, flag: str = "--http-port", reuse_port: bool = False
+    ) -> None:
+        """Listen; a port that cannot be had is a `PortInUseError` naming `flag`. With
+        `reuse_port` (SO_REUSEPORT), other processes listening on the same port with it share
+        its new connections (the frontend's `--http-workers`)."""
         loop = asyncio.get_running_loop()
         self.max_connections = _connection_cap(self.limits.max_connections)
         with listen_errors(host, port, flag):
             self._server = await loop.create_server(
-                lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
+                lambda: _Connection(self),
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=1024,
             )
         sockname: Any = self._server.sockets[0].getsockname()
         self.host, self.port = host, int(sockname[1])
@@ -701,8 +710,14 @@ def raise_open_file_limit() -> int:
 
 
 async def serve_http(
-    app: App, host: str, port: int, *, flag: str = "--http-port", **kwargs: Any
+    app: App,
+    host: str,
+    port: int,
+    *,
+    flag: str = "--http-port",
+    reuse_port: bool = False,
+    **kwargs: Any,
 ) -> HttpServer:
     server = HttpServer(app, **kwargs)
-    await server.start(host, port, flag=flag)
+    await server.start(host, port, flag=flag, reuse_port=reuse_port)
     return server

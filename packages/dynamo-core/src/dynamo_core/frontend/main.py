@@ -35,6 +35,14 @@ class FrontendConfig(RouterClientConfig, RuntimeConfig, ParserFlags):
 
     http_host: str = Field("0.0.0.0", description="Address the HTTP server listens on.")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0: any free port).")
+    http_workers: int = Field(
+        default=1,
+        ge=1,
+        le=512,
+        description="Frontend processes serving the HTTP port (SO_REUSEPORT), each with its own "
+        "event loop: up to one per core. Their routers share the load they dispatch through "
+        "the event plane (as --router-replica-sync).",
+    )
     migration_limit: int = Field(
         DEFAULT_MIGRATION_LIMIT,
         ge=0,
@@ -87,16 +95,22 @@ class Deployment(BaseDeployment):
 
 
 def build_parser() -> DynFlexibleArgumentParser[FrontendConfig]:
+    from dynamo_core.frontend._workers import WORKER_INDEX_ENV
+
     return DynFlexibleArgumentParser(
         FrontendConfig,
         prog="python -m dynamo_core.frontend",
         description="OpenAI-compatible HTTP frontend: preprocessing, routing, streaming.",
+        env_allowlist=[WORKER_INDEX_ENV],
     )
 
 
 @dynamo_worker()
 async def worker(runtime: DistributedRuntime, args: ParsedArgs[FrontendConfig]) -> None:
+    """One frontend process; with `--http-workers N`, the first of N on the port (the copies
+    repeat its command line, `args.argv`; see `dynamo_core.frontend._workers`)."""
     from dynamo_core._memory import return_large_blocks
+    from dynamo_core.frontend._workers import HttpWorkers, reserve_port, worker_index
     from dynamo_core.frontend.responses import ResponseStore
     from dynamo_core.frontend.service import OpenAIService
     from dynamo_core.http import raise_open_file_limit, serve_http
@@ -106,10 +120,21 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[FrontendConfig]) 
     raise_open_file_limit()
     return_large_blocks()
 
+    index = worker_index()
+    shared = index > 0 or config.http_workers > 1
+    port = config.http_port
+    copies = None
+    if index == 0 and config.http_workers > 1:  # the copies start now, before any thread does
+        port = reserve_port(config.http_host, port)
+        copies = HttpWorkers(args.argv, port, config.http_workers, config.graceful_shutdown_timeout)
+        copies.start()
+    router = config.router_settings()
+    if shared:
+        router = router.model_copy(update={"router_replica_sync": True})
     service = OpenAIService(
         runtime,
         namespace=config.namespace,
-        router=config.router_settings(),
+        router=router,
         migration_limit=config.migration_limit,
         tool_call_parser=config.dyn_tool_call_parser,
         reasoning_parser=config.dyn_reasoning_parser,
@@ -117,15 +142,25 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[FrontendConfig]) 
             config.responses_max_stored, config.responses_max_stored_bytes
         ),
     )
-    await service.start()
-    server = await serve_http(
-        service.handle, config.http_host, config.http_port, limits=http_limits(config)
-    )
-    host = "localhost" if config.http_host in ("0.0.0.0", "::") else config.http_host
-    log.info("OpenAI API on http://%s:%d/v1 (namespace %s)", host, server.port, config.namespace)
-    await runtime.wait_for_shutdown()
-    await server.close(grace=config.graceful_shutdown_timeout)
-    await service.close()
+    try:
+        await service.start()
+        server = await serve_http(
+            service.handle, config.http_host, port, limits=http_limits(config), reuse_port=shared
+        )
+        host = "localhost" if config.http_host in ("0.0.0.0", "::") else config.http_host
+        log.info(
+            "OpenAI API on http://%s:%d/v1 (namespace %s%s)",
+            host,
+            server.port,
+            config.namespace,
+            f", HTTP worker {index}" if shared else "",
+        )
+        await runtime.wait_for_shutdown()
+        await server.close(grace=config.graceful_shutdown_timeout)
+        await service.close()
+    finally:
+        if copies is not None:
+            await copies.stop()
 
 
 def http_limits(config: FrontendConfig) -> HttpLimits:

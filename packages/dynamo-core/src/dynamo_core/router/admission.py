@@ -3,7 +3,8 @@
 A worker is *busy* when it is over one of the configured thresholds (each off when None):
 
 - `active_requests`: requests in flight on it, as this router counts them at dispatch time
-  (`RoutingPolicy.inflight`: exact for this frontend, never late);
+  (`RoutingPolicy.active`: exact for this frontend, never late; with replica sync, plus what
+  the other routers of the same workers reported, at most one sync interval old);
 - `active_decode_blocks`: the fraction of its KV cache in use, from the `load_metrics` it
   publishes, or the blocks this router has dispatched to it (kv mode) when that is higher.
   NVIDIA Dynamo's `--active-decode-blocks-threshold`.
@@ -96,7 +97,7 @@ class Admission:
         limits = self.limits
         if (
             limits.active_requests is not None
-            and self.policy.inflight.get(worker, 0) >= limits.active_requests
+            and self.policy.active(worker) >= limits.active_requests
         ):
             return True
         if limits.active_decode_blocks is not None:
@@ -115,13 +116,13 @@ class Admission:
             return True  # routing answers at once that no instance serves the model
         limit = self.limits.active_requests
         slots = -self._reserved
-        inflight = self.policy.inflight
+        active = self.policy.active
         for worker in instances:
             if self.busy(worker):
                 continue
             if limit is None:
                 return True
-            slots += limit - inflight.get(worker, 0)
+            slots += limit - active(worker)
             if slots > 0:
                 return True
         return False

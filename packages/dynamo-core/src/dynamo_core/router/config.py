@@ -78,6 +78,14 @@ class RouterConfig(BaseModel):
         json_schema_extra=_GROUP,
     )
 
+    router_replica_sync: bool = Field(
+        default=False,
+        description="Share the load this router dispatches with the other routers of the same "
+        "workers (frontend replicas, the processes of --http-workers, which turn it on), over "
+        "the event plane: load-aware modes and admission thresholds count every one's requests.",
+        json_schema_extra=_GROUP,
+    )
+
     def admission_limits(self) -> AdmissionLimits:
         """The admission thresholds, as `Admission` takes them."""
         return AdmissionLimits(

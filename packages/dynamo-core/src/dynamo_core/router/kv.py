@@ -22,6 +22,9 @@ the router compares workers in one unit, seconds of estimated time to first toke
 - overflow: the KV blocks the worker is using (counted at dispatch by this router, corrected by
   the worker's reports, which also see other routers' requests) plus the new request's blocks,
   beyond its capacity: an engine preempts and recomputes about that much.
+- With replica sync (`dynamo_core.router.sync`), the requests, blocks and queued prefill that
+  the other routers of the same workers reported are added to the queue, the sequences and the
+  blocks (the prompts they have in flight are not shared: only their own router sees those).
 
 `prefill_rate` and `decode_step` are the speeds each worker reports in its `LoadMetrics` (the
 mocker from its timing model, vLLM from its iteration stats), so there is no per-workload weight:
@@ -173,6 +176,8 @@ class KvRouter(RoutingPolicy):
         self._gone: dict[int, None] = {}  # workers removed lately, oldest first
         self._rates = [0.0, 0]  # sum and count of reported prefill rates
         self._steps = [0.0, 0]  # sum and count of reported decode steps (ms)
+        # other routers' load (replica sync): worker -> (requests, blocks, busy until)
+        self._peers: dict[int, tuple[int, int, float]] = {}
 
     # -- what workers report --------------------------------------------------------------
 
@@ -268,24 +273,48 @@ class KvRouter(RoutingPolicy):
         new_tokens = max(1, tokens - cached * self.block_size)
         ttft = self.overlap_weight * new_tokens / rate + step
         load = self.loads.get(worker)
+        peer = self._peers.get(worker) if self._peers else None
+        if peer is not None and peer[2] > now:
+            ttft += peer[2] - now  # prefill other routers queued there
         if load is None:
             return ttft
         ttft += load.queued_s(now)
         m = load.metrics
         if m is not None and m.total_blocks > 0:
-            overflow = load.active_blocks() + blocks - cached - m.total_blocks
+            overflow = self.load_key(worker)[1] + blocks - cached - m.total_blocks
             if overflow > 0:
                 ttft += overflow * self.block_size / rate
         return ttft
 
     def routed_blocks(self, instance_id: int) -> int:
         load = self.loads.get(instance_id)
-        return 0 if load is None else load.blocks
+        peer = self._peers.get(instance_id)
+        return (0 if load is None else load.blocks) + (0 if peer is None else peer[1])
 
     def load_key(self, worker: int) -> tuple[int, int]:
-        """The worker's load: (active sequences, active KV blocks), as corrected by reports."""
+        """The worker's load: (active sequences, active KV blocks), as corrected by reports
+        (and, with replica sync, at least this router's and the others' requests)."""
         load = self.loads.get(worker)
-        return (0, 0) if load is None else (load.sequences(), load.active_blocks())
+        sequences, blocks = (0, 0) if load is None else (load.sequences(), load.active_blocks())
+        peer = self._peers.get(worker) if self._peers else None
+        if peer is not None:
+            own = (0, 0) if load is None else (load.requests, load.blocks)
+            sequences = max(sequences, own[0] + peer[0])
+            blocks = max(blocks, own[1] + peer[1])
+        return sequences, blocks
+
+    def load_share(self) -> dict[int, tuple[int, int, float]]:
+        now = self._clock()
+        return {
+            w: (load.requests, load.blocks, load.queued_s(now))
+            for w, load in self.loads.items()
+            if load.requests
+        }
+
+    def set_peer_loads(self, loads: dict[int, tuple[int, int, float]]) -> None:
+        super().set_peer_loads(loads)
+        now = self._clock()
+        self._peers = {w: (r, b, now + q) for w, (r, b, q) in loads.items() if r or b or q}
 
     def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
         costs = self.costs(instances, token_ids)

@@ -8,7 +8,8 @@ a name, the `token_ids` object itself identifies it, so pass the same list to ea
 
     round-robin   each instance in turn
     random        uniformly at random
-    least-loaded  fewest requests in flight from this router (ties: round-robin among them)
+    least-loaded  fewest requests in flight from this router (and, with replica sync, the
+                  other routers of the same workers; ties: round-robin among them)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ ROUTER_MODES: tuple[RouterMode, ...] = typing.get_args(RouterMode)
 class RoutingPolicy(ABC):
     def __init__(self) -> None:
         self.inflight: dict[int, int] = {}
+        self.peer_inflight: dict[int, int] = {}
+        """Requests other routers of the same workers have in flight (`router.sync`)."""
 
     @abstractmethod
     def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int: ...
@@ -66,9 +69,22 @@ class RoutingPolicy(ABC):
         return  # only policies that model prefill queues care
 
     def routed_blocks(self, instance_id: int) -> int:
-        """KV blocks this router's requests in flight hold on `instance_id` (0 where the policy
-        does not count blocks)."""
+        """KV blocks this router's requests in flight (and its peers') hold on `instance_id`
+        (0 where the policy does not count blocks)."""
         return 0
+
+    def active(self, instance_id: int) -> int:
+        """Requests in flight on `instance_id`: this router's and its peers'."""
+        return self.inflight.get(instance_id, 0) + self.peer_inflight.get(instance_id, 0)
+
+    def load_share(self) -> dict[int, tuple[int, int, float]]:
+        """This router's own load, for its peers: per worker (requests, KV blocks, prefill
+        seconds queued)."""
+        return {w: (n, 0, 0.0) for w, n in self.inflight.items()}
+
+    def set_peer_loads(self, loads: dict[int, tuple[int, int, float]]) -> None:
+        """The other routers' load, summed per worker (replaces the previous one)."""
+        self.peer_inflight = {w: n for w, (n, _, _) in loads.items() if n}
 
     def finished(
         self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None
@@ -108,6 +124,9 @@ class LeastLoaded(RoutingPolicy):
 
     def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
         loads = self.inflight
+        if self.peer_inflight:
+            peers = self.peer_inflight
+            loads = {i: loads.get(i, 0) + peers.get(i, 0) for i in instances}
         low = min(loads.get(i, 0) for i in instances)
         ties = [i for i in instances if loads.get(i, 0) == low]
         choice = ties[self._next % len(ties)]

@@ -13,8 +13,9 @@
 (`make_policy`, or a `KvRouter` with its knobs), admission control in front of it (`Admission`,
 with the config's thresholds), and the one subscription to the workers' KV events and load
 metrics the two need (`follow_worker_events`: started only when kv mode or a KV-cache threshold
-reads them). A `LocalRouter` answers without suspending: what it adds to the frontend's hot path
-is a `Route` object per request.
+reads them), and with `--router-replica-sync` the sharing of its load with the other routers of
+the same workers (`LoadSync`). A `LocalRouter` answers without suspending: what it adds to the
+frontend's hot path is a `Route` object per request.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dynamo_core.router.config import RouterClientConfig, RouterConfig
 from dynamo_core.router.feed import follow_worker_events
 from dynamo_core.router.kv import KvRouter
 from dynamo_core.router.policies import RoutingPolicy, make_policy
+from dynamo_core.router.sync import LoadSync
 
 if TYPE_CHECKING:
     from dynamo_core.runtime import Client, DistributedRuntime
@@ -120,6 +122,7 @@ class LocalRouter(Router):
     ) -> None:
         self.policy = policy
         self.admission = Admission(policy, instances, limits or AdmissionLimits(None, None))
+        self.sync: LoadSync | None = None
         self._feed: asyncio.Task[None] | None = None
 
     async def admit(self) -> None:
@@ -134,13 +137,19 @@ class LocalRouter(Router):
     ) -> Route:
         iid = self.policy.select(instances, token_ids, exclude)
         self.policy.started(iid, token_ids, request_id)
+        if self.sync is not None:
+            self.sync.changed()
         return Route(self, iid, token_ids, request_id)
 
     def _first_token(self, route: Route) -> None:
         self.policy.first_token(route.instance_id, route.token_ids, route.key)
+        if self.sync is not None:
+            self.sync.changed()
 
     def _done(self, route: Route) -> None:
         self.policy.finished(route.instance_id, route.token_ids, route.key)
+        if self.sync is not None:
+            self.sync.changed()
         self.admission.wake()  # a slot is free: a queued request may go
 
     def instances_changed(self) -> None:
@@ -161,11 +170,23 @@ class LocalRouter(Router):
             name=f"router-feed-{endpoint}",
         )
 
+    async def share_load(self, runtime: DistributedRuntime, endpoint: str) -> None:
+        """Replica sync: publish this router's load on `endpoint`'s workers and count the
+        other routers' (`dynamo_core.router.sync`)."""
+        ns, component, _ = endpoint.split(".")
+        self.sync = LoadSync(
+            runtime, runtime.namespace(ns).component(component), endpoint, self.policy
+        )
+        await self.sync.start()
+
     async def close(self) -> None:
         feed, self._feed = self._feed, None
         if feed is not None:
             feed.cancel()
             await asyncio.gather(feed, return_exceptions=True)
+        sync, self.sync = self.sync, None
+        if sync is not None:
+            await sync.close()
 
 
 def make_policy_for(config: RouterConfig, block_size: int) -> RoutingPolicy:
@@ -212,7 +233,10 @@ async def make_router(
             block_size=block_size,
             timeout=config.router_timeout,
         )
-    elif config.router_mode == "kv" or config.active_decode_blocks_threshold is not None:
-        local.follow(runtime, endpoint, client)
+    else:
+        if config.router_mode == "kv" or config.active_decode_blocks_threshold is not None:
+            local.follow(runtime, endpoint, client)
+        if config.router_replica_sync:
+            await local.share_load(runtime, endpoint)
     client.on_change(router.instances_changed)
     return router
