@@ -7,10 +7,18 @@ import asyncio
 import pytest
 
 from dynamo_core.errors import OverloadedError
-from dynamo_core.llm.kv import LoadMetrics
+from dynamo_core.llm.kv import KvEventBatch, KvStored, LoadMetrics
+from dynamo_core.router import LocalRouter
 from dynamo_core.router.admission import Admission, AdmissionLimits
 from dynamo_core.router.kv import KvRouter
-from dynamo_core.router.policies import LeastLoaded
+from dynamo_core.router.policies import LeastLoaded, RoundRobin
+
+
+def stored_batch(tokens: list[int], block_size: int = 4) -> KvEventBatch:
+    """A worker's KV event: `tokens` stored, in blocks of `block_size`."""
+    blocks = [tokens[i : i + block_size] for i in range(0, len(tokens), block_size)]
+    stored = KvStored(block_hashes=list(range(100, 100 + len(blocks))), token_ids=blocks)
+    return KvEventBatch(event_id=0, events=[stored], block_size=block_size)
 
 
 def gate(workers: list[int], **limits: float | int | None) -> Admission:
@@ -98,3 +106,42 @@ async def test_instances_changed_forgets_the_gone_and_admits_on_a_new_worker() -
     g.instances_changed()
     await asyncio.wait_for(waiter, 1)
     assert 7 not in g.loads
+
+
+async def test_prefill_tokens_threshold_counts_until_the_first_token() -> None:
+    """Whole prompts with a plain policy; in kv mode the part not cached on the worker."""
+    live = [1, 2]
+    router = LocalRouter(RoundRobin(), lambda: live, AdmissionLimits(active_prefill_tokens=100))
+    first = await router.route(list(range(80)), live, request_id="a")
+    assert router.policy.prefill_tokens(first.instance_id) == 80
+    assert not router.admission.busy(first.instance_id)
+    second = await router.route(list(range(30)), [first.instance_id], request_id="b")
+    assert router.admission.busy(first.instance_id)  # 110 tokens not yet prefilled
+    first.first_token()
+    assert router.policy.prefill_tokens(first.instance_id) == 30
+    assert not router.admission.busy(first.instance_id)
+    second.done()  # ended before its first token: its tokens no longer count either
+    first.done()
+    assert router.policy.prefilling == {}
+
+    kv = LocalRouter(
+        KvRouter(block_size=4), lambda: live, AdmissionLimits(active_prefill_tokens=10**6)
+    )
+    kv.policy.indexer.apply(1, stored_batch(list(range(40))))  # 10 blocks cached on 1
+    route = await kv.route(list(range(48)), [1], request_id="k")
+    assert route.prefill == 8  # 12 blocks, 10 of them cached there
+
+
+async def test_routing_goes_around_a_busy_worker_while_another_has_room() -> None:
+    live = [1, 2, 3]
+    router = LocalRouter(RoundRobin(), lambda: live, AdmissionLimits(active_requests=2))
+    routes = [await router.route([1], live, request_id=f"r{i}") for i in range(3)]
+    assert [r.instance_id for r in routes] == [1, 2, 3]
+    routes.append(await router.route([1], live, request_id="r3"))  # 1 again: it has room
+    assert routes[-1].instance_id == 1
+    # worker 1 is at its threshold: round-robin's turn (2, 3, then 1) skips it while 2 or 3
+    # have room, and the busy list is empty once every worker is busy
+    picks = [(await router.route([1], live, request_id=f"s{i}")).instance_id for i in range(2)]
+    assert picks == [2, 3]
+    assert router.admission.busy_among(live) == []  # all busy: nobody to go around
+    assert router.admission.busy_among([1, 4]) == [1]

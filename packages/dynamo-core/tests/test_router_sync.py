@@ -102,6 +102,17 @@ async def test_admission_counts_every_routers_requests(cfg: RuntimeConfig) -> No
         await b.admit()
 
 
+async def test_prefill_tokens_are_shared_until_the_first_token(cfg: RuntimeConfig) -> None:
+    config = RouterConfig(active_prefill_tokens_threshold=100, max_queued_requests=0)
+    async with two_routers(cfg, config) as (a, b, w, _):
+        routes = [await a.route(list(range(120)), [i], request_id=f"a{i}") for i in w]
+        await until(lambda: b.policy.peer_prefilling == {i: 120 for i in w})
+        assert not b.admission.has_room()
+        routes[0].first_token()  # prefilled: no longer counts anywhere
+        await until(lambda: b.policy.peer_prefilling == {w[1]: 120})
+        assert b.admission.has_room() and b.admission.busy_among(w) == [w[1]]
+
+
 async def test_kv_estimates_include_the_prefill_other_routers_queued(cfg: RuntimeConfig) -> None:
     async with two_routers(cfg, RouterConfig(router_mode="kv")) as (a, b, w, _):
         kv_a, kv_b = a.policy, b.policy

@@ -7,7 +7,15 @@ A worker is *busy* when it is over one of the configured thresholds (each off wh
   the other routers of the same workers reported, at most one sync interval old);
 - `active_decode_blocks`: the fraction of its KV cache in use, from the `load_metrics` it
   publishes, or the blocks this router has dispatched to it (kv mode) when that is higher.
-  NVIDIA Dynamo's `--active-decode-blocks-threshold`.
+  NVIDIA Dynamo's `--active-decode-blocks-threshold`;
+- `active_prefill_tokens`: prompt tokens dispatched to it whose first token has not come back
+  (`RoutingPolicy.prefilling`, kv mode: the part not cached there). Dynamo's
+  `--active-prefill-tokens-threshold`.
+
+A busy worker gets no new request while another has room (`busy_among`, which the router
+excludes from its choice); the thresholds are checked one worker at a time only when one of
+them can be reached (the in-flight count is compared with its largest value first), so the
+common case costs one comparison per request.
 
 When every live worker is busy, a new request waits in a FIFO queue bounded in count
 (`max_queued`) and in time (`queue_timeout`). A full queue, or a wait that times out, refuses the
@@ -49,6 +57,8 @@ class AdmissionLimits:
     """Requests in flight on the worker (dispatched by this router, not yet ended)."""
     active_decode_blocks: float | None = None
     """Fraction (0-1] of the worker's KV cache blocks in use."""
+    active_prefill_tokens: int | None = None
+    """Prompt tokens dispatched to the worker and not yet prefilled."""
     max_queued: int = 1024
     """Requests that may wait for a worker; past it, new ones are refused at once."""
     queue_timeout: float = 30.0
@@ -56,7 +66,11 @@ class AdmissionLimits:
 
     @property
     def enabled(self) -> bool:
-        return self.active_requests is not None or self.active_decode_blocks is not None
+        return (
+            self.active_requests is not None
+            or self.active_decode_blocks is not None
+            or self.active_prefill_tokens is not None
+        )
 
 
 class Admission:
@@ -106,7 +120,28 @@ class Admission:
                 used = max(load.active_blocks, self.policy.routed_blocks(worker))
                 if used >= limits.active_decode_blocks * load.total_blocks:
                     return True
+        if (
+            limits.active_prefill_tokens is not None
+            and self.policy.prefill_tokens(worker) >= limits.active_prefill_tokens
+        ):
+            return True
         return False
+
+    def busy_among(self, instances: Sequence[int]) -> list[int]:
+        """The busy ones of `instances`, to route around, unless all of them are (then none:
+        admission let the request through, and it goes where the policy says)."""
+        limits = self.limits
+        if limits.active_decode_blocks is None and limits.active_prefill_tokens is None:
+            limit = limits.active_requests
+            policy = self.policy
+            if limit is None or (
+                max(policy.inflight.values(), default=0)
+                + max(policy.peer_inflight.values(), default=0)
+                < limit
+            ):
+                return []  # nobody can be at the threshold
+        busy = [w for w in instances if self.busy(w)]
+        return busy if len(busy) < len(instances) else []
 
     def has_room(self) -> bool:
         """Whether one more request may be dispatched now (stops at the first worker with room:

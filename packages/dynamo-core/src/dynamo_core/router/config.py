@@ -65,10 +65,20 @@ class RouterConfig(BaseModel):
         "busy, as with --active-requests-threshold. Default: not checked.",
         json_schema_extra=_GROUP,
     )
+    active_prefill_tokens_threshold: int | None = Field(
+        default=None,
+        gt=0,
+        description="A worker with this many prompt tokens sent to it and not yet prefilled "
+        "(counted by this router at dispatch: prompts whose first token has not come back; "
+        "kv mode: their uncached part) is busy, as with --active-requests-threshold. Default: "
+        "not checked.",
+        json_schema_extra=_GROUP,
+    )
     max_queued_requests: int = Field(
         default=1024,
         ge=0,
-        description="Requests that may wait for a worker while all are busy.",
+        description="Requests that may wait for a worker while all are busy (0: refuse them "
+        "at once, 503 with Retry-After: shed instead of queue).",
         json_schema_extra=_GROUP,
     )
     queue_timeout: float = Field(
@@ -91,6 +101,7 @@ class RouterConfig(BaseModel):
         return AdmissionLimits(
             active_requests=self.active_requests_threshold,
             active_decode_blocks=self.active_decode_blocks_threshold,
+            active_prefill_tokens=self.active_prefill_tokens_threshold,
             max_queued=self.max_queued_requests,
             queue_timeout=self.queue_timeout,
         )

@@ -61,7 +61,7 @@ import msgspec
 
 from dynamo_core.llm.kv import KvEventBatch, LoadMetrics, block_hashes
 from dynamo_core.router.indexer import KvIndexer
-from dynamo_core.router.policies import RoutingPolicy
+from dynamo_core.router.policies import LoadShare, RoutingPolicy
 
 __all__ = [
     "DEFAULT_DECODE_STEP_S",
@@ -140,12 +140,13 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class _Routed:
-    __slots__ = ("blocks", "hashes", "prefilling", "worker")
+    __slots__ = ("blocks", "hashes", "new_tokens", "prefilling", "worker")
 
-    def __init__(self, worker: int, blocks: int, hashes: list[int]) -> None:
+    def __init__(self, worker: int, blocks: int, hashes: list[int], new_tokens: int) -> None:
         self.worker = worker
         self.blocks = blocks
         self.hashes = hashes  # its prompt's block hashes
+        self.new_tokens = new_tokens  # its prompt's tokens not cached on `worker`
         self.prefilling = True
 
 
@@ -303,18 +304,27 @@ class KvRouter(RoutingPolicy):
             blocks = max(blocks, own[1] + peer[1])
         return sequences, blocks
 
-    def load_share(self) -> dict[int, tuple[int, int, float]]:
+    def load_share(self) -> dict[int, LoadShare]:
         now = self._clock()
+        prefilling = self.prefilling
         return {
-            w: (load.requests, load.blocks, load.queued_s(now))
+            w: (load.requests, load.blocks, load.queued_s(now), prefilling.get(w, 0))
             for w, load in self.loads.items()
             if load.requests
         }
 
-    def set_peer_loads(self, loads: dict[int, tuple[int, int, float]]) -> None:
+    def set_peer_loads(self, loads: dict[int, LoadShare]) -> None:
         super().set_peer_loads(loads)
         now = self._clock()
-        self._peers = {w: (r, b, now + q) for w, (r, b, q) in loads.items() if r or b or q}
+        self._peers = {w: (r, b, now + q) for w, (r, b, q, _) in loads.items() if r or b or q}
+
+    def prefill_cost(
+        self, instance_id: int, token_ids: Sequence[int], request_id: str | None = None
+    ) -> int:
+        routed = self._routed.get(request_id if request_id is not None else id(token_ids))
+        if routed is None or routed.worker != instance_id:
+            return len(token_ids)
+        return routed.new_tokens
 
     def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
         costs = self.costs(instances, token_ids)
@@ -367,7 +377,8 @@ class KvRouter(RoutingPolicy):
         n = len(token_ids)
         hashes, cached = self._cached_on(instance_id, token_ids)
         rate, _ = self.speeds(instance_id)
-        prefill_s = max(1, n - cached * self.block_size) / rate
+        new_tokens = max(1, n - cached * self.block_size)
+        prefill_s = new_tokens / rate
         blocks = max(1, self.request_blocks(n) - cached)
         load = self.loads.get(instance_id)
         if load is None:
@@ -377,7 +388,7 @@ class KvRouter(RoutingPolicy):
         load.pending[key] = prefill_s
         load.requests += 1
         load.blocks += blocks
-        routed = self._routed[key] = _Routed(instance_id, blocks, hashes)
+        routed = self._routed[key] = _Routed(instance_id, blocks, hashes, new_tokens)
         if hashes:
             self._by_first.setdefault(hashes[0], {})[key] = routed
 

@@ -25,12 +25,17 @@ from dynamo_core.errors import ConfigError, NoInstancesError
 __all__ = [
     "ROUTER_MODES",
     "LeastLoaded",
+    "LoadShare",
     "RandomPolicy",
     "RoundRobin",
     "RouterMode",
     "RoutingPolicy",
     "make_policy",
 ]
+
+LoadShare = tuple[int, int, float, int]
+"""One router's load on a worker, as routers share it (`router.sync`): requests in flight, KV
+blocks they hold, prefill seconds queued, prompt tokens not yet prefilled."""
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "kv"]
 """The routing modes, declared once (`--router-mode`): the three policies here, and `kv`
@@ -43,6 +48,10 @@ class RoutingPolicy(ABC):
         self.inflight: dict[int, int] = {}
         self.peer_inflight: dict[int, int] = {}
         """Requests other routers of the same workers have in flight (`router.sync`)."""
+        self.prefilling: dict[int, int] = {}
+        """Prompt tokens dispatched per worker whose first token has not come back (kept by
+        the router when a prefill-token threshold reads it)."""
+        self.peer_prefilling: dict[int, int] = {}
 
     @abstractmethod
     def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int: ...
@@ -77,14 +86,27 @@ class RoutingPolicy(ABC):
         """Requests in flight on `instance_id`: this router's and its peers'."""
         return self.inflight.get(instance_id, 0) + self.peer_inflight.get(instance_id, 0)
 
-    def load_share(self) -> dict[int, tuple[int, int, float]]:
-        """This router's own load, for its peers: per worker (requests, KV blocks, prefill
-        seconds queued)."""
-        return {w: (n, 0, 0.0) for w, n in self.inflight.items()}
+    def prefill_cost(
+        self, instance_id: int, token_ids: Sequence[int], request_id: str | None = None
+    ) -> int:
+        """Prompt tokens `instance_id` computes for a request just `started` there (all of
+        them; kv mode: those it has not cached)."""
+        return len(token_ids)
 
-    def set_peer_loads(self, loads: dict[int, tuple[int, int, float]]) -> None:
+    def prefill_tokens(self, instance_id: int) -> int:
+        """Prompt tokens dispatched to `instance_id` and not yet prefilled: ours and peers'."""
+        return self.prefilling.get(instance_id, 0) + self.peer_prefilling.get(instance_id, 0)
+
+    def load_share(self) -> dict[int, LoadShare]:
+        """This router's own load, for its peers: per worker (requests, KV blocks, prefill
+        seconds queued, prefill tokens)."""
+        prefilling = self.prefilling
+        return {w: (n, 0, 0.0, prefilling.get(w, 0)) for w, n in self.inflight.items()}
+
+    def set_peer_loads(self, loads: dict[int, LoadShare]) -> None:
         """The other routers' load, summed per worker (replaces the previous one)."""
-        self.peer_inflight = {w: n for w, (n, _, _) in loads.items() if n}
+        self.peer_inflight = {w: share[0] for w, share in loads.items() if share[0]}
+        self.peer_prefilling = {w: share[3] for w, share in loads.items() if share[3]}
 
     def finished(
         self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None

@@ -47,7 +47,16 @@ Instances = Callable[[], Sequence[int]]
 class Route:
     """A request placed on a worker: its router counts it there until `done()`."""
 
-    __slots__ = ("_ended", "_first", "_router", "handle", "instance_id", "key", "token_ids")
+    __slots__ = (
+        "_ended",
+        "_first",
+        "_router",
+        "handle",
+        "instance_id",
+        "key",
+        "prefill",
+        "token_ids",
+    )
 
     def __init__(
         self,
@@ -64,6 +73,8 @@ class Route:
         """The request id the router knows it by (None: the `token_ids` object)."""
         self.handle = handle
         """What the router needs to end it (a remote router's stream)."""
+        self.prefill = 0
+        """Prompt tokens counted as not yet prefilled on the worker, until the first token."""
         self._first = False
         self._ended = False
 
@@ -124,6 +135,8 @@ class LocalRouter(Router):
         self.admission = Admission(policy, instances, limits or AdmissionLimits(None, None))
         self.sync: LoadSync | None = None
         self._feed: asyncio.Task[None] | None = None
+        self._gated = self.admission.limits.enabled
+        self._count_prefill = self.admission.limits.active_prefill_tokens is not None
 
     async def admit(self) -> None:
         await self.admission.admit()
@@ -135,19 +148,41 @@ class LocalRouter(Router):
         exclude: Sequence[int] = (),
         request_id: str | None = None,
     ) -> Route:
-        iid = self.policy.select(instances, token_ids, exclude)
-        self.policy.started(iid, token_ids, request_id)
+        policy = self.policy
+        if self._gated:  # a busy worker gets nothing while another has room
+            busy = self.admission.busy_among(instances)
+            if busy:
+                exclude = [*exclude, *busy]
+        iid = policy.select(instances, token_ids, exclude)
+        policy.started(iid, token_ids, request_id)
+        route = Route(self, iid, token_ids, request_id)
+        if self._count_prefill:
+            route.prefill = policy.prefill_cost(iid, token_ids, request_id)
+            policy.prefilling[iid] = policy.prefilling.get(iid, 0) + route.prefill
         if self.sync is not None:
             self.sync.changed()
-        return Route(self, iid, token_ids, request_id)
+        return route
+
+    def _prefilled(self, route: Route) -> None:
+        if route.prefill:
+            left = self.policy.prefilling.get(route.instance_id, 0) - route.prefill
+            if left > 0:
+                self.policy.prefilling[route.instance_id] = left
+            else:
+                self.policy.prefilling.pop(route.instance_id, None)
+            route.prefill = 0
 
     def _first_token(self, route: Route) -> None:
         self.policy.first_token(route.instance_id, route.token_ids, route.key)
+        self._prefilled(route)
         if self.sync is not None:
             self.sync.changed()
+        if self._count_prefill:
+            self.admission.wake()  # its prefill no longer counts: a queued request may go
 
     def _done(self, route: Route) -> None:
         self.policy.finished(route.instance_id, route.token_ids, route.key)
+        self._prefilled(route)
         if self.sync is not None:
             self.sync.changed()
         self.admission.wake()  # a slot is free: a queued request may go

@@ -9,9 +9,9 @@ router's requests. (The alternative, one `python -m dynamo_core.router` deciding
 exactly but costs a round trip per request and is one more process to run: see
 `dynamo_core.router.remote`.)
 
-What a router publishes (`LoadShare`): per worker, its requests in flight, the KV blocks they
-hold, and the prefill seconds it has queued there (kv mode), as of sending, so no two clocks are
-ever compared. When: `SYNC_INTERVAL` (10 ms) after its counts change, however many requests
+What a router publishes (`LoadReport`): per worker, its requests in flight, the KV blocks they
+hold, the prefill seconds it has queued there (kv mode) and the prompt tokens not yet prefilled
+(when a prefill-token threshold is set), as of sending, so no two clocks are ever compared. When: `SYNC_INTERVAL` (10 ms) after its counts change, however many requests
 changed them in between (one message per interval, not per request: the cost per request does
 not grow with the number of routers, only the messages per second do, by one per router per
 interval at most), and every `KEEPALIVE` (1 s) while it has anything in flight. What the others'
@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from dynamo_core.router.policies import LoadShare
+
 if TYPE_CHECKING:
     from dynamo_core.router.policies import RoutingPolicy
     from dynamo_core.runtime import Component, DistributedRuntime
@@ -43,7 +45,7 @@ __all__ = [
     "PEER_TTL",
     "SYNC_INTERVAL",
     "SYNC_TOPIC",
-    "LoadShare",
+    "LoadReport",
     "LoadSync",
     "PeerLoad",
 ]
@@ -55,15 +57,14 @@ SYNC_INTERVAL = 0.01
 KEEPALIVE = 1.0
 PEER_TTL = 3.0
 
-PeerLoad = tuple[int, int, float]
-"""(requests in flight, KV blocks they hold, prefill seconds queued)."""
+PeerLoad = LoadShare
 
 
-class LoadShare(msgspec.Struct, kw_only=True):
+class LoadReport(msgspec.Struct, kw_only=True):
     """One router's load on a pool of workers, as it sent it."""
 
     endpoint: str
-    loads: dict[int, tuple[int, int, float]]
+    loads: dict[int, tuple[int, int, float, int]]
 
 
 class LoadSync:
@@ -106,7 +107,7 @@ class LoadSync:
         if loads == self._last and not force:
             return
         self._last = loads
-        self._publisher.publish(LoadShare(endpoint=self.endpoint, loads=loads))
+        self._publisher.publish(LoadReport(endpoint=self.endpoint, loads=loads))
         self.published += 1
 
     def _keepalive(self) -> None:
@@ -125,7 +126,7 @@ class LoadSync:
                 if event.publisher_id == me:
                     continue
                 try:
-                    share = msgspec.convert(event.payload, LoadShare)
+                    share = msgspec.convert(event.payload, LoadReport)
                 except msgspec.ValidationError as exc:
                     log.warning("bad router load from %x: %s", event.publisher_id, exc)
                     continue
@@ -148,12 +149,13 @@ class LoadSync:
     def _apply(self) -> None:
         total: dict[int, list[float]] = {}
         for _, loads in self.peers.values():
-            for worker, (requests, blocks, queued) in loads.items():
-                t = total.setdefault(worker, [0, 0, 0.0])
-                t[0] += requests
-                t[1] += blocks
-                t[2] += queued
-        self.policy.set_peer_loads({w: (int(r), int(b), q) for w, (r, b, q) in total.items()})
+            for worker, share in loads.items():
+                t = total.setdefault(worker, [0, 0, 0.0, 0])
+                for i, value in enumerate(share):
+                    t[i] += value
+        self.policy.set_peer_loads(
+            {w: (int(r), int(b), q, int(p)) for w, (r, b, q, p) in total.items()}
+        )
 
     async def close(self) -> None:
         for handle in (self._due, self._expiry):
