@@ -318,3 +318,16 @@ async def test_first_tokens_reach_the_deciding_router(namespace: str) -> None:
         assert all(n > 0 for n in await asyncio.gather(*streams))
         assert not kv.inflight
         assert remote(front_a).remote_decisions == 4
+
+
+async def test_the_service_keeps_a_session_on_one_worker(namespace: str) -> None:
+    async with graph(namespace, RouterConfig(router_mode="least-loaded")) as (_, handlers, fronts):
+        for i in range(6):
+            http = fronts[i % 2][1]
+            body = chat(2)
+            r = await http.post(
+                "/v1/chat/completions", json=body, headers={"X-Dynamo-Session-ID": "s-1"}
+            )
+            assert r.status_code == 200
+        assert sorted(h.metrics.requests_total for h in handlers) == [0, 6]
+        assert all(remote(f).remote_decisions == 3 for f, _ in fronts)

@@ -80,12 +80,19 @@ class ModelEntry:
         return [i for i in self.client.instance_ids() if i in self.card_instances]
 
     async def route(
-        self, token_ids: Sequence[int], exclude: Sequence[int], request_id: str | None
+        self,
+        token_ids: Sequence[int],
+        exclude: Sequence[int],
+        request_id: str | None,
+        session: str | None = None,
     ) -> Route:
-        """A live instance for a request (not one of `exclude`), counted there by the model's
-        router; `NoInstancesError` naming the model when none is left."""
+        """A live instance for a request (not one of `exclude`; the session's own worker for a
+        request of a session), counted there by the model's router; `NoInstancesError` naming
+        the model when none is left."""
         try:
-            return await self.router.route(token_ids, self.live_instances(), exclude, request_id)
+            return await self.router.route(
+                token_ids, self.live_instances(), exclude, request_id, session
+            )
         except NoInstancesError:
             raise NoInstancesError(f"The model `{self.name}` has no live instances.") from None
 

@@ -4,7 +4,8 @@ Per request: validate the body (OpenAI error shape on bad input), render the cha
 tokenize, check the context, build the `PreprocessedRequest` (a struct the request plane encodes
 once; its prefill leg, decode leg and migration continuation are its named derivations, and it is
 never changed after), pass admission control (a queue, then 503 with Retry-After, when every
-worker is busy), pick a worker (the model's routing policy), and stream its `EngineOutput` maps
+worker is busy), pick a worker (the model's router; a request carrying `X-Dynamo-Session-ID`
+goes to its session's worker, `dynamo_core.router.affinity`), and stream its `EngineOutput` maps
 back.
 
 Large requests (bodies over `OFFLOAD_BODY_BYTES`) are templated and tokenized in a thread pool,
@@ -93,6 +94,7 @@ from dynamo_core.llm.protocol import (
 )
 from dynamo_core.llm.tokenizer import ASYNC_ENCODE_THRESHOLD
 from dynamo_core.router import Route, RouterConfig
+from dynamo_core.router.affinity import SESSION_HEADER
 from dynamo_core.runtime import Context, DistributedRuntime
 
 __all__ = ["OpenAIService"]
@@ -323,7 +325,8 @@ class OpenAIService:
         if isinstance(token_ids, Response):
             return token_ids
         fmt = ChatStreamFormatter(body.model, body.choices())
-        return await self._generate(entry, body, token_ids, fmt, "chat_completions", plan)
+        session = request.headers.get(SESSION_HEADER)
+        return await self._generate(entry, body, token_ids, fmt, "chat_completions", plan, session)
 
     async def completions(self, request: Request) -> Response | StreamingResponse:
         checked = self._check(request, CompletionRequest)
@@ -339,7 +342,8 @@ class OpenAIService:
             return prepared
         token_ids, echo = prepared
         fmt = CompletionStreamFormatter(body.model, echo, body.choices())
-        return await self._generate(entry, body, token_ids, fmt, "completions", plan)
+        session = request.headers.get(SESSION_HEADER)
+        return await self._generate(entry, body, token_ids, fmt, "completions", plan, session)
 
     # -- the Responses API --------------------------------------------------------------
 
@@ -365,7 +369,8 @@ class OpenAIService:
         if isinstance(token_ids, Response):
             return token_ids
         fmt = ResponsesFormatter(body, call, self.responses_store)
-        return await self._generate(entry, body, token_ids, fmt, "responses", call.plan)
+        session = request.headers.get(SESSION_HEADER)
+        return await self._generate(entry, body, token_ids, fmt, "responses", call.plan, session)
 
     # -- embeddings -----------------------------------------------------------------------
 
@@ -456,6 +461,7 @@ class OpenAIService:
         fmt: _Format,
         endpoint: str,
         plan: OutputPlan = NO_PLAN,
+        session: str | None = None,
     ) -> Response | StreamingResponse:
         t0 = time.monotonic()
         context_length = entry.card.context_length
@@ -480,14 +486,16 @@ class OpenAIService:
             return _overloaded(exc)
         restartable = not body.stream
         gens = [
-            self._engine_batches(entry, _choice_request(preq, i, n), Context(_choice_id(fmt.id, i, n)), restartable)
+            self._engine_batches(entry, _choice_request(preq, i, n), Context(_choice_id(fmt.id, i, n)), session, restartable)
             for i in range(n)
         ]  # fmt: skip
         try:
             firsts = [await _first_batch(gens[0])] if n == 1 else await _first_batches(gens)
         except errors.DynamoError as exc:
             shed = isinstance(exc, errors.OverloadedError)  # by a router service
-            self.metrics.requests.labels(model, endpoint, kind, "overloaded" if shed else "error").inc()
+            self.metrics.requests.labels(
+                model, endpoint, kind, "overloaded" if shed else "error"
+            ).inc()
             if isinstance(exc, errors.OverloadedError):
                 return _overloaded(exc)
             return _error_for(exc, fmt.id)
@@ -525,6 +533,7 @@ class OpenAIService:
         entry: ModelEntry,
         preq: PreprocessedRequest,
         ctx: Context,
+        session: str | None,
         restartable: bool = False,
     ) -> Batches:
         """Batches of engine output maps, moving to another instance if a worker breaks.
@@ -545,7 +554,9 @@ class OpenAIService:
             prefill = await _PrefillLeg.start(pool, preq, ctx)
             if prefill.params is not None:
                 request = preq.with_transfer(prefill.params)
-        decode = self._decode_batches(entry, request, preq, ctx, limit, prefill, restartable)
+        decode = self._decode_batches(
+            entry, request, preq, ctx, limit, prefill, session, restartable
+        )
         try:
             async for batch in decode:
                 yield batch
@@ -562,6 +573,7 @@ class OpenAIService:
         ctx: Context,
         limit: int,
         prefill: _PrefillLeg | None,
+        session: str | None,
         restartable: bool,
     ) -> Batches:
         exclude: list[int] = []
@@ -573,7 +585,7 @@ class OpenAIService:
             if restart:
                 restart = False
                 yield RESTART
-            route = await entry.route(prompt, exclude, ctx.id)
+            route = await entry.route(prompt, exclude, ctx.id, session)
             iid = route.instance_id
             stream = None
             received = False

@@ -27,6 +27,8 @@ class RouteRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     request_id: str
     exclude: list[int] = msgspec.field(default_factory=list)
     """Instances that just failed this request: a retry, which admission does not hold up."""
+    session: str | None = None
+    """The client's session (`X-Dynamo-Session-ID`): its requests go to one worker."""
 
 
 class RouteReply(msgspec.Struct, kw_only=True, omit_defaults=True):

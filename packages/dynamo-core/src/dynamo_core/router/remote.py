@@ -95,10 +95,11 @@ class RemoteRouter(Router):
         instances: Sequence[int],
         exclude: Sequence[int] = (),
         request_id: str | None = None,
+        session: str | None = None,
     ) -> Route:
         if self._service_up():
             try:
-                return await self._ask(token_ids, instances, exclude, request_id)
+                return await self._ask(token_ids, instances, exclude, request_id, session)
             except OverloadedError:
                 raise
             except (DynamoError, TimeoutError) as exc:
@@ -108,7 +109,7 @@ class RemoteRouter(Router):
         elif not self._outage:
             self._went_down(NoInstancesError("no router instance in discovery"))
         self.fallbacks += 1
-        return await self.fallback.route(token_ids, instances, exclude, request_id)
+        return await self.fallback.route(token_ids, instances, exclude, request_id, session)
 
     async def _ask(
         self,
@@ -116,6 +117,7 @@ class RemoteRouter(Router):
         instances: Sequence[int],
         exclude: Sequence[int],
         request_id: str | None,
+        session: str | None,
     ) -> Route:
         ctx = Context(request_id)
         request = RouteRequest(
@@ -125,6 +127,7 @@ class RemoteRouter(Router):
             instances=list(instances),
             request_id=ctx.id,
             exclude=list(exclude),
+            session=session,
         )
         router = min(self.service.instance_ids())  # every frontend asks the same one
         stream = None

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dynamo_core.router.admission import Admission, AdmissionLimits
+from dynamo_core.router.affinity import session_choice
 from dynamo_core.router.config import RouterClientConfig, RouterConfig
 from dynamo_core.router.feed import follow_worker_events
 from dynamo_core.router.kv import KvRouter
@@ -105,9 +106,11 @@ class Router(ABC):
         instances: Sequence[int],
         exclude: Sequence[int] = (),
         request_id: str | None = None,
+        session: str | None = None,
     ) -> Route:
-        """Choose an instance for the request (not one of `exclude`, which just failed it)
-        and count it there. Raises `NoInstancesError` when none is left."""
+        """Choose an instance for the request (not one of `exclude`, which just failed it;
+        the session's own worker for a request of a session, `router.affinity`) and count it
+        there. Raises `NoInstancesError` when none is left."""
 
     @abstractmethod
     def _first_token(self, route: Route) -> None: ...
@@ -147,13 +150,16 @@ class LocalRouter(Router):
         instances: Sequence[int],
         exclude: Sequence[int] = (),
         request_id: str | None = None,
+        session: str | None = None,
     ) -> Route:
         policy = self.policy
         if self._gated:  # a busy worker gets nothing while another has room
             busy = self.admission.busy_among(instances)
             if busy:
                 exclude = [*exclude, *busy]
-        iid = policy.select(instances, token_ids, exclude)
+        iid = session_choice(session, instances, exclude) if session else None
+        if iid is None:
+            iid = policy.select(instances, token_ids, exclude)
         policy.started(iid, token_ids, request_id)
         route = Route(self, iid, token_ids, request_id)
         if self._count_prefill:

@@ -70,7 +70,9 @@ class RouterService:
             if router.admission.queued or not router.admission.has_room():
                 yield _QUEUED
             await router.admit()
-        route = await router.route(req.token_ids, req.instances, req.exclude, req.request_id)
+        route = await router.route(
+            req.token_ids, req.instances, req.exclude, req.request_id, req.session
+        )
         self._routes[req.request_id] = route
         self.decisions += 1
         try:
