@@ -475,9 +475,12 @@ def test_kv_router_temperature_spreads_choices() -> None:
     assert picks.count(1) > picks.count(2) > 0
 
 
+@pytest.mark.parametrize("events", [True, False], ids=["kv-events", "approximate"])
 async def test_kv_routing_end_to_end_reuses_the_cache(
-    namespace: str, monkeypatch: pytest.MonkeyPatch
+    namespace: str, monkeypatch: pytest.MonkeyPatch, events: bool
 ) -> None:
+    """With the workers' KV events, and without them (`--no-router-kv-events`: the router
+    predicts the cache from where it sent prompts): every follow-up finds the shared prefix."""
     mocker = importlib.import_module("dynamo_core.mocker.main")  # the package's `main` is main()
 
     workers = record_adapters(monkeypatch, mocker, "MockerAdapter")
@@ -492,7 +495,8 @@ async def test_kv_routing_end_to_end_reuses_the_cache(
         serving(mocker.worker, rt_a, args),
         serving(mocker.worker, rt_b, args),
     ):
-        service = OpenAIService(front, namespace=namespace, router=RouterConfig(router_mode="kv"))
+        config = RouterConfig(router_mode="kv", router_kv_events=events)
+        service = OpenAIService(front, namespace=namespace, router=config)
         await service.start()
         server = await serve_http(service.handle, "127.0.0.1", 0)
         client = openai.AsyncOpenAI(
@@ -505,6 +509,7 @@ async def test_kv_routing_end_to_end_reuses_the_cache(
             assert isinstance(entry.router, LocalRouter)
             router = entry.router.policy
             assert isinstance(router, KvRouter)
+            assert (router.approximate_ttl is None) is events
             system = "You are a helpful assistant who answers in full sentences. " * 6
 
             async def ask(question: str) -> int:
@@ -528,6 +533,9 @@ async def test_kv_routing_end_to_end_reuses_the_cache(
             assert all(c >= 48 for c in cached), cached
             totals = sorted(w.engine.stats()["requests_total"] for w in workers)
             assert totals == [0, 5]
+            # approximate: the workers' KV events are not even subscribed to
+            publishers = [w.kv_publisher for w in workers]
+            assert all(p is not None and bool(p.subscriber_count) is events for p in publishers)
             # every request ended in the router's accounting (first token, then its end) ...
             assert all(not load.requests and not load.pending for load in router.loads.values())
             assert router.inflight == {}
@@ -700,3 +708,24 @@ async def test_make_router_builds_the_mode_and_one_feed(namespace: str) -> None:
             await client.close()
             worker_rt.request_shutdown()
             await serving
+
+
+def test_approximate_mode_predicts_the_prompts_it_sent_for_a_while() -> None:
+    router, clock = kv_router(approximate_ttl=10.0)
+    report(router, 1)
+    report(router, 2)
+    prompt = list(range(400))  # 100 blocks
+    first = router.select([1, 2], prompt)
+    router.started(first, prompt, "a")
+    router.finished(first, prompt, "a")
+    assert router.overlaps([1, 2], prompt)[first] == 100  # no event said so: predicted
+    clock.now += 6
+    router.started(first, prompt[:200], "b")  # half the prompt again: renewed for 10 s
+    router.finished(first, prompt[:200], "b")
+    clock.now += 5  # 11 s after the first guess, 5 after the renewal
+    router.select([1, 2], [9999] * 8)  # expired guesses go before a decision
+    assert router.overlaps([first], prompt)[first] == 50
+    clock.now += 10
+    router.select([1, 2], [9999] * 8)
+    assert router.overlaps([first], prompt)[first] == 0
+    assert len(router.indexer) == 0

@@ -104,6 +104,7 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
         self.replies: Replies | None = None
         self.embedding: EmbeddingSpec | None = None
         self.name = "mocker"
+        self.kv_publisher: EventPublisher | None = None
         self._publishers: list[EventPublisher] = []
 
     async def start(self, component: Component) -> EngineInfo:
@@ -137,7 +138,7 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
             special_token_ids=_unprintable_token_ids(tokenizer),
             name=component.name,
         )
-        kv_events = await component.event_publisher(KV_EVENTS_TOPIC)
+        kv_events = self.kv_publisher = await component.event_publisher(KV_EVENTS_TOPIC)
         self._publishers.append(kv_events)
         load_metrics = await component.event_publisher(LOAD_METRICS_TOPIC)
         self._publishers.append(load_metrics)

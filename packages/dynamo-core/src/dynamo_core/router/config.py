@@ -49,6 +49,20 @@ class RouterConfig(BaseModel):
         "[0, 1] (0: always the best).",
         json_schema_extra=_GROUP,
     )
+    router_kv_events: bool = Field(
+        default=True,
+        description="With --router-mode kv: follow the workers' KV events. "
+        "--no-router-kv-events, for engines that publish none: predict what each worker "
+        "cached from the prompts sent to it, for --router-ttl-secs.",
+        json_schema_extra=_GROUP,
+    )
+    router_ttl_secs: float = Field(
+        default=120.0,
+        gt=0,
+        description="With --no-router-kv-events: seconds a prompt's blocks count as cached on "
+        "the worker it was sent to (each new one renews them).",
+        json_schema_extra=_GROUP,
+    )
     active_requests_threshold: int | None = Field(
         default=1024,
         gt=0,

@@ -39,9 +39,11 @@ async def follow_worker_events(
     client: Client,
     *,
     on_load: LoadReader | None = None,
+    kv_events: bool = True,
 ) -> None:
     """Keep `router` (kv mode; None: no KV index) and `on_load` current from `component`'s
-    `kv_events` and `load_metrics` until cancelled."""
+    `kv_events` (unless `kv_events` is off: the router predicts instead, and only the load
+    reports feed it) and `load_metrics` until cancelled."""
     if router is not None:
         live: set[int] = set(client.instance_ids())
 
@@ -59,10 +61,10 @@ async def follow_worker_events(
     if on_load is not None:
         readers.append(on_load)
     async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
-        if router is not None:
-            kv_events = await component.subscribe(KV_EVENTS_TOPIC)
-            stack.push_async_callback(kv_events.close)
-            tasks.create_task(_apply_each(kv_events, router.apply_kv_events, "KV event"))
+        if router is not None and kv_events:
+            events = await component.subscribe(KV_EVENTS_TOPIC)
+            stack.push_async_callback(events.close)
+            tasks.create_task(_apply_each(events, router.apply_kv_events, "KV event"))
         if readers:
             load_metrics = await component.subscribe(LOAD_METRICS_TOPIC)
             stack.push_async_callback(load_metrics.close)

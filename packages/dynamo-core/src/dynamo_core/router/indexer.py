@@ -122,6 +122,26 @@ class KvIndexer:
                 self._clear(state)
             self.events_applied += 1
 
+    def predict(self, worker: int, hashes: Sequence[int]) -> None:
+        """Record that `worker` holds these blocks (router hashes of one prompt's chain),
+        without an event saying so: the approximate mode's guess (`KvRouter`). The router hash
+        stands in for the engine id, so `forget` takes the same values."""
+        state = self._workers.get(worker) or self._add(worker)
+        new = [h for h in hashes if h not in state.ids]
+        if not new:
+            return
+        state.ids.update(zip(new, new, strict=True))
+        state.held.update(new)
+        bit = state.bit
+        get = self._holders.get
+        self._holders.update({h: get(h, 0) | bit for h in new})
+
+    def forget(self, worker: int, hashes: Iterable[int]) -> None:
+        """Undo `predict` for these blocks (their guess expired)."""
+        state = self._workers.get(worker)
+        if state is not None:
+            self._removed(state, hashes)
+
     def remove_worker(self, worker: int) -> None:
         """Forget everything about `worker` (it stopped, or its cache is gone)."""
         state = self._workers.pop(worker, None)

@@ -38,6 +38,12 @@ work the request adds (its tokens to prefill there: when two workers are as fast
 has its prefix computes less and keeps the other free), then the active sequences, then in turn
 (as round-robin would).
 
+Without KV events (`--no-router-kv-events`, for engines that publish none: `approximate_ttl`),
+the router predicts what each worker cached from where it sent prompts: a prompt's blocks count
+as cached on its worker from its dispatch for `--router-ttl-secs` (120 s, NVIDIA Dynamo's
+default), each dispatch of a block there renewing it (`KvIndexer.predict`/`forget`). The estimate
+is then as good as the guess: right while the worker's cache holds what it was sent recently.
+
 Overrides: `overlap_weight` (`--kv-overlap-score-weight`) scales the request's own prefill term
 (>1 favours cache hits more, 0 balances load only); `temperature` (`--router-temperature`) > 0
 samples the choice from a softmax over the estimates normalised to [0, 1], spreading load among
@@ -54,6 +60,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -160,9 +167,14 @@ class KvRouter(RoutingPolicy):
         temperature: float = 0.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        approximate_ttl: float | None = None,
     ) -> None:
         super().__init__()
         self.indexer = KvIndexer(block_size)
+        self.approximate_ttl = approximate_ttl
+        """Seconds a predicted block counts as cached (None: KV events say what is cached)."""
+        self._guesses: deque[tuple[float, int, list[int]]] = deque()  # (until, worker, hashes)
+        self._guessed: dict[int, dict[int, float]] = {}  # worker -> block -> until
         self.block_size = block_size
         self.overlap_weight = overlap_weight
         self.temperature = temperature
@@ -207,6 +219,7 @@ class KvRouter(RoutingPolicy):
         if len(self._gone) > _GONE_KEPT:
             del self._gone[next(iter(self._gone))]
         self.indexer.remove_worker(worker)
+        self._guessed.pop(worker, None)
         load = self.loads.get(worker)
         if load is not None:
             self._count_speeds(load.metrics, -1)
@@ -327,6 +340,8 @@ class KvRouter(RoutingPolicy):
         return routed.new_tokens
 
     def _pick(self, instances: Sequence[int], token_ids: Sequence[int]) -> int:
+        if self._guesses:
+            self._expire_guesses(self._clock())
         costs = self.costs(instances, token_ids)
         if len(costs) == 1:
             return next(iter(costs))
@@ -391,6 +406,29 @@ class KvRouter(RoutingPolicy):
         routed = self._routed[key] = _Routed(instance_id, blocks, hashes, new_tokens)
         if hashes:
             self._by_first.setdefault(hashes[0], {})[key] = routed
+            if self.approximate_ttl is not None:
+                self._guess(instance_id, hashes, now + self.approximate_ttl)
+
+    # -- the approximate mode ----------------------------------------------------------------
+
+    def _guess(self, worker: int, hashes: list[int], until: float) -> None:
+        """`worker` will have these blocks cached until `until` (renewing earlier guesses)."""
+        self.indexer.predict(worker, hashes)
+        guessed = self._guessed.setdefault(worker, {})
+        guessed.update(dict.fromkeys(hashes, until))
+        self._guesses.append((until, worker, hashes))
+
+    def _expire_guesses(self, now: float) -> None:
+        guesses = self._guesses
+        while guesses and guesses[0][0] <= now:
+            _, worker, hashes = guesses.popleft()
+            guessed = self._guessed.get(worker)
+            if guessed is None:
+                continue
+            stale = [h for h in hashes if guessed.get(h, now + 1) <= now]
+            for h in stale:
+                del guessed[h]
+            self.indexer.forget(worker, stale)
 
     def first_token(
         self, instance_id: int, token_ids: Sequence[int] = (), request_id: str | None = None

@@ -197,8 +197,9 @@ class LocalRouter(Router):
         self.admission.instances_changed()
 
     def follow(self, runtime: DistributedRuntime, endpoint: str, client: Client) -> None:
-        """Keep the KV index (kv mode) and the workers' load reports current, from the event
-        plane of the component serving `endpoint` ("namespace.component.endpoint")."""
+        """Keep the KV index (kv mode, unless it predicts: `approximate_ttl`) and the workers'
+        load reports current, from the event plane of the component serving `endpoint`
+        ("namespace.component.endpoint")."""
         ns, component, _ = endpoint.split(".")
         kv = self.policy if isinstance(self.policy, KvRouter) else None
         self._feed = runtime.spawn(
@@ -207,6 +208,7 @@ class LocalRouter(Router):
                 runtime.namespace(ns).component(component),
                 client,
                 on_load=self.admission.report,
+                kv_events=kv is not None and kv.approximate_ttl is None,
             ),
             name=f"router-feed-{endpoint}",
         )
@@ -237,6 +239,7 @@ def make_policy_for(config: RouterConfig, block_size: int) -> RoutingPolicy:
             block_size,
             overlap_weight=config.kv_overlap_score_weight,
             temperature=config.router_temperature,
+            approximate_ttl=None if config.router_kv_events else config.router_ttl_secs,
         )
     return make_policy(config.router_mode)
 
