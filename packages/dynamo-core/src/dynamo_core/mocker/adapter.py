@@ -7,8 +7,8 @@ mocker's own is here:
   `--embedding-worker` (which takes neither another mode nor a reply script), and checks,
   before anything exists, that `--model-path` holds a tokenizer and that `--reply-script` reads;
 - `start(component)` loads the tokenizer, builds the simulated engine (`MockerEngine`, whose
-  vocabulary is the tokenizer's printable tokens), publishes its KV events and load metrics on
-  the component's event topics, and reports the context length (`--context-length`, else the
+  vocabulary is the tokenizer's printable tokens), publishes its KV events (through `kv_log`,
+  which `main.py` serves as `kv_replay`) and load metrics on the component's event topics, and reports the context length (`--context-length`, else the
   model's config.json, else 2048) and the block size (and for the embedding role, the vectors:
   `--embedding-size`, else config.json's `hidden_size`, else 256; Matryoshka-style
   `dimensions` allowed);
@@ -32,6 +32,7 @@ import msgspec
 
 from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError
+from dynamo_core.llm.kv_log import KvEventLog
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
@@ -105,6 +106,7 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
         self.embedding: EmbeddingSpec | None = None
         self.name = "mocker"
         self.kv_publisher: EventPublisher | None = None
+        self.kv_log = KvEventLog(self._publish_kv)  # kept for routers that missed some
         self._publishers: list[EventPublisher] = []
 
     async def start(self, component: Component) -> EngineInfo:
@@ -142,7 +144,7 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
         self._publishers.append(kv_events)
         load_metrics = await component.event_publisher(LOAD_METRICS_TOPIC)
         self._publishers.append(load_metrics)
-        engine.on_kv_events = lambda event: kv_events.publish(msgspec.to_builtins(event))
+        engine.on_kv_events = self.kv_log.publish
         engine.on_load_metrics = lambda event: load_metrics.publish(msgspec.to_builtins(event))
         engine.start()
         self.engine = engine
@@ -170,6 +172,10 @@ class MockerAdapter(EngineAdapter["MockerConfig"]):
 
         size = self.config.embedding_size or _config_int(self.model_dir, ("hidden_size", "d_model"))
         return EmbeddingSpec(size=size or 256, matryoshka=True)  # it truncates, renormalises
+
+    def _publish_kv(self, wire: Any) -> None:
+        if self.kv_publisher is not None:
+            self.kv_publisher.publish(wire)
 
     def handler(self, cls: type[BaseWorkerHandler] | None = None) -> MockerHandler:
         from dynamo_core.mocker.handlers import (

@@ -27,6 +27,7 @@ from dynamo_core.adapter import WorkerConfig
 from dynamo_core.args import DynFlexibleArgumentParser, ParsedArgs
 from dynamo_core.component import run_component
 from dynamo_core.deploy import BaseDeployment, Resources
+from dynamo_core.llm.kv_log import KV_REPLAY_ENDPOINT
 from dynamo_core.llm.model_card import register_model
 from dynamo_core.mocker.adapter import MockerAdapter
 from dynamo_core.runtime import DistributedRuntime, dynamo_worker
@@ -145,6 +146,7 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[MockerConfig]) ->
         await asyncio.gather(
             endpoint.serve_endpoint(handler.generate),
             component.endpoint("stats").serve_endpoint(handler.stats),
+            component.endpoint(KV_REPLAY_ENDPOINT).serve_endpoint(adapter.kv_log.replay),
         )
 
 
