@@ -733,9 +733,7 @@ class OpenAIService:
                         m.ttft.labels(model).observe(now - run.t0)
                     else:
                         gap = (now - (out.last_at or first_token_at)) / new_tokens
-                        itl = m.itl.labels(model)
-                        for _ in range(new_tokens):
-                            itl.observe(gap)
+                        m.itl.labels(model).observe(gap, new_tokens)
                     out.last_at = now
                 if out.finish is not None:
                     parts.append(fmt.finish(out.reason(), index))

@@ -25,7 +25,8 @@ been emitted, ``prefix`` a few ids before it, kept as left context. On each push
 ``decode(ids[prefix:])`` minus the (cached) ``decode(ids[prefix:read])`` is the new text. When it
 is emitted, the offsets advance (prefix := read, read := end) and the cached prefix text is
 refreshed; the window is then typically one or two tokens long, so a push costs one or two small
-``decode`` calls: O(1) per token. Ids that arrive together are stepped one at a time too (the
+``decode`` calls: O(1) per token (the refresh of a one-id window is looked up in a cache of
+``decode([id])`` the tokenizer keeps, so most tokens cost one call). Ids that arrive together are stepped one at a time too (the
 window then is the one vLLM has, which byte-fallback decoders need to give its text). The window
 list is trimmed from time to time so it does not grow with the stream. When the decode of the window no longer starts with the text already
 emitted from it (byte-fallback tokenizers fed invalid bytes), ``DecodeStream`` raises and vLLM
@@ -67,7 +68,7 @@ _TRIM_AT = 256
 class IncrementalDetokenizer:
     """Text of a stream of token ids, emitted as it becomes complete (see the module docstring)."""
 
-    __slots__ = ("_decode", "_ids", "_prefix", "_prefix_text", "_read", "_skip", "_total")
+    __slots__ = ("_alone", "_decode", "_ids", "_prefix", "_prefix_text", "_read", "_skip", "_total")
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class IncrementalDetokenizer:
     ) -> None:
         # Bind the Rust decode once: it is called for every token.
         self._decode = tokenizer.backend.decode
+        self._alone = tokenizer.alone_texts(skip_special_tokens)
         self._skip = skip_special_tokens
         self._ids: list[int] = list(prompt_tail or ())
         self._prefix = 0
@@ -139,7 +141,14 @@ class IncrementalDetokenizer:
         ids = self._ids
         self._prefix = self._read
         self._read = len(ids)
-        self._prefix_text = self._decode(ids[self._prefix :], skip_special_tokens=self._skip)
+        if self._read - self._prefix == 1:  # the usual window: one id, its text cached
+            token = ids[-1]
+            alone = self._alone.get(token)
+            if alone is None:
+                alone = self._alone[token] = self._decode((token,), skip_special_tokens=self._skip)
+            self._prefix_text = alone
+        else:
+            self._prefix_text = self._decode(ids[self._prefix :], skip_special_tokens=self._skip)
         if self._prefix >= _TRIM_AT:
             del ids[: self._prefix]
             self._read -= self._prefix

@@ -232,6 +232,7 @@ class Tokenizer:
         self._pieces: _Pieces | None = None
         self._strings: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
+        self._alone: tuple[dict[int, str], dict[int, str]] = ({}, {})
         # without offsets: 5x faster on long texts, and its result is freed at once (the full
         # encoding's per-token strings take longer to free than to compute, with the GIL held)
         self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -315,6 +316,11 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text: str = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
+
+    def alone_texts(self, skip_special_tokens: bool) -> dict[int, str]:
+        """``decode([id])`` by id, for the caller to fill as it goes (the incremental
+        detokenizer's window is one id after most tokens: a dict lookup instead of a decode)."""
+        return self._alone[skip_special_tokens]
 
     def token_string(self, token_id: int) -> str:
         """The text vLLM shows for one token in log-probabilities (see the module docstring)."""
