@@ -207,3 +207,59 @@ async def test_a_frontend_started_late_routes_to_the_cache_the_mocker_replayed(
         assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
         assert reply.usage.prompt_tokens_details.cached_tokens == 16 * 20 - 16
         await client.close()
+
+
+async def serve_log(rt: DistributedRuntime) -> tuple[KvEventLog, Any]:
+    """`rt` as a worker of `backend` that publishes through a `KvEventLog` and serves its
+    replay: (log, its event publisher)."""
+    component = rt.namespace().component("backend")
+    await component.create_service()
+    publisher = await component.event_publisher(KV_EVENTS_TOPIC)
+    log = KvEventLog(publisher.publish)
+
+    async def nothing(request: Any) -> AsyncIterator[Any]:
+        yield {}
+
+    await component.endpoint("generate").start_serving(nothing)
+    await component.endpoint(KV_REPLAY_ENDPOINT).start_serving(log.replay)
+    return log, publisher
+
+
+async def test_a_restarted_worker_is_caught_up_and_the_old_one_forgotten(namespace: str) -> None:
+    """A worker that restarts comes back as a new instance whose event ids start at 0 again:
+    the router drops what the old process cached once it leaves discovery, and replays the
+    new one's log from its start (the batches it published before the router heard of it)."""
+    cfg = RuntimeConfig.in_process(namespace=namespace)
+    async with DistributedRuntime(cfg) as front, contextlib.AsyncExitStack() as stack:
+        old_rt = await stack.enter_async_context(DistributedRuntime(cfg))
+        old_log, old_publisher = await serve_log(old_rt)
+        for i in range(6):
+            old_log.publish(batch(i))
+        client = await front.endpoint(f"{namespace}.backend.generate").client()
+        await client.wait_for_instances()
+        router = KvRouter(BS)
+        component = front.namespace().component("backend")
+        task = asyncio.create_task(follow_worker_events(router, component, client))
+        try:
+            old = old_rt.instance_id
+            await until(lambda: router.overlaps([old], PROMPT)[old] == 6)
+
+            await old_publisher.close()
+            await stack.aclose()  # the worker process ends ...
+            async with DistributedRuntime(cfg) as new_rt:  # ... and a new one starts
+                new_log, new_publisher = await serve_log(new_rt)
+                for i in range(3):  # before the router hears of it
+                    new_log.publish(batch(i))
+                new = new_rt.instance_id
+                assert new != old
+                await until(lambda: router.overlaps([new], PROMPT)[new] == 3)
+                await until(lambda: old not in client.instance_ids())
+                assert router.indexer.workers() == {new}  # the old cache is gone
+                assert router.overlaps([old], PROMPT)[old] == 0
+                new_log.publish(batch(3))  # live from here, in order after the replay
+                await until(lambda: router.overlaps([new], PROMPT)[new] == 4)
+                assert (old_log.replays, new_log.replays) == (1, 1)
+                await new_publisher.close()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -9,8 +9,10 @@ topic however many readers there are. Workers that leave the client's instances 
 KV events are applied in each worker's event-id order, and what a router missed is replayed
 (`KvCatchUp`, from the worker's `kv_replay` endpoint, `dynamo_core.llm.kv_log`): everything the
 worker still keeps when the router first hears from it (a router started after its workers, or
-restarted), and the missing range when a gap appears (the event plane dropped events for a slow
-subscriber). Live batches that arrive meanwhile wait, and are applied after the replayed ones;
+restarted; a worker that joins, or restarts as a new instance, and published before the
+subscription reached it), and the missing range when a gap appears (the event plane dropped
+events for a slow subscriber). After a replay the router knows which event id comes next (a
+worker's ids start at 0), so a batch lost before the first live one shows as a gap too. Live batches that arrive meanwhile wait, and are applied after the replayed ones;
 duplicates are skipped. A worker without a replay endpoint, or one that does not answer within
 `REPLAY_TIMEOUT`, is caught up as far as it can be: the loss is logged and the router goes on
 from the next batch (its view of that worker is stale until the blocks turn over).
@@ -64,16 +66,19 @@ async def follow_worker_events(
     if router is not None:
         live: set[int] = set(client.instance_ids())
 
-        def forget_dead() -> None:
+        def track_instances() -> None:
             nonlocal live
             now = set(client.instance_ids())
             for gone in live - now:
                 router.remove_worker(gone)
                 if catch_up is not None:
                     catch_up.forget(gone)
+            if catch_up is not None and catch_up.started:
+                for new in now - live:  # what it published before our subscription reached it
+                    catch_up.first_sight(new)
             live = now
 
-        client.on_change(forget_dead)
+        client.on_change(track_instances)
     readers: list[LoadReader] = []
     if router is not None:
         readers.append(router.update_load)
@@ -84,6 +89,7 @@ async def follow_worker_events(
             stack.push_async_callback(catch_up.close)
             events = await component.subscribe(KV_EVENTS_TOPIC)
             stack.push_async_callback(events.close)
+            catch_up.started = True
             for worker in client.instance_ids():  # what they cached before we subscribed
                 catch_up.first_sight(worker)
             tasks.create_task(_apply_each(events, catch_up.on_batch, "KV event"))
@@ -132,6 +138,8 @@ class KvCatchUp:
         """Batches applied from replays."""
         self.lost = 0
         """Event ids that could not be replayed."""
+        self.started = False
+        """Subscribed to the live events: workers that join from now on are caught up."""
         self._streams: dict[int, _Stream] = {}
 
     def first_sight(self, worker: int) -> None:
@@ -167,12 +175,13 @@ class KvCatchUp:
             log.warning("bad KV event from %x: %s", worker, exc)
         return True
 
-    def _start_replay(self, worker: int, stream: _Stream, start: int) -> None:
+    def _start_replay(self, worker: int, stream: _Stream, start: int, again: bool = True) -> None:
         stream.replaying = asyncio.get_running_loop().create_task(
-            self._replay(worker, stream, start), name=f"kv-replay-{worker:x}"
+            self._replay(worker, stream, start, again), name=f"kv-replay-{worker:x}"
         )
 
-    async def _replay(self, worker: int, stream: _Stream, start: int) -> None:
+    async def _replay(self, worker: int, stream: _Stream, start: int, again: bool) -> None:
+        answered = False
         try:
             async with asyncio.timeout(REPLAY_TIMEOUT):
                 async with asyncio.timeout(1.0):
@@ -181,15 +190,26 @@ class KvCatchUp:
                 async for item in await self.replay.direct({"start": start}, worker):
                     if self._apply(worker, stream, msgspec.convert(item, KvEventBatch)):
                         self.replayed += 1
+            answered = True
         except (DynamoError, TimeoutError, msgspec.ValidationError) as exc:
             log.info("KV events of worker %x from %d could not be replayed: %s", worker, start, exc)
         finally:
             stream.replaying = None
-            self._drain(worker, stream)
+            if answered and stream.expect is None:
+                # it had published nothing before `start`: the next batch must be `start` (a
+                # worker's event ids start at 0), so a later live batch shows a gap, not a start
+                stream.expect = start
+            self._drain(worker, stream, again and answered)
 
-    def _drain(self, worker: int, stream: _Stream) -> None:
-        """Apply the live batches held during a replay; a gap left now is lost for good."""
+    def _drain(self, worker: int, stream: _Stream, again: bool) -> None:
+        """Apply the live batches held during a replay. A gap before them (published after the
+        replay's snapshot, and lost live) is fetched `again` once; after that it is lost."""
         pending, stream.pending = sorted(stream.pending, key=lambda b: b.event_id), []
+        expect = stream.expect
+        if again and pending and expect is not None and pending[0].event_id > expect:
+            stream.pending = pending
+            self._start_replay(worker, stream, expect, again=False)
+            return
         for batch in pending:
             self._apply(worker, stream, batch)
 
