@@ -329,12 +329,13 @@ def start_router(stack: ExitStack, env: dict[str, str]) -> Proc:
 
 
 def start_routed_frontend(
-    stack: ExitStack, env: dict[str, str], namespace: str
+    stack: ExitStack, env: dict[str, str], namespace: str, router_timeout: float = 30
 ) -> tuple[Proc, str]:
     port = free_port()
     args = ["--http-host", "127.0.0.1", "--http-port", str(port)]
     # a slow answer on a loaded machine is not an outage here: a dead service is (at once)
-    args += ["--router-endpoint", f"{namespace}.router.route", "--router-timeout", "30"]
+    args += ["--router-endpoint", f"{namespace}.router.route"]
+    args += ["--router-timeout", str(router_timeout)]
     proc = stack.enter_context(run_python(["-m", "dynamo_core.frontend", *args], env=env))
     proc.wait_for_line("OpenAI API on")
     return proc, f"http://127.0.0.1:{port}"
@@ -350,9 +351,16 @@ async def router_decisions(kv_dir: Path, namespace: str) -> int:
         raise AssertionError("no stats")
 
 
-async def chats(urls: list[str], requests: int, concurrency: int, out: list[Any]) -> list[Any]:
+async def chats(
+    urls: list[str],
+    requests: int,
+    concurrency: int,
+    out: list[Any],
+    seconds: list[float] | None = None,
+) -> list[Any]:
     """`requests` chats over the frontends in turn, `concurrency` at a time; each status (an
-    exception where the request failed) is appended to `out` as it comes."""
+    exception where the request failed) is appended to `out` as it comes, and its duration to
+    `seconds` (if given)."""
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "count to ten"}],
@@ -364,11 +372,14 @@ async def chats(urls: list[str], requests: int, concurrency: int, out: list[Any]
 
         async def worker() -> None:
             for i in todo:
+                t0 = time.monotonic()
                 try:
                     r = await http.post(urls[i % len(urls)] + "/v1/chat/completions", json=body)
                     out.append(r.status_code)
                 except httpx.HTTPError as exc:
                     out.append(exc)
+                if seconds is not None:
+                    seconds.append(time.monotonic() - t0)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return out
@@ -401,12 +412,54 @@ async def test_frontends_survive_the_router_service_and_come_back_to_it(
 
     # restarted: each frontend sees it in discovery (a scan interval) and asks it again
     start_router(procs, env)
+    await asked_again(fronts, kv_dir, namespace)
+
+
+async def asked_again(fronts: list[tuple[Proc, str]], kv_dir: Path, namespace: str) -> None:
+    """Every frontend says the service answers again, and the next requests are its decisions."""
+    urls = [url for _, url in fronts]
     async with asyncio.timeout(30):
         while not all("answers again" in proc.output() for proc, _ in fronts):
             assert await chats(urls, 2, 2, []) == [200, 200]
     before = await router_decisions(kv_dir, namespace)
     assert await chats(urls, 20, 4, []) == [200] * 20
     assert await router_decisions(kv_dir, namespace) == before + 20
+
+
+async def test_frontends_ride_out_a_hung_router_service(
+    procs: ExitStack, env: dict[str, str], kv_dir: Path, namespace: str
+) -> None:
+    """SIGSTOP: the service keeps its connections and answers nothing. A request waits at most
+    --router-timeout for it, then is routed locally; for a while after, requests do not ask it
+    at all. None fails. After SIGCONT the frontends ask it again."""
+    router = start_router(procs, env)
+    start_mocker(procs, env)
+    start_mocker(procs, env)
+    fronts = [start_routed_frontend(procs, env, namespace, router_timeout=1) for _ in range(2)]
+    urls = [url for _, url in fronts]
+    for url in urls:
+        async with httpx.AsyncClient(base_url=url) as http:
+            await wait_instances(http, 2)
+    assert await chats(urls, 10, 2, []) == [200] * 10
+
+    done: list[Any] = []
+    seconds: list[float] = []
+    running = asyncio.create_task(chats(urls, 200, 8, done, seconds))
+    async with asyncio.timeout(30):
+        while len(done) < 20:
+            await asyncio.sleep(0.01)
+    os.kill(router.popen.pid, signal.SIGSTOP)
+    try:
+        statuses = await running
+        assert statuses == [200] * 200
+        # the requests caught by the hang waited one --router-timeout, not more (the slack:
+        # the rest of a request on a loaded machine)
+        assert max(seconds) < 1 + 10
+        for proc, _ in fronts:
+            assert proc.output().count("routing locally") >= 1, proc.output()
+    finally:
+        os.kill(router.popen.pid, signal.SIGCONT)
+    await asked_again(fronts, kv_dir, namespace)
 
 
 # -- --http-workers: several frontend processes on one port ----------------------------------
