@@ -12,9 +12,12 @@ from typing import Any
 import msgspec
 
 from dynamo_core.llm.kv import KvCleared, KvEventBatch, KvRemoved, KvStored
+from dynamo_core.llm.kv_log import KV_REPLAY_ENDPOINT
 from dynamo_core.llm.kv_relay import convert_events
+from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 from dynamo_core.testing.conformance import collect, make_request
-from dynamo_sglang.engine import prepare_kv_events
+from dynamo_sglang import worker
+from dynamo_sglang.engine import SglangAdapter, prepare_kv_events
 from dynamo_sglang.handlers import WorkerHandler
 from dynamo_sglang.kv_events import subscriber_endpoints
 from sglang_testing import TINY, free_port
@@ -122,6 +125,65 @@ async def test_relay_subscribes_to_a_configured_publisher(fake_sglang: ModuleTyp
     batches = await _relay_roundtrip(fake_sglang, server_args)
     assert isinstance(batches[0].events[0], KvStored)
     assert batches[0].block_size == 2
+
+
+async def test_the_relay_fetches_what_sglangs_publisher_dropped(fake_sglang: ModuleType) -> None:
+    """SGLang's PUB socket drops what it sends before the relay's subscription is up (ZMQ's
+    slow joiner) and, here, batches 1 and 2 later on; the relay asks SGLang's replay socket
+    (which the worker configured) for both, so every batch is relayed, in order."""
+    server_args = fake_sglang.ServerArgs(model_path=str(TINY), page_size=4)
+    sink = Collector()
+    relay = prepare_kv_events(server_args, sink, enabled=True)
+    assert relay is not None
+    assert relay.replays == [json.loads(server_args.kv_events_config)["replay_endpoint"]]
+    engine = fake_sglang.Engine(server_args=server_args)
+    try:
+        engine._publisher.drop_live.update({1, 2})
+        relay.start(engine.page_size)
+        handler = WorkerHandler(engine)
+        prompts: list[int] = []
+        async with asyncio.timeout(10):
+            while relay.batches < 5:  # each new prompt stores two pages: one batch
+                prompts.append(100 + 10 * len(prompts))
+                await collect(handler, make_request(list(range(prompts[-1], prompts[-1] + 8))))
+                await asyncio.sleep(0.02)
+        batches = await sink.wait(relay.batches)
+        assert [b.event_id for b in batches] == list(range(len(batches)))
+        firsts = [b.events[0].token_ids[0][0] for b in batches if isinstance(b.events[0], KvStored)]
+        assert firsts == prompts[: len(firsts)] and len(firsts) >= 5
+        assert relay.replayed >= 2 and engine._publisher.replay.replays >= 1
+    finally:
+        await relay.close()
+        engine.shutdown()
+
+
+async def test_a_worker_serves_its_kv_events_for_replay(
+    fake_sglang: ModuleType, namespace: str
+) -> None:
+    """The adapter keeps what its relay re-publishes and serves it on the worker's
+    `kv_replay`, from the first batch SGLang published on (the slow joiner's too)."""
+    parsed = worker.build_parser().parse(
+        ["--model-path", str(TINY), "--page-size", "4", "--namespace", namespace], environ={}
+    )
+    async with (
+        DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as runtime,
+        SglangAdapter(parsed) as adapter,
+    ):
+        component = runtime.namespace(namespace).component("backend")
+        await component.create_service()
+        await adapter.start(component)
+        handler = adapter.handler()
+        replay = await component.endpoint(KV_REPLAY_ENDPOINT).client()
+        await replay.wait_for_instances(timeout=5)
+        kept: list[Any] = []
+        prompts: list[int] = []
+        async with asyncio.timeout(10):
+            while len(kept) < 2:
+                prompts.append(300 + 10 * len(prompts))
+                await collect(handler, make_request(list(range(prompts[-1], prompts[-1] + 8))))
+                kept = [b async for b in await replay.round_robin({"start": 0})]
+        assert [b["event_id"] for b in kept] == list(range(len(kept)))
+        assert [b["events"][0]["token_ids"][0][0] for b in kept] == prompts[: len(kept)]
 
 
 def test_no_relay_when_disabled_or_not_zmq(fake_sglang: ModuleType) -> None:

@@ -26,7 +26,7 @@ from dynamo_core.errors import ConfigError
 from dynamo_core.llm.model_card import MODELS_PREFIX, ModelCard
 from dynamo_core.runtime import DistributedRuntime, RuntimeConfig
 from dynamo_core.runtime.discovery import keys
-from dynamo_core.testing.inprocess import serving
+from dynamo_core.testing.inprocess import record_adapters, serving
 from dynamo_core.testing.procs import Proc, card_of_module, registered_card, run_python
 from dynamo_vllm import prefill, worker
 from dynamo_vllm.engine import VllmAdapter
@@ -90,6 +90,48 @@ async def test_worker_registers_the_engines_limits_and_publishes_events(namespac
                 metrics = await anext(aiter(load))
             assert stored["type"] == "stored" and event.payload["block_size"] == 16
             assert metrics.payload["total_blocks"] == 1024
+
+
+async def test_the_worker_replays_every_batch_vllm_published(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's PUB socket drops what it sends before the relay's subscription reaches it (ZMQ's
+    slow joiner) and what a lagging subscriber cannot take (here batches 2 and 3); the relay
+    fetches both from vLLM's replay socket, so the worker's `kv_replay` holds every batch, in
+    order and without a gap: what a router that starts late, or misses some, is given."""
+    adapters = record_adapters(monkeypatch, worker, "VllmAdapter")
+    async with DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as runtime:
+        component = runtime.namespace(namespace).component("backend")
+        parsed = worker.build_parser().parse(
+            ["--model", str(TINY), "--max-model-len", "512", "--block-size", "16",
+             "--namespace", namespace, "--discovery-backend", "mem", "--request-plane", "inproc"]
+        )  # fmt: skip
+        async with serving(worker.worker, runtime, parsed):
+            (adapter,) = adapters
+            relay = adapter.kv_relay
+            assert relay is not None and relay.replays
+            publisher = adapter.llm.publisher
+            publisher.drop_live.update({2, 3})
+            client = await component.endpoint("generate").client()
+            await client.wait_for_instances(timeout=5)
+            prompts: list[int] = []
+            async with asyncio.timeout(20):
+                while relay.batches < 6:  # each request stores one new block: one batch
+                    prompts.append(1000 + 100 * len(prompts))
+                    request = {
+                        "token_ids": list(range(prompts[-1], prompts[-1] + 16)),
+                        "stop_conditions": {"max_tokens": 1},
+                    }
+                    _ = [o async for o in await client.round_robin(request)]
+                    await asyncio.sleep(0.02)
+            replay = await component.endpoint("kv_replay").client()
+            await replay.wait_for_instances(timeout=5)
+            kept = [b async for b in await replay.round_robin({"start": 0})]
+            assert [b["event_id"] for b in kept] == list(range(len(kept)))
+            assert len(kept) >= 6
+            firsts = [b["events"][0]["token_ids"][0][0] for b in kept]
+            assert firsts == prompts[: len(kept)]  # engine batch i is worker event i
+            assert relay.replayed >= 2 and publisher.replay.replays >= 1
 
 
 async def test_no_kv_events_when_asked(namespace: str) -> None:

@@ -32,14 +32,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError, EngineError
-from dynamo_core.llm.kv_relay import ZmqKvEventRelay
+from dynamo_core.llm.kv_relay import ZmqKvEventRelay, free_local_port
 from dynamo_sglang.args import Mode, resolve_mode, server_args_from
 from dynamo_sglang.handlers import (
     DecodeHandler,
     PrefillHandler,
     WorkerHandler,
 )
-from dynamo_sglang.kv_events import LOCAL_TOPIC, local_kv_events_config, subscriber_endpoints
+from dynamo_sglang.kv_events import (
+    LOCAL_TOPIC,
+    local_kv_events_config,
+    replay_endpoints,
+    subscriber_endpoints,
+)
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
@@ -181,7 +186,9 @@ def prepare_kv_events(
     if not raw:
         relay = ZmqKvEventRelay(publisher.publish, topic=LOCAL_TOPIC, engine="SGLang")
         endpoint = relay.bind_local(port, ranks=dp_size)
-        server_args.kv_events_config = local_kv_events_config(endpoint)
+        replay = f"tcp://127.0.0.1:{free_local_port()}"  # SGLang binds its replay socket there
+        server_args.kv_events_config = local_kv_events_config(endpoint, replay)
+        relay.replays = replay_endpoints({"replay_endpoint": replay}, dp_size)
         return relay
     config = json.loads(raw) if isinstance(raw, str) else dict(raw)
     if config.get("publisher", "null") != "zmq":
@@ -194,6 +201,7 @@ def prepare_kv_events(
         relay.bind(endpoints)
     else:
         relay.connect(endpoints)
+    relay.replays = replay_endpoints(config, dp_size)  # the user's replay socket, if any
     return relay
 
 
@@ -223,14 +231,18 @@ class SglangAdapter(EngineAdapter["SglangConfig"]):
 
     async def start(self, component: Component) -> EngineInfo:
         from dynamo_core.llm.kv import KV_EVENTS_TOPIC
+        from dynamo_core.llm.kv_log import KvEventLog, serve_replay
 
         config = self.config
         self.name = component.name
         publisher = await component.event_publisher(KV_EVENTS_TOPIC)
         self._publishers.append(publisher)
+        kv_log = KvEventLog(publisher.publish)  # kept for routers that miss some
         self.kv_relay = prepare_kv_events(
-            self.server_args, publisher, config.kv_events, config.kv_events_port
+            self.server_args, kv_log, config.kv_events, config.kv_events_port
         )
+        if self.kv_relay is not None:
+            await serve_replay(component, kv_log)
         self.engine = start_sglang(self.server_args)  # blocks the loop until SGLang is ready
         served = self.args.engine_sources.get("served_model_name", "default") != "default"
         self.settings = info = SglangSettings.of(self.engine, served_name_given=served)

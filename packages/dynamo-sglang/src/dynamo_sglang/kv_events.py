@@ -6,9 +6,12 @@ SGLang's scheduler publishes its radix cache's changes over ZMQ when started wit
 `dynamo_core.llm.kv_relay.ZmqKvEventRelay` reads them and re-publishes them on the event plane
 (`dynamo_sglang.engine.prepare_kv_events` sets it up). What is SGLang's own:
 
-- `local_kv_events_config(endpoint)`: what the worker passes to SGLang when the user gave no
-  `--kv-events-config`. SGLang *connects* to a concrete address, so the relay binds a port on
-  127.0.0.1 (`--kv-events-port`, default a free one) and nothing is exposed beyond the machine.
+- `local_kv_events_config(endpoint, replay)`: what the worker passes to SGLang when the user
+  gave no `--kv-events-config`. SGLang *connects* to a concrete address, so the relay binds a
+  port on 127.0.0.1 (`--kv-events-port`, default a free one) and nothing is exposed beyond the
+  machine; SGLang binds its replay socket (`replay_endpoint`) on another 127.0.0.1 port.
+- `replay_endpoints(config, dp_size)`: where the relay asks each rank's replay socket for the
+  batches it missed (none when the config has no `replay_endpoint`).
 - `subscriber_endpoints(config, dp_size)`: for a user's `--kv-events-config`, which addresses
   to subscribe to (one per data-parallel rank: SGLang offsets the port by the rank) and
   whether the relay binds them (SGLang binds wildcard, ipc and inproc addresses, or when the
@@ -22,7 +25,7 @@ from typing import Any
 
 from dynamo_core.llm.kv_relay import connectable, rank_endpoint
 
-__all__ = ["local_kv_events_config", "subscriber_endpoints"]
+__all__ = ["local_kv_events_config", "replay_endpoints", "subscriber_endpoints"]
 
 #: The topic of the publisher the worker sets up itself.
 LOCAL_TOPIC = "kv-events"
@@ -42,6 +45,20 @@ def subscriber_endpoints(config: dict[str, Any], dp_size: int = 1) -> tuple[list
     return endpoints, True
 
 
-def local_kv_events_config(endpoint: str, topic: str = LOCAL_TOPIC) -> str:
-    """A `--kv-events-config` that makes SGLang connect to `endpoint` (the relay's)."""
-    return json.dumps({"publisher": "zmq", "endpoint": endpoint, "topic": topic})
+def local_kv_events_config(
+    endpoint: str, replay: str | None = None, topic: str = LOCAL_TOPIC
+) -> str:
+    """A `--kv-events-config` that makes SGLang connect to `endpoint` (the relay's) and bind its
+    replay socket at `replay`."""
+    config = {"publisher": "zmq", "endpoint": endpoint, "topic": topic}
+    if replay is not None:
+        config["replay_endpoint"] = replay
+    return json.dumps(config)
+
+
+def replay_endpoints(config: dict[str, Any], dp_size: int = 1) -> list[str]:
+    """Each rank's replay socket for a `--kv-events-config` (offset per rank, as SGLang does)."""
+    endpoint = config.get("replay_endpoint")
+    if not endpoint:
+        return []
+    return [connectable(rank_endpoint(str(endpoint), r)) for r in range(max(1, dp_size))]

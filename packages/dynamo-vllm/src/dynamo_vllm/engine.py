@@ -11,9 +11,11 @@ The role modules show the runtime calls (component, `create_service`, `register_
   a `*ForCausalLM` model to an embedding model; another runner is a `ConfigError`).
 - `start(component)`:
   1. turns on vLLM's KV-events publisher (`KVEventsConfig`, ZMQ), pointed at a local socket the
-     worker listens on (core's `ZmqKvEventRelay`, `--kv-events-port`), unless the user
-     configured one (`--kv-events-config`: the relay then follows it) or turned events off
-     (`--no-kv-events`);
+     worker listens on (core's `ZmqKvEventRelay`, `--kv-events-port`), with a replay socket on
+     127.0.0.1 that fills the relay's gaps, unless the user configured one
+     (`--kv-events-config`: the relay then follows it, and its `replay_endpoint` if it has one)
+     or turned events off (`--no-kv-events`); the relayed batches are kept in a `KvEventLog`
+     served as `kv_replay`, for routers that miss some;
   2. starts `AsyncLLM.from_engine_args(engine_args, stat_loggers=[...])` in a thread: loading a
      model takes seconds to minutes, during which the event loop keeps the runtime's leases
      alive; a failure is one line (`start_error`);
@@ -41,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError, DynamoError, EngineError
-from dynamo_core.llm.kv_relay import ZmqKvEventRelay
+from dynamo_core.llm.kv_log import KvEventLog, serve_replay
+from dynamo_core.llm.kv_relay import ZmqKvEventRelay, connectable, free_local_port
 from dynamo_vllm.args import engine_args
 from dynamo_vllm.events import LoadMetricsLogger
 
@@ -110,17 +113,23 @@ def _kv_event_relay(config: VllmConfig, engine_args: Any, publish: Any) -> ZmqKv
         if not config.kv_events:
             return None
         relay = ZmqKvEventRelay(publish, topic=KV_EVENTS_TOPIC, engine="vLLM")
+        replay = f"tcp://127.0.0.1:{free_local_port()}"  # vLLM binds its replay socket there
         engine_args.kv_events_config = KVEventsConfig(
             enable_kv_cache_events=True,
             publisher="zmq",
             endpoint=relay.bind_local(config.kv_events_port),
+            replay_endpoint=replay,
             topic=KV_EVENTS_TOPIC,
         )
+        relay.replays = [replay]
         return relay
     if not events.enable_kv_cache_events or events.publisher != "zmq":
         return None
     relay = ZmqKvEventRelay(publish, topic=str(events.topic or ""), engine="vLLM")
     relay.connect([str(events.endpoint)])
+    replay_endpoint = getattr(events, "replay_endpoint", None)
+    if replay_endpoint:  # the user's: follow it
+        relay.replays = [connectable(str(replay_endpoint))]
     return relay
 
 
@@ -170,7 +179,10 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
         self._publishers.append(kv_publisher)
         metrics_publisher = await component.event_publisher(LOAD_METRICS_TOPIC)
         self._publishers.append(metrics_publisher)
-        self.kv_relay = _kv_event_relay(self.config, args, kv_publisher.publish)
+        kv_log = KvEventLog(kv_publisher.publish)  # kept for routers that miss some
+        self.kv_relay = _kv_event_relay(self.config, args, kv_log.publish)
+        if self.kv_relay is not None:
+            await serve_replay(component, kv_log)
         metrics = LoadMetricsLogger.factory(metrics_publisher.publish)
 
         log.info("starting vLLM on %s", args.model)

@@ -14,7 +14,9 @@ A router asks when it sees a worker for the first time (start 0: all it has) and
 appears in a worker's event ids (start: the first one missing); `dynamo_core.router.feed` does
 both. This is the same contract as vLLM's and SGLang's ZMQ replay socket (a start sequence
 number in, the buffered batches from it out), one level up: the mocker serves it from its own
-log, and a worker relaying an engine's ZMQ events (`kv_relay`) from the batches it relayed.
+log, and a vLLM or SGLang worker from the batches its relay (`kv_relay`) re-published
+(`serve_replay`); one level down, that relay fetches what it missed from the engine's own
+replay socket.
 
 A request that is not a map with an integer `start` is `InvalidRequestError`. Batches older than
 the log's capacity are gone: the router then logs the loss, and its view of that worker stays
@@ -25,14 +27,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from dynamo_core.errors import InvalidRequestError
 from dynamo_core.llm.kv import KvEventBatch
 
-__all__ = ["KV_REPLAY_ENDPOINT", "KvEventLog", "ReplayRequest"]
+if TYPE_CHECKING:
+    from dynamo_core.runtime import Component
+
+__all__ = ["KV_REPLAY_ENDPOINT", "KvEventLog", "ReplayRequest", "serve_replay"]
 
 KV_REPLAY_ENDPOINT = "kv_replay"
 DEFAULT_CAPACITY = 10_000
@@ -73,3 +78,9 @@ class KvEventLog:
         for event_id, wire in list(self._log):  # a copy: publishing goes on meanwhile
             if event_id >= start:
                 yield wire
+
+
+async def serve_replay(component: Component, log: KvEventLog) -> None:
+    """Serve `log` as `component`'s `kv_replay` endpoint from now on (until the runtime stops
+    serving): what an engine worker that relays KV events sets up next to its relay."""
+    await component.endpoint(KV_REPLAY_ENDPOINT).start_serving(log.replay)

@@ -16,9 +16,20 @@ engine's block hashes and parent hash as unsigned 64-bit ids and splits the flat
 into one list per block, so the router hashes the tokens itself). Hashes that arrive as bytes
 are folded into the int vLLM would have sent (big-endian, low 64 bits); a block count that does
 not divide the tokens evenly is split evenly anyway (SGLang's last page). A frame that cannot be
-read is skipped and counted (`bad`), never stops the relay. A gap in a rank's sequence numbers
-(a PUB socket drops messages when its subscriber lags) is logged and counted (`lost`): the
-router's view of this worker is then stale until blocks are stored again.
+read is skipped and counted (`bad`), never stops the relay.
+
+Missed batches: a PUB socket drops messages when its subscriber lags, and everything it sends
+before the subscription is up (ZMQ's slow joiner). vLLM and SGLang keep their last
+`buffer_steps` batches for replay on a ROUTER socket at `replay_endpoint` (per rank, offset as
+the PUB endpoint): a DEALER sends ``b""`` and the first wanted sequence number (8 bytes,
+big-endian), the engine answers ``(b"", seq, payload)`` per kept batch from there, then
+``(b"", -1 as 8 signed bytes, b"")`` (`fetch_engine_replay`). With `replays` set (each rank's
+replay address; the workers ask their engine for one), a skipped sequence number, or a rank's
+first batch after others the relay never saw, is fetched and relayed first (`replayed`). Without
+one, or past what the engine keeps, the gap is logged and counted (`lost`): the router's view of
+this worker is then stale until blocks are stored again. The workers publish through a
+`KvEventLog` and serve `kv_replay` (`dynamo_core.llm.kv_log`), so routers that miss batches on
+the event plane fetch them from the worker in turn.
 
 Which side binds: an engine pointed at a concrete address *connects* to it, so the worker
 `bind_local()`s a free port on 127.0.0.1 and tells the engine that address (nothing is exposed
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +60,8 @@ __all__ = [
     "connectable",
     "convert_events",
     "external_hash",
+    "fetch_engine_replay",
+    "free_local_port",
     "rank_endpoint",
 ]
 
@@ -150,6 +164,60 @@ def connectable(endpoint: str) -> str:
     return endpoint
 
 
+def free_local_port() -> int:
+    """A free TCP port on 127.0.0.1, for a socket the engine binds itself (its replay socket)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+_END_SEQ = (-1).to_bytes(8, "big", signed=True)
+_HEAD = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def _rank_of(payload: bytes) -> int:
+    """A batch's data-parallel rank, without decoding its events (0 when it has none)."""
+    try:
+        parts = _HEAD.decode(payload)
+        rank = msgspec.msgpack.decode(parts[2]) if len(parts) > 2 else 0
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
+    return rank if isinstance(rank, int) and rank >= 0 else 0
+
+
+async def fetch_engine_replay(
+    context: Any, address: str, start: int, timeout: float = 1.0
+) -> list[tuple[int, bytes]]:
+    """The batches an engine's replay socket at `address` still keeps from sequence number
+    `start` on, as `(seq, payload)` in order (see the module docstring); `context` is the
+    caller's `zmq.asyncio.Context`. What arrived within `timeout` (an engine that is gone, or
+    busy) is returned and the shortfall logged: the caller goes on without the rest."""
+    import zmq
+
+    got: list[tuple[int, bytes]] = []
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        await sock.send_multipart([b"", start.to_bytes(8, "big")])
+        async with asyncio.timeout(timeout):
+            while True:
+                frames = await sock.recv_multipart()
+                if len(frames) < 3 or frames[-2] == _END_SEQ:
+                    break
+                got.append((int.from_bytes(frames[-2], "big"), frames[-1]))
+    except TimeoutError:
+        log.warning(
+            "the engine's KV event replay at %s did not end within %.1f s (%d batches)",
+            address,
+            timeout,
+            len(got),
+        )
+    finally:
+        sock.close(0)
+    return got
+
+
 def rank_endpoint(endpoint: str, rank: int) -> str:
     """Data-parallel rank `rank`'s endpoint: the port plus the rank (ipc/inproc: `_dp{rank}`)."""
     if rank == 0:
@@ -187,6 +255,9 @@ class ZmqKvEventRelay:
         self.events = 0
         self.lost = 0
         self.bad = 0
+        self.replays: list[str] = []
+        """Each rank's replay socket (see the module docstring); empty: none."""
+        self.replayed = 0
         self.addresses: list[str] = []
         self._next_id = 0
         self._last_seq: dict[int, int] = {}
@@ -267,10 +338,24 @@ class ZmqKvEventRelay:
             )
         self._last_seq[rank] = seq
 
+    async def catch_up(self, rank: int, seq: int) -> None:
+        """Before `rank`'s batch `seq`: relay what was missed before it, from its replay socket."""
+        last = self._last_seq.get(rank)
+        start = 0 if last is None else last + 1
+        if rank >= len(self.replays) or seq <= start:
+            return
+        for missed, payload in await fetch_engine_replay(self._context, self.replays[rank], start):
+            last = self._last_seq.get(rank)
+            if start <= missed < seq and (last is None or missed > last):
+                self.handle((b"", missed.to_bytes(8, "big"), payload))
+                self.replayed += 1
+
     async def _run(self) -> None:
         while True:
             frames = await self._socket.recv_multipart()
             try:
+                if self.replays and len(frames) >= 3:
+                    await self.catch_up(_rank_of(frames[-1]), int.from_bytes(frames[-2], "big"))
                 self.handle(frames)
             except Exception:  # a failing publish must not stop the relay
                 log.exception("could not relay a %s KV event batch", self.engine)

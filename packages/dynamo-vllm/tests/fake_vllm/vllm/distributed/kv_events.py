@@ -1,14 +1,15 @@
 """vLLM's KV-event wire types and ZMQ publisher (vllm/distributed/kv_events.py), as encoded:
 the batch is an array `[ts, events, data_parallel_rank]`, each event a map tagged by `type`;
 messages are `(topic, seq: 8 bytes big-endian, msgpack payload)`; an endpoint with a wildcard
-is bound, any other is connected to."""
+is bound, any other is connected to; the replay socket (`replay_endpoint`) is always bound."""
 
 from __future__ import annotations
 
-from itertools import count
 from typing import Any
 
 import msgspec
+
+from dynamo_core.testing.engine_replay import PublisherSockets
 
 
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -44,25 +45,30 @@ class KVEventBatch(EventBatch):
     events: list[BlockStored | BlockRemoved | AllBlocksCleared]
 
 
-class ZmqEventPublisher:
-    def __init__(self, endpoint: str, topic: str = "") -> None:
-        import zmq
+class ZmqEventPublisher(PublisherSockets):
+    """vLLM's publisher: PUB at `endpoint`; with `replay_endpoint`, the last `buffer_steps`
+    batches served for replay as vLLM does (`dynamo_core.testing.engine_replay`, whose
+    `drop_live` keeps batches out of the live stream)."""
 
-        self._ctx = zmq.Context()
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
-        if "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
-            self._pub.bind(endpoint)
-        else:
-            self._pub.connect(endpoint)
-        self._topic = topic.encode()
-        self._seq = count()
+    def __init__(
+        self,
+        endpoint: str,
+        topic: str = "",
+        replay_endpoint: str | None = None,
+        buffer_steps: int = 10_000,
+    ) -> None:
+        binds = "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+        super().__init__(
+            endpoint,
+            bind=binds,
+            topic=topic,
+            replay_endpoint=replay_endpoint,
+            buffer_steps=buffer_steps,
+        )
         self._pack = msgspec.msgpack.Encoder()
 
     def publish(self, batch: KVEventBatch) -> None:
-        seq = next(self._seq)
-        self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), self._pack.encode(batch)))
+        self.send(self._pack.encode(batch))
 
     def shutdown(self) -> None:
-        self._pub.close(0)
-        self._ctx.term()
+        self.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import time
-from itertools import count
 from typing import Any
 
 import msgspec
+
+from dynamo_core.testing.engine_replay import PublisherSockets
 
 
 class EventBatch(msgspec.Struct, array_like=True, gc=False):  # type: ignore[call-arg]
@@ -43,33 +44,30 @@ class KVEventBatch(EventBatch):
     events: list[BlockStored | BlockRemoved | AllBlocksCleared]
 
 
-class ZmqEventPublisher:
-    """Binds wildcard endpoints, connects to concrete ones (as SGLang's does)."""
+class ZmqEventPublisher(PublisherSockets):
+    """Binds wildcard endpoints, connects to concrete ones (as SGLang's does); with a
+    `replay_endpoint`, keeps the last `buffer_steps` batches for replay as SGLang does
+    (`dynamo_core.testing.engine_replay`, whose `drop_live` keeps batches out of the live
+    stream)."""
 
     def __init__(self, config_json: str) -> None:
-        import zmq
-
         config = json.loads(config_json)
         endpoint = config.get("endpoint", "tcp://*:5557")
-        self._ctx = zmq.Context()
-        self._pub = self._ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.LINGER, 0)
         bind = config.get("bind")
         if bind is None:
             bind = "*" in endpoint or "0.0.0.0" in endpoint or not endpoint.startswith("tcp://")
-        if bind:
-            self._pub.bind(endpoint.replace("*", "127.0.0.1"))
-        else:
-            self._pub.connect(endpoint)
-        self._topic = str(config.get("topic", "")).encode()
-        self._seq = count()
+        replay = config.get("replay_endpoint")
+        super().__init__(
+            endpoint.replace("*", "127.0.0.1") if bind else endpoint,
+            bind=bool(bind),
+            topic=str(config.get("topic", "")),
+            replay_endpoint=replay.replace("*", "127.0.0.1") if replay else None,
+            buffer_steps=int(config.get("buffer_steps", 10_000)),
+        )
         self._encoder = msgspec.msgpack.Encoder()
 
     def publish(self, events: list[Any]) -> None:
-        batch = KVEventBatch(ts=time.time(), events=events)
-        seq = next(self._seq).to_bytes(8, "big")
-        self._pub.send_multipart((self._topic, seq, self._encoder.encode(batch)))
+        self.send(self._encoder.encode(KVEventBatch(ts=time.time(), events=events)))
 
     def shutdown(self) -> None:
-        self._pub.close(linger=0)
-        self._ctx.term()
+        self.close()

@@ -97,7 +97,9 @@ class AsyncLLM:
         events = vllm_config.kv_events_config
         self.publisher = None
         if events is not None and events.enable_kv_cache_events and events.publisher == "zmq":
-            self.publisher = ZmqEventPublisher(events.endpoint, events.topic)
+            self.publisher = ZmqEventPublisher(
+                events.endpoint, events.topic, events.replay_endpoint, events.buffer_steps
+            )
 
     @classmethod
     def from_engine_args(
