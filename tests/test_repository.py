@@ -98,3 +98,16 @@ def test_every_component_file_runs_as_a_script_unshadowed() -> None:
             p.name for p in path.parent.iterdir() if (p / "__init__.py").exists()
         }
         assert not siblings & taken, f"{path}: its folder shadows {sorted(siblings & taken)}"
+
+
+def test_no_asyncio_wait_for_in_library_code() -> None:
+    # On Python 3.11 `asyncio.wait_for` drops a cancel that arrives as its inner call completes:
+    # the task then runs on, and whoever cancelled it to stop waits forever (`dynamo serve` hung
+    # in its stop that way). `async with asyncio.timeout(...)` keeps every cancel.
+    offenders = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in ROOT.glob("packages/*/src/**/*.py")
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if "asyncio.wait_for(" in line and "testing" not in p.parts
+    ]
+    assert offenders == []

@@ -31,23 +31,35 @@ from dynamo_serve.graph import Plan
 
 __all__ = ["ProcessState", "Readiness", "health_ready", "http_get"]
 
+#: How long `Readiness.close` waits for its cancelled tasks.
+CLOSE_TIMEOUT = 5.0
+
 
 async def http_get(
     host: str, port: int, path: str = "/health", timeout: float = 1.0
 ) -> tuple[int, bytes]:
     """`GET path` as (status, body); status 0 when nothing answered (plain HTTP/1.1, no client
-    library needed)."""
+    library needed).
+
+    Each step is bounded with `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11
+    `wait_for` swallows a cancel that arrives as its inner call completes (the refused
+    connection of a frontend that just stopped), and the probe calling this then never ended.
+    """
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return 0, b""
     try:
         request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
         writer.write(request.encode())
-        response = await asyncio.wait_for(reader.read(1 << 16), timeout)
-        while len(response) < (1 << 16) and (
-            chunk := await asyncio.wait_for(reader.read(1 << 16), timeout)
-        ):
+        async with asyncio.timeout(timeout):
+            response = await reader.read(1 << 16)
+        while len(response) < (1 << 16):
+            async with asyncio.timeout(timeout):
+                chunk = await reader.read(1 << 16)
+            if not chunk:
+                break
             response += chunk
         head, _, body = response.partition(b"\r\n\r\n")
         parts = head.split(b"\r\n", 1)[0].split()
@@ -157,9 +169,10 @@ class Readiness:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:  # bounded: a task that ignored its cancel must not hold up the stop
+            _, stuck = await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT)
+            for task in stuck:
+                self.warn(f"readiness task {task.get_name()} did not stop when cancelled")
         if self._discovery is not None:
             with contextlib.suppress(Exception):
                 await self._discovery.close()

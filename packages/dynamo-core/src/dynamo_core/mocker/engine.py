@@ -637,7 +637,8 @@ class MockerEngine:
                 self._publish_metrics(force=True)
                 wake.clear()
                 try:  # idle: wake up now and then to publish the same metrics again
-                    await asyncio.wait_for(wake.wait(), self.args.metrics_refresh)
+                    async with asyncio.timeout(self.args.metrics_refresh):
+                        await wake.wait()
                 except TimeoutError:
                     pass
                 continue
@@ -647,7 +648,8 @@ class MockerEngine:
                 if not batch:  # nothing fits now (should not happen): wait for a change
                     wake.clear()
                     try:
-                        await asyncio.wait_for(wake.wait(), 0.05)
+                        async with asyncio.timeout(0.05):
+                            await wake.wait()
                     except TimeoutError:
                         pass
                     continue

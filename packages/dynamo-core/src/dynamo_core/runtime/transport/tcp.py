@@ -475,7 +475,8 @@ class TcpServer(RequestPlaneServer):
                 conn.transport.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
 
 
 # ---------------------------------------------------------------------------------------
