@@ -61,9 +61,13 @@ def _dist(site: Path, name: str, version: str, *lines: str) -> None:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    """The component, and the engine package's metadata: fakeeng>=1.0 in its `fakeeng` extra."""
+    """The component, and the engine package's metadata: fakeeng>=1.0 in its `fakeeng` extra,
+    a CPU build in its `cpu` extra (listed first), Dynamo's own packages beside them."""
     (tmp_path / "dyn_comp.py").write_text(textwrap.dedent(COMPONENT))
-    _dist(tmp_path, "dynamo-fakeeng", "0.1", "Provides-Extra: fakeeng",
+    _dist(tmp_path, "dynamo-fakeeng", "0.1", "Provides-Extra: cpu", "Provides-Extra: fakeeng",
+          "Requires-Dist: dynamo-core>=0.1",
+          'Requires-Dist: fakeeng-cpu==2.0; extra == "cpu"',
+          'Requires-Dist: dynamo-core[zmq]; extra == "fakeeng"',
           'Requires-Dist: fakeeng>=1.0; extra == "fakeeng"')  # fmt: skip
     return tmp_path
 
@@ -102,7 +106,10 @@ def test_a_missing_engine_is_one_line_and_status_1(site: Path) -> None:
     done = _run(site)
     assert done.returncode == 1
     assert done.stdout == ""
-    assert done.stderr == 'error: FakeEng is not installed: pip install "dynamo-fakeeng[fakeeng]"\n'
+    assert (
+        done.stderr
+        == 'error: FakeEng is not installed: pip install "fakeeng>=1.0" (or "fakeeng-cpu==2.0")\n'
+    )
 
 
 def test_a_blocked_engine_counts_as_missing(site: Path) -> None:
@@ -119,7 +126,7 @@ def test_an_engine_outside_the_declared_range_is_one_line(site: Path) -> None:
     assert done.returncode == 1
     assert done.stderr == (
         "error: FakeEng 0.9 is installed; dynamo-fakeeng needs fakeeng>=1.0: "
-        'pip install "dynamo-fakeeng[fakeeng]"\n'
+        'pip install "fakeeng>=1.0" (or "fakeeng-cpu==2.0")\n'
     )
 
 

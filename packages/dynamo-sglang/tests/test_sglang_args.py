@@ -32,7 +32,7 @@ def test_main_without_sglang_exits_with_one_line(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr == 'error: SGLang is not installed: pip install "dynamo-sglang[sglang]"\n'
+    assert result.stderr == 'error: SGLang is not installed: pip install "sglang>=0.4.9"\n'
     help_code = (
         "import sys; sys.modules['sglang'] = None; "
         "from dynamo_sglang.decode import main; main(['--help'])"

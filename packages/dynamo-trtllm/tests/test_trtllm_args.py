@@ -225,7 +225,7 @@ def test_without_the_engine(role: str) -> None:
     assert ran.returncode == 1
     assert ran.stdout == ""
     assert ran.stderr.splitlines() == [
-        'error: TensorRT-LLM is not installed: pip install "dynamo-trtllm[trtllm]" '
+        'error: TensorRT-LLM is not installed: pip install "tensorrt-llm>=1.0" '
         "--extra-index-url https://pypi.nvidia.com"
     ]
     bad = run_module(module, "--modle-path", "x", env=without_fake_path())

