@@ -87,20 +87,9 @@ class EngineSpec:
     def _engine_requirements(self) -> list[str]:
         """`name+specifier` of what the engine package's extras require, other than Dynamo's own
         packages; the requirements of the extra named in `extra` first."""
-        if not self.extra:
-            return []
-        package, _, rest = self.extra.partition("[")
-        own_extra = rest.rstrip("]")
-        try:
-            requirements = importlib.metadata.requires(package) or []
-        except importlib.metadata.PackageNotFoundError:
-            return []
+        own_extra = (self.extra or "").partition("[")[2].rstrip("]")
         found: list[tuple[bool, str]] = []
-        for text in requirements:
-            try:
-                req = Requirement(text)
-            except InvalidRequirement:
-                continue
+        for req in self._declared():
             if req.marker is None or "extra" not in str(req.marker):
                 continue  # a dependency of every install, not an engine
             if canonicalize_name(req.name).startswith("dynamo-"):
@@ -130,22 +119,15 @@ class EngineSpec:
 
     def _version_problem(self) -> str | None:
         assert self.import_name is not None
-        package = self.extra.partition("[")[0] if self.extra else None
-        if package is None:
-            return None
-        try:
-            requirements = importlib.metadata.requires(package) or []
-        except importlib.metadata.PackageNotFoundError:
+        declared = self._declared()
+        if not declared:
             return None  # running from a source tree: no declared range to check
+        package = (self.extra or "").partition("[")[0]
         providers = {
             canonicalize_name(d)
             for d in importlib.metadata.packages_distributions().get(self.import_name, [])
         }
-        for text in requirements:
-            try:
-                req = Requirement(text)
-            except InvalidRequirement:
-                continue
+        for req in declared:
             dist = canonicalize_name(req.name)
             if dist not in providers:
                 continue
@@ -159,6 +141,23 @@ class EngineSpec:
                     f"{shown} {installed} is installed; {package} needs {req.name}{req.specifier}"
                 )
         return None
+
+    def _declared(self) -> list[Requirement]:
+        """The engine package's requirements, from its installed metadata (none without it: a
+        source tree, a test fake on `sys.path`)."""
+        if not self.extra:
+            return []
+        try:
+            texts = importlib.metadata.requires(self.extra.partition("[")[0]) or []
+        except importlib.metadata.PackageNotFoundError:
+            return []
+        declared = []
+        for text in texts:
+            try:
+                declared.append(Requirement(text))
+            except InvalidRequirement:
+                continue
+        return declared
 
     def load(self) -> ModuleType:
         """The worker module (importing it never imports the engine itself)."""
