@@ -17,6 +17,7 @@ from dynamo_core.llm.kv_relay import (
     connectable,
     convert_events,
     external_hash,
+    free_local_port,
     rank_endpoint,
 )
 
@@ -160,6 +161,59 @@ async def test_bound_locally_the_engines_publishers_connect_one_per_rank() -> No
             pub.close(0)
         ctx.term()
         await relay.close()
+
+
+class _FirstPortTaken:
+    """The relay's SUB socket, whose first random port is one whose successor another process
+    holds: what happens to a free port's neighbour on a busy machine."""
+
+    def __init__(self, sock: Any, port: int) -> None:
+        self._sock, self._port = sock, port
+
+    def bind_to_random_port(self, addr: str) -> int:
+        if self._port:
+            port, self._port = self._port, 0
+            self._sock.bind(f"{addr}:{port}")
+            return port
+        return int(self._sock.bind_to_random_port(addr))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _free_port_with_its_successor_held() -> tuple[int, Any]:
+    import socket
+
+    while True:
+        port = free_local_port()
+        holder = socket.socket()
+        try:
+            holder.bind(("127.0.0.1", port + 1))
+        except OSError:  # the successor is someone else's already: another try
+            holder.close()
+            continue
+        holder.listen()
+        return port, holder
+
+
+def test_a_free_base_port_is_one_whose_rank_ports_are_free_too() -> None:
+    first, holder = _free_port_with_its_successor_held()
+    relay = ZmqKvEventRelay(lambda _: None, block_size=4)
+    relay._socket = _FirstPortTaken(relay._socket, first)
+    try:
+        endpoint = relay.bind_local(ranks=2)
+        port = int(endpoint.rpartition(":")[2])
+        assert port != first and relay.addresses == [endpoint]
+        probe = zmq.Context.instance().socket(zmq.PUB)
+        try:
+            with pytest.raises(zmq.ZMQError):  # the relay holds its rank 1's port
+                probe.bind(f"tcp://127.0.0.1:{port + 1}")
+        finally:
+            probe.close(0)
+    finally:
+        holder.close()
+        relay._socket.close(0)
+        relay._context.term()
 
 
 async def test_connected_it_follows_a_publisher_that_binds() -> None:

@@ -171,6 +171,7 @@ def free_local_port() -> int:
         return int(probe.getsockname()[1])
 
 
+_BIND_ATTEMPTS = 32
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
 _HEAD = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
@@ -272,21 +273,47 @@ class ZmqKvEventRelay:
         return self.addresses[0] if self.addresses else ""
 
     def bind_local(self, port: int = 0, *, ranks: int = 1) -> str:
-        """Listen on 127.0.0.1:`port` (0: a free one) and the next `ranks - 1` ports; the
-        endpoint the engine's rank 0 connects to."""
+        """Listen on 127.0.0.1:`port` and the next `ranks - 1` ports (the engine's rank r
+        connects to the port plus r); the endpoint the engine's rank 0 connects to.
+
+        With `port` 0 the relay picks a base port whose whole run of `ranks` ports is free
+        (another process may hold the port after a random one). A given `port` is the user's:
+        a rank whose port is taken is logged, and its events are missed."""
         import zmq
 
         if port:
             self._socket.bind(f"tcp://127.0.0.1:{port}")
+            self._bind_ranks(port, ranks, strict=False)
         else:
-            port = self._socket.bind_to_random_port("tcp://127.0.0.1")
+            for _ in range(_BIND_ATTEMPTS):
+                port = self._socket.bind_to_random_port("tcp://127.0.0.1")
+                if self._bind_ranks(port, ranks, strict=True):
+                    break
+            else:
+                raise zmq.ZMQError(
+                    msg=f"no run of {ranks} free ports on 127.0.0.1 for the engine's KV events"
+                )
         self.addresses.append(f"tcp://127.0.0.1:{port}")
-        for rank in range(1, ranks):
-            try:
-                self._socket.bind(f"tcp://127.0.0.1:{port + rank}")
-            except zmq.ZMQError as exc:
-                log.warning("KV events of data-parallel rank %d will be missed: %s", rank, exc)
         return self.addresses[0]
+
+    def _bind_ranks(self, port: int, ranks: int, *, strict: bool) -> bool:
+        """Bind the ports of ranks 1.. after `port`. Strict: all or none (the base port too)."""
+        import zmq
+
+        bound = [f"tcp://127.0.0.1:{port}"]
+        for rank in range(1, ranks):
+            address = f"tcp://127.0.0.1:{port + rank}"
+            try:
+                self._socket.bind(address)
+            except zmq.ZMQError as exc:
+                if not strict:
+                    log.warning("KV events of data-parallel rank %d will be missed: %s", rank, exc)
+                    continue
+                for done in bound:
+                    self._socket.unbind(done)
+                return False
+            bound.append(address)
+        return True
 
     def bind(self, endpoints: Sequence[str]) -> None:
         """Listen on endpoints a user configured the engine to connect to."""
