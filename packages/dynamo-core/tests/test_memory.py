@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from dynamo_core._memory import Trimmer
 
 
@@ -21,6 +23,18 @@ def test_trims_once_when_a_burst_ends() -> None:
         slow.started()
         slow.ended()
     assert slow.trims == 1  # at most once per interval
+
+
+def test_the_first_burst_trims_on_a_machine_booted_a_moment_ago(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dynamo_core._memory as memory
+
+    monkeypatch.setattr(memory.time, "monotonic", lambda: 5.0)  # seconds since boot, on CI
+    trimmer = Trimmer(min_interval=3600)
+    trimmer.started()
+    trimmer.ended()
+    assert trimmer.trims == 1
 
 
 _BURST = """

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import threading
 import time
 from typing import Any
@@ -47,7 +48,7 @@ class Trimmer:
         self._trim = getattr(_libc(), "malloc_trim", None)
         self._lock = threading.Lock()
         self._active = 0
-        self._last = 0.0
+        self._last = -math.inf  # the first burst trims, however long ago the machine booted
         self.min_interval = min_interval
         self.trims = 0
 

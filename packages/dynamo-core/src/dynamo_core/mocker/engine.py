@@ -382,7 +382,7 @@ class MockerEngine:
         self._totals = _Totals()
         self._event_id = 0
         self._last_metrics: LoadMetrics | None = None
-        self._last_metrics_at = 0.0
+        self._last_metrics_at = -math.inf  # the first metrics go out at once
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
