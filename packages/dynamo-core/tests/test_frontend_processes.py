@@ -60,15 +60,15 @@ def start_mocker(stack: ExitStack, env: dict[str, str], *extra: str) -> Proc:
 
 
 def start_frontend(stack: ExitStack, env: dict[str, str]) -> str:
+    return start_frontend_proc(stack, env)[1]
+
+
+def start_frontend_proc(stack: ExitStack, env: dict[str, str], *extra: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = stack.enter_context(
-        run_python(
-            ["-m", "dynamo_core.frontend", "--http-host", "127.0.0.1", "--http-port", str(port)],
-            env=env,
-        )
-    )
+    args = ["--http-host", "127.0.0.1", "--http-port", str(port), *extra]
+    proc = stack.enter_context(run_python(["-m", "dynamo_core.frontend", *args], env=env))
     proc.wait_for_line("OpenAI API on")
-    return f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -604,3 +604,124 @@ async def test_http_workers_share_their_routing_load(procs: ExitStack, env: dict
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+
+
+# -- stored responses (/v1/responses) across processes and restarts ----------------------------
+
+
+def fresh_connections(url: str) -> openai.AsyncOpenAI:
+    """An `openai` client whose every request goes on a new connection (so, with
+    --http-workers, to any of the processes: the kernel spreads connections, not requests)."""
+    return openai.AsyncOpenAI(
+        base_url=url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        default_headers={"connection": "close"},
+    )
+
+
+async def test_http_workers_share_stored_responses(
+    procs: ExitStack, env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--http-workers 2`, no --responses-store-dir: a follow-up, GET or DELETE reaches the
+    response whichever process its connection lands on (worker 0 hands its copies a private
+    folder, and removes it when it stops); one deleted on either is gone on both."""
+    env = {**env, "TMPDIR": str(tmp_path)}  # where the private folder goes
+    start_mocker(procs, env)
+    proc, url = start_http_workers(procs, env, 2)
+    (copy,) = psutil.Process(proc.pid).children()
+    argv = copy.cmdline()
+    folder = Path(argv[argv.index("--responses-store-dir") + 1])
+    assert folder.parent == tmp_path and folder.is_dir()
+    async with httpx.AsyncClient(base_url=url) as http:
+        await wait_instances(http, 1)
+    client = fresh_connections(url)
+    asked = 0
+    try:
+        for i in range(10):
+            first = await client.responses.create(
+                model="tiny", input=f"hi {i}", max_output_tokens=4
+            )
+            follow = await client.responses.create(
+                model="tiny", input="and?", previous_response_id=first.id, max_output_tokens=4
+            )
+            async with client.responses.stream(
+                model="tiny", input="more", previous_response_id=follow.id, max_output_tokens=4
+            ) as stream:
+                events = [e async for e in stream]
+            assert events[-1].type == "response.incomplete"  # its 4 tokens: stored all the same
+            last = events[-1].response
+            assert last.previous_response_id == follow.id
+            for r in (first, follow, last):
+                again = await client.responses.retrieve(r.id)
+                assert (again.id, again.output_text) == (r.id, r.output_text)
+            await client.responses.delete(first.id)
+            for _ in range(3):
+                with pytest.raises(openai.NotFoundError):
+                    await client.responses.retrieve(first.id)
+            with pytest.raises(openai.NotFoundError) as info:
+                await client.responses.create(
+                    model="tiny", input="x", previous_response_id=first.id, max_output_tokens=4
+                )
+            assert info.value.code == "previous_response_not_found"
+            assert (await client.responses.retrieve(follow.id)).id == follow.id
+            asked += 11
+    finally:
+        await client.close()
+    assert asked == 110
+    assert len(list(folder.glob("resp_*.json"))) == 20  # two kept of each three
+    assert proc.stop(signal.SIGTERM, timeout=30) == 0
+    assert not folder.exists()
+
+
+async def test_stored_responses_survive_a_frontend_restart(
+    procs: ExitStack, env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "responses"
+    start_mocker(procs, env)
+    flags = ("--responses-store-dir", str(folder))
+    before, url = start_frontend_proc(procs, env, *flags)
+    client = fresh_connections(url)
+    try:
+        async with httpx.AsyncClient(base_url=url) as http:
+            await wait_models(http, 1)
+        kept = await client.responses.create(model="tiny", input="hello", max_output_tokens=4)
+        gone = await client.responses.create(model="tiny", input="bye", max_output_tokens=4)
+        await client.responses.delete(gone.id)
+    finally:
+        await client.close()
+    assert before.stop(signal.SIGTERM, timeout=30) == 0
+
+    after, url = start_frontend_proc(procs, env, *flags)
+    assert "1 from earlier runs kept" in after.output()
+    client = fresh_connections(url)
+    try:
+        again = await client.responses.retrieve(kept.id)
+        assert again.model_dump() == kept.model_dump()
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(gone.id)
+        async with httpx.AsyncClient(base_url=url) as http:
+            await wait_models(http, 1)
+        follow = await client.responses.create(
+            model="tiny", input="again", previous_response_id=kept.id, max_output_tokens=4
+        )
+        assert follow.previous_response_id == kept.id
+        await client.responses.delete(kept.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(kept.id)
+    finally:
+        await client.close()
+    assert sorted(p.name for p in folder.iterdir()) == [f"{follow.id}.json"]
+
+
+def test_a_store_dir_that_cannot_be_used_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    done = subprocess.run(
+        [sys.executable, "-m", "dynamo_core.frontend", "--http-host", "127.0.0.1",
+         "--http-port", "0", "--responses-store-dir", str(taken)],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 78, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot keep responses in --responses-store-dir {taken}: "), last

@@ -4,7 +4,9 @@ One frontend process is one core (its event loop); a machine with more cores ser
 running more of them on the same port. The process the user started is worker 0: it takes the
 port first (`reserve_port`: refused at once if any other program holds it, even one that shares
 ports; port 0 becomes a free one), then starts N-1 copies of itself (`HttpWorkers`), each run
-with the same command line plus `--http-port <that port> --http-workers 1` and
+with the same command line plus `--http-port <that port> --http-workers 1` (and, unless the
+user named one, `--responses-store-dir` of a private folder worker 0 made, where the processes
+share their stored responses: `dynamo_core.frontend.responses`) and
 `DYN_HTTP_WORKER_INDEX=<i>`. Every process listens with SO_REUSEPORT, and the kernel spreads new
 connections over their sockets. Each copy is a whole frontend (model watch, tokenizers, routers,
 its own runtime instance); their routers share the load they dispatch through the event plane

@@ -8,7 +8,11 @@ live, and each request is routed to a live instance of its model.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 
 from pydantic import Field
 
@@ -72,13 +76,24 @@ class FrontendConfig(RouterClientConfig, RuntimeConfig, ParserFlags):
     responses_max_stored: int = Field(
         1024,
         ge=0,
-        description="Responses (/v1/responses) kept in memory for previous_response_id and "
-        "GET /v1/responses/{id}; the least recently used go first (0: none kept).",
+        description="Responses (/v1/responses) each frontend process keeps for "
+        "previous_response_id and GET /v1/responses/{id}, of those it made; the least recently "
+        "used go first (0: none kept). With --http-workers N, up to N times this in all.",
     )
     responses_max_stored_bytes: int = Field(
         64 * 1024 * 1024,
         gt=0,
-        description="Bytes the stored responses may take in all (each keeps its conversation).",
+        description="Bytes the responses a frontend process stored may take in all (each keeps "
+        "its conversation). With --http-workers N, up to N times this in all.",
+    )
+    responses_store_dir: Path | None = Field(
+        None,
+        description="Folder where stored responses are kept, one file each: they survive a "
+        "restart of the frontend, and every frontend process using the folder answers for "
+        "all of them (previous_response_id, GET and DELETE /v1/responses/{id}). At start, "
+        "files beyond the bounds (--responses-max-stored, --responses-max-stored-bytes, times "
+        "--http-workers) go, oldest first. Unset: in memory, or with --http-workers above 1 in "
+        "a private temporary folder, removed when the frontend stops.",
     )
     http_max_connections: int = Field(
         8192,
@@ -124,9 +139,21 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[FrontendConfig]) 
     shared = index > 0 or config.http_workers > 1
     port = config.http_port
     copies = None
+    store = ResponseStore(
+        config.responses_max_stored,
+        config.responses_max_stored_bytes,
+        config.responses_store_dir,
+    )
+    if store.directory is not None and index == 0:
+        store.open(config.http_workers)  # at start, before anything is served
+    private_dir = None
     if index == 0 and config.http_workers > 1:  # the copies start now, before any thread does
         port = reserve_port(config.http_host, port)
-        copies = HttpWorkers(args.argv, port, config.http_workers, config.graceful_shutdown_timeout)
+        argv = args.argv
+        if store.directory is None:  # the N processes share their stored responses in files
+            private_dir = store.directory = Path(tempfile.mkdtemp(prefix="dynamo-responses-"))
+            argv = [*argv, "--responses-store-dir", str(private_dir)]
+        copies = HttpWorkers(argv, port, config.http_workers, config.graceful_shutdown_timeout)
         copies.start()
     router = config.router_settings()
     if shared:
@@ -138,9 +165,7 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[FrontendConfig]) 
         migration_limit=config.migration_limit,
         tool_call_parser=config.dyn_tool_call_parser,
         reasoning_parser=config.dyn_reasoning_parser,
-        responses_store=ResponseStore(
-            config.responses_max_stored, config.responses_max_stored_bytes
-        ),
+        responses_store=store,
     )
     try:
         await service.start()
@@ -161,6 +186,8 @@ async def worker(runtime: DistributedRuntime, args: ParsedArgs[FrontendConfig]) 
     finally:
         if copies is not None:
             await copies.stop()
+        if private_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, private_dir, ignore_errors=True)
 
 
 def http_limits(config: FrontendConfig) -> HttpLimits:

@@ -21,11 +21,36 @@ and constraints as chat), and `ResponsesFormatter` writes the output as Response
 `previous_response_id` continues a conversation: each stored response keeps the whole
 conversation that led to it (its input messages, earlier turns included, and its output as an
 assistant message; not its `instructions`, which OpenAI does not carry over), so a chain does not
-break when an older response is evicted. `ResponseStore` keeps them in memory, least recently
-used first out, bounded in count and in bytes (`--responses-max-stored`,
-`--responses-max-stored-bytes`). An unknown, evicted or deleted id is a 404
-(`previous_response_not_found`); so is the id of a response still being generated, or one made
-by another frontend process (the store is per process), or with ``store: false``.
+break when an older response is evicted. An unknown, evicted or deleted id is a 404
+(`previous_response_not_found`; `response_not_found` on `GET`/`DELETE`); so is the id of a
+response still being generated, or one made with ``store: false``.
+
+Where `ResponseStore` keeps them:
+
+- one frontend process, no `--responses-store-dir`: in its memory;
+- `--responses-store-dir PATH`: one file per response there (`resp_<32 hex>.json`: its id, its
+  JSON, its conversation), so they survive a restart of the frontend and every process using
+  the folder sees every one: a follow-up, `GET` or `DELETE` may land on any of them, and a
+  response deleted or evicted by one is gone for all. Files are written whole (a temporary file,
+  then a rename) and removed by `DELETE` or eviction; a file that does not read back as a stored
+  response (cut, garbage) is a 404, logged once, never a 500; an id not of the shape this store
+  makes is a 404 without touching the disk (no path can be smuggled in);
+- `--http-workers N` (N > 1) without a folder: worker 0 makes a private temporary folder, hands
+  it to its copies (`--responses-store-dir` on their command line) and removes it when it stops
+  (not if it is killed outright: the folder is left in the system's temporary directory).
+
+File IO runs in a thread, never on the event loop. A response is written before the client can
+see it finished (the last event of a stream, the body of a whole response), so a follow-up that
+reaches another process right after finds it.
+
+Bounds: each process keeps at most `--responses-max-stored` responses and
+`--responses-max-stored-bytes` bytes (a response's JSON plus its conversation's) of those *it*
+wrote, the least recently used (by that process) out first; with N processes the folder holds up
+to N times that. A response another process deleted still counts for its writer until evicted
+there. A process does not count files it did not write: at start, the process the user started
+trims the folder to N times the bounds (the newest files kept) and removes temporary files a
+killed writer left; what it keeps leaves by `DELETE`, or at a later start's trim (so do the
+files of a copy that died and was started again).
 
 Not supported (a 400 that says so): hosted tools (web search, file search, computer use, code
 interpreter, MCP...), `input_file` and `input_image` by file id, `item_reference` items,
@@ -34,15 +59,21 @@ background mode.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import os
+import re
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from dynamo_core.errors import ConfigError
 from dynamo_core.frontend.messages import invalid_type, invalid_value, missing, tagged
 from dynamo_core.frontend.openai import (
     ChoiceResult,
@@ -63,7 +94,6 @@ from dynamo_core.llm.parsers import Content, Event, ParserSpec, Reasoning, ToolC
 from dynamo_core.llm.protocol import GuidedDecoding
 
 __all__ = [
-    "ResponseNotFoundError",
     "ResponseStore",
     "ResponsesCall",
     "ResponsesFormatter",
@@ -161,10 +191,6 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
         return getattr(self.nvext, name, None) if self.nvext is not None else None
 
 
-class ResponseNotFoundError(LookupError):
-    """`previous_response_id` names no stored response."""
-
-
 @dataclass(frozen=True, slots=True)
 class ResponsesCall:
     """A Responses request made ready for the chat path."""
@@ -178,19 +204,14 @@ class ResponsesCall:
 
 
 def prepare_responses(
-    body: ResponsesRequest, parsers: ParserSpec, store: ResponseStore
+    body: ResponsesRequest, parsers: ParserSpec, earlier: list[dict[str, Any]] | None = None
 ) -> ResponsesCall:
-    """Messages, tools and output plan of `body` (raises `ParamError`, `ResponseNotFoundError`)."""
+    """Messages, tools and output plan of `body` (raises `ParamError`); `earlier`: the
+    conversation of its `previous_response_id`, looked up by the caller
+    (`ResponseStore.conversation`)."""
     if body.background:
         raise ParamError("background mode is not supported", "background", "unsupported_parameter")
-    conversation: list[dict[str, Any]] = []
-    if body.previous_response_id is not None:
-        earlier = store.conversation(body.previous_response_id)
-        if earlier is None:
-            raise ResponseNotFoundError(
-                f"Previous response with id '{body.previous_response_id}' not found."
-            )
-        conversation.extend(earlier)
+    conversation: list[dict[str, Any]] = list(earlier or ())
     conversation.extend(_input_messages(body.input))
     if not conversation:
         raise ParamError("input must not be empty", "input", "empty_array")
@@ -352,22 +373,70 @@ def _text_field(item: dict[str, Any], key: str, at: str) -> str:
 
 
 class ResponseStore:
-    """Stored responses for `previous_response_id` and `GET /v1/responses/{id}`: least
-    recently used out first, at most `max_responses` of them and `max_bytes` in all (a
-    response's JSON plus its conversation's)."""
+    """Stored responses for `previous_response_id` and `GET`/`DELETE /v1/responses/{id}`: in
+    memory, or one file each in `directory` (see the module docstring). At most
+    `max_responses` of them and `max_bytes` in all (a response's JSON plus its conversation's)
+    of those this object stored, least recently used out first."""
 
-    def __init__(self, max_responses: int = 1024, max_bytes: int = 64 * 2**20) -> None:
+    def __init__(
+        self,
+        max_responses: int = 1024,
+        max_bytes: int = 64 * 2**20,
+        directory: Path | None = None,
+    ) -> None:
         self.max_responses = max_responses
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[bytes, list[dict[str, Any]], int]] = OrderedDict()
+        self.directory = directory
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # what this object stored, LRU first
+        self._memory: dict[str, tuple[bytes, list[dict[str, Any]]]] = {}  # without a directory
+        self._warned: set[str] = set()  # unreadable files already logged
         self.bytes = 0
         self.evicted = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._sizes)
 
-    def put(self, response_id: str, response: bytes, conversation: list[dict[str, Any]]) -> None:
-        size = len(response) + len(_json.encode(conversation))
+    def open(self, processes: int = 1) -> None:
+        """Make the directory, then trim what earlier runs left to `processes` times the
+        bounds (the newest kept); temporary files older than a minute (a writer killed
+        mid-write) go too. Blocking: at start, before anything is served. `ConfigError` if
+        the directory cannot be made or written."""
+        directory = self.directory
+        assert directory is not None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "permission denied")
+            found = _stored_files(directory)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot keep responses in --responses-store-dir {directory}: {exc.strerror or exc}"
+            ) from None
+        found.sort(reverse=True)  # newest first
+        kept = total = 0
+        for _, size, path in found:
+            total += size
+            if kept < processes * self.max_responses and total <= processes * self.max_bytes:
+                kept += 1
+            else:
+                path.unlink(missing_ok=True)
+        log.info(
+            "stored responses in %s: %d from earlier runs kept, %d older removed",
+            directory,
+            kept,
+            len(found) - kept,
+        )
+
+    async def put(
+        self, response_id: str, response: bytes, conversation: list[dict[str, Any]]
+    ) -> None:
+        """Store a response (`response_id`: one this module made); its file, if any, is written
+        when this returns. One too large to keep, or that cannot be written, is logged and not
+        kept."""
+        if not _is_id(response_id):
+            raise ValueError(f"not a response id: {response_id!r}")
+        encoded = _json.encode(conversation)
+        size = len(response) + len(encoded)
         if size > self.max_bytes or self.max_responses == 0:
             log.warning(
                 "response %s is not stored: %d bytes, more than --responses-max-stored-bytes",
@@ -375,33 +444,206 @@ class ResponseStore:
                 size,
             )
             return
-        self._entries[response_id] = (response, conversation, size)
+        self._forget(response_id)
+        self._sizes[response_id] = size
         self.bytes += size
-        while len(self._entries) > self.max_responses or self.bytes > self.max_bytes:
-            _, (_, _, dropped) = self._entries.popitem(last=False)
+        evicted = []
+        while len(self._sizes) > self.max_responses or self.bytes > self.max_bytes:
+            old, dropped = self._sizes.popitem(last=False)
             self.bytes -= dropped
             self.evicted += 1
+            evicted.append(old)
+        if self.directory is None:
+            self._memory[response_id] = (response, conversation)
+            for old in evicted:
+                del self._memory[old]
+            return
+        record = _Stored(response_id, msgspec.Raw(response), msgspec.Raw(encoded))
+        try:  # the bookkeeping is done: a cancelled await leaves the thread to finish it
+            await asyncio.to_thread(
+                _write, self.directory, response_id, _json.encode(record), evicted
+            )
+        except OSError as exc:
+            self._forget(response_id)
+            log.warning("response %s is not stored: %s", response_id, exc)
 
-    def _get(self, response_id: str) -> tuple[bytes, list[dict[str, Any]], int] | None:
-        entry = self._entries.get(response_id)
+    async def conversation(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The conversation that ends with `response_id`'s output (None: not stored)."""
+        if self.directory is None:
+            entry = self._memory_entry(response_id)
+            return entry[1] if entry is not None else None
+        found = await self._load(response_id, conversation=True)
+        return found if isinstance(found, list) else None
+
+    async def response(self, response_id: str) -> bytes | None:
+        """`response_id`'s JSON (None: not stored)."""
+        if self.directory is None:
+            entry = self._memory_entry(response_id)
+            return entry[0] if entry is not None else None
+        found = await self._load(response_id, conversation=False)
+        return found if isinstance(found, bytes) else None
+
+    async def delete(self, response_id: str) -> bool:
+        """Remove `response_id` (for every process using the directory); False: not stored."""
+        if not _is_id(response_id):
+            return False
+        self._forget(response_id)
+        if self.directory is None:
+            return self._memory.pop(response_id, None) is not None
+        try:
+            existed = await asyncio.to_thread(_remove, self.directory, response_id)
+        except _Unreadable as exc:
+            self._warn(response_id, exc)
+            return False
+        return existed
+
+    def _memory_entry(self, response_id: str) -> tuple[bytes, list[dict[str, Any]]] | None:
+        entry = self._memory.get(response_id)
         if entry is not None:
-            self._entries.move_to_end(response_id)
+            self._sizes.move_to_end(response_id)
         return entry
 
-    def conversation(self, response_id: str) -> list[dict[str, Any]] | None:
-        entry = self._get(response_id)
-        return entry[1] if entry is not None else None
+    async def _load(
+        self, response_id: str, *, conversation: bool
+    ) -> bytes | list[dict[str, Any]] | None:
+        if not _is_id(response_id):
+            return None
+        assert self.directory is not None
+        try:
+            found = await asyncio.to_thread(_read, self.directory, response_id, conversation)
+        except _Unreadable as exc:
+            self._warn(response_id, exc)
+            return None
+        if found is None:  # deleted, maybe by another process
+            self._forget(response_id)
+        elif response_id in self._sizes:
+            self._sizes.move_to_end(response_id)
+        return found
 
-    def response(self, response_id: str) -> bytes | None:
-        entry = self._get(response_id)
-        return entry[0] if entry is not None else None
+    def _forget(self, response_id: str) -> None:
+        size = self._sizes.pop(response_id, None)
+        if size is not None:
+            self.bytes -= size
 
-    def delete(self, response_id: str) -> bool:
-        entry = self._entries.pop(response_id, None)
-        if entry is None:
-            return False
-        self.bytes -= entry[2]
-        return True
+    def _warn(self, response_id: str, exc: _Unreadable) -> None:
+        if response_id in self._warned:
+            return
+        if len(self._warned) >= 10_000:
+            self._warned.clear()
+        self._warned.add(response_id)
+        log.warning("stored response %s cannot be read, taken as not found: %s", response_id, exc)
+
+
+_ID = re.compile(r"resp_[0-9a-f]{32}")
+_SUFFIX = ".json"
+_STALE_TEMP = 60.0  # seconds: a temporary file this old is a write that will never finish
+
+
+def _is_id(response_id: str) -> bool:
+    """The shape of the ids this module makes (`resp_` + 32 hex digits): nothing else names a
+    file, so no path can be smuggled in."""
+    return _ID.fullmatch(response_id) is not None
+
+
+class _Stored(msgspec.Struct):
+    """A stored response's file: its id, its JSON and its conversation's, as they were sent."""
+
+    id: str
+    response: msgspec.Raw
+    conversation: msgspec.Raw
+
+
+_read_stored = msgspec.json.Decoder(_Stored)
+_read_conversation = msgspec.json.Decoder(list[dict[str, Any]])
+
+
+class _Unreadable(Exception):
+    """A stored response's file that does not read back as one."""
+
+
+# In a thread: the file work of `ResponseStore` with a directory.
+
+
+def _write(directory: Path, response_id: str, data: bytes, evicted: list[str]) -> None:
+    for old in evicted:
+        (directory / (old + _SUFFIX)).unlink(missing_ok=True)
+    temp = directory / f".{response_id}.{os.getpid()}.tmp"
+    try:
+        try:
+            temp.write_bytes(data)
+        except FileNotFoundError:  # the directory was removed under us
+            directory.mkdir(parents=True, exist_ok=True)
+            temp.write_bytes(data)
+        os.replace(temp, directory / (response_id + _SUFFIX))
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _parse(data: bytes, response_id: str) -> tuple[bytes, list[dict[str, Any]]]:
+    """The response's JSON and its conversation, from its file's `data` (`_Unreadable`)."""
+    try:
+        record = _read_stored.decode(data)
+        conversation = _read_conversation.decode(record.conversation)
+    except msgspec.DecodeError as exc:
+        raise _Unreadable(exc) from None
+    if record.id != response_id:
+        raise _Unreadable(f"it holds response {record.id!r}")
+    return bytes(record.response), conversation
+
+
+def _bytes_of(path: Path) -> bytes | None:
+    """A stored response's file (None: there is none; `_Unreadable`: it cannot be read)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a folder by that name, no permission...
+        raise _Unreadable(exc) from None
+
+
+def _read(
+    directory: Path, response_id: str, conversation: bool
+) -> bytes | list[dict[str, Any]] | None:
+    data = _bytes_of(directory / (response_id + _SUFFIX))
+    if data is None:
+        return None
+    response, earlier = _parse(data, response_id)
+    return earlier if conversation else response
+
+
+def _remove(directory: Path, response_id: str) -> bool:
+    """Remove the file; True if it held the response (one that does not is removed too, then
+    `_Unreadable`)."""
+    path = directory / (response_id + _SUFFIX)
+    data = _bytes_of(path)
+    if data is None:
+        return False
+    path.unlink(missing_ok=True)
+    _parse(data, response_id)
+    return True
+
+
+def _stored_files(directory: Path) -> list[tuple[float, int, Path]]:
+    """(modified, size, path) of each stored response in `directory`; stale temporary files
+    are removed."""
+    now = time.time()
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            name = entry.name
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if name.startswith(".resp_") and name.endswith(".tmp"):
+                if now - stat.st_mtime > _STALE_TEMP:
+                    Path(entry.path).unlink(missing_ok=True)
+            elif name.endswith(_SUFFIX) and _is_id(name[: -len(_SUFFIX)]):
+                found.append((stat.st_mtime, stat.st_size, Path(entry.path)))
+    return found
 
 
 # -- the output ----------------------------------------------------------------------------------
@@ -432,6 +674,7 @@ class ResponsesFormatter:
         self._open: dict[str, Any] | None = None
         self._pieces: list[str] = []
         self._status = "completed"
+        self._final: tuple[bytes, list[dict[str, Any]]] | None = None
 
     # -- objects --------------------------------------------------------------------------
 
@@ -469,11 +712,18 @@ class ResponsesFormatter:
         }
 
     def _complete(self, response: dict[str, Any]) -> bytes:
-        """The final response's JSON; stored (unless ``store: false``) for follow-ups."""
+        """The final response's JSON, kept for `keep` (unless ``store: false``)."""
         data = _json.encode(response)
         if self._body.store is not False:
-            self._store.put(self.id, data, [*self._call.conversation, *_as_messages(self._items)])
+            self._final = (data, [*self._call.conversation, *_as_messages(self._items)])
         return data
+
+    async def keep(self) -> None:
+        """Store the finished response (after `usage` or `whole`) for follow-ups: awaited
+        before the client can see it finished, so that a follow-up finds it on any process."""
+        final, self._final = self._final, None
+        if final is not None:
+            await self._store.put(self.id, *final)
 
     # -- streamed -------------------------------------------------------------------------
 

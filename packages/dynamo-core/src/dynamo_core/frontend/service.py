@@ -76,7 +76,6 @@ from dynamo_core.frontend.openai import (
     usage_dict,
 )
 from dynamo_core.frontend.responses import (
-    ResponseNotFoundError,
     ResponsesFormatter,
     ResponsesRequest,
     ResponseStore,
@@ -178,7 +177,7 @@ class OpenAIService:
     ) -> None:
         """`tool_call_parser`, `reasoning_parser`: override every model card's (``none``: no
         parsing; None: each card's own). `responses_store`: where `/v1/responses` keeps
-        responses for `previous_response_id` (default: 1024 responses, 64 MiB)."""
+        responses for `previous_response_id` (default: in memory, 1024 responses, 64 MiB)."""
         self.runtime = runtime
         self.models = ModelManager(
             runtime,
@@ -356,15 +355,19 @@ class OpenAIService:
             return _model_not_found(body.model, self.models.retired)
         if not entry.card.serves("chat"):
             return _not_served(entry, "chat")
+        earlier = None
+        previous = body.previous_response_id
+        if previous is not None:
+            earlier = await self.responses_store.conversation(previous)
+            if earlier is None:
+                return _error(
+                    404, f"Previous response with id '{previous}' not found.",
+                    "invalid_request_error", "previous_response_not_found", "previous_response_id",
+                )  # fmt: skip
         try:
-            call = prepare_responses(body, entry.parsers, self.responses_store)
+            call = prepare_responses(body, entry.parsers, earlier)
         except ParamError as exc:
             return _param_error(exc)
-        except ResponseNotFoundError as exc:
-            return _error(
-                404, str(exc), "invalid_request_error", "previous_response_not_found",
-                "previous_response_id",
-            )  # fmt: skip
         token_ids = await self._off_loop_if_large(request, _responses_prompt, entry, call)
         if isinstance(token_ids, Response):
             return token_ids
@@ -417,13 +420,13 @@ class OpenAIService:
         )
 
     async def retrieve_response(self, request: Request, response_id: str) -> Response:
-        stored = self.responses_store.response(response_id)
+        stored = await self.responses_store.response(response_id)
         if stored is None:
             return _response_not_found(response_id)
         return Response(stored)
 
     async def delete_response(self, request: Request, response_id: str) -> Response:
-        if not self.responses_store.delete(response_id):
+        if not await self.responses_store.delete(response_id):
             return _response_not_found(response_id)
         return Response(
             msgspec.json.encode({"id": response_id, "object": "response", "deleted": True})
@@ -750,6 +753,8 @@ class OpenAIService:
                     index, batch = await source.next()
             if include_usage:
                 parts.append(fmt.usage(run.usage(outs)))
+            if isinstance(fmt, ResponsesFormatter):
+                await fmt.keep()  # stored before the client sees `response.completed`
             parts.append(fmt.done)
             status = "success"
             yield Final(b"".join(parts))
@@ -821,7 +826,10 @@ class OpenAIService:
                 )
             )
         run.count_calls(m, outs)
-        return Response(run.fmt.whole(results, run.usage(outs)))
+        whole = run.fmt.whole(results, run.usage(outs))
+        if isinstance(run.fmt, ResponsesFormatter):
+            await run.fmt.keep()  # stored before the client has the body
+        return Response(whole)
 
 
 class _Sampled(Protocol):
