@@ -310,6 +310,17 @@ async def test_the_store_is_bounded_in_count_and_bytes(tmp_path: Path, in_folder
         await counted.put("../x", b"{}", CHAT)
 
 
+async def test_storing_turned_off_keeps_nothing_and_says_nothing_per_response(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = ResponseStore(max_responses=0)
+    rid = new_id()
+    with caplog.at_level(logging.WARNING, logger="dynamo"):
+        await store.put(rid, b"{}", CHAT)
+    assert await store.response(rid) is None and len(store) == 0
+    assert caplog.records == []
+
+
 async def test_two_stores_on_one_folder_share_it(tmp_path: Path) -> None:
     """Two processes: what one stores the other reads; what one deletes or evicts is gone for
     both; one that finds a response gone stops counting it."""
