@@ -15,12 +15,10 @@ import pytest
 
 from conftest import TINY
 from dynamo_core.errors import ConfigError, InvalidRequestError
-from dynamo_core.frontend.service import OpenAIService
-from dynamo_core.http import serve_http
 from dynamo_core.llm import Tokenizer
 from dynamo_core.llm.model_card import EmbeddingSpec
 from dynamo_core.runtime import Context, DistributedRuntime, RuntimeConfig
-from dynamo_core.testing.inprocess import record_adapters, serving
+from dynamo_core.testing.inprocess import frontend, record_adapters, serving
 from dynamo_vllm import embedding
 from dynamo_vllm.engine import VllmAdapter
 
@@ -50,22 +48,9 @@ async def served(
     async with (
         DistributedRuntime(RuntimeConfig.in_process(namespace=namespace)) as rt,
         serving(embedding.worker, rt, args(namespace)) as card,
+        frontend(rt, namespace) as (_, client),
     ):
-        front = OpenAIService(rt, namespace=namespace)
-        await front.start()
-        server = await serve_http(front.handle, "127.0.0.1", 0)
-        client = openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
-        )
-        try:
-            async with asyncio.timeout(10):
-                while not front.models.listed():
-                    await front.models.wait_for_change()
-            yield card, adapters[0], client
-        finally:
-            await client.close()
-            await server.close()
-            await front.close()
+        yield card, adapters[0], client
 
 
 async def test_the_card_is_an_embedding_model_with_vllms_size(served: Any) -> None:

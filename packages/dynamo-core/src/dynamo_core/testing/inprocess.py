@@ -13,6 +13,13 @@ the task; the runtime itself stays the caller's to close.
 
 `record_adapters(monkeypatch, module, "VllmAdapter")` gives a white-box test the adapters a
 role module makes (its engine, for fault injection or counters), without another code path.
+
+`frontend(runtime, namespace)` puts the frontend beside them, as `python -m
+dynamo_core.frontend` serves it (`OpenAIService` on an HTTP server, 127.0.0.1, a port the OS
+chooses), and yields it with the real `openai` client on it once its models are listed:
+
+    async with serving(embedding.worker, rt, args), frontend(rt, namespace) as (_, client):
+        await client.embeddings.create(model="tiny", input="hello")
 """
 
 from __future__ import annotations
@@ -27,13 +34,15 @@ from dynamo_core.llm.model_card import ModelCard
 from dynamo_core.runtime.discovery import keys
 
 if TYPE_CHECKING:
+    import openai
     import pytest
 
+    from dynamo_core.frontend.service import OpenAIService
     from dynamo_core.runtime import DistributedRuntime
     from dynamo_core.runtime.discovery import Watch
     from dynamo_core.runtime.worker import DynamoWorker
 
-__all__ = ["record_adapters", "serving"]
+__all__ = ["frontend", "record_adapters", "serving"]
 
 
 async def _new_card(watch: Watch, before: set[str]) -> ModelCard:
@@ -72,6 +81,36 @@ async def serving(
             runtime.request_shutdown()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, runtime.config.graceful_shutdown_timeout + 10)
+
+
+@contextlib.asynccontextmanager
+async def frontend(
+    runtime: DistributedRuntime, namespace: str, *, models: int = 1, timeout: float = 10.0
+) -> AsyncIterator[tuple[OpenAIService, openai.AsyncOpenAI]]:
+    """The frontend on `runtime` and an `openai` client on it (no retries), once it lists
+    `models` models; both closed on exit."""
+    import openai
+
+    from dynamo_core.frontend.service import OpenAIService
+    from dynamo_core.http import serve_http
+
+    service = OpenAIService(runtime, namespace=namespace)
+    await service.start()
+    try:
+        async with asyncio.timeout(timeout):
+            while len(service.models.listed()) < models:
+                await service.models.wait_for_change()
+        server = await serve_http(service.handle, "127.0.0.1", 0)
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+        try:
+            yield service, client
+        finally:
+            await client.close()
+            await server.close()
+    finally:
+        await service.close()
 
 
 def record_adapters(monkeypatch: pytest.MonkeyPatch, module: ModuleType, name: str) -> list[Any]:
