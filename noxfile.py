@@ -110,13 +110,15 @@ SGLANG_ARGS_DEPS = [
 
 @nox.session(python=PYTHON)
 def sglang_args(session: nox.Session) -> None:
-    """dynamo-sglang's merged parser against the real sglang ServerArgs (no CUDA stack)."""
+    """dynamo-sglang's merged parser against the real sglang ServerArgs, and its fake `sglang`
+    against the real one's source (no CUDA stack)."""
     session.install(CORE, "packages/dynamo-sglang", *TEST_DEPS)
     session.install("--no-deps", f"sglang=={SGLANG_VERSION}")
     session.install(*SGLANG_ARGS_DEPS)
     session.run(
         *PYTEST,
         "packages/dynamo-sglang/tests/test_sglang_real_server_args.py",
+        "packages/dynamo-sglang/tests/test_sglang_real_fakes.py",
         *session.posargs,
         env={"DYNAMO_SGLANG_REAL": "1"},
     )

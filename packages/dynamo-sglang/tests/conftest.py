@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,15 @@ def no_sglang(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     blocked(monkeypatch, "sglang")
     yield
     drop_modules("sglang")
+
+
+@pytest.fixture
+def engines(fake_sglang: ModuleType) -> Iterator[list[Any]]:
+    """Fake `sglang.Engine`s a test starts (append them): shut down when it ends."""
+    started: list[Any] = []
+    yield started
+    for engine in started:
+        engine.shutdown()
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from dynamo_core.errors import ConfigError
-from dynamo_sglang import decode, prefill, worker
-from dynamo_sglang.args import resolve_mode, server_args_from
+from dynamo_sglang import decode, embedding, prefill, worker
+from dynamo_sglang.args import resolve_embedding, resolve_mode, server_args_from
 from sglang_testing import TINY
 
 
@@ -110,3 +111,28 @@ def test_role_contradicting_mode_is_an_error(fake_sglang: ModuleType) -> None:
     parsed = decode.build_parser().parse(["--model-path", "m", "--disaggregation-mode", "prefill"])
     with pytest.raises(ConfigError, match="contradicts"):
         resolve_mode(parsed, "decode")
+
+
+def test_the_embedding_role_turns_is_embedding_on(fake_sglang: ModuleType) -> None:
+    parsed = embedding.build_parser().parse(["--model-path", "m"])
+    assert parsed.engine_args is not None and not parsed.engine_args.is_embedding  # SGLang's
+    assert resolve_embedding(parsed) == "null"
+    server_args = server_args_from(parsed)
+    assert server_args.is_embedding and server_args.disaggregation_mode == "null"
+    given = embedding.build_parser().parse(["--model-path", "m", "--is-embedding"])
+    assert resolve_embedding(given) == "null" and server_args_from(given).is_embedding
+    for mode in ("prefill", "decode"):
+        split = embedding.build_parser().parse(["--model-path", "m", "--disaggregation-mode", mode])
+        with pytest.raises(ConfigError, match=f"--disaggregation-mode {mode}: an embedding"):
+            resolve_embedding(split)
+
+
+@pytest.mark.parametrize(
+    ("module", "role"), [(worker, None), (prefill, "prefill"), (decode, "decode")]
+)
+def test_generating_roles_refuse_is_embedding(
+    fake_sglang: ModuleType, module: ModuleType, role: Any
+) -> None:
+    parsed = module.build_parser().parse(["--model-path", "m", "--is-embedding"])
+    with pytest.raises(ConfigError, match=r"python -m dynamo_sglang\.embedding"):
+        resolve_mode(parsed, role)

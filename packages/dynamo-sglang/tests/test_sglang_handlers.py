@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
@@ -27,14 +27,6 @@ from sglang_testing import TINY, free_port
 
 def make_engine(sglang: ModuleType, **server_args: Any) -> Any:
     return sglang.Engine(server_args=sglang.ServerArgs(model_path=str(TINY), **server_args))
-
-
-@pytest.fixture
-def engines(fake_sglang: ModuleType) -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for engine in started:
-        engine.shutdown()
 
 
 def start(engines: list[Any], sglang: ModuleType, **server_args: Any) -> Any:

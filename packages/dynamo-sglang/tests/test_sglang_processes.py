@@ -1,24 +1,28 @@
 """SGLang workers as users run them, with the fake `sglang` (tests/fakes) in each process:
-`python -m dynamo_sglang.{worker,prefill,decode}` behind the real frontend
+`python -m dynamo_sglang.{worker,prefill,decode,embedding}` behind the real frontend
 (`python -m dynamo_core.frontend`), driven by the `openai` client."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from contextlib import ExitStack
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import openai
 import pytest
 
+from dynamo_core.llm import Tokenizer
 from dynamo_core.testing.procs import Proc, card_of_module, registered_card, run_python
 from sglang_testing import TINY, free_port
 
@@ -147,6 +151,60 @@ async def test_prefill_failure_after_handoff_ends_the_request_promptly(
     finally:
         await client.close()
     assert prefill.popen.poll() is None
+
+
+async def test_embedding_worker(
+    procs: ExitStack, proc_env: dict[str, str], fake_sglang: ModuleType
+) -> None:
+    """`python -m dynamo_sglang.embedding`: vectors for text and token ids, float and base64,
+    usage; an input the engine fails on fails its own request only, and the worker stays up."""
+    from sglang.srt.entrypoints.engine import unit_vector
+
+    env = {**proc_env, "FAKE_SGLANG_EMBED_FAIL_TOKEN": "2000"}  # the engine fails on it
+    worker = start(procs, env, "embedding", "--served-model-name", "tiny-embed")
+    assert "sglang embedding (vectors of 64) worker" in worker.output()
+    url = start_frontend(procs, env)
+    await wait_ready(url)
+    tok = Tokenizer.from_dir(TINY)
+    texts = ["The quick brown fox", "jumps", "over the lazy dog"]
+    want = [unit_vector(tok.encode(t, add_special_tokens=True), 64) for t in texts]
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    try:
+        floats = await client.embeddings.create(
+            model="tiny-embed", input=texts, encoding_format="float"
+        )
+        assert [d.embedding for d in floats.data] == [pytest.approx(w, rel=1e-6) for w in want]
+        assert [d.index for d in floats.data] == [0, 1, 2]
+        tokens = sum(len(tok.encode(t, add_special_tokens=True)) for t in texts)
+        assert floats.usage.prompt_tokens == floats.usage.total_tokens == tokens
+        raw = await client.embeddings.create(
+            model="tiny-embed", input=texts, encoding_format="base64"
+        )
+        for item, w in zip(raw.data, want, strict=True):
+            assert isinstance(item.embedding, str)
+            values = array("f", base64.b64decode(item.embedding))  # little-endian float32
+            assert list(values) == pytest.approx(w, rel=1e-6)
+        decoded = await client.embeddings.create(model="tiny-embed", input=texts)  # the default
+        assert [d.embedding for d in decoded.data] == [pytest.approx(w, rel=1e-6) for w in want]
+        ids = await client.embeddings.create(model="tiny-embed", input=[[5, 6, 7], [8]])
+        assert ids.usage.prompt_tokens == 4
+        assert ids.data[1].embedding == pytest.approx(unit_vector([8], 64), rel=1e-6)
+
+        async def good(i: int) -> None:
+            r = await client.embeddings.create(model="tiny-embed", input=[[10 + i, 11]])
+            assert r.data[0].embedding == pytest.approx(unit_vector([10 + i, 11], 64), rel=1e-6)
+
+        async def bad() -> BaseException:
+            with pytest.raises(openai.InternalServerError) as info:
+                await client.embeddings.create(model="tiny-embed", input=[[1, 2], [2000, 5]])
+            return info.value
+
+        *_, error = await asyncio.gather(*(good(i) for i in range(6)), bad())
+        assert "CUDA error" in str(error) and "RuntimeError" in str(error)
+        assert worker.popen.poll() is None
+        await good(99)  # and it goes on serving
+    finally:
+        await client.close()
 
 
 def test_dynamo_run_out_sglang(proc_env: dict[str, str], tmp_path: Path) -> None:

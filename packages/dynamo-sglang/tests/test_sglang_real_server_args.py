@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from dynamo_sglang import decode, worker
-from dynamo_sglang.args import server_args_from
+from dynamo_sglang import decode, embedding, worker
+from dynamo_sglang.args import resolve_embedding, server_args_from
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("DYNAMO_SGLANG_REAL"),
@@ -162,3 +162,16 @@ def test_graph_file_means_the_same_as_flags(tmp_path: Path) -> None:
 def test_help_lists_sglang_flags() -> None:
     text = worker.build_parser().format_help()
     assert "--disaggregation-bootstrap-port" in text and "--migration-limit" in text
+
+
+def test_the_embedding_role_is_sglangs_is_embedding() -> None:
+    from sglang.srt.server_args import ServerArgs
+
+    parsed = embedding.build_parser().parse(["--model-path", "m"], environ={})
+    resolve_embedding(parsed)
+    expected = ref_parse(reference(), ["--model-path", "m", "--is-embedding"])
+    assert expected is not None
+    with quiet():
+        built = server_args_from(parsed)
+        _same(built, ServerArgs.from_cli_args(expected))
+    assert built.is_embedding is True

@@ -1,7 +1,8 @@
 """dynamo-sglang: SGLang workers as Dynamo components.
 
 `python -m dynamo_sglang.worker` (aggregated, or as `--disaggregation-mode` says),
-`python -m dynamo_sglang.prefill`, `python -m dynamo_sglang.decode`; `dynamo-run out=sglang`
+`python -m dynamo_sglang.prefill`, `python -m dynamo_sglang.decode`,
+`python -m dynamo_sglang.embedding` (an embedding model: /v1/embeddings); `dynamo-run out=sglang`
 finds `ENGINE` through the `dynamo.engines` entry point. Importing this package does not
 import SGLang (`pip install "dynamo-sglang[sglang]"` brings it).
 """

@@ -8,6 +8,8 @@ choice is SGLang's; `ServerArgs.from_cli_args` turns the merged namespace into t
 
 What a worker does is SGLang's `--disaggregation-mode` (null: aggregated, prefill, decode);
 `dynamo_sglang.prefill` and `dynamo_sglang.decode` set it for you (`resolve_mode`).
+`dynamo_sglang.embedding` sets SGLang's `--is-embedding` (`resolve_embedding`); the generating
+roles refuse that flag, which would make SGLang load a model they cannot serve.
 
 Importing this module never imports SGLang: `add_sglang_args` does, when the parser is built.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "SglangConfig",
     "add_sglang_args",
     "make_parser",
+    "resolve_embedding",
     "resolve_mode",
     "server_args_from",
 ]
@@ -80,6 +83,11 @@ def resolve_mode(parsed: ParsedArgs[SglangConfig], role: Mode | None) -> Mode:
     """
     ns = parsed.engine_args
     assert ns is not None
+    if getattr(ns, "is_embedding", False):
+        raise ConfigError(
+            "--is-embedding: this module generates text; an embedding model is served by "
+            "python -m dynamo_sglang.embedding"
+        )
     given: str = getattr(ns, "disaggregation_mode", None) or "null"
     if role is None:
         if given not in ("null", "prefill", "decode"):
@@ -93,6 +101,21 @@ def resolve_mode(parsed: ParsedArgs[SglangConfig], role: Mode | None) -> Mode:
         )
     ns.disaggregation_mode = role
     return role
+
+
+def resolve_embedding(parsed: ParsedArgs[SglangConfig]) -> Mode:
+    """The embedding role: SGLang's `--is-embedding` on (a `*ForCausalLM` model then serves its
+    last token's hidden state), aggregated (an embedding has no decode leg to hand over to)."""
+    ns = parsed.engine_args
+    assert ns is not None
+    given = getattr(ns, "disaggregation_mode", None) or "null"
+    if given != "null":
+        raise ConfigError(
+            f"--disaggregation-mode {given}: an embedding worker serves whole requests "
+            "(leave the flag out)"
+        )
+    ns.is_embedding = True
+    return "null"
 
 
 def server_args_from(parsed: ParsedArgs[SglangConfig]) -> Any:

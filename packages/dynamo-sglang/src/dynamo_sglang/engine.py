@@ -1,11 +1,13 @@
-"""`SglangAdapter`: SGLang's start-up half of every role (`worker`, `prefill`, `decode`).
+"""`SglangAdapter`: SGLang's start-up half of every role (`worker`, `prefill`, `decode`,
+`embedding`).
 
 The role modules show the runtime calls (component, `create_service`, `register_model`,
 `serve_endpoint`); what is SGLang's is here:
 
 - `SglangAdapter(args, role)` settles the disaggregation mode (the role module's, or SGLang's
   `--disaggregation-mode` for `dynamo_sglang.worker`; a flag that contradicts the module is a
-  `ConfigError` before anything starts) and builds SGLang's `ServerArgs`.
+  `ConfigError` before anything starts) and builds SGLang's `ServerArgs`. The embedding role
+  (`dynamo_sglang.embedding`) runs SGLang aggregated with `--is-embedding`.
 - `start(component)` sets up the KV-event relay first (core's `ZmqKvEventRelay`; SGLang is
   told where to publish unless `--kv-events-config` says so), then starts
   `sglang.Engine(server_args=...)`. SGLang must be built on the main thread (it installs signal
@@ -14,15 +16,19 @@ The role modules show the runtime calls (component, `create_service`, `register_
   lapses meanwhile is granted again by the runtime). It then reads what the model card needs
   from the engine itself (`SglangSettings.of`): the context length SGLang enforces, its page
   size (the KV block size), the served name and the folder with the tokenizer (a Hugging Face
-  id is looked up in the local cache SGLang loaded it from).
+  id is looked up in the local cache SGLang loaded it from). For the embedding role it also
+  reads the vectors' `EmbeddingSpec` from SGLang's model config (`embedding_spec`), and starts
+  no KV-event relay (the frontend does not route embeddings by KV cache).
 - `handler(cls)`: `WorkerHandler`, `PrefillHandler` (with the bootstrap address decode workers
-  dial: `bootstrap_address`) or `DecodeHandler`, by mode.
+  dial: `bootstrap_address`) or `DecodeHandler`, by mode; `embedding_handler()`: the embedding
+  role's `EmbeddingHandler`.
 - `close()` stops the relay and shuts SGLang down (its scheduler and detokenizer processes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -33,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError, EngineError
 from dynamo_core.llm.kv_relay import ZmqKvEventRelay, free_local_port
-from dynamo_sglang.args import Mode, resolve_mode, server_args_from
+from dynamo_sglang.args import Mode, resolve_embedding, resolve_mode, server_args_from
 from dynamo_sglang.handlers import (
     DecodeHandler,
+    EmbeddingHandler,
     PrefillHandler,
     WorkerHandler,
 )
@@ -49,6 +56,7 @@ from dynamo_sglang.kv_events import (
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.llm.model_card import EmbeddingSpec
     from dynamo_core.runtime import Component
     from dynamo_sglang.args import SglangConfig
     from dynamo_sglang.protocols import EngineLike
@@ -57,6 +65,7 @@ __all__ = [
     "SglangAdapter",
     "SglangSettings",
     "bootstrap_address",
+    "embedding_spec",
     "prepare_kv_events",
     "start_sglang",
     "stop_sglang",
@@ -205,6 +214,30 @@ def prepare_kv_events(
     return relay
 
 
+def embedding_spec(model_config: Any, *, takes_dimensions: bool = True) -> EmbeddingSpec:
+    """The vectors of an `--is-embedding` model, as SGLang's `ModelConfig` describes them: its
+    pooled hidden states, `hidden_size` long (SGLang's own bound on `dimensions`), Matryoshka
+    when the HF config says so (`matryoshka_dimensions`, or `is_matryoshka`: any length up to
+    the size). `takes_dimensions` False (an SGLang whose `EmbeddingReqInput` has no
+    `dimensions`): never shortened, whatever the model is."""
+    from dynamo_core.llm.model_card import EmbeddingSpec
+
+    dims = getattr(model_config, "matryoshka_dimensions", None) if takes_dimensions else None
+    matryoshka = takes_dimensions and bool(dims or getattr(model_config, "is_matryoshka", False))
+    return EmbeddingSpec(
+        size=int(model_config.hidden_size),
+        matryoshka=matryoshka,
+        matryoshka_dimensions=sorted({int(d) for d in dims}) if dims else None,
+    )
+
+
+def _takes_dimensions() -> bool:
+    """Whether this SGLang's `EmbeddingReqInput` has `dimensions` (Matryoshka requests)."""
+    from sglang.srt.managers.io_struct import EmbeddingReqInput
+
+    return "dimensions" in {f.name for f in dataclasses.fields(EmbeddingReqInput)}
+
+
 _ROLES: dict[str, Role] = {"null": "worker", "prefill": "prefill", "decode": "decode"}
 
 
@@ -212,19 +245,28 @@ class SglangAdapter(EngineAdapter["SglangConfig"]):
     """SGLang for one worker role (see the module docstring)."""
 
     def __init__(
-        self, args: ParsedArgs[SglangConfig], role: Literal["prefill", "decode"] | None = None
+        self,
+        args: ParsedArgs[SglangConfig],
+        role: Literal["prefill", "decode", "embedding"] | None = None,
     ) -> None:
         """`role` None: as SGLang's `--disaggregation-mode` says (`dynamo_sglang.worker`)."""
         if args.engine_args is None:  # the parser found no SGLang
             from dynamo_sglang import ENGINE
 
             raise ENGINE.not_installed()
-        mode = resolve_mode(args, role)
-        super().__init__(args, _ROLES[mode])
+        if role == "embedding":
+            mode = resolve_embedding(args)
+            super().__init__(args, "embedding")
+        else:
+            mode = resolve_mode(args, role)
+            super().__init__(args, _ROLES[mode])
         self.mode: Mode = mode
         self.server_args = server_args_from(args)
         self.engine: EngineLike | None = None
         self.settings: SglangSettings | None = None
+        self.embedding: EmbeddingSpec | None = None
+        #: The longest sequence SGLang takes (for an embedding: the longest input).
+        self.context_length = 0
         self.kv_relay: ZmqKvEventRelay | None = None
         self.name = "sglang"
         self._publishers: list[Any] = []
@@ -239,7 +281,10 @@ class SglangAdapter(EngineAdapter["SglangConfig"]):
         self._publishers.append(publisher)
         kv_log = KvEventLog(publisher.publish)  # kept for routers that miss some
         self.kv_relay = prepare_kv_events(
-            self.server_args, kv_log, config.kv_events, config.kv_events_port
+            self.server_args,
+            kv_log,
+            config.kv_events and self.role != "embedding",
+            config.kv_events_port,
         )
         if self.kv_relay is not None:
             await serve_replay(component, kv_log)
@@ -248,25 +293,36 @@ class SglangAdapter(EngineAdapter["SglangConfig"]):
         self.settings = info = SglangSettings.of(self.engine, served_name_given=served)
         if self.kv_relay is not None:
             self.kv_relay.start(info.page_size)
+        self.context_length = info.context_length
+        kind: str = "aggregated" if self.mode == "null" else self.mode
+        if self.role == "embedding":
+            self.embedding = embedding_spec(
+                self.engine.tokenizer_manager.model_config, takes_dimensions=_takes_dimensions()
+            )
+            self.context_length -= 1  # SGLang refuses an input as long as its context
+            kind = f"embedding (vectors of {self.embedding.size})"
         log.info(
             "sglang %s worker %s: model %s, context %d, page size %d",
-            "aggregated" if self.mode == "null" else self.mode,
+            kind,
             f"{config.namespace}.{component.name}.{config.endpoint}",
             info.served_model_name or info.model_dir.name,
             info.context_length,
             info.page_size,
         )
         return EngineInfo(
-            context_length=info.context_length,
+            context_length=self.context_length,
             kv_block_size=info.page_size,
             model_dir=info.model_dir,
             served_name=info.served_model_name,
+            embedding=self.embedding,
         )
 
     def handler(self, cls: type[BaseWorkerHandler] | None = None) -> BaseWorkerHandler:
         info = self.settings
         if self.engine is None or info is None:
             raise RuntimeError("SglangAdapter.handler() before start()")
+        if self.role == "embedding":
+            raise RuntimeError("the embedding role's handler is SglangAdapter.embedding_handler()")
         chosen = self.handler_class(
             cls, worker=WorkerHandler, prefill=PrefillHandler, decode=DecodeHandler
         )
@@ -284,6 +340,18 @@ class SglangAdapter(EngineAdapter["SglangConfig"]):
             )
             return prefill
         return chosen(self.engine, incremental_output=info.incremental_output, name=name)
+
+    def embedding_handler(self) -> EmbeddingHandler:
+        if self.engine is None or self.embedding is None:
+            raise RuntimeError(
+                "SglangAdapter.embedding_handler() before start() of an embedding role"
+            )
+        return EmbeddingHandler(
+            self.engine,
+            spec=self.embedding,
+            name=f"dynamo.sglang.{self.name}",
+            context_length=self.context_length,
+        )
 
     async def close(self) -> None:
         engine, self.engine = self.engine, None

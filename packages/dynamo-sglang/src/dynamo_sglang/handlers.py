@@ -27,6 +27,16 @@ does. SGLang compiles them with its grammar backend (`--grammar-backend`, xgramm
 with `--grammar-backend none` it refuses constrained requests itself, an abort with status 400
 that reaches the client as `InvalidRequestError`.
 
+- `EmbeddingHandler` (`dynamo_sglang.embedding`, an engine started with `--is-embedding`): every
+  input of a request in one batch, `EmbeddingReqInput(input_ids=[[...], ...], rid=[...],
+  dimensions=...)` through `engine.tokenizer_manager.generate_request(obj, None)`, the call
+  SGLang's own `/v1/embeddings` makes for token ids (`Engine.async_encode` takes text only and
+  is that same call with `text=`). Its one item is a list of `{"embedding": [...], "meta_info":
+  {...}}`, one per input, in order. SGLang refuses an input (too long, `dimensions` the model
+  cannot serve) with `ValueError`: the client's `InvalidRequestError`; anything else is an
+  `EngineError` for this request only. A cancelled request cancels the batch, which SGLang
+  aborts itself; `abort` also sends each input's `rid` to `abort_request`.
+
 Written against SGLang 0.5.x (`sglang.srt.entrypoints.engine.Engine.async_generate`,
 `sglang.srt.managers.tokenizer_manager.TokenizerManager`).
 """
@@ -35,15 +45,22 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from dynamo_core.errors import EngineError, InvalidRequestError
-from dynamo_core.handlers import BaseDecodeHandler, BasePrefillHandler, BaseWorkerHandler
+from dynamo_core.handlers import (
+    BaseDecodeHandler,
+    BaseEmbeddingHandler,
+    BasePrefillHandler,
+    BaseWorkerHandler,
+)
+from dynamo_core.llm.model_card import EmbeddingSpec
 from dynamo_core.llm.protocol import (
     EngineOutput,
     FinishReason,
     GuidedDecoding,
+    PreprocessedEmbeddingRequest,
     PreprocessedRequest,
 )
 from dynamo_core.runtime import Context
@@ -52,8 +69,10 @@ from dynamo_sglang.protocols import EngineLike
 __all__ = [
     "BOOTSTRAP_KEYS",
     "DecodeHandler",
+    "EmbeddingHandler",
     "PrefillHandler",
     "WorkerHandler",
+    "embedding_request",
     "finish_reason",
     "guided_params",
     "sampling_params",
@@ -290,3 +309,73 @@ class DecodeHandler(WorkerHandler, BaseDecodeHandler):
         if not isinstance(host, str) or not isinstance(port, int) or not isinstance(room, int):
             raise InvalidRequestError(f"invalid SGLang bootstrap parameters: {params!r}")
         return {"bootstrap_host": host, "bootstrap_port": port, "bootstrap_room": room}
+
+
+class EmbeddingHandler(BaseEmbeddingHandler):
+    """Embedding worker on an `sglang.Engine` started with `--is-embedding`."""
+
+    engine: EngineLike
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        *,
+        spec: EmbeddingSpec,
+        name: str | None = None,
+        context_length: int | None = None,
+    ) -> None:
+        super().__init__(engine, spec=spec, name=name, context_length=context_length)
+        #: Each request's per-input SGLang `rid`s, while SGLang may hold them (for `abort`).
+        self._rids: dict[str, list[str]] = {}
+
+    async def engine_embed(
+        self, request: PreprocessedEmbeddingRequest, context: Context
+    ) -> list[Sequence[float]]:
+        rid = request.request_id or context.id
+        obj = embedding_request(request, rid)
+        self._rids[rid] = list(obj.rid)
+        results = self.engine.tokenizer_manager.generate_request(obj, None)
+        try:
+            answer = await anext(results, None)
+        except ValueError as exc:  # SGLang's way of rejecting a request's input
+            self._rids.pop(rid, None)
+            raise InvalidRequestError(f"SGLang rejected the request: {exc}") from exc
+        finally:
+            await results.aclose()  # done (or failed): ends SGLang's generator now, not at GC
+        # kept on a cancellation or an engine failure: the base class then calls `abort`
+        self._rids.pop(rid, None)
+        if answer is None:
+            raise EngineError(f"SGLang ended embedding request {rid} without a result")
+        items = answer if isinstance(answer, list) else [answer]
+        return [_vector(item) for item in items]
+
+    async def abort(self, request_id: str) -> None:
+        for rid in self._rids.pop(request_id, ()):
+            self.engine.tokenizer_manager.abort_request(rid)
+
+
+def embedding_request(request: PreprocessedEmbeddingRequest, rid: str) -> Any:
+    """SGLang's `EmbeddingReqInput` for every input of `request`: a batch (a list of lists, even
+    of one, which SGLang answers with a list), one `rid` per input (`{rid}-{i}`), and
+    `dimensions` when asked (a field only of the SGLang versions that shorten vectors)."""
+    from sglang.srt.managers.io_struct import EmbeddingReqInput
+
+    extra: dict[str, Any] = {}
+    if request.dimensions is not None:
+        extra["dimensions"] = request.dimensions
+    return EmbeddingReqInput(
+        input_ids=[list(ids) for ids in request.token_ids],
+        rid=[f"{rid}-{i}" for i in range(len(request.token_ids))],
+        **extra,
+    )
+
+
+def _vector(item: Any) -> list[float]:
+    """The dense vector of one of SGLang's embedding outputs."""
+    vector = item.get("embedding") if isinstance(item, dict) else None
+    if not isinstance(vector, list):
+        raise EngineError(
+            f"SGLang returned no dense vector ({type(vector).__name__}): is the model an "
+            "embedding model (not a reward, classification or sparse one)?"
+        )
+    return vector

@@ -9,7 +9,11 @@ same list object, mutated, between items; `text` None until the last item) and `
 `{"type": "abort", ...}`, `prompt_tokens`, `completion_tokens`, `cached_tokens`,
 `output_token_logprobs` / `output_top_logprobs` as `(logprob, token_id, text)` triples),
 `engine.tokenizer_manager.abort_request(rid)`, `tokenizer_manager.rid_to_state`,
-`tokenizer_manager.context_len`, `ServerArgs.add_cli_args` / `from_cli_args` /
+`tokenizer_manager.context_len`; for an `is_embedding` engine `Engine.async_encode(prompt=...,
+dimensions=..., rid=...)` and `tokenizer_manager.generate_request(EmbeddingReqInput(...))`
+(`sglang/srt/managers/io_struct.py`), answering `{"embedding", "meta_info"}` per input (a list
+for a batch), `tokenizer_manager.model_config` (`hidden_size`, Matryoshka settings,
+`sglang/srt/configs/model_config.py`); `ServerArgs.add_cli_args` / `from_cli_args` /
 `resolved_dict()` (`sglang/srt/server_args.py`) and the ZMQ KV-event publisher's message format
 (`sglang/srt/disaggregation/kv_events.py`).
 

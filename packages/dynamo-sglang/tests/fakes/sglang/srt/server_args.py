@@ -15,6 +15,7 @@ class ServerArgs:
     tokenizer_path: str | None = None
     skip_tokenizer_init: bool = False
     context_length: int | None = None
+    is_embedding: bool = False
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 30000
@@ -53,6 +54,11 @@ class ServerArgs:
         parser.add_argument("--tokenizer-path", type=str, default=None)
         parser.add_argument("--skip-tokenizer-init", action="store_true")
         parser.add_argument("--context-length", type=int, default=None)
+        parser.add_argument(
+            "--is-embedding",
+            action="store_true",
+            help="Whether to use a CausalLM as an embedding model.",
+        )
         parser.add_argument("--served-model-name", type=str, default=None)
         parser.add_argument("--host", type=str, default=d["host"].default)
         parser.add_argument("--port", type=int, default=d["port"].default)

@@ -1,10 +1,22 @@
 """Fake `sglang.srt.entrypoints.engine`: `Engine` and the parts of its `TokenizerManager`
-that callers touch (see the package docstring for the interface it follows)."""
+that callers touch (see the package docstring for the interface it follows).
+
+An engine started with `is_embedding=True` answers `EmbeddingReqInput` (`Engine.async_encode`
+with text, `tokenizer_manager.generate_request` with text or token ids): one deterministic unit
+vector per input (`unit_vector`: `hidden_size` values from a SHAKE-256 digest of the ids, the
+first `dimensions` of them renormalised for a Matryoshka request), after SGLang's own checks
+(`--is-embedding`, the context length, the Matryoshka dimensions) with SGLang's messages.
+Text is "tokenized" as its UTF-8 bytes (plus 3). Fault switches: `tokenizer_manager.fail_next`
+(an exception the next embedding request raises), `FAKE_SGLANG_EMBED_FAIL_TOKEN=<id>` (every
+request with an input holding that token id fails, as a per-request engine error).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -12,10 +24,12 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from hashlib import blake2b
 from typing import Any
 
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.managers.io_struct import EmbeddingReqInput
 from sglang.srt.server_args import ServerArgs
 
 # SGLang's SamplingParams fields (a dict with any other key fails, as in SGLang)
@@ -67,6 +81,21 @@ def digest_of(prompt: list[int]) -> bytes:
     return blake2b(struct.pack(f"<{len(prompt)}I", *prompt), digest_size=16).digest()
 
 
+def unit_vector(ids: list[int], size: int, dimensions: int | None = None) -> list[float]:
+    """The fake embedding of `ids`: `dimensions` (default `size`) values of unit length."""
+    digest = hashlib.shake_256(struct.pack(f"<{len(ids)}i", *ids)).digest(2 * size)
+    n = dimensions or size
+    values = [int.from_bytes(digest[2 * i : 2 * i + 2], "little") - 32767.5 for i in range(n)]
+    norm = math.sqrt(math.fsum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def fake_tokenize(text: Any) -> list[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"the fake tokenizes text only, not {type(text).__name__}")
+    return [b + 3 for b in text.encode()]
+
+
 class ReqState:
     def __init__(self, rid: str) -> None:
         self.rid = rid
@@ -80,6 +109,15 @@ class TokenizerManager:
         self.context_len = context_len
         self.rid_to_state: dict[str, ReqState] = {}
         self.aborted: list[str] = []
+        self.model_config = ModelConfig(
+            server_args.model_path, context_len, is_embedding=server_args.is_embedding
+        )
+        self.is_generation = self.model_config.is_generation
+        self.embed_delay_s = float(os.environ.get("FAKE_SGLANG_STEP_S", "0.001"))
+        fail_token = os.environ.get("FAKE_SGLANG_EMBED_FAIL_TOKEN")
+        self.fail_token = int(fail_token) if fail_token else None
+        self.fail_next: BaseException | None = None
+        self.embed_calls: list[EmbeddingReqInput] = []
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         if abort_all:
@@ -91,6 +129,93 @@ class TokenizerManager:
         if state is not None:
             state.aborted = True
             self.aborted.append(rid)
+
+    async def generate_request(
+        self, obj: EmbeddingReqInput, request: Any = None
+    ) -> AsyncGenerator[Any, None]:
+        """SGLang's entry for a request object; the fake serves `EmbeddingReqInput` (a batch is
+        answered with one list, a single input with one dict)."""
+        if not isinstance(obj, EmbeddingReqInput):
+            raise NotImplementedError("the fake generates through Engine.async_generate")
+        obj.normalize_batch_and_arguments()
+        rids: list[str] = [obj.rid] if obj.is_single else list(obj.rid)  # type: ignore[list-item, arg-type]
+        if obj.text is not None:
+            texts = [obj.text] if obj.is_single else list(obj.text)
+            inputs = [fake_tokenize(t) for t in texts]
+        else:
+            assert obj.input_ids is not None
+            inputs = [obj.input_ids] if obj.is_single else list(obj.input_ids)  # type: ignore[list-item]
+        states = {rid: ReqState(rid) for rid in rids}
+        self.rid_to_state.update(states)
+        self.embed_calls.append(obj)
+        dispatched = False
+        try:
+            for ids in inputs:
+                self._validate_embedding(obj, ids)
+            dispatched = True  # to the (simulated) scheduler
+            if self.fail_next is not None:
+                exc, self.fail_next = self.fail_next, None
+                raise exc
+            if self.fail_token is not None and any(self.fail_token in ids for ids in inputs):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (fake)")
+            await asyncio.sleep(self.embed_delay_s)  # the forward pass
+            size = self.model_config.hidden_size
+            outputs = [
+                {
+                    "embedding": unit_vector(list(ids), size, obj.dimensions),
+                    "meta_info": {
+                        "id": rid,
+                        "finish_reason": {"type": "length", "length": 0},
+                        "prompt_tokens": len(ids),
+                        "cached_tokens": 0,
+                    },
+                }
+                for rid, ids in zip(rids, inputs, strict=True)
+            ]
+            for rid in rids:  # SGLang forgets a finished request before yielding it
+                self.rid_to_state.pop(rid, None)
+        except BaseException:  # SGLang releases what it created: aborts what it dispatched
+            for rid, state in states.items():
+                if self.rid_to_state.get(rid) is state:
+                    if dispatched:
+                        self.abort_request(rid)
+                    else:
+                        del self.rid_to_state[rid]
+            raise
+        yield outputs[0] if obj.is_single else outputs
+
+    def _validate_embedding(self, obj: EmbeddingReqInput, ids: list[int]) -> None:
+        """`TokenizerManager._validate_one_request` for an embedding, with SGLang's messages."""
+        if len(ids) >= self.context_len:
+            raise ValueError(
+                f"The input ({len(ids)} tokens) is longer than the model's context length "
+                f"({self.context_len} tokens)."
+            )
+        if self.is_generation:
+            raise ValueError(
+                "This model does not appear to be an embedding model by default. "
+                "Please add `--is-embedding` when launching the server or try another model."
+            )
+        config = self.model_config
+        if obj.dimensions is None:
+            return
+        if not config.is_matryoshka:
+            raise ValueError(
+                f"Model '{config.model_path}' does not support matryoshka representation, "
+                f"changing output dimensions will lead to poor results."
+            )
+        if obj.dimensions < 1:
+            raise ValueError("Requested dimensions must be greater than 0")
+        if config.matryoshka_dimensions and obj.dimensions not in config.matryoshka_dimensions:
+            raise ValueError(
+                f"Model '{config.model_path}' only supports {config.matryoshka_dimensions} "
+                f"matryoshka dimensions, using other output dimensions will lead to poor results."
+            )
+        if obj.dimensions > config.hidden_size:
+            raise ValueError(
+                "Provided dimensions are greater than max embedding dimension: "
+                f"{config.hidden_size}"
+            )
 
 
 class BootstrapServer:
@@ -195,6 +320,36 @@ class Engine:
         self.cached_pages.clear()
         if self._publisher is not None:
             self._publisher.publish([AllBlocksCleared()])
+
+    async def async_encode(
+        self,
+        prompt: str | list[str] | list[dict[str, Any]] | list[list[dict[str, Any]]],
+        image_data: Any = None,
+        audio_data: Any = None,
+        video_data: Any = None,
+        dimensions: int | None = None,
+        lora_path: list[str | None] | str | None = None,
+        embed_override_token_id: int | None = None,
+        embed_overrides: Any = None,
+        external_trace_header: dict[str, Any] | None = None,
+        rid: list[str] | str | None = None,
+    ) -> dict[str, Any]:
+        """SGLang's: `EmbeddingReqInput(text=prompt, ...)` through the tokenizer manager; a
+        dict (`embedding`, `meta_info`) for one prompt, a list of them for a list of prompts."""
+        obj = EmbeddingReqInput(
+            text=prompt,  # type: ignore[arg-type]
+            image_data=image_data,
+            audio_data=audio_data,
+            video_data=video_data,
+            dimensions=dimensions,
+            lora_path=lora_path,
+            embed_override_token_id=embed_override_token_id,
+            embed_overrides=embed_overrides,
+            external_trace_header=external_trace_header,
+            rid=rid,
+        )
+        generator = self.tokenizer_manager.generate_request(obj, None)
+        return await generator.__anext__()  # type: ignore[no-any-return]
 
     async def async_generate(
         self,
