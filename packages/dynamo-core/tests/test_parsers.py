@@ -268,6 +268,19 @@ CASES: dict[str, Case] = {
         '<|python_start|>[get_weather(city="Pa]ris)")]<|python_end|>',
         calls=[("get_weather", {"city": "Pa]ris)"})],
     ),
+    "pythonic_triple_quoted": Case(
+        "pythonic",
+        None,
+        '[write_file(path="a.py", content="""def f(x):\n    return \'"\' + x + "]) \\"\\"\\""\n"""), '
+        "note(text='''He said \"''\" and 'it'.''', empty=\"\")]",
+        calls=[
+            (
+                "write_file",
+                {"path": "a.py", "content": 'def f(x):\n    return \'"\' + x + "]) """"\n'},
+            ),
+            ("note", {"text": "He said \"''\" and 'it'.", "empty": ""}),
+        ],
+    ),
     "pythonic_prose": Case(
         "pythonic", None, "[see(below)] and [1, 2]", content="[see(below)] and [1, 2]"
     ),

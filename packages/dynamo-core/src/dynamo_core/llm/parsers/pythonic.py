@@ -9,8 +9,8 @@ with `ast`: every element must be a call with keyword arguments whose values are
 (strings, numbers, booleans, None, lists, dicts; ``true``/``false``/``null`` too). Then each
 call is sent whole; anything else (``[see(below)]``, positional arguments, an expression) is
 content, as written. Calls are not streamed argument by argument: a list that turns out not to
-be calls must still be shown as text. (Triple-quoted strings are read as adjacent quotes; a
-list that uses them with an unbalanced quote inside is shown as text.)
+be calls must still be shown as text. Strings may be triple-quoted (``'''...'''`` or with three
+double quotes: code with quotes and newlines in it).
 """
 
 from __future__ import annotations
@@ -33,13 +33,22 @@ _NAMES = {"true": True, "false": False, "null": None, "True": True, "False": Fal
 
 
 class PySpan:
-    """Where a bracketed Python expression ends, fed piece by piece (strings understood)."""
+    """Where a bracketed Python expression ends, fed piece by piece. Strings are skipped, so
+    brackets and quotes inside them do not count: ``'...'``, ``"..."``, and triple-quoted ones
+    (three single or three double quotes; they may hold lone quotes and newlines), with
+    backslash escapes. A run of quotes cut by a piece's end is counted on in the next piece
+    (two quotes and something else: an empty string; three: a triple-quoted string opens)."""
 
-    __slots__ = ("depth", "escaped", "quote")
+    __slots__ = ("closing", "depth", "escaped", "opening", "quote")
 
     def __init__(self) -> None:
         self.depth = 0
+        #: Inside a string: its delimiter (one quote, or three); else "".
         self.quote = ""
+        #: Outside strings: the quote characters just read, while it is open how many there are.
+        self.opening = ""
+        #: Inside a triple-quoted string: how many of the three closing quotes were just read.
+        self.closing = 0
         self.escaped = False
 
     def scan(self, buf: str, pos: int) -> int:
@@ -51,17 +60,34 @@ class PySpan:
             pos += 1
             self.escaped = False
         while pos < n:
-            if self.quote:
-                m = _IN_STRING[self.quote].search(buf, pos)
+            if self.opening:
+                pos = self._open(buf[pos], pos)
+                continue
+            quote = self.quote
+            if quote:
+                c = quote[0]
+                if self.closing:  # a run of closing quotes goes on, or is broken
+                    if buf[pos] == c:
+                        self.closing += 1
+                        pos += 1
+                        if self.closing == 3:
+                            self.quote = ""
+                            self.closing = 0
+                        continue
+                    self.closing = 0
+                m = _IN_STRING[c].search(buf, pos)
                 if m is None:
                     return -1
                 pos = m.end()
-                if buf[pos - 1] != "\\":
-                    self.quote = ""
-                elif pos >= n:
-                    self.escaped = True
-                else:
+                if buf[pos - 1] == "\\":
+                    if pos >= n:
+                        self.escaped = True
+                        return -1
                     pos += 1
+                elif len(quote) == 1:
+                    self.quote = ""
+                else:
+                    self.closing = 1
                 continue
             m = _STRUCT.search(buf, pos)
             if m is None:
@@ -69,7 +95,7 @@ class PySpan:
             pos = m.end()
             c = buf[pos - 1]
             if c in "\"'":
-                self.quote = c
+                self.opening = c
             elif c in _OPENERS:
                 self.depth += 1
             else:
@@ -77,6 +103,21 @@ class PySpan:
                 if self.depth <= 0:
                     return pos
         return -1
+
+    def _open(self, c: str, pos: int) -> int:
+        """One more character after opening quotes: where scanning goes on."""
+        run = self.opening
+        if c == run[0]:
+            if len(run) == 2:  # a third quote: a triple-quoted string opens
+                self.quote = run + c
+                self.opening = ""
+            else:
+                self.opening = run + c
+            return pos + 1
+        self.opening = ""
+        if len(run) == 1:  # a string opens; `c` is its first character
+            self.quote = run
+        return pos  # two quotes and something else: an empty string; `c` is read as usual
 
 
 def _value(node: ast.expr) -> Any:
