@@ -392,6 +392,39 @@ CASES: dict[str, Case] = {
         ],
         tools=WEATHER_TOOLS,
     ),
+    "qwen3_coder_end_tags_inside_a_value": Case(
+        "qwen3_coder",
+        None,
+        "<tool_call>\n<function=write_file>\n<parameter=content>\n<p></parameter> stays\n"
+        "</parameter>\nstays too\n</function> and </tool_call> as well\n</parameter>\n"
+        "<parameter=path>\nt.xml\n</parameter>\n</function>\n</tool_call>\nDone.",
+        content="Done.",
+        calls=[
+            (
+                "write_file",
+                {
+                    "content": "<p></parameter> stays\n</parameter>\nstays too\n</function> and "
+                    "</tool_call> as well",
+                    "path": "t.xml",
+                },
+            )
+        ],
+        tools=WEATHER_TOOLS,
+    ),
+    "qwen3_coder_end_tag_at_the_end_of_the_output": Case(
+        "qwen3_coder",
+        None,
+        "<tool_call>\n<function=f>\n<parameter=a>\nx</parameter> y\n</parameter>  \n",
+        calls=[("f", {"a": "x</parameter> y"})],
+    ),
+    "qwen3_coder_missing_end_tag": Case(
+        "qwen3_coder",
+        None,
+        "<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n<parameter=city>\nParis\n"
+        "</function>\n</tool_call>",
+        calls=[("get_weather", {"days": 3, "city": "Paris"})],
+        tools=WEATHER_TOOLS,
+    ),
     "qwen3_coder_untyped_is_string": Case(
         "qwen3_coder",
         None,
@@ -540,7 +573,15 @@ def test_golden_char_by_char(name: str) -> None:
     assert [e.index for e in starts] == list(range(len(case.calls)))
 
 
-@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@pytest.mark.parametrize("name", CASES)
+def test_golden_every_cut(name: str) -> None:
+    """The text in two pieces, cut at every position (a marker, a tag, a value cut anywhere)."""
+    case = CASES[name]
+    for cut in range(1, len(case.text)):
+        case.check(collect(stream(case.new(), [case.text[:cut], case.text[cut:]])))
+
+
+@settings(max_examples=600, derandomize=True, database=None, deadline=None)
 @given(name=st.sampled_from(sorted(CASES)), cuts=st.lists(st.integers(0, 10_000), max_size=40))
 def test_any_split_agrees_with_whole(name: str, cuts: list[int]) -> None:
     case = CASES[name]
@@ -575,6 +616,8 @@ FRAGMENTS = {
         "</function>",
         "</tool_call>",
         "3",
+        "x",
+        "\n<parameter=",
     ],
     "glm45": [
         "<tool_call>",
@@ -682,6 +725,18 @@ def test_xml_string_values_stream_as_written() -> None:
     ]
     assert parser.feed("line two\n</par") == [ToolCallArguments(0, "\\nline two")]
     assert parser.feed("ameter>\n</function>\n</tool_call>") == [ToolCallArguments(0, '"}')]
+
+
+def test_xml_value_end_tag_is_held_until_the_structure_decides() -> None:
+    parser = ParserSpec("qwen3_coder").new_parser(call_id=ids())
+    head = "<tool_call>\n<function=f>\n<parameter=text>\nuse </parameter>"
+    assert parser.feed(head) == [
+        ToolCallStart(0, "call_0", "f"),
+        ToolCallArguments(0, '{"text": "use '),
+    ]
+    assert parser.feed("\n") == []  # a newline then a tag would end it: more text decides
+    assert parser.feed("to close\n") == [ToolCallArguments(0, "</parameter>\\nto close")]
+    assert parser.feed("</parameter>\n</function>") == [ToolCallArguments(0, '"}')]
 
 
 @pytest.mark.parametrize(

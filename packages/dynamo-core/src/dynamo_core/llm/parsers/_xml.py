@@ -1,4 +1,5 @@
-"""Arguments written as XML-ish key/value pairs (qwen3_coder, glm45), rebuilt as a JSON object.
+"""Arguments written as XML-ish key/value pairs (qwen3_coder, glm45, minimax_m2, DeepSeek V3.2's
+DSML), rebuilt as a JSON object.
 
 The model writes every value as bare text, so the JSON type comes from the request's tool
 schema: a value declared ``string`` (or any value of a parameter the schema does not know, for
@@ -9,6 +10,10 @@ true/false, ``object``/``array`` -> JSON or a Python literal, ``null``/``None`` 
 that does not convert stays a string). The JSON is emitted as ``{`` at the call's start,
 ``"key": value`` per parameter, ``}`` at its end, so the fragments always concatenate to a
 valid object, even when the output stops inside a call (the object is closed at `finish`).
+
+A family may read the parameter's name from attributes (`_read_key`), type a value itself
+(DSML's ``string="true|false"``: `_streams`, `_convert`), and refuse an end tag that the text
+after it shows to be part of the value (`_ends_value`: qwen3_coder).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -117,7 +123,7 @@ def _escape(text: str) -> str:
 class XmlArgsMachine(CallMachine):
     """`CallMachine` whose body is key/value markup (see the module docstring)."""
 
-    __slots__ = ("_call_name", "_fresh", "_key", "_params", "_props")
+    __slots__ = ("_call_name", "_fresh", "_key", "_params", "_props", "_ws")
 
     #: What opens a parameter, and what ends its key.
     PARAM_OPEN: ClassVar[str]
@@ -125,15 +131,16 @@ class XmlArgsMachine(CallMachine):
     #: What opens the value after the key, if anything (glm45's ``<arg_value>``).
     VALUE_OPEN: ClassVar[Markers | None] = None
     #: What ends a value; those in VALUE_END_CONSUMED belong to the value, the others start
-    #: what comes next.
+    #: what comes next. `_ends_value` may refuse one (it is then text of the value).
     VALUE_END: ClassVar[Markers]
     VALUE_END_CONSUMED: ClassVar[frozenset[str]]
     #: Parameter openers and body ends, looked for between parameters.
     BETWEEN: ClassVar[Markers]
     BODY_END_CONSUMED: ClassVar[frozenset[str]]
-    #: qwen3_coder writes values on their own lines: one newline after the key and one before
-    #: the end tag are not part of the value.
-    STRIP_NEWLINE: ClassVar[bool] = False
+    #: Whitespace around a value that is not part of it: ``keep`` none, ``newline`` one newline
+    #: after the key and one before the end tag (qwen3_coder writes values on their own lines),
+    #: ``strip`` all of it (minimax_m2).
+    VALUE_WS: ClassVar[str] = "keep"
     #: How a value the schema does not type is read: as JSON/a literal (glm45) or as text.
     UNTYPED_JSON: ClassVar[bool] = False
 
@@ -144,6 +151,7 @@ class XmlArgsMachine(CallMachine):
         self._key = ""
         self._params = 0
         self._fresh = False
+        self._ws: list[str] = []
 
     def _commit(self, name: str, call_id: str | None) -> None:
         super()._commit(name, call_id)
@@ -159,6 +167,26 @@ class XmlArgsMachine(CallMachine):
         self._args("}")
         self._state = self._trailer_step
         return True
+
+    # -- hooks a family may override ----------------------------------------------------------
+
+    def _read_key(self, raw: str) -> str | None:
+        """The parameter's name from the text between PARAM_OPEN and KEY_END (None: not one)."""
+        return raw.strip()
+
+    def _streams(self, spec: Any) -> bool:
+        """Whether this value is streamed as a JSON string while it is written."""
+        return streams_as_string(spec, untyped_json=self.UNTYPED_JSON)
+
+    def _convert(self, raw: str, spec: Any) -> Any:
+        """The JSON value of a value held whole."""
+        return convert_value(raw, spec, untyped_json=self.UNTYPED_JSON)
+
+    def _ends_value(self, buf: str, m: re.Match[str], final: bool) -> bool | None:
+        """Whether the VALUE_END marker `m` ends the value (None: more text decides)."""
+        return True
+
+    # -- the body ---------------------------------------------------------------------------
 
     def _between_step(self, final: bool) -> bool:
         buf = self._buf
@@ -182,7 +210,10 @@ class XmlArgsMachine(CallMachine):
             if not final and len(buf) - pos < _MAX_KEY:
                 return False
             return self._close_args()  # no key: the call ends here
-        self._key = buf[pos:i].strip()
+        key = self._read_key(buf[pos:i])
+        if key is None:
+            return self._close_args()
+        self._key = key
         self._pos = i + len(self.KEY_END)
         self._state = self._value_open_step if self.VALUE_OPEN else self._value_start
         return True
@@ -201,9 +232,10 @@ class XmlArgsMachine(CallMachine):
 
     def _value_start(self, final: bool) -> bool:
         spec = self._props.get(self._key) if self._props is not None else None
-        if streams_as_string(spec, untyped_json=self.UNTYPED_JSON):
+        if self._streams(spec):
             self._args(self._key_prefix() + '"')
-            self._fresh = self.STRIP_NEWLINE
+            self._fresh = self.VALUE_WS != "keep"
+            self._ws = []
             self._state = self._string_value_step
         else:
             self._state = self._held_value_step
@@ -214,56 +246,91 @@ class XmlArgsMachine(CallMachine):
         sep = ", " if self._params > 1 else ""
         return f"{sep}{json.dumps(self._key, ensure_ascii=False)}: "
 
-    def _value_end(self, m: Any) -> None:
-        self._pos = m.end() if m.group() in self.VALUE_END_CONSUMED else m.start()
-        self._state = self._between_step
+    def _value_end(self, buf: str, pos: int, final: bool) -> tuple[int, int]:
+        """Where the value written from `pos` ends and where parsing resumes after it; or
+        (-1, h): the text so far does not end it, and it goes on at least to `h`."""
+        while True:
+            m = self.VALUE_END.find(buf, pos)
+            if m is None:
+                n = len(buf)
+                return (n, n) if final else (-1, self.VALUE_END.hold(buf, pos))
+            ends = self._ends_value(buf, m, final)
+            if ends is None:
+                return -1, m.start()
+            if ends:
+                consumed = m.group() in self.VALUE_END_CONSUMED
+                return m.start(), m.end() if consumed else m.start()
+            pos = m.end()  # the marker's text belongs to the value
+
+    def _skip_leading_ws(self, final: bool) -> bool:
+        """Drop the whitespace a value starts with that is not part of it (False: wait)."""
+        buf, pos = self._buf, self._pos
+        if self.VALUE_WS == "strip":
+            pos = self._pos = skip_ws(buf, pos)
+        if pos == len(buf) and not final:
+            return False
+        if self.VALUE_WS == "newline" and buf.startswith("\n", pos):
+            self._pos = pos + 1
+        self._fresh = False
+        return True
+
+    def _string_text(self, text: str, last: bool) -> None:
+        """Stream a piece of a string value; whitespace that may turn out to be the value's
+        trailing whitespace (dropped) is held back (`_ws`) until text follows it."""
+        mode = self.VALUE_WS
+        if mode == "newline":
+            if self._ws:  # the one newline held back was not the last
+                text = "\n" + text
+                self._ws = []
+            if text.endswith("\n"):
+                text = text[:-1]
+                if not last:
+                    self._ws = ["\n"]
+        elif mode == "strip":
+            body = text.rstrip()
+            tail = text[len(body) :]
+            if body and self._ws:  # the whitespace held back was not the last
+                body = "".join(self._ws) + body
+                self._ws = []
+            if tail and not last:
+                self._ws.append(tail)
+            text = body
+        if text:
+            self._args(_escape(text))
 
     def _string_value_step(self, final: bool) -> bool:
-        buf, pos = self._buf, self._pos
-        if self._fresh:
-            if pos == len(buf) and not final:
-                return False
-            self._fresh = False
-            if buf.startswith("\n", pos):
-                pos += 1
-        m = self.VALUE_END.find(buf, pos)
-        if m is None and not final:
-            hold = self.VALUE_END.hold(buf, pos)
-            if self.STRIP_NEWLINE and hold > pos and buf[hold - 1] == "\n":
-                hold -= 1
-            self._args(_escape(buf[pos:hold]))
-            self._pos = hold
+        if self._fresh and not self._skip_leading_ws(final):
             return False
-        text = buf[pos : m.start() if m else len(buf)]
-        if self.STRIP_NEWLINE and text.endswith("\n"):
-            text = text[:-1]
-        self._args(_escape(text) + '"')
-        if m:
-            self._value_end(m)
-        else:
-            self._pos = len(buf)
-            self._state = self._between_step
+        buf, pos = self._buf, self._pos
+        start, resume = self._value_end(buf, pos, final)
+        if start == -1:
+            self._string_text(buf[pos:resume], last=False)
+            self._pos = resume
+            return False
+        self._string_text(buf[pos:start], last=True)
+        self._ws = []
+        self._args('"')
+        self._pos = resume
+        self._state = self._between_step
         return True
 
     def _held_value_step(self, final: bool) -> bool:
         buf, pos = self._buf, self._pos
-        m = self.VALUE_END.find(buf, pos)
-        if m is None and not final:
-            hold = self.VALUE_END.hold(buf, pos)
-            self._held.append(buf[pos:hold])
-            self._pos = hold
+        start, resume = self._value_end(buf, pos, final)
+        if start == -1:
+            self._held.append(buf[pos:resume])
+            self._pos = resume
             return False
-        self._held.append(buf[pos : m.start() if m else len(buf)])
+        self._held.append(buf[pos:start])
         raw = "".join(self._held)
         self._held = []
-        if self.STRIP_NEWLINE:
+        if self.VALUE_WS == "newline":
             raw = raw.removeprefix("\n").removesuffix("\n")
+        elif self.VALUE_WS == "strip":
+            raw = raw.strip()
         spec = self._props.get(self._key) if self._props is not None else None
-        value = convert_value(raw, spec, untyped_json=self.UNTYPED_JSON)
+        value = self._convert(raw, spec)
         self._args(self._key_prefix() + json.dumps(value, ensure_ascii=False))
-        if m:
-            self._value_end(m)
-        else:
-            self._pos = len(buf)
-            self._state = self._between_step
+        self._pos = resume
+        self._state = self._between_step
         return True

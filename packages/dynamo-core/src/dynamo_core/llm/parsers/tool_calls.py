@@ -83,6 +83,7 @@ __all__ = [
 
 _NEED: Head = (NEED, "", None, 0)
 _FAIL: Head = (FAIL, "", None, 0)
+_NON_SPACE = re.compile(r"\S")
 
 
 class HermesParser(CallMachine):
@@ -344,9 +345,14 @@ class KimiK2Parser(_TokenSectionParser):
 class Qwen3CoderParser(XmlArgsMachine):
     """``<tool_call><function=NAME><parameter=KEY>value</parameter>...</function></tool_call>``.
 
-    A value ends at the first ``</parameter>`` (or ``<parameter=``, ``</function>``), as in
-    Qwen's reference parser: a value whose text contains one of those tags literally is cut
-    there.
+    A value may contain the tags themselves (code that writes this format, XML): as in vLLM's
+    and SGLang's parsers, an end tag ends a value only where the structure goes on after it,
+    past whitespace: ``</parameter>`` before ``<parameter=``, ``</function>``, ``</tool_call>``
+    or the end of the output; ``</function>`` (a value whose ``</parameter>`` is missing) before
+    ``</tool_call>`` or the end; ``</tool_call>`` before ``<tool_call>`` or the end. Otherwise
+    the tag is text of the value. A ``<parameter=`` at the start of a line also ends a value
+    that lacks its ``</parameter>``. The look past a tag is bounded (`MAX_GAP` whitespace
+    characters), so the decision is the same whole or in pieces.
     """
 
     __slots__ = ()
@@ -355,13 +361,38 @@ class Qwen3CoderParser(XmlArgsMachine):
     CALL_END = Markers("</tool_call>")
     PARAM_OPEN = "<parameter="
     KEY_END = ">"
-    VALUE_END = Markers("</parameter>", "<parameter=", "</function>", "</tool_call>")
+    VALUE_END = Markers("</parameter>", "\n<parameter=", "</function>", "</tool_call>")
     VALUE_END_CONSUMED = frozenset({"</parameter>"})
     BETWEEN = Markers("<parameter=", "</function>", "</tool_call>")
     BODY_END_CONSUMED = frozenset({"</function>"})
-    STRIP_NEWLINE = True
+    VALUE_WS = "newline"
+    #: Whitespace looked past after an end tag; more than this, and the tag is value text.
+    MAX_GAP = 64
+    #: What must follow each end tag for it to end the value (None: it always does).
+    _FOLLOWS: ClassVar[dict[str, Markers | None]] = {
+        "</parameter>": Markers("<parameter=", "</function>", "</tool_call>"),
+        "\n<parameter=": None,
+        "</function>": Markers("</tool_call>"),
+        "</tool_call>": Markers("<tool_call>"),
+    }
     _HEAD = re.compile(r"\s*<function=([^>\n<]+)>")
     _STOP = Markers("</tool_call>", "<tool_call>", "<parameter=")
+
+    def _ends_value(self, buf: str, m: re.Match[str], final: bool) -> bool | None:
+        follows = self._FOLLOWS[m.group()]
+        if follows is None:
+            return True
+        after = m.end()
+        limit = min(len(buf), after + self.MAX_GAP)
+        text = _NON_SPACE.search(buf, after, limit)
+        if text is None:
+            if limit - after >= self.MAX_GAP:
+                return False  # a long run of whitespace: not where the structure goes on
+            return True if final else None  # only whitespace up to the end so far
+        marker = follows.at(buf, text.start())
+        if marker == "":
+            return True if final else None
+        return marker is not None
 
     def _head(self, window: str) -> Head:
         kind, m = regex_head(window, self._HEAD, self._STOP)
