@@ -38,6 +38,8 @@ def _ds(name: str) -> str:
 
 DS = _ds("tool_calls_begin"), _ds("tool_call_begin"), _ds("tool_sep")
 DS_END = _ds("tool_call_end"), _ds("tool_calls_end")
+#: DeepSeek V3.2's DSML tags: `<|DSML|invoke ...>` with U+FF5C bars.
+DSML = "\uff5cDSML\uff5c"
 
 WEATHER_TOOLS = [
     {
@@ -475,6 +477,190 @@ CASES: dict[str, Case] = {
         calls=[("get_weather", {"city": "Bei"})],
         tools=WEATHER_TOOLS,
     ),
+    # -- granite ---------------------------------------------------------------------------
+    "granite3_array": Case(
+        "granite",
+        None,
+        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "get_time", "arguments": {"zone": "CET"}}]',
+        calls=[("get_weather", W), ("get_time", {"zone": "CET"})],
+    ),
+    "granite31_tag_and_text": Case(
+        "granite",
+        None,
+        'Checking.<tool_call>[{"arguments": {"city": "Paris"}, "name": "get_weather"}]\n\nDone.',
+        content="Checking.Done.",
+        calls=[("get_weather", W)],
+    ),
+    "granite4_one_tag_per_call": Case(
+        "granite",
+        None,
+        'Both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+        content="Both.\n",
+        calls=[("get_weather", W), ("get_time", {})],
+    ),
+    "granite_thinking_left_open": Case(
+        "granite",
+        "granite",
+        'Here is my thought process:\nNeed the weather.<|tool_call|>[{"name": "get_weather", '
+        '"arguments": {"city": "Paris"}}]',
+        thinking="Need the weather.",
+        calls=[("get_weather", W)],
+    ),
+    "granite_not_calls": Case(
+        "granite", None, "<|tool_call|> [is a token]", content="<|tool_call|> [is a token]"
+    ),
+    "granite_truncated_args": Case(
+        "granite",
+        None,
+        '<|tool_call|>[{"name": "f", "arguments": {"a": "par',
+        calls=[("f", '{"a": "par')],
+        exact_args=True,
+    ),
+    # -- phi4 (Phi-4-mini) ---------------------------------------------------------------------
+    "phi4_mini": Case(
+        "phi4",
+        None,
+        'functools[{"name": "get_weather", "arguments": {"city": "Paris", "hours": [[1, 2], [3]]}}, '
+        '{"name": "get_time", "parameters": {"zone": "CET"}}]',
+        calls=[
+            ("get_weather", {"city": "Paris", "hours": [[1, 2], [3]]}),
+            ("get_time", {"zone": "CET"}),
+        ],
+    ),
+    "phi4_prose": Case(
+        "phi4",
+        None,
+        "Use functools.lru_cache, or functools[0] if you must.",
+        content="Use functools.lru_cache, or functools[0] if you must.",
+    ),
+    # -- jamba -----------------------------------------------------------------------------
+    "jamba": Case(
+        "jamba",
+        None,
+        'Sure. <tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "get_time", "arguments": {}}]</tool_calls>',
+        content="Sure. ",
+        calls=[("get_weather", W), ("get_time", {})],
+    ),
+    "jamba_not_a_call": Case(
+        "jamba",
+        None,
+        '<tool_calls>[{"name": 1}]</tool_calls> and []',
+        content='<tool_calls>[{"name": 1}]</tool_calls> and []',
+    ),
+    # -- nemotron_deci (Llama-Nemotron) ------------------------------------------------------
+    "nemotron_deci": Case(
+        "nemotron_deci",
+        "nemotron_deci",
+        '<think>Need the weather.</think>\n<TOOLCALL>[{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}, {"name": "get_time", "arguments": {"zone": "CET"}}]</TOOLCALL>',
+        thinking="Need the weather.",
+        calls=[("get_weather", W), ("get_time", {"zone": "CET"})],
+    ),
+    "nemotron_deci_without_brackets": Case(
+        "llama_nemotron_json",
+        None,
+        '<TOOLCALL>{"name": "get_weather", "arguments": {"city": "Paris"}}</TOOLCALL> Done.',
+        content="Done.",
+        calls=[("get_weather", W)],
+    ),
+    # -- deepseek_v3_2 (DSML) ----------------------------------------------------------------
+    "deepseek_v3_2": Case(
+        "deepseek_v3_2",
+        "deepseek_r1",
+        "Two cities.</think>\n\n"
+        f'<{DSML}function_calls>\n<{DSML}invoke name="get_weather">\n'
+        f'<{DSML}parameter name="city" string="true">San Francisco</{DSML}parameter>\n'
+        f'</{DSML}invoke>\n<{DSML}invoke name="get_weather">\n'
+        f'<{DSML}parameter name="city" string="true">New York</{DSML}parameter>\n'
+        f"</{DSML}invoke>\n</{DSML}function_calls>",
+        thinking="Two cities.",
+        calls=[("get_weather", {"city": "San Francisco"}), ("get_weather", {"city": "New York"})],
+    ),
+    "deepseek_v3_2_string_attribute": Case(
+        "deepseek_v3_2",
+        None,
+        f'Let me check.<{DSML}function_calls>\n<{DSML}invoke name="get_weather">\n'
+        f'<{DSML}parameter name="city" string="true"> "Tōkyō" {{x}} </{DSML}parameter>\n'
+        f'<{DSML}parameter name="days" string="false">3</{DSML}parameter>\n'
+        f'<{DSML}parameter name="hours" string="false">[1, 2]</{DSML}parameter>\n'
+        f'<{DSML}parameter name="opts" string="false">{{"rain": true, "note": null}}</{DSML}parameter>\n'
+        f'<{DSML}parameter name="bad" string="false">not json</{DSML}parameter>\n'
+        f"</{DSML}invoke>\n</{DSML}function_calls>",
+        content="Let me check.",
+        calls=[
+            (
+                "get_weather",
+                {
+                    "city": ' "Tōkyō" {x} ',
+                    "days": 3,
+                    "hours": [1, 2],
+                    "opts": {"rain": True, "note": None},
+                    "bad": "not json",
+                },
+            )
+        ],
+        tools=WEATHER_TOOLS,
+    ),
+    "deepseek_v3_2_thinking_left_open": Case(
+        "deepseek_v32",
+        "deepseek_r1",
+        f'I need the weather.\n\n<{DSML}function_calls>\n<{DSML}invoke name="f">\n'
+        f"</{DSML}invoke>\n</{DSML}function_calls>",
+        thinking="I need the weather.",
+        calls=[("f", {})],
+    ),
+    "deepseek_v3_2_not_calls": Case(
+        "deepseek_v3_2",
+        None,
+        f"<{DSML}function_calls>oops</{DSML}function_calls> ok",
+        content=f"<{DSML}function_calls>oops</{DSML}function_calls> ok",
+    ),
+    "deepseek_v3_2_truncated": Case(
+        "deepseek_v3_2",
+        None,
+        f'<{DSML}function_calls>\n<{DSML}invoke name="f">\n<{DSML}parameter name="text" '
+        'string="true">hello wor',
+        calls=[("f", {"text": "hello wor"})],
+    ),
+    # -- minimax_m2 --------------------------------------------------------------------------
+    "minimax_m2": Case(
+        "minimax_m2",
+        "minimax_m2",
+        "Weather, twice.\n</think>\n\nChecking.\n<minimax:tool_call>\n"
+        '<invoke name="get_weather">\n<parameter name="city">\n  San Francisco \n</parameter>\n'
+        '<parameter name="days">3</parameter>\n<parameter name="hours">[1, 2]</parameter>\n'
+        '</invoke>\n<invoke name="get_time">\n</invoke>\n</minimax:tool_call>',
+        content="Checking.\n",
+        thinking="Weather, twice.",
+        calls=[
+            ("get_weather", {"city": "San Francisco", "days": 3, "hours": [1, 2]}),
+            ("get_time", {}),
+        ],
+        tools=WEATHER_TOOLS,
+    ),
+    "minimax_m2_untyped_is_text": Case(
+        "minimax_m2",
+        None,
+        "<minimax:tool_call><invoke name=f><parameter name='n'>3</parameter>"
+        "<parameter name=m> a \t\n  b </parameter></invoke></minimax:tool_call>",
+        calls=[("f", {"n": "3", "m": "a \t\n  b"})],
+    ),
+    "minimax_m2_thinking_left_open": Case(
+        "minimax_m2",
+        "deepseek_r1",
+        'Call it.<minimax:tool_call><invoke name="f"></invoke></minimax:tool_call>',
+        thinking="Call it.",
+        calls=[("f", {})],
+    ),
+    "minimax_m2_not_calls": Case(
+        "minimax_m2",
+        None,
+        "<minimax:tool_call> is the tag </minimax:tool_call>",
+        content="<minimax:tool_call> is the tag </minimax:tool_call>",
+    ),
     # -- harmony (gpt-oss) ------------------------------------------------------------------
     "harmony_tool_call": Case(
         "harmony",
@@ -619,6 +805,57 @@ FRAGMENTS = {
         "x",
         "\n<parameter=",
     ],
+    "granite": [
+        "<|tool_call|>",
+        "<tool_call>",
+        "</tool_call>",
+        "[",
+        "]",
+        ",",
+        '{"name": "f", "arguments": ',
+        '{"a": [1, "]"]}',
+        "}",
+    ],
+    "phi4": ["functools", "functo", "[", "]", ",", '{"name": "f", "arguments": {"a": 1}}', "{"],
+    "jamba": ["<tool_calls>", "</tool_calls>", "[", "]", ",", '{"name": "f", "arguments": {}}'],
+    "nemotron_deci": [
+        "<TOOLCALL>",
+        "</TOOLCALL>",
+        "[",
+        "]",
+        ",",
+        '{"name": "f", "parameters": {"x": "]"}}',
+        '{"arguments": {}, "name": "g"}',
+    ],
+    "deepseek_v3_2": [
+        f"<{DSML}function_calls>",
+        f"</{DSML}function_calls>",
+        f"<{DSML}invoke name=",
+        '"get_weather">',
+        f"<{DSML}parameter name=",
+        '"city" string="true">',
+        '"days" string="false">',
+        '"hours">',
+        f"</{DSML}parameter>",
+        f"</{DSML}invoke>",
+        "\n",
+        "[1]",
+        "3",
+    ],
+    "minimax_m2": [
+        "<minimax:tool_call>",
+        "</minimax:tool_call>",
+        "<invoke name=",
+        '"get_weather">',
+        "<parameter name=",
+        '"city">',
+        "'days'>",
+        "</parameter>",
+        "</invoke>",
+        "\n",
+        "  ",
+        "3",
+    ],
     "glm45": [
         "<tool_call>",
         "get_weather",
@@ -739,6 +976,47 @@ def test_xml_value_end_tag_is_held_until_the_structure_decides() -> None:
     assert parser.feed("</parameter>\n</function>") == [ToolCallArguments(0, '"}')]
 
 
+def test_dsml_string_values_stream_and_json_values_wait() -> None:
+    parser = ParserSpec("deepseek_v3_2").new_parser(tools=WEATHER_TOOLS, call_id=ids())
+    head = f'<{DSML}function_calls>\n<{DSML}invoke name="get_weather">\n<{DSML}parameter name='
+    assert parser.feed(head + '"city" string="true">Par') == [
+        ToolCallStart(0, "call_0", "get_weather"),
+        ToolCallArguments(0, '{"city": "Par'),
+    ]
+    assert parser.feed(f'is</{DSML}parameter>\n<{DSML}parameter name="days" string="false">1') == [
+        ToolCallArguments(0, 'is"')
+    ]
+    assert parser.feed(f"2</{DSML}parameter>\n</{DSML}invoke>") == [
+        ToolCallArguments(0, ', "days": 12}')
+    ]
+
+
+def test_minimax_value_whitespace_is_dropped_while_streaming() -> None:
+    parser = ParserSpec("minimax_m2").new_parser(call_id=ids())
+    head = '<minimax:tool_call><invoke name="f"><parameter name="city">\n  Pa'
+    assert parser.feed(head) == [
+        ToolCallStart(0, "call_0", "f"),
+        ToolCallArguments(0, '{"city": "Pa'),
+    ]
+    assert parser.feed("ris  ") == [ToolCallArguments(0, "ris")]
+    assert parser.feed(" la") == [ToolCallArguments(0, "   la")]
+    assert parser.feed(" \n</parameter>") == [ToolCallArguments(0, '"')]
+
+
+def test_json_list_calls_stream_their_arguments() -> None:
+    parser = ParserSpec("jamba").new_parser(call_id=ids())
+    assert parser.feed('<tool_calls>[{"name": "f", "arguments": {"a": "x') == [
+        ToolCallStart(0, "call_0", "f"),
+        ToolCallArguments(0, '{"a": "x'),
+    ]
+    assert parser.feed('y"}}, {"name": "g", "arguments": {}}]</tool_') == [
+        ToolCallArguments(0, 'y"}'),
+        ToolCallStart(1, "call_1", "g"),
+        ToolCallArguments(1, "{}"),
+    ]
+    assert parser.feed("calls> ok") == [Content("ok")]
+
+
 @pytest.mark.parametrize(
     ("tool", "reasoning", "first", "shown", "then", "released"),
     [
@@ -749,6 +1027,12 @@ def test_xml_value_end_tag_is_held_until_the_structure_decides() -> None:
         (None, "granite", "Here is", "", " fine", "Here is fine"),
         ("mistral", None, "x [TOOL", "x ", "S]", "[TOOLS]"),
         ("pythonic", None, "[get(", "", "1)]", "[get(1)]"),
+        ("granite", None, "ok <|tool_", "ok ", "x", "<|tool_x"),
+        ("phi4", None, "Use functo", "Use ", "rs", "functors"),
+        ("jamba", None, "a <tool_c", "a ", "x", "<tool_cx"),
+        ("nemotron_deci", None, "a <TOOL", "a ", "S", "<TOOLS"),
+        ("deepseek_v3_2", None, "a <" + DSML[:3], "a ", "x", "<" + DSML[:3] + "x"),
+        ("minimax_m2", None, "a <minimax:", "a ", "x", "<minimax:x"),
     ],
 )
 def test_hold_back_only_what_could_be_markup(
@@ -807,12 +1091,18 @@ def test_names_and_aliases() -> None:
     assert parsers.tool_call_parser_names() == [
         "deepseek_v3",
         "deepseek_v3_1",
+        "deepseek_v3_2",
         "glm45",
+        "granite",
         "harmony",
         "hermes",
+        "jamba",
         "kimi_k2",
         "llama3_json",
+        "minimax_m2",
         "mistral",
+        "nemotron_deci",
+        "phi4",
         "pythonic",
         "qwen3_coder",
     ]
@@ -835,9 +1125,16 @@ def test_names_and_aliases() -> None:
         ("gpt-oss", "harmony"),
         ("llama4_pythonic", "pythonic"),
         ("GLM47", "glm45"),
+        ("phi4_mini_json", "phi4"),
+        ("llama_nemotron_json", "nemotron_deci"),
+        ("deepseek_v32", "deepseek_v3_2"),
+        ("deepseekv32", "deepseek_v3_2"),
+        ("granite4", "granite"),
+        ("minimax-m2", "minimax_m2"),
     ]:
         assert parsers.get_tool_call_parser(alias).name == name
     assert ParserSpec("qwen25", "deepseek-r1") == ParserSpec("hermes", "deepseek_r1")
+    assert ParserSpec("minimax-m2", "minimax_m2") == ParserSpec("minimax_m2", "deepseek_r1")
 
 
 def test_unknown_name_lists_valid_names_and_suggests() -> None:
@@ -846,7 +1143,7 @@ def test_unknown_name_lists_valid_names_and_suggests() -> None:
     message = str(err.value)
     assert "unknown tool-call parser 'hermse'" in message
     assert "did you mean 'hermes'?" in message
-    assert "valid names: deepseek_v3, deepseek_v3_1, glm45, harmony, hermes" in message
+    assert "valid names: deepseek_v3, deepseek_v3_1, deepseek_v3_2, glm45, granite" in message
     with pytest.raises(ConfigError, match="unknown reasoning parser 'zzz'; valid names: basic"):
         ParserSpec(reasoning_parser="zzz")
 

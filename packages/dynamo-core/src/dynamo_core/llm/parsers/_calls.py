@@ -396,6 +396,29 @@ class CallMachine(ToolCallParser):
 
     # -- helpers for sectioned families -----------------------------------------------------
 
+    def _array_item(self, p: int) -> bool:
+        """In a JSON array of call objects, at its next non-space character `p`: a call, a comma
+        after one, or the closing bracket (then `_array_closed`); anything else ends the section."""
+        c = self._buf[p]
+        if c == "{":
+            self._state = self._head_step
+            return True
+        if self._section_calls and (c == "," or c == "]"):
+            self._pos = p + 1
+            if c == ",":
+                self._literal.append(c)
+                return True
+            self._literal = []
+            return self._array_closed()
+        return self._section_done()
+
+    def _array_closed(self) -> bool:
+        """The array of calls has closed: back to content (a family whose array is followed by
+        an end marker looks for it first)."""
+        self._state = self._content_step
+        self._after_call = True
+        return True
+
     def _marker_section(self, final: bool, calls: Markers, end: Markers) -> bool:
         """A section whose calls begin with `calls` markers and that closes with `end`."""
         buf, pos = self._buf, self._pos

@@ -34,11 +34,17 @@ from dynamo_core.llm.parsers.pythonic import PythonicParser
 from dynamo_core.llm.parsers.tool_calls import (
     DeepSeekV3Parser,
     DeepSeekV31Parser,
+    DeepSeekV32Parser,
     Glm45Parser,
+    GraniteParser,
     HermesParser,
+    JambaParser,
     KimiK2Parser,
     Llama3JsonParser,
+    MiniMaxM2Parser,
     MistralParser,
+    NemotronParser,
+    Phi4Parser,
     Qwen3CoderParser,
 )
 
@@ -127,6 +133,34 @@ _TOOL_FAMILIES = (
         exits_reasoning=KimiK2Parser.OPEN.markers,
     ),
     ParserFamily("glm45", Glm45Parser, "GLM-4.5 / 4.6 / 4.7", ("glm47", "glm4_moe", "glm")),
+    ParserFamily(
+        "deepseek_v3_2",
+        DeepSeekV32Parser,
+        "DeepSeek V3.2, V3.2-Speciale (DSML)",
+        ("deepseek_v32", "deepseekv32"),
+        exits_reasoning=DeepSeekV32Parser.OPEN.markers,
+    ),
+    ParserFamily(
+        "minimax_m2",
+        MiniMaxM2Parser,
+        "MiniMax-M2 / M2.1",
+        exits_reasoning=MiniMaxM2Parser.OPEN.markers,
+    ),
+    ParserFamily(
+        "granite",
+        GraniteParser,
+        "Granite 3.x (<|tool_call|>[...]), Granite 4 (<tool_call>{...}</tool_call>)",
+        ("granite4", "granite3"),
+        exits_reasoning=("<|tool_call|>",),
+    ),
+    ParserFamily("phi4", Phi4Parser, "Phi-4-mini (functools[...])", ("phi4_mini_json",)),
+    ParserFamily("jamba", JambaParser, "Jamba 1.5 / 1.6 / 1.7 (<tool_calls>[...])"),
+    ParserFamily(
+        "nemotron_deci",
+        NemotronParser,
+        "Llama-Nemotron Nano / Super / Ultra (<TOOLCALL>[...])",
+        ("llama_nemotron_json", "nemotron_json"),
+    ),
 )
 
 _REASONING_FAMILIES = (
@@ -134,8 +168,16 @@ _REASONING_FAMILIES = (
     ParserFamily(
         "deepseek_r1",
         _think(_reasoning.DEEPSEEK_R1),
-        "DeepSeek-R1, Qwen3-Thinking-2507, Nemotron Nano (starts inside <think>)",
-        ("step3", "nemotron_nano", "nemotron3", "qwen3_thinking"),
+        "DeepSeek-R1, Qwen3-Thinking-2507, Nemotron Nano, MiniMax-M2 (starts inside <think>)",
+        (
+            "step3",
+            "nemotron_nano",
+            "nemotron3",
+            "qwen3_thinking",
+            "minimax_m2",
+            "minimax_append_think",
+            "minimax_m2_append_think",
+        ),
     ),
     ParserFamily("qwen3", _think(_reasoning.BASIC), "Qwen3, QwQ (<think> optional)"),
     ParserFamily(

@@ -14,6 +14,11 @@ formats, from each family's chat template and reference parser:
 
       {"name": "get_weather", "parameters": {"city": "Paris"}}
 
+- **granite** (Granite 3.x): ``<|tool_call|>[{"name": ..., "arguments": {...}}, ...]`` (3.1+
+  also ``<tool_call>[...]``); Granite 4 writes each call as hermes does. **phi4** (Phi-4-mini):
+  ``functools[...]``; **jamba**: ``<tool_calls>[...]</tool_calls>``; **nemotron_deci**
+  (Llama-Nemotron): ``<TOOLCALL>[...]</TOOLCALL>``, brackets optional. The calls stream as
+  the model writes them, as hermes' do.
 - **mistral**: ``[TOOL_CALLS]`` then, up to tokenizer v3 (Mistral 7B v0.3, Nemo, Small 2501), a
   JSON array ``[{"name": ..., "arguments": {...}}, ...]``; from v11 (Small 3.1+, Magistral,
   Devstral) one ``[TOOL_CALLS]name[ARGS]{...}`` per call, v13 adding ``[CALL_ID]id`` before
@@ -49,6 +54,23 @@ formats, from each family's chat template and reference parser:
       <arg_value>Paris</arg_value>
       </tool_call>
 
+- **deepseek_v3_2** (DeepSeek V3.2's DSML; ``|`` is U+FF5C in the tags)::
+
+      <|DSML|function_calls>
+      <|DSML|invoke name="get_weather">
+      <|DSML|parameter name="city" string="true">Paris</|DSML|parameter>
+      <|DSML|parameter name="days" string="false">3</|DSML|parameter>
+      </|DSML|invoke>
+      </|DSML|function_calls>
+
+- **minimax_m2** (MiniMax-M2)::
+
+      <minimax:tool_call>
+      <invoke name="get_weather">
+      <parameter name="city">Paris</parameter>
+      </invoke>
+      </minimax:tool_call>
+
 The markup is made of special tokens in most of these models: the text given to the parser must
 be decoded with ``skip_special_tokens=False`` (vLLM's parsers set the same on the request).
 """
@@ -73,11 +95,17 @@ from dynamo_core.llm.parsers._xml import XmlArgsMachine
 __all__ = [
     "DeepSeekV3Parser",
     "DeepSeekV31Parser",
+    "DeepSeekV32Parser",
     "Glm45Parser",
+    "GraniteParser",
     "HermesParser",
+    "JambaParser",
     "KimiK2Parser",
     "Llama3JsonParser",
+    "MiniMaxM2Parser",
     "MistralParser",
+    "NemotronParser",
+    "Phi4Parser",
     "Qwen3CoderParser",
 ]
 
@@ -136,6 +164,123 @@ class Llama3JsonParser(CallMachine):
             self._pos = len(buf)  # the output ends in markup after the calls
             return False
         return self._section_done()
+
+
+class _JsonListParser(CallMachine):
+    """A marker, then a JSON array of call objects ``[{"name": ..., "arguments": {...}}, ...]``
+    (or, where the family writes them so, call objects one after another, comma-separated or
+    not), then the family's end marker if it has one. An empty or broken list is content."""
+
+    __slots__ = ("_array",)
+
+    SECTIONED = True
+    OUTER_OBJECT = True
+    #: What closes the calls, if anything.
+    LIST_END: ClassVar[Markers | None] = None
+    #: Whether calls may stand without the brackets.
+    OBJECTS: ClassVar[bool] = False
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._array: bool | None = None
+
+    def _opened(self, marker: str | None) -> None:
+        super()._opened(marker)
+        self._array = None
+
+    def _head(self, window: str) -> Head:
+        return json_header(window)
+
+    def _section_step(self, final: bool) -> bool:
+        buf, pos = self._buf, self._pos
+        p = skip_ws(buf, pos)
+        self._literal.append(buf[pos:p])
+        self._pos = p
+        if p == len(buf):
+            if not final:
+                return False
+            return self._section_done() if not self._section_calls else False
+        c = buf[p]
+        if self._array is None:  # just after the marker: an array, or a bare object?
+            self._array = c == "["
+            if self._array:
+                self._literal.append(c)
+                self._pos = p + 1
+                return True
+            if not self.OBJECTS:
+                return self._section_done()
+        if self._array:
+            return self._array_item(p)
+        if c == "{":
+            self._state = self._head_step
+            return True
+        if c == "," and self._section_calls:
+            self._literal.append(c)
+            self._pos = p + 1
+            return True
+        if not self._section_calls:
+            return self._section_done()
+        return self._array_closed()  # other text after bare objects: their end marker, or not
+
+    def _array_closed(self) -> bool:
+        self._literal = []
+        self._state = self._list_end_step
+        return True
+
+    def _list_end_step(self, final: bool) -> bool:
+        """After the calls: the end marker, when it follows (whitespace before it is dropped)."""
+        buf = self._buf
+        p = skip_ws(buf, self._pos)
+        marker = self.LIST_END.at(buf, p) if self.LIST_END else None
+        if marker == "" and not final:
+            return False
+        if marker:
+            self._pos = p + len(marker)
+        elif marker == "":
+            self._pos = len(buf)  # a partial end marker at the very end: markup, dropped
+        self._state = self._content_step
+        self._after_call = True
+        return True
+
+
+class GraniteParser(_JsonListParser):
+    """Granite 3.x: ``<|tool_call|>[{"name": ..., "arguments": {...}}, ...]`` (3.1+ may write
+    ``<tool_call>`` instead); Granite 4: ``<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>`` per call, as hermes."""
+
+    __slots__ = ()
+
+    OPEN = Markers("<|tool_call|>", "<tool_call>")
+    LIST_END = Markers("</tool_call>")
+    OBJECTS = True
+
+
+class Phi4Parser(_JsonListParser):
+    """Phi-4-mini: ``functools[{"name": ..., "arguments": {...}}, ...]``."""
+
+    __slots__ = ()
+
+    OPEN = Markers("functools")
+
+
+class JambaParser(_JsonListParser):
+    """Jamba: ``<tool_calls>[{"name": ..., "arguments": {...}}, ...]</tool_calls>``."""
+
+    __slots__ = ()
+
+    OPEN = Markers("<tool_calls>")
+    LIST_END = Markers("</tool_calls>")
+
+
+class NemotronParser(_JsonListParser):
+    """Llama-Nemotron: ``<TOOLCALL>[{"name": ..., "arguments": {...}}, ...]</TOOLCALL>`` (the
+    brackets may be missing)."""
+
+    __slots__ = ()
+
+    OPEN = Markers("<TOOLCALL>")
+    LIST_END = Markers("</TOOLCALL>")
+    OBJECTS = True
 
 
 _MISTRAL_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -218,7 +363,7 @@ class MistralParser(CallMachine):
             self._state = self._head_step
             return True
         if self._array:
-            return self._array_section(p)
+            return self._array_item(p)
         marker = self.OPEN.at(buf, p)
         if marker:
             self._literal.append(marker)
@@ -232,26 +377,10 @@ class MistralParser(CallMachine):
             return False
         return self._section_done()
 
-    def _array_section(self, p: int) -> bool:
-        c = self._buf[p]
-        if c == "{":
-            self._state = self._head_step
-            return True
-        if c == "," and self._section_calls:
-            self._literal.append(",")
-            self._pos = p + 1
-            return True
-        if c == "]" and self._section_calls:
-            self._pos = p + 1
-            self._literal = []
-            self._state = self._content_step
-            self._after_call = True
-            return True
-        return self._section_done()
-
 
 class _TokenSectionParser(CallMachine):
-    """Calls inside a section of special tokens (DeepSeek, Kimi)."""
+    """Calls inside a section of special tokens (DeepSeek, Kimi; the ``<invoke>`` families):
+    each opens with SECTION_CALL and a header that HEAD reads."""
 
     __slots__ = ()
 
@@ -438,3 +567,102 @@ class Glm45Parser(XmlArgsMachine):
         if after is None:
             return _FAIL
         return (OK, m.group(1), None, m.end())
+
+
+#: An attribute's value: double-quoted, single-quoted or bare (groups 1-3; see `_unquote`).
+_ATTR_VALUE = r"""(?:"([^"\n<>]*)"|'([^'\n<>]*)'|([^\s"'<>]+))"""
+_INVOKE_NAME = re.compile(r"\s*" + _ATTR_VALUE + r"\s*>")
+#: What cannot stand inside an ``<invoke name=...>`` header before its ``>``.
+_TAG_STOP = Markers("<", ">")
+
+
+def _unquote(m: re.Match[str]) -> str:
+    """The attribute value an `_ATTR_VALUE` match holds, without its quotes."""
+    return next((g for g in m.groups()[:3] if g is not None), "")
+
+
+class _InvokeParser(XmlArgsMachine, _TokenSectionParser):
+    """A section of ``<invoke name="NAME">`` calls whose parameters are
+    ``<parameter name="KEY">value</parameter>`` (MiniMax-M2; DeepSeek V3.2 with DSML tags)."""
+
+    __slots__ = ()
+
+    HEAD_STOP = _TAG_STOP
+    HEAD = _INVOKE_NAME
+    KEY_END = ">"
+    #: The parameter's name after PARAM_OPEN (and, in DSML, its ``string`` attribute).
+    KEY: ClassVar[re.Pattern[str]] = re.compile(r"\s*" + _ATTR_VALUE + r"\s*")
+
+    def _name_and_id(self, m: re.Match[str]) -> tuple[str, str | None]:
+        return _unquote(m).strip(), None
+
+    def _read_key(self, raw: str) -> str | None:
+        m = self.KEY.fullmatch(raw)
+        return _unquote(m) if m else None
+
+
+_DSML = "<\uff5cDSML\uff5c"  # `<|DSML|`, the bars U+FF5C FULLWIDTH VERTICAL LINE
+_DSML_CALLS_END = "</\uff5cDSML\uff5cfunction_calls>"
+_DSML_INVOKE_END = "</\uff5cDSML\uff5cinvoke>"
+
+
+class DeepSeekV32Parser(_InvokeParser):
+    """DeepSeek V3.2's DSML: ``<|DSML|function_calls>``, then per call ``<|DSML|invoke
+    name="NAME">`` and ``<|DSML|parameter name="KEY" string="true|false">value
+    </|DSML|parameter>``, ``</|DSML|invoke>``; ``</|DSML|function_calls>`` closes (each bar
+    is U+FF5C, as in DeepSeek's other markers).
+
+    As DeepSeek's own encoder writes it: ``string="true"``: the value is the text as written
+    (streamed as a JSON string); ``string="false"``: it is JSON (a number, a boolean, an array,
+    an object), typed by the tool's schema where it declares the parameter, and kept as text
+    when it is not JSON after all. Without the attribute, the schema types the value.
+    """
+
+    __slots__ = ("_string",)
+
+    OPEN = Markers(_DSML + "function_calls>")
+    SECTION_CALL = Markers(_DSML + "invoke name=")
+    SECTION_END = Markers(_DSML_CALLS_END)
+    PARAM_OPEN = _DSML + "parameter name="
+    VALUE_END = Markers("</\uff5cDSML\uff5cparameter>", _DSML_INVOKE_END, _DSML_CALLS_END)
+    VALUE_END_CONSUMED = frozenset({"</\uff5cDSML\uff5cparameter>"})
+    BETWEEN = Markers(PARAM_OPEN, _DSML_INVOKE_END, _DSML_CALLS_END)
+    BODY_END_CONSUMED = frozenset({_DSML_INVOKE_END})
+    UNTYPED_JSON = True
+    KEY = re.compile(r"\s*" + _ATTR_VALUE + r'(?:\s+string\s*=\s*"(true|false)")?\s*')
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._string: bool | None = None
+
+    def _read_key(self, raw: str) -> str | None:
+        m = self.KEY.fullmatch(raw)
+        if m is None:
+            return None
+        self._string = None if m.group(4) is None else m.group(4) == "true"
+        return _unquote(m)
+
+    def _streams(self, spec: object) -> bool:
+        return super()._streams(spec) if self._string is None else self._string
+
+
+_MINIMAX_END = "</minimax:tool_call>"
+
+
+class MiniMaxM2Parser(_InvokeParser):
+    """MiniMax-M2: ``<minimax:tool_call>``, then per call ``<invoke name="NAME">`` and
+    ``<parameter name="KEY">value</parameter>``, ``</invoke>``; ``</minimax:tool_call>``
+    closes. Whitespace around a value is not part of it; values are typed by the tool's schema
+    (a parameter it does not declare is text), as MiniMax's reference parser does."""
+
+    __slots__ = ()
+
+    OPEN = Markers("<minimax:tool_call>")
+    SECTION_CALL = Markers("<invoke name=")
+    SECTION_END = Markers(_MINIMAX_END)
+    PARAM_OPEN = "<parameter name="
+    VALUE_END = Markers("</parameter>", "</invoke>", _MINIMAX_END)
+    VALUE_END_CONSUMED = frozenset({"</parameter>"})
+    BETWEEN = Markers(PARAM_OPEN, "</invoke>", _MINIMAX_END)
+    BODY_END_CONSUMED = frozenset({"</invoke>"})
+    VALUE_WS = "strip"
