@@ -56,7 +56,29 @@ def _calls(fmt: str, n: int = 2) -> str:
             for i in range(n)
         )
         return f"<|tool_calls_section_begin|>{calls}<|tool_calls_section_end|>"
+    obj = f'{{"name": "get_weather", "arguments": {a}}}'
+    if fmt == "granite":
+        return "<|tool_call|>[" + ", ".join([obj] * n) + "]"
+    if fmt == "phi4":
+        return "functools[" + ", ".join([obj] * n) + "]"
+    if fmt == "jamba":
+        return "<tool_calls>[" + ", ".join([obj] * n) + "]</tool_calls>"
+    if fmt == "nemotron_deci":
+        return "<TOOLCALL>[" + ", ".join([obj] * n) + "]</TOOLCALL>"
     values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in ARGS.items()}
+    if fmt == "deepseek_v3_2":
+        dsml = "<\uff5cDSML\uff5c"
+        params = "".join(
+            f'{dsml}parameter name="{k}" string="{str(isinstance(ARGS[k], str)).lower()}">{v}'
+            f"</\uff5cDSML\uff5cparameter>\n"
+            for k, v in values.items()
+        )
+        call = f'{dsml}invoke name="get_weather">\n{params}</\uff5cDSML\uff5cinvoke>\n'
+        return f"{dsml}function_calls>\n{call * n}</\uff5cDSML\uff5cfunction_calls>"
+    if fmt == "minimax_m2":
+        params = "".join(f'<parameter name="{k}">{v}</parameter>\n' for k, v in values.items())
+        call = f'<invoke name="get_weather">\n{params}</invoke>\n'
+        return f"<minimax:tool_call>\n{call * n}</minimax:tool_call>"
     if fmt == "qwen3_coder":
         params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
         return f"<tool_call>\n<function=get_weather>\n{params}</function>\n</tool_call>\n" * n
@@ -108,6 +130,24 @@ FAMILIES = {
     ),
     "glm45": ("glm45", "glm45", lambda r, n: f"<think>{r}</think>\n{CONTENT}{_calls('glm45', n)}"),
     "harmony": ("harmony", "gpt_oss", _harmony),
+    "deepseek_v3_2": (
+        "deepseek_v3_2",
+        "deepseek_r1",
+        lambda r, n: f"{r}</think>\n\n{CONTENT}{_calls('deepseek_v3_2', n)}",
+    ),
+    "minimax_m2": (
+        "minimax_m2",
+        "minimax_m2",
+        lambda r, n: f"{r}\n</think>\n\n{CONTENT}{_calls('minimax_m2', n)}",
+    ),
+    "granite": ("granite", None, lambda r, n: CONTENT + _calls("granite", n)),
+    "phi4": ("phi4", None, lambda r, n: _calls("phi4", n)),
+    "jamba": ("jamba", None, lambda r, n: CONTENT + _calls("jamba", n)),
+    "nemotron_deci": (
+        "nemotron_deci",
+        "nemotron_deci",
+        lambda r, n: f"<think>{r}</think>\n{_calls('nemotron_deci', n)}",
+    ),
     "content only (hermes)": ("hermes", None, lambda r, n: r),
     "no parser": (
         None,

@@ -137,6 +137,45 @@ FAMILIES: dict[str, Family] = {
         f"{_ds('tool_calls_begin')}{_ds('tool_call_begin')}get_weather{_ds('tool_sep')}"
         f'{{"city": "Paris"}}{_ds("tool_call_end")}{_ds("tool_calls_end")}',
     ),
+    "deepseek_v3_2": Family(
+        "deepseek_v3_2",
+        "deepseek_r1",
+        "The user wants weather.</think>\n\n<\uff5cDSML\uff5cfunction_calls>\n"
+        '<\uff5cDSML\uff5cinvoke name="get_weather">\n'
+        '<\uff5cDSML\uff5cparameter name="city" string="true">Paris</\uff5cDSML\uff5cparameter>\n'
+        "</\uff5cDSML\uff5cinvoke>\n</\uff5cDSML\uff5cfunction_calls>",
+        call_reasoning="The user wants weather.",
+        answer="Short.</think>\n\nIt is sunny.",
+        answer_reasoning="Short.",
+    ),
+    "minimax_m2": Family(
+        "minimax_m2",
+        "basic",
+        '<think>Weather needed.</think>\n<minimax:tool_call>\n<invoke name="get_weather">\n'
+        '<parameter name="city">Paris</parameter>\n</invoke>\n</minimax:tool_call>',
+        call_reasoning="Weather needed.",
+    ),
+    "granite": Family(
+        "granite",
+        None,
+        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    ),
+    "phi4": Family(
+        "phi4", None, 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    ),
+    "jamba": Family(
+        "jamba",
+        None,
+        'Sure.<tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_calls>',
+        call_content="Sure.",
+    ),
+    "nemotron_deci": Family(
+        "nemotron_deci",
+        "nemotron_deci",
+        '<think>Weather.</think>\n<TOOLCALL>[{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}]</TOOLCALL>',
+        call_reasoning="Weather.",
+    ),
     # reasoning alone
     "basic": Family(
         None,
@@ -145,7 +184,7 @@ FAMILIES: dict[str, Family] = {
         answer="<think>Thinking it over.</think>It is sunny.",
         answer_reasoning="Thinking it over.",
     ),
-    "granite": Family(
+    "granite_reasoning": Family(
         None,
         "granite",
         "unused",

@@ -40,7 +40,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A frontend and 12 mockers: one per tool-call family, one without parsers, one that
+    """A frontend and its mockers: one per tool-call family, one without parsers, one that
     serves embeddings."""
     folder = tmp_path_factory.mktemp("graph")
     env = {

@@ -130,7 +130,8 @@ class ParserFlags(BaseModel):
     dyn_tool_call_parser: str | None = Field(
         None,
         description="Parser of the model's tool calls (hermes, llama3_json, mistral, pythonic, "
-        "deepseek_v3, qwen3_coder, harmony, kimi_k2, glm45, ...); carried in the model card. "
+        "deepseek_v3, deepseek_v3_2, qwen3_coder, harmony, kimi_k2, glm45, minimax_m2, granite, "
+        "phi4, jamba, nemotron_deci; vLLM's and SGLang's names too); carried in the model card. "
         "On the frontend: overrides every model's ('none': no tool-call parsing).",
         json_schema_extra={"env": "DYN_TOOL_CALL_PARSER"},
     )
