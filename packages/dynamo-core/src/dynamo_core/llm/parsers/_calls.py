@@ -375,16 +375,22 @@ class CallMachine(ToolCallParser):
         pos = self._pos = m.end() if m else self._pos
         if pos == len(buf) and not final:
             return False  # more trailer may follow
-        end = self.CALL_END
-        if end is not None:
-            marker = end.at(buf, pos)
-            if marker == "" and not final:
-                return False
-            if marker:
-                self._pos = pos + len(marker)
-            elif marker == "":
-                self._pos = len(buf)  # a partial end marker at the very end: markup, dropped
+        if not self._end_marker(self.CALL_END, pos, final):
+            return False
         return self._call_done()
+
+    def _end_marker(self, end: Markers | None, pos: int, final: bool) -> bool:
+        """Consume the end marker at `pos` if there is one; False when more text decides."""
+        if end is None:
+            return True
+        marker = end.at(self._buf, pos)
+        if marker == "" and not final:
+            return False
+        if marker:
+            self._pos = pos + len(marker)
+        elif marker == "":
+            self._pos = len(self._buf)  # a partial end marker at the very end: markup, dropped
+        return True
 
     def _call_done(self) -> bool:
         if self.SECTIONED:

@@ -169,7 +169,8 @@ class Llama3JsonParser(CallMachine):
 class _JsonListParser(CallMachine):
     """A marker, then a JSON array of call objects ``[{"name": ..., "arguments": {...}}, ...]``
     (or, where the family writes them so, call objects one after another, comma-separated or
-    not), then the family's end marker if it has one. An empty or broken list is content."""
+    not), then the family's end marker if it has one. An empty or broken list is content.
+    (granite, phi4, jamba, nemotron_deci; mistral, whose calls without brackets are its own.)"""
 
     __slots__ = ("_array",)
 
@@ -200,17 +201,22 @@ class _JsonListParser(CallMachine):
             if not final:
                 return False
             return self._section_done() if not self._section_calls else False
-        c = buf[p]
-        if self._array is None:  # just after the marker: an array, or a bare object?
-            self._array = c == "["
+        if self._array is None:  # just after the marker: an array, or not?
+            self._array = buf[p] == "["
             if self._array:
-                self._literal.append(c)
+                self._literal.append("[")
                 self._pos = p + 1
                 return True
-            if not self.OBJECTS:
-                return self._section_done()
         if self._array:
             return self._array_item(p)
+        return self._bare_item(p, final)
+
+    def _bare_item(self, p: int, final: bool) -> bool:
+        """Calls without brackets (OBJECTS), at the next non-space character `p`: a call
+        object, a comma after one, or what follows the calls."""
+        c = self._buf[p]
+        if not self.OBJECTS:
+            return self._section_done()
         if c == "{":
             self._state = self._head_step
             return True
@@ -220,7 +226,7 @@ class _JsonListParser(CallMachine):
             return True
         if not self._section_calls:
             return self._section_done()
-        return self._array_closed()  # other text after bare objects: their end marker, or not
+        return self._array_closed()  # their end marker, or other text
 
     def _array_closed(self) -> bool:
         self._literal = []
@@ -229,15 +235,8 @@ class _JsonListParser(CallMachine):
 
     def _list_end_step(self, final: bool) -> bool:
         """After the calls: the end marker, when it follows (whitespace before it is dropped)."""
-        buf = self._buf
-        p = skip_ws(buf, self._pos)
-        marker = self.LIST_END.at(buf, p) if self.LIST_END else None
-        if marker == "" and not final:
+        if not self._end_marker(self.LIST_END, skip_ws(self._buf, self._pos), final):
             return False
-        if marker:
-            self._pos = p + len(marker)
-        elif marker == "":
-            self._pos = len(buf)  # a partial end marker at the very end: markup, dropped
         self._state = self._content_step
         self._after_call = True
         return True
@@ -321,23 +320,14 @@ def _mistral_v11_head(w: str) -> Head:
     return (OK, name, call_id, q) if w[q] == "{" else _FAIL
 
 
-class MistralParser(CallMachine):
+class MistralParser(_JsonListParser):
     """``[TOOL_CALLS]`` followed by a JSON array of calls (tokenizers up to v3) or by one
     ``name[ARGS]{...}`` per ``[TOOL_CALLS]`` (v11+), told apart by the first character."""
 
-    __slots__ = ("_array",)
+    __slots__ = ()
 
     OPEN = Markers("[TOOL_CALLS]")
-    SECTIONED = True
     default_call_id = mistral_call_id
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self._array: bool | None = None
-
-    def _opened(self, marker: str | None) -> None:
-        super()._opened(marker)
-        self._array = None
 
     def _head(self, window: str) -> Head:
         return json_header(window) if self._array else _mistral_v11_head(window)
@@ -345,25 +335,12 @@ class MistralParser(CallMachine):
     def _outer_object(self) -> bool:
         return bool(self._array)  # array elements are call objects; v11 arguments stand alone
 
-    def _section_step(self, final: bool) -> bool:
-        buf, pos = self._buf, self._pos
-        p = skip_ws(buf, pos)
-        self._literal.append(buf[pos:p])
-        self._pos = p
-        if p == len(buf):
-            if not final:
-                return False
-            return self._section_done() if not self._section_calls else False
-        if self._array is None:  # just after [TOOL_CALLS]: which format?
-            self._array = buf[p] == "["
-            if self._array:
-                self._literal.append("[")
-                self._pos = p + 1
-                return True
+    def _bare_item(self, p: int, final: bool) -> bool:
+        """v11: the first call's name just after the marker; then ``[TOOL_CALLS]`` per call."""
+        if not self._section_calls:
             self._state = self._head_step
             return True
-        if self._array:
-            return self._array_item(p)
+        buf = self._buf
         marker = self.OPEN.at(buf, p)
         if marker:
             self._literal.append(marker)
