@@ -425,12 +425,17 @@ class CallMachine(ToolCallParser):
         self._after_call = True
         return True
 
+    def _section_ws(self) -> int:
+        """Skip the whitespace before a section's next item (it stays with the markup read so
+        far, should the section turn out not to be calls); the item's index."""
+        buf, pos = self._buf, self._pos
+        p = self._pos = skip_ws(buf, pos)
+        self._literal.append(buf[pos:p])
+        return p
+
     def _marker_section(self, final: bool, calls: Markers, end: Markers) -> bool:
         """A section whose calls begin with `calls` markers and that closes with `end`."""
-        buf, pos = self._buf, self._pos
-        p = skip_ws(buf, pos)
-        self._literal.append(buf[pos:p])
-        self._pos = p
+        buf, p = self._buf, self._section_ws()
         marker = calls.at(buf, p)
         if marker:
             self._literal.append(marker)

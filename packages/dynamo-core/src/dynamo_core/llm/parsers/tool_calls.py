@@ -141,10 +141,7 @@ class Llama3JsonParser(CallMachine):
         return json_header(window)
 
     def _section_step(self, final: bool) -> bool:
-        buf, pos = self._buf, self._pos
-        p = skip_ws(buf, pos)
-        self._literal.append(buf[pos:p])
-        self._pos = p
+        buf, p = self._buf, self._section_ws()
         if p < len(buf) and buf[p] == ";" and self._section_calls:
             self._literal.append(";")
             self._pos = p + 1
@@ -193,10 +190,7 @@ class _JsonListParser(CallMachine):
         return json_header(window)
 
     def _section_step(self, final: bool) -> bool:
-        buf, pos = self._buf, self._pos
-        p = skip_ws(buf, pos)
-        self._literal.append(buf[pos:p])
-        self._pos = p
+        buf, p = self._buf, self._section_ws()
         if p == len(buf):
             if not final:
                 return False
