@@ -8,6 +8,11 @@ from dynamo_core.testing.engine_package import EnginePackageConformance
 
 class TestVllmPackage(EnginePackageConformance):
     package = "dynamo_vllm"
-    roles = {"worker": "vllm-worker", "prefill": "vllm-prefill", "decode": "vllm-decode"}
+    roles = {
+        "worker": "vllm-worker",
+        "prefill": "vllm-prefill",
+        "decode": "vllm-decode",
+        "embedding": "vllm-embedding",
+    }
     sample_args = ["--model", "x", "--max-model-len", "64"]
     help_mentions = ("--migration-limit", "--kv-events", "--kv-events-port")
