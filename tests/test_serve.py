@@ -168,6 +168,22 @@ def test_agg_serves_the_openai_api(serve: Any) -> None:
         assert (Path(re.search(r"logs: (\S+)", out).group(1)) / "backend.log").is_file()  # type: ignore[union-attr]
 
 
+def test_a_chat_and_an_embedding_model_behind_one_frontend(serve: Any) -> None:
+    with serve("examples/graphs/embedding.yaml") as graph:
+        graph.wait_ready()
+        client = graph.client()
+        assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-embed"]
+        vectors = client.embeddings.create(model="tiny-embed", input=["hello", "world"])
+        assert [d.index for d in vectors.data] == [0, 1] and vectors.usage.prompt_tokens > 0
+        assert len(vectors.data[0].embedding) > 0
+        assert vectors.data[0].embedding != vectors.data[1].embedding
+        assert chat(graph)
+        with pytest.raises(openai.BadRequestError, match="/v1/embeddings"):
+            client.chat.completions.create(
+                model="tiny-embed", messages=[{"role": "user", "content": "hi"}]
+            )
+
+
 def test_dry_run_commands_run_by_hand_give_the_same_graph(env: dict[str, str]) -> None:
     namespace = "t" + uuid.uuid4().hex[:10]
     port = free_port()
