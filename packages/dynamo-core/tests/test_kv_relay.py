@@ -19,6 +19,7 @@ from dynamo_core.llm.kv_relay import (
     external_hash,
     free_local_port,
     rank_endpoint,
+    rank_replays,
 )
 
 U64 = 2**64
@@ -196,24 +197,102 @@ def _free_port_with_its_successor_held() -> tuple[int, Any]:
         return port, holder
 
 
-def test_a_free_base_port_is_one_whose_rank_ports_are_free_too() -> None:
+@pytest.mark.parametrize("first_rank", [0, 2])
+def test_a_free_base_port_is_one_whose_rank_ports_are_free_too(first_rank: int) -> None:
+    """The first random port is the first hosted rank's; the next rank's port is taken, so the
+    relay picks another base."""
     first, holder = _free_port_with_its_successor_held()
     relay = ZmqKvEventRelay(lambda _: None, block_size=4)
     relay._socket = _FirstPortTaken(relay._socket, first)
     try:
-        endpoint = relay.bind_local(ranks=2)
+        endpoint = relay.bind_local(ranks=2, first_rank=first_rank)
         port = int(endpoint.rpartition(":")[2])
-        assert port != first and relay.addresses == [endpoint]
+        assert port + first_rank != first
+        assert relay.addresses == [
+            f"tcp://127.0.0.1:{port + r}" for r in (first_rank, first_rank + 1)
+        ]
         probe = zmq.Context.instance().socket(zmq.PUB)
         try:
-            with pytest.raises(zmq.ZMQError):  # the relay holds its rank 1's port
-                probe.bind(f"tcp://127.0.0.1:{port + 1}")
+            with pytest.raises(zmq.ZMQError):  # the relay holds its second rank's port
+                probe.bind(f"tcp://127.0.0.1:{port + first_rank + 1}")
         finally:
             probe.close(0)
     finally:
         holder.close()
         relay._socket.close(0)
         relay._context.term()
+
+
+async def test_a_relay_of_some_ranks_listens_on_the_base_port_plus_each_of_them() -> None:
+    """An engine hosting ranks 2 and 3 of 4 is given rank 0's port, and its ranks publish on
+    the port plus their rank: the relay listens there, and only there."""
+    relay = ZmqKvEventRelay(lambda _: None)
+    given = ZmqKvEventRelay(lambda _: None)
+    try:
+        endpoint = relay.bind_local(ranks=2, first_rank=2)
+        base = int(endpoint.rpartition(":")[2])
+        assert relay.addresses == [f"tcp://127.0.0.1:{base + 2}", f"tcp://127.0.0.1:{base + 3}"]
+        port = free_local_port(ranks=2, first_rank=2)  # the user's --kv-events-port
+        assert given.bind_local(port, ranks=2, first_rank=2) == f"tcp://127.0.0.1:{port}"
+        assert given.addresses == [f"tcp://127.0.0.1:{port + 2}", f"tcp://127.0.0.1:{port + 3}"]
+        with pytest.raises(ValueError):
+            ZmqKvEventRelay(lambda _: None).bind_local(ranks=0)
+    finally:
+        await relay.close()
+        await given.close()
+
+
+def test_free_local_port_is_a_base_whose_ranks_ports_are_free() -> None:
+    import socket
+
+    base = free_local_port(ranks=3, first_rank=5)
+    with socket.socket() as a, socket.socket() as b, socket.socket() as c:
+        for sock, rank in ((a, 5), (b, 6), (c, 7)):
+            sock.bind(("127.0.0.1", base + rank))
+
+
+@pytest.mark.parametrize("encoding", ["array", "map"])
+async def test_a_ranks_gap_is_fetched_from_that_ranks_replay_socket(encoding: str) -> None:
+    """Rank 3 of an engine whose ranks 2 and 3 the worker hosts drops its batches 1 and 2 (and
+    what precedes the subscription): the relay asks rank 3's replay socket, not another's."""
+    from dynamo_core.testing.engine_replay import PublisherSockets
+
+    def payload(n: int) -> bytes:
+        events = [stored([n], [1, 2, 3, 4])]
+        if encoding == "map":
+            return msgspec.msgpack.encode({"ts": 1.0, "events": events, "data_parallel_rank": 3})
+        return batch(*events, rank=3)
+
+    got: list[Any] = []
+    relay = ZmqKvEventRelay(got.append, topic="kv", block_size=4)
+    publisher = None
+    try:
+        endpoint = relay.bind_local(ranks=2, first_rank=2)
+        replay = free_local_port(ranks=2, first_rank=2)
+        relay.replays = rank_replays(f"tcp://*:{replay}", [2, 3])
+        assert relay.replays == {r: f"tcp://127.0.0.1:{replay + r}" for r in (2, 3)}
+        publisher = PublisherSockets(
+            rank_endpoint(endpoint, 3),
+            bind=False,
+            topic="kv",
+            replay_endpoint=f"tcp://127.0.0.1:{replay + 3}",
+        )
+        publisher.drop_live.update({1, 2})
+        relay.start()
+        n = 0
+        async with asyncio.timeout(30):
+            while not got or n < 4:
+                publisher.send(payload(n))
+                n += 1
+                await asyncio.sleep(0.05)
+            while len(got) < n:
+                await asyncio.sleep(0.01)
+        assert [e["events"][0]["block_hashes"] for e in got] == [[i] for i in range(n)]
+        assert relay.lost == 0 and relay.replayed >= 2
+    finally:
+        if publisher is not None:
+            publisher.close()
+        await relay.close()
 
 
 async def test_connected_it_follows_a_publisher_that_binds() -> None:

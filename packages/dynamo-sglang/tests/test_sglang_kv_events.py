@@ -135,7 +135,7 @@ async def test_the_relay_fetches_what_sglangs_publisher_dropped(fake_sglang: Mod
     sink = Collector()
     relay = prepare_kv_events(server_args, sink, enabled=True)
     assert relay is not None
-    assert relay.replays == [json.loads(server_args.kv_events_config)["replay_endpoint"]]
+    assert relay.replays == {0: json.loads(server_args.kv_events_config)["replay_endpoint"]}
     engine = fake_sglang.Engine(server_args=server_args)
     try:
         engine._publisher.drop_live.update({1, 2})

@@ -195,7 +195,7 @@ def prepare_kv_events(
     if not raw:
         relay = ZmqKvEventRelay(publisher.publish, topic=LOCAL_TOPIC, engine="SGLang")
         endpoint = relay.bind_local(port, ranks=dp_size)
-        replay = f"tcp://127.0.0.1:{free_local_port()}"  # SGLang binds its replay socket there
+        replay = f"tcp://127.0.0.1:{free_local_port(ranks=dp_size)}"  # SGLang binds each rank's
         server_args.kv_events_config = local_kv_events_config(endpoint, replay)
         relay.replays = replay_endpoints({"replay_endpoint": replay}, dp_size)
         return relay

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dynamo_core.llm.kv_relay import connectable, rank_endpoint
+from dynamo_core.llm.kv_relay import connectable, rank_endpoint, rank_replays
 
 __all__ = ["local_kv_events_config", "replay_endpoints", "subscriber_endpoints"]
 
@@ -56,9 +56,10 @@ def local_kv_events_config(
     return json.dumps(config)
 
 
-def replay_endpoints(config: dict[str, Any], dp_size: int = 1) -> list[str]:
-    """Each rank's replay socket for a `--kv-events-config` (offset per rank, as SGLang does)."""
+def replay_endpoints(config: dict[str, Any], dp_size: int = 1) -> dict[int, str]:
+    """Each rank's replay socket for a `--kv-events-config`, by rank (offset per rank, as SGLang
+    does)."""
     endpoint = config.get("replay_endpoint")
     if not endpoint:
-        return []
-    return [connectable(rank_endpoint(str(endpoint), r)) for r in range(max(1, dp_size))]
+        return {}
+    return rank_replays(str(endpoint), range(max(1, dp_size)))

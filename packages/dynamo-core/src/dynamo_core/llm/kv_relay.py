@@ -34,8 +34,15 @@ the event plane fetch them from the worker in turn.
 Which side binds: an engine pointed at a concrete address *connects* to it, so the worker
 `bind_local()`s a free port on 127.0.0.1 and tells the engine that address (nothing is exposed
 beyond the machine, replicas never clash); an engine configured by the user with a wildcard
-address binds itself, and the relay `connect()`s (a wildcard becomes loopback). Data-parallel
-ranks publish on the port plus their rank (`rank_endpoint`).
+address binds itself, and the relay `connect()`s (a wildcard becomes loopback).
+
+Data parallelism: the engine's rank r publishes on the configured port plus r, and binds its
+replay socket at the replay port plus r (`rank_endpoint`; ipc/inproc: `_dp{r}`), and stamps its
+batches with r. A worker whose engine hosts only some ranks (vLLM's `--data-parallel-rank`,
+`--data-parallel-start-rank`) still gives the engine rank 0's address: `bind_local(port,
+ranks=n, first_rank=s)` listens on the port plus each of ranks s .. s+n-1 (with port 0, a base
+whose every such port is free), `free_local_port` picks such a base for the replay sockets, and
+`replays` maps each rank to its own (`rank_replays`). Sequence numbers are counted per rank.
 
 zmq is imported when a relay is made: `pip install "dynamo-core[zmq]"` (the engine packages
 depend on that extra). `KvRelayConfig` holds the two flags every relaying worker has.
@@ -44,9 +51,10 @@ depend on that extra). `KvRelayConfig` holds the two flags every relaying worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -63,6 +71,7 @@ __all__ = [
     "fetch_engine_replay",
     "free_local_port",
     "rank_endpoint",
+    "rank_replays",
 ]
 
 log = logging.getLogger("dynamo.kv_relay")
@@ -164,23 +173,47 @@ def connectable(endpoint: str) -> str:
     return endpoint
 
 
-def free_local_port() -> int:
-    """A free TCP port on 127.0.0.1, for a socket the engine binds itself (its replay socket)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def free_local_port(*, ranks: int = 1, first_rank: int = 0) -> int:
+    """A free TCP port on 127.0.0.1, for a socket the engine binds itself (its replay socket).
+    For data-parallel ranks `first_rank` .. `first_rank + ranks - 1`, which bind the port plus
+    their rank: a base port (above 0) whose every such port is free."""
+    for _ in range(_BIND_ATTEMPTS):
+        with contextlib.ExitStack() as held:  # each free port held until all are found
+            first = held.enter_context(socket.socket())
+            first.bind(("127.0.0.1", 0))
+            base = int(first.getsockname()[1]) - first_rank
+            others = range(first_rank + 1, first_rank + ranks)
+            if base > 0 and all(_hold(held, base + rank) for rank in others):
+                return base
+    raise OSError(f"no {ranks} free ports on 127.0.0.1 for the engine's replay sockets")
+
+
+def _hold(held: contextlib.ExitStack, port: int) -> bool:
+    """Whether `port` on 127.0.0.1 is free (then held until `held` closes)."""
+    probe = held.enter_context(socket.socket())
+    try:
+        probe.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 _BIND_ATTEMPTS = 32
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
-_HEAD = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_HEAD = msgspec.msgpack.Decoder(list[msgspec.Raw] | dict[str, msgspec.Raw])
+_NONE = msgspec.Raw(msgspec.msgpack.encode(None))
 
 
 def _rank_of(payload: bytes) -> int:
-    """A batch's data-parallel rank, without decoding its events (0 when it has none)."""
+    """A batch's data-parallel rank, without decoding its events (0 when it has none): the
+    rank `handle` counts its sequence numbers under."""
     try:
-        parts = _HEAD.decode(payload)
-        rank = msgspec.msgpack.decode(parts[2]) if len(parts) > 2 else 0
+        head = _HEAD.decode(payload)
+        if isinstance(head, dict):
+            raw = head.get("data_parallel_rank", head.get("attn_dp_rank", _NONE))
+        else:
+            raw = head[2] if len(head) > 2 else _NONE
+        rank = msgspec.msgpack.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return 0
     return rank if isinstance(rank, int) and rank >= 0 else 0
@@ -229,6 +262,13 @@ def rank_endpoint(endpoint: str, rank: int) -> str:
     return f"{endpoint}_dp{rank}"
 
 
+def rank_replays(replay_endpoint: str, ranks: Iterable[int]) -> dict[int, str]:
+    """Where the relay asks each of `ranks` for what it missed (`ZmqKvEventRelay.replays`): the
+    engine's `replay_endpoint` offset per rank, as its PUB endpoint is, which each rank binds
+    (wildcards become loopback)."""
+    return {rank: connectable(rank_endpoint(replay_endpoint, rank)) for rank in ranks}
+
+
 class ZmqKvEventRelay:
     """An engine's ZMQ KV events in, `KvEventBatch` maps out through `publish`.
 
@@ -256,8 +296,9 @@ class ZmqKvEventRelay:
         self.events = 0
         self.lost = 0
         self.bad = 0
-        self.replays: list[str] = []
-        """Each rank's replay socket (see the module docstring); empty: none."""
+        self.replays: dict[int, str] = {}
+        """Each data-parallel rank's replay socket, by rank (`rank_replays`; see the module
+        docstring); empty: none."""
         self.replayed = 0
         self.addresses: list[str] = []
         self._next_id = 0
@@ -272,48 +313,60 @@ class ZmqKvEventRelay:
     def address(self) -> str:
         return self.addresses[0] if self.addresses else ""
 
-    def bind_local(self, port: int = 0, *, ranks: int = 1) -> str:
-        """Listen on 127.0.0.1:`port` and the next `ranks - 1` ports (the engine's rank r
-        connects to the port plus r); the endpoint the engine's rank 0 connects to.
+    def bind_local(self, port: int = 0, *, ranks: int = 1, first_rank: int = 0) -> str:
+        """Listen on 127.0.0.1 for the engine's data-parallel ranks `first_rank` ..
+        `first_rank + ranks - 1`, rank r on `port` plus r (where the engine's rank r connects);
+        the endpoint the engine is configured with: `port`, rank 0's, hosted here or not.
 
-        With `port` 0 the relay picks a base port whose whole run of `ranks` ports is free
+        With `port` 0 the relay picks a base port whose every hosted rank's port is free
         (another process may hold the port after a random one). A given `port` is the user's:
-        a rank whose port is taken is logged, and its events are missed."""
-        import zmq
-
+        the first hosted rank's port must be free; another hosted rank whose port is taken is
+        logged, and its events are missed."""
+        if ranks < 1:
+            raise ValueError(f"bind_local for {ranks} ranks")
+        hosted = range(first_rank, first_rank + ranks)
         if port:
-            self._socket.bind(f"tcp://127.0.0.1:{port}")
-            self._bind_ranks(port, ranks, strict=False)
+            self._socket.bind(f"tcp://127.0.0.1:{port + first_rank}")  # taken: the error is seen
+            bound = [port + first_rank, *self._bind_lenient(port, hosted[1:])]
         else:
-            for _ in range(_BIND_ATTEMPTS):
-                port = self._socket.bind_to_random_port("tcp://127.0.0.1")
-                if self._bind_ranks(port, ranks, strict=True):
-                    break
-            else:
-                raise zmq.ZMQError(
-                    msg=f"no run of {ranks} free ports on 127.0.0.1 for the engine's KV events"
-                )
-        self.addresses.append(f"tcp://127.0.0.1:{port}")
-        return self.addresses[0]
+            port, bound = self._bind_free_run(hosted)
+        self.addresses.extend(f"tcp://127.0.0.1:{p}" for p in bound)
+        return f"tcp://127.0.0.1:{port}"
 
-    def _bind_ranks(self, port: int, ranks: int, *, strict: bool) -> bool:
-        """Bind the ports of ranks 1.. after `port`. Strict: all or none (the base port too)."""
+    def _bind_lenient(self, port: int, ranks: range) -> list[int]:
+        """Bind base `port` plus each of `ranks`; a port that is taken is logged and skipped."""
         import zmq
 
-        bound = [f"tcp://127.0.0.1:{port}"]
-        for rank in range(1, ranks):
-            address = f"tcp://127.0.0.1:{port + rank}"
+        bound = []
+        for rank in ranks:
             try:
-                self._socket.bind(address)
+                self._socket.bind(f"tcp://127.0.0.1:{port + rank}")
             except zmq.ZMQError as exc:
-                if not strict:
-                    log.warning("KV events of data-parallel rank %d will be missed: %s", rank, exc)
-                    continue
-                for done in bound:
-                    self._socket.unbind(done)
-                return False
-            bound.append(address)
-        return True
+                log.warning("KV events of data-parallel rank %d will be missed: %s", rank, exc)
+                continue
+            bound.append(port + rank)
+        return bound
+
+    def _bind_free_run(self, ranks: range) -> tuple[int, list[int]]:
+        """A base port (above 0: vLLM offsets no rank of a port 0) whose port plus each of
+        `ranks` the relay could bind, and those ports."""
+        import zmq
+
+        for _ in range(_BIND_ATTEMPTS):
+            first = int(self._socket.bind_to_random_port("tcp://127.0.0.1"))
+            base, bound = first - ranks.start, [first]
+            if base > 0:
+                for rank in ranks[1:]:
+                    try:
+                        self._socket.bind(f"tcp://127.0.0.1:{base + rank}")
+                    except zmq.ZMQError:
+                        break
+                    bound.append(base + rank)
+                else:
+                    return base, bound
+            for done in bound:
+                self._socket.unbind(f"tcp://127.0.0.1:{done}")
+        raise zmq.ZMQError(msg=f"no free 127.0.0.1 ports for the engine's KV events of {ranks}")
 
     def bind(self, endpoints: Sequence[str]) -> None:
         """Listen on endpoints a user configured the engine to connect to."""
@@ -369,9 +422,10 @@ class ZmqKvEventRelay:
         """Before `rank`'s batch `seq`: relay what was missed before it, from its replay socket."""
         last = self._last_seq.get(rank)
         start = 0 if last is None else last + 1
-        if rank >= len(self.replays) or seq <= start:
+        address = self.replays.get(rank)
+        if address is None or seq <= start:
             return
-        for missed, payload in await fetch_engine_replay(self._context, self.replays[rank], start):
+        for missed, payload in await fetch_engine_replay(self._context, address, start):
             last = self._last_seq.get(rank)
             if start <= missed < seq and (last is None or missed > last):
                 self.handle((b"", missed.to_bytes(8, "big"), payload))
