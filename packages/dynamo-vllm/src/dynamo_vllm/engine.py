@@ -14,8 +14,9 @@ The role modules show the runtime calls (component, `create_service`, `register_
      worker listens on (core's `ZmqKvEventRelay`, `--kv-events-port`), with a replay socket on
      127.0.0.1 that fills the relay's gaps, unless the user configured one
      (`--kv-events-config`: the relay then follows it, and its `replay_endpoint` if it has one)
-     or turned events off (`--no-kv-events`); the relayed batches are kept in a `KvEventLog`
-     served as `kv_replay`, for routers that miss some;
+     or turned events off (`--no-kv-events`); each data-parallel rank the engine hosts
+     publishes on its own port (`dynamo_vllm.kv_events`); the relayed batches are kept in a
+     `KvEventLog` served as `kv_replay`, for routers that miss some;
   2. starts `AsyncLLM.from_engine_args(engine_args, stat_loggers=[...])` in a thread: loading a
      model takes seconds to minutes, during which the event loop keeps the runtime's leases
      alive; a failure is one line (`start_error`);
@@ -44,13 +45,14 @@ from typing import TYPE_CHECKING, Any
 from dynamo_core.adapter import EngineAdapter, EngineInfo, Role
 from dynamo_core.errors import ConfigError, DynamoError, EngineError
 from dynamo_core.llm.kv_log import KvEventLog, serve_replay
-from dynamo_core.llm.kv_relay import ZmqKvEventRelay, connectable, free_local_port
 from dynamo_vllm.args import engine_args
 from dynamo_vllm.events import LoadMetricsLogger
+from dynamo_vllm.kv_events import kv_event_relay
 
 if TYPE_CHECKING:
     from dynamo_core.args import ParsedArgs
     from dynamo_core.handlers import BaseWorkerHandler
+    from dynamo_core.llm.kv_relay import ZmqKvEventRelay
     from dynamo_core.llm.model_card import EmbeddingSpec
     from dynamo_core.runtime import Component, EventPublisher
     from dynamo_vllm.args import VllmConfig
@@ -68,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger("dynamo.vllm")
 
-KV_EVENTS_TOPIC = "kv-events"
 _TOKENIZER_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
@@ -99,38 +100,6 @@ def served_model_name(engine_args: Any) -> str | None:
     if names:
         return str(names)
     return None if Path(engine_args.model).is_dir() else str(engine_args.model)
-
-
-def _kv_event_relay(config: VllmConfig, engine_args: Any, publish: Any) -> ZmqKvEventRelay | None:
-    """A relay of vLLM's KV events, with vLLM's publisher pointed at it (unless the user
-    configured one with --kv-events-config: then the relay follows that one)."""
-    from vllm.config import KVEventsConfig
-
-    if engine_args.enable_prefix_caching is False:
-        return None  # no prefix cache, no events worth routing on
-    events = engine_args.kv_events_config
-    if events is None:
-        if not config.kv_events:
-            return None
-        relay = ZmqKvEventRelay(publish, topic=KV_EVENTS_TOPIC, engine="vLLM")
-        replay = f"tcp://127.0.0.1:{free_local_port()}"  # vLLM binds its replay socket there
-        engine_args.kv_events_config = KVEventsConfig(
-            enable_kv_cache_events=True,
-            publisher="zmq",
-            endpoint=relay.bind_local(config.kv_events_port),
-            replay_endpoint=replay,
-            topic=KV_EVENTS_TOPIC,
-        )
-        relay.replays = [replay]
-        return relay
-    if not events.enable_kv_cache_events or events.publisher != "zmq":
-        return None
-    relay = ZmqKvEventRelay(publish, topic=str(events.topic or ""), engine="vLLM")
-    relay.connect([str(events.endpoint)])
-    replay_endpoint = getattr(events, "replay_endpoint", None)
-    if replay_endpoint:  # the user's: follow it
-        relay.replays = [connectable(str(replay_endpoint))]
-    return relay
 
 
 class VllmAdapter(EngineAdapter["VllmConfig"]):
@@ -180,7 +149,7 @@ class VllmAdapter(EngineAdapter["VllmConfig"]):
         metrics_publisher = await component.event_publisher(LOAD_METRICS_TOPIC)
         self._publishers.append(metrics_publisher)
         kv_log = KvEventLog(kv_publisher.publish)  # kept for routers that miss some
-        self.kv_relay = _kv_event_relay(self.config, args, kv_log.publish)
+        self.kv_relay = kv_event_relay(self.config, args, kv_log.publish)
         if self.kv_relay is not None:
             await serve_replay(component, kv_log)
         metrics = LoadMetricsLogger.factory(metrics_publisher.publish)

@@ -34,6 +34,17 @@ class EngineArgs:
     enable_prefix_caching: bool | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    prefill_context_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    data_parallel_size: int = 1
+    data_parallel_rank: int | None = None
+    data_parallel_start_rank: int | None = None
+    data_parallel_size_local: int | None = None
+    data_parallel_backend: str = "mp"
+    data_parallel_hybrid_lb: bool = False
+    data_parallel_external_lb: bool = False
     enforce_eager: bool = False
     distributed_executor_backend: str | None = None
     max_num_seqs: int | None = None
@@ -75,7 +86,21 @@ class EngineArgs:
             "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None
         )
         parallel = parser.add_argument_group(title="ParallelConfig")
+        parallel.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+        parallel.add_argument("--nnodes", "-n", type=int, default=1)
+        parallel.add_argument("--node-rank", "-r", type=int, default=0)
         parallel.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+        parallel.add_argument("--prefill-context-parallel-size", "-pcp", type=int, default=1)
+        parallel.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+        parallel.add_argument("--data-parallel-rank", "-dpn", type=int)
+        parallel.add_argument("--data-parallel-start-rank", "-dpr", type=int)
+        parallel.add_argument("--data-parallel-size-local", "-dpl", type=int)
+        parallel.add_argument("--data-parallel-backend", "-dpb", type=str, default="mp")
+        for lb in ("hybrid", "external"):
+            parallel.add_argument(
+                f"--data-parallel-{lb}-lb", f"-dp{lb[0]}",
+                action=argparse.BooleanOptionalAction, default=False,
+            )  # fmt: skip
         parallel.add_argument(
             "--distributed-executor-backend",
             choices=["ray", "mp", "uni", "external_launcher"],

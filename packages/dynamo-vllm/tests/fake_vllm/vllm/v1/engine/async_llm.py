@@ -43,7 +43,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.distributed.kv_events import BlockStored, KVEventBatch, ZmqEventPublisher
+from vllm.distributed.kv_events import BlockStored, EventPublisherFactory, KVEventBatch
 from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, PoolingOutput, PoolingRequestOutput, RequestOutput
@@ -94,12 +94,8 @@ class AsyncLLM:
         self.stat_loggers = [f(vllm_config, 0) for f in stat_loggers or []]
         for logger in self.stat_loggers:
             logger.log_engine_initialized()
-        events = vllm_config.kv_events_config
-        self.publisher = None
-        if events is not None and events.enable_kv_cache_events and events.publisher == "zmq":
-            self.publisher = ZmqEventPublisher(
-                events.endpoint, events.topic, events.replay_endpoint, events.buffer_steps
-            )
+        # one engine core, data-parallel rank 0 (the scheduler makes its publisher this way)
+        self.publisher = EventPublisherFactory.create(vllm_config.kv_events_config, 0)
 
     @classmethod
     def from_engine_args(
