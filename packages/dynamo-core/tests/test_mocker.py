@@ -404,6 +404,7 @@ def tiny_replies() -> Replies:
 
 class TestMockerConformance(HandlerConformance):
     supports_logprobs = True
+    supports_prompt_logprobs = True
     supports_disaggregation = True
     supports_guided_decoding = True
 

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from dynamo_core.llm.protocol import GuidedDecoding, PreprocessedRequest
+from dynamo_core.llm.protocol import GuidedDecoding, OutputOptions, PreprocessedRequest
 
 
 def test_guided_decoding_travels_with_the_request() -> None:
@@ -158,3 +158,21 @@ def test_a_struct_and_its_map_are_the_same_request_on_the_wire() -> None:
     wire = msgspec.msgpack.decode(msgspec.msgpack.encode(req))
     assert wire == req.to_wire()
     assert PreprocessedRequest.from_wire(wire) == req
+
+
+def test_prompt_logprobs_are_asked_of_the_worker_that_runs_the_prompt() -> None:
+    """The prefill leg keeps `prompt_logprobs` (its worker runs the prompt); the decode leg and
+    a migration continuation do not ask again (the first worker's first output had them)."""
+    req = msgspec.structs.replace(
+        _request(), output_options=OutputOptions(logprobs=1, prompt_logprobs=2)
+    )
+    before = msgspec.msgpack.encode(req)
+    assert req.prefill_leg().output_options.prompt_logprobs == 2
+    decode = req.with_transfer({"x": 1})
+    assert decode.output_options == OutputOptions(logprobs=1)
+    cont = req.continuation([7, 8])
+    assert cont.output_options == OutputOptions(logprobs=1)
+    assert cont.continuation([9]).output_options == OutputOptions(logprobs=1)
+    assert msgspec.msgpack.encode(req) == before
+    plain = _request()
+    assert plain.with_transfer({}).output_options is plain.output_options  # nothing to drop

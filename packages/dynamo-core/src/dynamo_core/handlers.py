@@ -17,7 +17,9 @@ engine must share (and that `dynamo_core.testing.conformance` checks):
   the request is never changed in place (with the `inproc` request plane it is the caller's own
   object): what the handler adds (its request id, the token budget) makes a new one;
 - `max_tokens` is decided here, once for every engine: 0 is answered at once (finish reason
-  `length`, no output) without calling the engine; a missing one becomes what the engine's
+  `length`, no output) without calling the engine, unless the request asks for the prompt's
+  log-probabilities (`prompt_logprobs`: the engine then prefills and its one token is not
+  output); a missing one becomes what the engine's
   context leaves after the prompt (`context_length`, when the handler knows it; otherwise the
   engine's own rule applies); a prefill worker generates one token (`prefill_leg()`). So an
   engine's `engine_generate` gets `max_tokens` >= 1 or, with no context known, None;
@@ -26,6 +28,9 @@ engine must share (and that `dynamo_core.testing.conformance` checks):
 - `max_tokens`, `stop_token_ids`, end-of-sequence tokens (unless `ignore_eos`, and not before
   `min_tokens`) end the stream even when an engine over-generates, with the right finish reason;
 - the last chunk always carries `finish_reason` and `usage` (prompt, completion, cached tokens);
+- a request with `prompt_logprobs` gets them once, on or before the first output with tokens,
+  one entry per prompt token (`EngineOutput.prompt_log_probs`); an engine that sends none, or
+  the wrong number, fails the request with `EngineError` rather than leave them out;
 - an engine exception reaches the caller as `EngineError` with the original type and message;
 - per-request debug logs and counters (`metrics`).
 
@@ -46,7 +51,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from msgspec.structs import replace
@@ -90,6 +95,11 @@ class BaseWorkerHandler(ABC):
 
     #: The role shown in logs and metrics.
     role = "worker"
+    #: Whether the engine returns the prompt's log-probabilities (`prompt_logprobs`); a request
+    #: for them to a handler that does not is refused (`InvalidRequestError`, a 400 for the
+    #: client), never answered without them. `prompt_logprobs_refusal` says why.
+    supports_prompt_logprobs: ClassVar[bool] = False
+    prompt_logprobs_refusal: ClassVar[str] = "this engine does not return them"
 
     def __init__(
         self, engine: Any = None, *, name: str | None = None, context_length: int | None = None
@@ -144,6 +154,11 @@ class BaseWorkerHandler(ABC):
         max_tokens = req.stop_conditions.max_tokens
         if max_tokens is not None and max_tokens < 0:
             raise InvalidRequestError("invalid request: max_tokens must be >= 0")
+        if req.output_options.prompt_logprobs is not None and not self.supports_prompt_logprobs:
+            raise InvalidRequestError(
+                "the prompt's log-probabilities (prompt_logprobs, or echo with logprobs) are "
+                f"not served by this worker: {self.prompt_logprobs_refusal}"
+            )
         return req
 
     def token_budget(self, req: PreprocessedRequest) -> int | None:
@@ -164,9 +179,15 @@ class BaseWorkerHandler(ABC):
         m.prompt_tokens_total += len(req.token_ids)
         stop = req.stop_conditions
         max_tokens = stop.max_tokens
-        if max_tokens == 0:  # nothing to generate: the engine is not asked (some refuse 0)
-            yield EngineOutput(finish_reason="length", usage=self._usage(req, 0)).to_wire()
-            return
+        prompt_pending = req.output_options.prompt_logprobs is not None
+        engine_req = req
+        if max_tokens == 0:
+            if not prompt_pending:  # nothing to generate: the engine is not asked (some refuse 0)
+                yield EngineOutput(finish_reason="length", usage=self._usage(req, 0)).to_wire()
+                return
+            # the prompt's log-probabilities come from the engine's prefill: it runs for one
+            # token, which is not output (vLLM's server does the same for echo with 0 tokens)
+            engine_req = replace(req, stop_conditions=replace(stop, max_tokens=1))
         m.inflight += 1
         request_id = req.request_id or context.id
         min_tokens = stop.min_tokens or 0
@@ -176,11 +197,24 @@ class BaseWorkerHandler(ABC):
         finished = False
         t0 = time.monotonic()
         ttft: float | None = None
-        gen = self.engine_generate(req, context)
+        gen = self.engine_generate(engine_req, context)
         try:
             async for out in gen:
                 if context.is_stopped():
                     raise asyncio.CancelledError
+                if prompt_pending:
+                    if out.prompt_log_probs is not None:
+                        _check_prompt_logprobs(out, len(req.token_ids))
+                        prompt_pending = False
+                    elif not out.token_ids and out.finish_reason is None:
+                        if out.disaggregated_params is not None or out.text:
+                            yield out.to_wire()  # an early output (transfer parameters)
+                        continue
+                    elif out.finish_reason not in ("cancelled", "error"):
+                        raise EngineError(
+                            "the engine returned no log-probabilities for the prompt "
+                            "(prompt_logprobs was asked for)"
+                        )
                 reason = out.finish_reason
                 tokens = out.token_ids
                 # engine-agnostic stop conditions, in token order
@@ -211,7 +245,12 @@ class BaseWorkerHandler(ABC):
                     out.finish_reason = reason
                     yield out.to_wire()
                     break
-                if tokens or out.disaggregated_params is not None or out.text:
+                if (
+                    tokens
+                    or out.disaggregated_params is not None
+                    or out.text
+                    or out.prompt_log_probs is not None
+                ):
                     yield out.to_wire()
             if not finished:
                 # the engine ended without saying why
@@ -403,6 +442,16 @@ async def _abort_quietly(handler: BaseEmbeddingHandler, request_id: str) -> None
         await asyncio.shield(handler.abort(request_id))
     except Exception:
         handler.log.exception("aborting request %s failed", request_id)
+
+
+def _check_prompt_logprobs(out: EngineOutput, prompt_len: int) -> None:
+    """The prompt's log-probabilities an engine returned: one entry per prompt token."""
+    for name in ("prompt_log_probs", "prompt_top_logprobs", "prompt_ranks"):
+        values = getattr(out, name)
+        if values is not None and len(values) != prompt_len:
+            raise EngineError(
+                f"the engine returned {len(values)} {name} for a {prompt_len}-token prompt"
+            )
 
 
 def _truncate_logprobs(out: EngineOutput, n: int) -> None:

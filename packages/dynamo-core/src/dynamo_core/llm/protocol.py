@@ -232,6 +232,9 @@ class OutputOptions(msgspec.Struct, omit_defaults=True, kw_only=True):
     logprobs: int | None = None
     """Return the chosen token's log-probability plus this many top alternatives (0: none)."""
     prompt_logprobs: int | None = None
+    """Return each prompt token's log-probability (given the tokens before it) plus this many
+    top alternatives (0: none), once, with the first output (`EngineOutput.prompt_log_probs`).
+    An engine that cannot refuses the request (`InvalidRequestError`), never leaves them out."""
     skip_special_tokens: bool = True
 
 
@@ -277,8 +280,18 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
 
     def with_transfer(self, params: dict[str, Any]) -> PreprocessedRequest:
         """The decode half: this request, with the transfer parameters a prefill worker handed
-        out (the decode worker pulls the prompt's KV cache instead of computing it)."""
-        return replace(self, disaggregated_params=params)
+        out (the decode worker pulls the prompt's KV cache instead of computing it). The
+        prompt's log-probabilities are the prefill worker's to return (it runs the prompt):
+        the decode leg does not ask for them."""
+        return replace(
+            self, disaggregated_params=params, output_options=self._without_prompt_logprobs()
+        )
+
+    def _without_prompt_logprobs(self) -> OutputOptions:
+        options = self.output_options
+        if options.prompt_logprobs is None:
+            return options
+        return replace(options, prompt_logprobs=None)
 
     def continuation(self, generated: Sequence[int]) -> PreprocessedRequest:
         """The request that continues this one on another worker after `generated` tokens.
@@ -286,7 +299,9 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
         They are appended to the prompt and counted in `generated_tokens` (an engine that
         seeds per request seeds from the original prompt, and goes on token-exactly);
         `max_tokens` and `min_tokens` shrink by as many (`max_tokens` stays at least 1). It is
-        served whole: transfer parameters were for the first worker, and are dropped.
+        served whole: transfer parameters were for the first worker, and are dropped; so are
+        `prompt_logprobs` (the first worker sent them with its first output, and the prompt
+        is now longer).
         """
         n = len(generated)
         stop = self.stop_conditions
@@ -301,6 +316,7 @@ class PreprocessedRequest(msgspec.Struct, omit_defaults=True, kw_only=True):
             stop_conditions=stop,
             disaggregated_params=None,
             prefill_only=False,
+            output_options=self._without_prompt_logprobs(),
         )
 
 
@@ -323,6 +339,19 @@ class EngineOutput(msgspec.Struct, omit_defaults=True, kw_only=True):
     lists the chosen token besides the top `logprobs`); none when `logprobs` is 0. The frontend
     shows the first `logprobs` in chat, and the chosen token then the others, up to
     `logprobs` + 1, in completions."""
+    prompt_log_probs: list[float | None] | None = None
+    """Asked for with `OutputOptions.prompt_logprobs`, on the first output only (before or with
+    its first token): per prompt token, its log-probability given the tokens before it; None
+    for the first token, which has none (vLLM's and SGLang's convention)."""
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    """With `prompt_log_probs`: per prompt token, the `prompt_logprobs` most likely tokens at
+    its place as (token id, log-probability), most likely first (the engine's top-k: the prompt
+    token itself only where it is among them); empty for the first token and when
+    `prompt_logprobs` is 0."""
+    prompt_ranks: list[int | None] | None = None
+    """With `prompt_log_probs`, when the engine reports it: per prompt token, its rank among
+    the vocabulary at its place (1: the most likely); None for the first token, and where the
+    engine does not say (SGLang)."""
     usage: Usage | None = None
     """Set on the last chunk."""
     disaggregated_params: dict[str, Any] | None = None

@@ -64,7 +64,8 @@ without its special tokens. The same request therefore yields the same tokens on
 whether preempted, aggregated, disaggregated or migrated mid-stream (a continuation says how
 many of its prompt tokens were generated, `generated`, and is seeded, and its answer length
 drawn, from the prompt before them). Fake log-probabilities (the chosen token always the most
-likely) are produced on request.
+likely) are produced on request, for the generated tokens and (`prompt_logprobs`, with the
+first output) for the prompt's.
 
 *Answer length.* A chat model answers in a few dozen tokens and then emits an end-of-sequence
 token; so does the mocker. A request that names its end-of-sequence tokens (`eos_token_ids`:
@@ -115,6 +116,7 @@ __all__ = [
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _RECENT_METRICS = 1024
+_PROMPT_SALT = 0x9A0B_7E11
 #: Spread of the answer-length distribution (log-normal): about two thirds of the answers are
 #: between half and 1.8 times `mean_output_tokens`.
 _LENGTH_SIGMA = 0.6
@@ -219,6 +221,10 @@ class StepOutput:
     finish_reason: Finish | None = None
     log_probs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_log_probs: list[float | None] | None = None
+    """On the first output, when asked for: the prompt's (see `EngineOutput`)."""
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int | None] | None = None
     cached_tokens: int = 0
     metrics: RequestMetrics | None = None
 
@@ -433,6 +439,7 @@ class MockerEngine:
         min_tokens: int = 0,
         output: list[int] | None = None,
         generated: int = 0,
+        prompt_logprobs: int | None = None,
     ) -> AsyncGenerator[StepOutput, None]:
         """Run a request; yields new tokens as steps produce them, the last with a finish reason.
 
@@ -441,8 +448,10 @@ class MockerEngine:
         `output`: the answer's tokens, instead of random ones (then the eos token, or, without
         `eos_token_ids`, finish reason `stop`). `generated`: the last tokens of `token_ids` that
         another engine generated (a migrated request; `output` is then what is left of the
-        answer): the sequence goes on exactly as it would have there. Closing the iterator
-        early aborts the request (its blocks are freed at once).
+        answer): the sequence goes on exactly as it would have there. `prompt_logprobs`: the
+        first output also carries the prompt's fake log-probabilities (`prompt_logprobs`
+        alternatives each, see `prompt_logprobs`). Closing the iterator early aborts the
+        request (its blocks are freed at once).
         """
         seq = self._add(
             request_id,
@@ -464,6 +473,13 @@ class MockerEngine:
                     raise seq.error
                 if seq.out_tokens or seq.out_finish is not None:
                     out = seq.take_output()
+                    if prompt_logprobs is not None and (
+                        out.token_ids or out.finish_reason in ("eos", "stop", "length")
+                    ):
+                        values, tops, ranks = self.prompt_logprobs(token_ids, prompt_logprobs)
+                        out.prompt_log_probs, out.prompt_top_logprobs = values, tops
+                        out.prompt_ranks = ranks
+                        prompt_logprobs = None
                     yield out
                     if out.finish_reason is not None:
                         return
@@ -539,6 +555,31 @@ class MockerEngine:
         self._waiting.append(seq)
         self._kick()
         return seq
+
+    def prompt_logprobs(
+        self, prompt: Sequence[int], top: int
+    ) -> tuple[list[float | None], list[list[tuple[int, float]]], list[int | None]]:
+        """Fake log-probabilities of a prompt's tokens, as `EngineOutput` carries them: each
+        a function of the prompt up to it (as a model's are: the same prefix, the same values,
+        whatever the seed); each prompt token the most likely at its place (rank 1, as the
+        mocker's generated tokens are), then `top` - 1 others, less likely each."""
+        vocab = self._vocab
+        values: list[float | None] = [None]
+        tops: list[list[tuple[int, float]]] = [[]]
+        ranks: list[int | None] = [None]
+        h = _mix(prompt[0] ^ _PROMPT_SALT)
+        for token in prompt[1:]:
+            h = _mix(h ^ token)
+            lp = -((h >> 32) % 1000) / 1000.0 - 0.001
+            alternatives = [(token, lp)] if top else []
+            y = h
+            for k in range(1, top):
+                y = _mix(y)
+                alternatives.append((vocab[y % len(vocab)], lp - float(k)))
+            values.append(lp)
+            tops.append(alternatives)
+            ranks.append(1)
+        return values, tops, ranks
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now, freeing its blocks; False if the engine does not hold it."""

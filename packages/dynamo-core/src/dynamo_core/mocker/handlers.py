@@ -2,7 +2,8 @@
 
 - `MockerHandler`: aggregated serving (prefill and decode on one simulated engine).
 - `MockerPrefillHandler`: runs the prompt only and yields one `EngineOutput` with the first token
-  and `disaggregated_params={"mocker": {...}}`, what a decode worker needs to "receive" the KV.
+  and `disaggregated_params={"mocker": {...}}`, what a decode worker needs to "receive" the KV
+  (and the prompt's log-probabilities, when asked for).
 - `MockerDecodeHandler`: given those parameters, treats the prompt's KV as transferred (a small
   per-block transfer cost instead of prefill time); without them it serves aggregated.
 
@@ -61,6 +62,9 @@ def _engine_output(out: StepOutput) -> EngineOutput:
         finish_reason=out.finish_reason,
         log_probs=out.log_probs,
         top_logprobs=out.top_logprobs,
+        prompt_log_probs=out.prompt_log_probs,
+        prompt_top_logprobs=out.prompt_top_logprobs,
+        prompt_ranks=out.prompt_ranks,
     )
 
 
@@ -68,6 +72,7 @@ class MockerHandler(BaseWorkerHandler):
     """Aggregated worker on a `MockerEngine`."""
 
     engine: MockerEngine
+    supports_prompt_logprobs = True
 
     def __init__(
         self, engine: MockerEngine, *, replies: Replies | None = None, name: str | None = None
@@ -112,6 +117,7 @@ class MockerHandler(BaseWorkerHandler):
             min_tokens=stop.min_tokens or 0,
             output=output,
             generated=request.generated_tokens,
+            prompt_logprobs=request.output_options.prompt_logprobs,
         )
 
     async def engine_generate(
@@ -156,9 +162,12 @@ class MockerPrefillHandler(MockerHandler, BasePrefillHandler):
         first: list[int] = []
         cached = 0
         prefill_ms = 0.0
+        prompt: StepOutput | None = None  # the output with the prompt's log-probabilities
         async for out in self._run_engine(request):
             first.extend(out.token_ids)
             cached = out.cached_tokens
+            if out.prompt_log_probs is not None:
+                prompt = out
             if out.metrics is not None:
                 prefill_ms = out.metrics.prefill_time_ms
             if out.finish_reason in ("cancelled", "error"):
@@ -174,7 +183,14 @@ class MockerPrefillHandler(MockerHandler, BasePrefillHandler):
                 "prefill_time_ms": round(prefill_ms, 3),
             }
         }
-        yield EngineOutput(token_ids=first[:1], finish_reason="length", disaggregated_params=params)
+        handoff = EngineOutput(
+            token_ids=first[:1], finish_reason="length", disaggregated_params=params
+        )
+        if prompt is not None:
+            handoff.prompt_log_probs = prompt.prompt_log_probs
+            handoff.prompt_top_logprobs = prompt.prompt_top_logprobs
+            handoff.prompt_ranks = prompt.prompt_ranks
+        yield handoff
 
 
 class MockerDecodeHandler(MockerHandler, BaseDecodeHandler):

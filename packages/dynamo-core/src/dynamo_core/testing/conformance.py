@@ -18,7 +18,9 @@ of its engine (written against the engine's real Python API):
         def break_engine(self, handler):
             handler.engine.fail_next = RuntimeError("CUDA error: out of memory")
 
-Capability flags switch groups on or off: `supports_logprobs`, `supports_disaggregation`
+Capability flags switch groups on or off: `supports_logprobs`, `supports_prompt_logprobs`
+(without it, a request for them must be refused, never answered without them),
+`supports_disaggregation`
 (then also `prefill_handler` and `decode_handler` fixtures), `supports_guided_decoding` (every
 kind of `GuidedDecoding` constraint is served; what the engine receives is the package's own
 test), `deterministic` (same prompt, same seed, same tokens: needed for the stop-token test).
@@ -51,6 +53,7 @@ def make_request(
     stop_token_ids: list[int] | None = None,
     eos_token_ids: list[int] | None = None,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     seed: int = 1234,
     **extra: Any,
 ) -> dict[str, Any]:
@@ -70,6 +73,8 @@ def make_request(
         req["stop_conditions"]["stop_token_ids"] = stop_token_ids
     if logprobs is not None:
         req["output_options"]["logprobs"] = logprobs
+    if prompt_logprobs is not None:
+        req["output_options"]["prompt_logprobs"] = prompt_logprobs
     req.update(extra)
     return req
 
@@ -90,6 +95,7 @@ class HandlerConformance:
     """Base class of an engine handler's conformance tests (not collected by itself)."""
 
     supports_logprobs: ClassVar[bool] = False
+    supports_prompt_logprobs: ClassVar[bool] = False
     supports_disaggregation: ClassVar[bool] = False
     supports_guided_decoding: ClassVar[bool] = False
     deterministic: ClassVar[bool] = True
@@ -299,6 +305,56 @@ class HandlerConformance:
         assert len([lp for out in outs for lp in (out.get("log_probs") or [])]) == 3
         assert all(top == [] for out in outs for top in (out.get("top_logprobs") or []))
 
+    async def test_prompt_logprobs_come_once_with_the_first_tokens(
+        self, handler: BaseWorkerHandler
+    ) -> None:
+        """`prompt_logprobs`: one entry per prompt token on the first output (None for the
+        first token), alternatives as asked; the generated tokens' own as usual."""
+        if not self.supports_prompt_logprobs:
+            pytest.skip("engine does not report prompt logprobs")
+        req = make_request(self.prompt, max_tokens=4, logprobs=1, prompt_logprobs=2)
+        outs = await collect(handler, req)
+        first = next(i for i, out in enumerate(outs) if out.get("prompt_log_probs") is not None)
+        assert not tokens_of(outs[:first]), "prompt logprobs came after the first token"
+        assert all(out.get("prompt_log_probs") is None for out in outs[first + 1 :])
+        values = outs[first]["prompt_log_probs"]
+        tops = outs[first]["prompt_top_logprobs"]
+        assert len(values) == len(tops) == len(self.prompt)
+        assert values[0] is None and tops[0] == []
+        assert all(isinstance(v, float) and v <= 0.0 for v in values[1:])
+        assert all(1 <= len(top) <= 2 for top in tops[1:])
+        assert all(top[i][1] >= top[i + 1][1] for top in tops for i in range(len(top) - 1))
+        ranks = outs[first].get("prompt_ranks")
+        if ranks is not None:
+            assert len(ranks) == len(self.prompt) and ranks[0] is None
+        assert len(tokens_of(outs)) == 4
+        assert len([lp for out in outs for lp in (out.get("log_probs") or [])]) == 4
+        assert self.active_requests(handler) == 0
+
+    async def test_prompt_logprobs_without_output_tokens(self, handler: BaseWorkerHandler) -> None:
+        """`max_tokens` 0 with `prompt_logprobs` (scoring a prompt: `echo` with 0 tokens): the
+        engine prefills, and only the prompt's log-probabilities come back."""
+        if not self.supports_prompt_logprobs:
+            pytest.skip("engine does not report prompt logprobs")
+        outs = await collect(handler, make_request(self.prompt, max_tokens=0, prompt_logprobs=0))
+        assert tokens_of(outs) == []
+        assert outs[-1]["finish_reason"] == "length"
+        assert outs[-1]["usage"].get("completion_tokens", 0) == 0
+        values = [out["prompt_log_probs"] for out in outs if out.get("prompt_log_probs")]
+        assert len(values) == 1 and len(values[0]) == len(self.prompt)
+        assert all(top == [] for out in outs for top in out.get("prompt_top_logprobs") or ())
+        assert self.active_requests(handler) == 0
+
+    async def test_prompt_logprobs_are_refused_when_not_supported(
+        self, handler: BaseWorkerHandler
+    ) -> None:
+        """An engine that cannot return them refuses the request (a 400 for the client)."""
+        if self.supports_prompt_logprobs:
+            pytest.skip("engine reports prompt logprobs")
+        with pytest.raises(InvalidRequestError):
+            await collect(handler, make_request(self.prompt, max_tokens=2, prompt_logprobs=1))
+        assert self.active_requests(handler) == 0
+
     @pytest.mark.parametrize(
         "guided",
         [
@@ -335,25 +391,34 @@ class HandlerConformance:
             pytest.skip("engine has no disaggregated roles")
         prefill: BaseWorkerHandler = request.getfixturevalue("prefill_handler")
         decode: BaseWorkerHandler = request.getfixturevalue("decode_handler")
-        req = make_request(self.prompt, max_tokens=10)
-        prefill_req = {**req, "stop_conditions": {"max_tokens": 1}}
-        stream = prefill.generate(prefill_req, Context())
+        # the prompt's log-probabilities, when asked for, are the prefill worker's to return
+        prompt_lp = 1 if self.supports_prompt_logprobs else None
+        preq = PreprocessedRequest.from_wire(
+            make_request(self.prompt, max_tokens=10, prompt_logprobs=prompt_lp)
+        )
+        stream = prefill.generate(preq.prefill_leg().to_wire(), Context())
         params = None
+        prefill_outs = []
         async for out in stream:  # as the frontend does: hand off as soon as the params come
+            prefill_outs.append(out)
             if out.get("disaggregated_params") is not None:
                 params = out["disaggregated_params"]
                 break
         assert params is not None, "the prefill worker returned no transfer parameters"
 
         async def rest_of_prefill() -> None:
-            async for _ in stream:  # some engines finish prefill only once decode connects
-                pass
+            async for out in stream:  # some engines finish prefill only once decode connects
+                prefill_outs.append(out)
 
         prefill_rest = asyncio.create_task(rest_of_prefill())
-        outs = await collect(decode, {**req, "disaggregated_params": params})
+        outs = await collect(decode, preq.with_transfer(params).to_wire())
         await asyncio.wait_for(prefill_rest, 30)
         assert len(tokens_of(outs)) == 10
         assert outs[-1]["finish_reason"] == "length"
+        assert all(out.get("prompt_log_probs") is None for out in outs)
+        if prompt_lp is not None:
+            found = [o["prompt_log_probs"] for o in prefill_outs if o.get("prompt_log_probs")]
+            assert len(found) == 1 and len(found[0]) == len(self.prompt)
 
     async def test_prefill_computes_one_token_and_leaves_the_request_alone(
         self, request: pytest.FixtureRequest
