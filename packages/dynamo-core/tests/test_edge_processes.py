@@ -336,15 +336,15 @@ _CHAT_FIELDS = [
     "model", "messages", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p",
     "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "stop", "n",
     "ignore_eos", "min_tokens", "user", "nvext", "max_tokens", "max_completion_tokens",
-    "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs",
+    "logprobs", "top_logprobs", "tools", "tool_choice", "chat_template_kwargs", "prompt_logprobs",
 ]  # fmt: skip
 _NUMERIC = {
     "temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty", "presence_penalty",
     "repetition_penalty", "n", "min_tokens", "max_tokens", "max_completion_tokens",
-    "top_logprobs", "logprobs",
+    "top_logprobs", "logprobs", "prompt_logprobs",
 }  # fmt: skip
 _COMPLETION_FIELDS = [
-    *_CHAT_FIELDS[:18], "prompt", "max_tokens", "logprobs", "echo", "suffix",
+    *_CHAT_FIELDS[:18], "prompt", "max_tokens", "logprobs", "echo", "suffix", "prompt_logprobs",
 ]  # fmt: skip
 
 

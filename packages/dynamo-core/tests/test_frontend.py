@@ -347,6 +347,25 @@ async def test_disaggregated_prefill_then_decode(
             assert p_stats["requests_total"] == 1 and p_stats["prefill_tokens"] > 0
             assert d_stats["transferred_tokens"] > 0 and d_stats["prefill_tokens"] == 0
 
+            # the prompt's log-probabilities come from the prefill worker (which ran the
+            # prompt), whole and streamed, the decode leg not asked for them
+            prompt = service.models.get("tiny").tokenizer.encode(  # type: ignore[union-attr]
+                "score this prompt", add_special_tokens=True
+            )
+            values = prefill.engine.prompt_logprobs(prompt, 2)[0]
+            body: dict[str, Any] = {"model": "tiny", "prompt": "score this prompt", "echo": True,
+                                    "logprobs": 2, "max_tokens": 3}  # fmt: skip
+            whole = await client.completions.create(**body)
+            lp = whole.choices[0].logprobs
+            assert lp is not None and lp.token_logprobs[: len(prompt)] == values
+            assert len(lp.tokens) == len(prompt) + 3
+            assert [len(t) for t in lp.top_logprobs[1 : len(prompt)]] == [2] * (len(prompt) - 1)
+            chunks = [c async for c in await client.completions.create(**body, stream=True)]
+            streamed = [v for c in chunks if c.choices[0].logprobs
+                        for v in c.choices[0].logprobs.token_logprobs]  # fmt: skip
+            assert streamed == lp.token_logprobs
+            assert decode.engine.stats()["prefill_tokens"] == 0  # every prompt was transferred
+
             # a prefill leg that fails before the hand-off: served aggregated instead
             prefill.engine.fail_next = RuntimeError("prefill GPU fell over")
             r = await client.chat.completions.create(

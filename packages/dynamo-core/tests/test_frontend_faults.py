@@ -151,6 +151,88 @@ async def test_a_migration_derives_from_the_request_no_worker_changed(namespace:
         await service.close()
 
 
+def _score(token: int) -> float:
+    return -((token % 5) + 1) / 4
+
+
+class ScoringEcho(RecordingEcho):
+    """A recording echo worker that also returns log-probabilities: the generated tokens' and,
+    with its first output, the prompt's (each a function of the token)."""
+
+    supports_prompt_logprobs = True
+
+    async def engine_generate(
+        self, request: PreprocessedRequest, context: Context
+    ) -> AsyncIterator[EngineOutput]:
+        options = request.output_options
+        first = True
+        async for out in super().engine_generate(request, context):
+            if options.logprobs is not None:
+                out.log_probs = [_score(t) for t in out.token_ids]
+                out.top_logprobs = [[(t, _score(t))] for t in out.token_ids]
+            if first and options.prompt_logprobs is not None:
+                rest = request.token_ids[1:]
+                out.prompt_log_probs = [None, *(_score(t) for t in rest)]
+                out.prompt_top_logprobs = [[], *([(t, _score(t))] for t in rest)]
+            first = False
+            yield out
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_prompt_logprobs_are_neither_lost_nor_repeated_by_a_migration(
+    namespace: str, stream: bool
+) -> None:
+    """Completions with echo and logprobs: the prompt's entries come with the first worker's
+    first output; the continuation does not ask for them again, and the client's logprobs are
+    those of an unbroken answer."""
+    async with two_workers(namespace, ScoringEcho) as (workers, service, server):
+        client = openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0
+        )
+        body: dict[str, Any] = {
+            "model": "tiny",
+            "prompt": "the quick brown fox jumps over the lazy dog",
+            "max_tokens": 30,
+            "echo": True,
+            "logprobs": 1,
+            "extra_body": {"ignore_eos": True},
+        }
+        expected = (await client.completions.create(**body)).choices[0]
+        for h in workers:
+            h.received.clear()
+        killer = asyncio.create_task(kill_the_busy_one(workers))
+        if stream:
+            chunks = [c async for c in await client.completions.create(**body, stream=True)]
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            tokens = [
+                t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+            ]
+            values = [v for c in chunks if c.choices[0].logprobs
+                      for v in c.choices[0].logprobs.token_logprobs]  # fmt: skip
+            offsets = [o for c in chunks if c.choices[0].logprobs
+                       for o in c.choices[0].logprobs.text_offset]  # fmt: skip
+        else:
+            choice = (await client.completions.create(**body)).choices[0]
+            assert choice.logprobs is not None
+            text, tokens = choice.text, choice.logprobs.tokens
+            values, offsets = choice.logprobs.token_logprobs, choice.logprobs.text_offset
+        first = await killer
+        second = next(h for h in workers if h is not first)
+        assert expected.logprobs is not None
+        assert text == expected.text
+        assert tokens == expected.logprobs.tokens
+        assert values == expected.logprobs.token_logprobs
+        assert offsets == expected.logprobs.text_offset
+        ((original, _),) = first.received
+        ((continued, _),) = second.received
+        assert original.output_options.prompt_logprobs == 1
+        assert continued.generated_tokens > 0
+        assert continued.output_options.prompt_logprobs is None
+        await client.close()
+        await server.close()
+        await service.close()
+
+
 async def test_n_choices_each_migrate_on_their_own(namespace: str) -> None:
     """n = 3 over two workers: the one that dies takes some choices with it; each moves to the
     other worker and the stream ends with every choice whole."""

@@ -46,25 +46,43 @@ def alternatives(token: int, n: int = 3) -> list[tuple[int, float]]:
     return [(token, logprob(token))] + [(OTHERS[k - 1], logprob(token) - k) for k in range(1, n)]
 
 
+def prompt_alternatives(token: int, n: int) -> list[tuple[int, float]]:
+    """The `n` most likely at a prompt token's place: a more likely one first, then the token
+    itself (rank 2), then others."""
+    more = OTHERS[-1]
+    return [(more, logprob(token) + 0.5), *alternatives(token, n)][:n]
+
+
 class ScriptHandler(BaseWorkerHandler):
     """Replays `script` (token groups, one engine output each), with log-probabilities when
-    asked; `finish` ends the last output."""
+    asked (the prompt's on the first output); `finish` ends the last output."""
+
+    supports_prompt_logprobs = True
 
     def __init__(self) -> None:
         super().__init__(name="script")
         self.script: list[list[int]] = []
         self.finish = "length"
         self.logprob = logprob
+        self.prompts: list[int | None] = []
+        """`prompt_logprobs` of each request received."""
 
     async def engine_generate(
         self, request: PreprocessedRequest, context: Context
     ) -> AsyncIterator[EngineOutput]:
         want = request.output_options.logprobs
+        prompt_n = request.output_options.prompt_logprobs
+        self.prompts.append(prompt_n)
         for i, group in enumerate(self.script):
             out = EngineOutput(token_ids=list(group))
             if want is not None:
                 out.log_probs = [self.logprob(t) for t in group]
                 out.top_logprobs = [alternatives(t) if want else [] for t in group]
+            if i == 0 and prompt_n is not None:
+                rest = request.token_ids[1:]
+                out.prompt_log_probs = [None, *(self.logprob(t) for t in rest)]
+                out.prompt_top_logprobs = [[], *(prompt_alternatives(t, prompt_n) for t in rest)]
+                out.prompt_ranks = [None, *(2 for _ in rest)]
             if i == len(self.script) - 1:
                 out.finish_reason = self.finish  # type: ignore[assignment]
             yield out
@@ -247,17 +265,204 @@ async def test_text_offsets_are_character_offsets(api: Any) -> None:
         for o in c.choices[0].logprobs.text_offset
     ]
     assert streamed == lp.text_offset
-    # with echo, the prompt comes first in the text: offsets count it
+    # with echo, the prompt's tokens come first: offsets count their strings from 0
     whole, chunks = await complete(client, logprobs=0, echo=True, prompt="Say: ")
     assert whole.choices[0].text == "Say: naïve 中文 text"
-    assert whole.choices[0].logprobs.text_offset == [o + len("Say: ") for o in lp.text_offset]
+    echoed = whole.choices[0].logprobs
+    prompt = TOK.encode("Say: ", add_special_tokens=True)
+    assert echoed.tokens[len(prompt) :] == lp.tokens
+    shift = len("".join(echoed.tokens[: len(prompt)]))
+    assert echoed.text_offset == [
+        len("".join(echoed.tokens[:i])) for i in range(len(echoed.tokens))
+    ]
+    assert echoed.text_offset[len(prompt) :] == [o + shift for o in lp.text_offset]
     streamed = [
         o
         for c in chunks
         if c.choices and c.choices[0].logprobs
         for o in c.choices[0].logprobs.text_offset
     ]
-    assert streamed == whole.choices[0].logprobs.text_offset
+    assert streamed == echoed.text_offset
+
+
+# -- 4b. the prompt's log-probabilities -----------------------------------------------------------
+
+
+def streamed_logprobs(chunks: list[Any], index: int = 0) -> dict[str, list[Any]]:
+    lists: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    for c in chunks:
+        for choice in c.choices:
+            if choice.index == index and choice.logprobs:
+                for key, values in lists.items():
+                    values.extend(getattr(choice.logprobs, key))
+    return lists
+
+
+async def test_echo_with_logprobs_leads_with_the_prompt_tokens(api: Any) -> None:
+    """vLLM's echo: the prompt's tokens first (the first with null log-probability and
+    alternatives), then the generated ones; text, usage and streaming agree."""
+    client, handler = api
+    generated = TOK.encode(" one two")
+    handler.script = [generated[:1], generated[1:]]
+    prompt = TOK.encode("Say: ", add_special_tokens=True)
+    whole, chunks = await complete(client, logprobs=1, echo=True, prompt="Say: ")
+    choice = whole.choices[0]
+    assert choice.text == "Say:  one two" == streamed_text(chunks)
+    lp = choice.logprobs
+    assert lp.tokens == [TOK.decode(prompt[:1], skip_special_tokens=False)] + [
+        TOK.token_string(t) for t in [*prompt[1:], *generated]
+    ]
+    assert lp.token_logprobs == [None, *(logprob(t) for t in [*prompt[1:], *generated])]
+    # a prompt token: itself first, then the most likely other (the more likely one here)
+    assert lp.top_logprobs[0] is None
+    assert lp.top_logprobs[1] == {
+        TOK.token_string(prompt[1]): logprob(prompt[1]),
+        TOK.token_string(OTHERS[-1]): logprob(prompt[1]) + 0.5,
+    }
+    assert lp.top_logprobs[len(prompt)] == {
+        TOK.token_string(t): v for t, v in alternatives(generated[0])[:2]
+    }
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert streamed_logprobs(chunks) == {
+        "tokens": lp.tokens,
+        "token_logprobs": lp.token_logprobs,
+        "top_logprobs": lp.top_logprobs,
+        "text_offset": lp.text_offset,
+    }
+    # the echo comes first, with the prompt's logprobs; usage is what it was
+    assert chunks[0].choices[0].text == "Say: "
+    assert chunks[0].choices[0].logprobs.tokens == lp.tokens[: len(prompt)]
+    assert whole.usage.prompt_tokens == len(prompt) == chunks[-1].usage.prompt_tokens
+    assert whole.usage.completion_tokens == len(generated) == chunks[-1].usage.completion_tokens
+    # the engine was asked for the prompt's logprobs as many as `logprobs` (vLLM's rule)
+    assert handler.prompts == [1, 1]
+    # vLLM's `prompt_logprobs` ride along in the whole response
+    assert len(choice.model_extra["prompt_logprobs"]) == len(prompt)
+
+
+async def test_echo_with_logprobs_and_no_output_tokens_scores_the_prompt(api: Any) -> None:
+    """`max_tokens` 0 (how evaluation harnesses score a text): the prompt's logprobs only."""
+    client, handler = api
+    handler.script = [TOK.encode(" one")]
+    prompt = TOK.encode("Say: ", add_special_tokens=True)
+    whole, chunks = await complete(client, logprobs=0, echo=True, prompt="Say: ", max_tokens=0)
+    lp = whole.choices[0].logprobs
+    assert whole.choices[0].text == "Say: " == streamed_text(chunks)
+    assert lp.token_logprobs == [None, *(logprob(t) for t in prompt[1:])]
+    assert lp.top_logprobs == [None, *({TOK.token_string(t): logprob(t)} for t in prompt[1:])]
+    assert streamed_logprobs(chunks)["token_logprobs"] == lp.token_logprobs
+    assert whole.usage.completion_tokens == 0 == chunks[-1].usage.completion_tokens
+    assert whole.choices[0].finish_reason == "length"
+
+
+async def test_echo_without_logprobs_asks_for_nothing(api: Any) -> None:
+    client, handler = api
+    handler.script = [TOK.encode(" one")]
+    whole, chunks = await complete(client, echo=True, prompt="Say: ")
+    assert whole.choices[0].logprobs is None
+    assert "prompt_logprobs" not in (whole.choices[0].model_extra or {})
+    assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+    assert handler.prompts == [None, None]
+
+
+async def test_each_choice_carries_the_prompt_logprobs(api: Any) -> None:
+    client, handler = api
+    handler.script = [TOK.encode(" one")]
+    whole, chunks = await complete(client, logprobs=0, echo=True, prompt="Say: ", n=2, seed=3)
+    first, second = whole.choices
+    assert first.logprobs == second.logprobs
+    assert first.model_extra["prompt_logprobs"] == second.model_extra["prompt_logprobs"]
+    assert streamed_logprobs(chunks, 0) == streamed_logprobs(chunks, 1)
+    assert streamed_logprobs(chunks, 1)["tokens"] == first.logprobs.tokens
+
+
+async def test_vllm_prompt_logprobs_shape(api: Any) -> None:
+    """vLLM's `prompt_logprobs`: null, then per token a map of token id to logprob, rank and
+    decoded token: the prompt token first (its own rank), then the most likely ones ranked;
+    in each completions choice, at the top of a chat completion; never in a stream."""
+    client, handler = api
+    handler.script = [TOK.encode(" one")]
+    prompt = TOK.encode("Say: ", add_special_tokens=True)
+    whole = await client.completions.create(
+        model="tiny", prompt="Say: ", max_tokens=2, extra_body={"prompt_logprobs": 2}
+    )
+    choice = whole.choices[0]
+    assert choice.logprobs is None  # `logprobs` was not asked for
+    shown = choice.model_extra["prompt_logprobs"]
+    assert shown[0] is None
+    for token, entry in zip(prompt[1:], shown[1:], strict=True):
+        more, chosen = OTHERS[-1], token
+        assert list(entry) == [str(chosen), str(more)]  # the prompt token first
+        assert entry[str(chosen)] == {
+            "logprob": logprob(token),
+            "rank": 2,
+            "decoded_token": TOK.token_string(token),
+        }
+        assert entry[str(more)]["rank"] == 1
+    assert handler.prompts[-1] == 2
+
+    reply = await client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Say"}],
+        max_tokens=2,
+        extra_body={"prompt_logprobs": 0},
+    )
+    chat_prompt = reply.model_extra["prompt_logprobs"]
+    assert chat_prompt[0] is None and len(chat_prompt) == reply.usage.prompt_tokens
+    assert all(len(entry) == 1 for entry in chat_prompt[1:])  # 0: the prompt token alone
+    # 0 is allowed in a stream (vLLM's rule), and shows nothing there
+    stream = await client.completions.create(
+        model="tiny", prompt="Say", max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}
+    )
+    chunks = [c async for c in stream]
+    assert all(c.choices[0].logprobs is None for c in chunks if c.choices)
+    assert all(
+        "prompt_logprobs" not in (c.choices[0].model_extra or {}) for c in chunks if c.choices
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"prompt_logprobs": 1, "stream": True}, "not available when `stream=True`"),
+        ({"prompt_logprobs": -1, "stream": True}, "not available when `stream=True`"),
+        ({"prompt_logprobs": -2}, "must be a positive value or -1"),
+        ({"prompt_logprobs": -1}, "greater than max allowed: 20"),
+        ({"prompt_logprobs": 21}, "Requested prompt logprobs of 21"),
+        ({"prompt_logprobs": "2"}, "Expected `int | null`"),
+    ],
+)
+async def test_prompt_logprobs_are_checked_as_vllm_checks_them(
+    api: Any, extra: dict[str, Any], message: str
+) -> None:
+    client, handler = api
+    handler.script = [TOK.encode(" one")]
+    for kind in ("completions", "chat"):
+        with pytest.raises(openai.BadRequestError) as info:
+            if kind == "completions":
+                await client.completions.create(model="tiny", prompt="Say", extra_body=extra)
+            else:
+                await client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": "Say"}], extra_body=extra
+                )
+        assert message in info.value.message
+        assert info.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
+    assert handler.prompts == []  # nothing reached the worker
+
+
+async def test_a_worker_without_prompt_logprobs_is_a_clear_error(api: Any) -> None:
+    """A worker whose engine cannot return them refuses: the client gets a 400 saying so."""
+    client, handler = api
+    handler.script = [TOK.encode(" one")]
+    handler.supports_prompt_logprobs = False  # type: ignore[misc]
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.completions.create(model="tiny", prompt="Say", logprobs=1, echo=True)
+    assert "log-probabilities" in info.value.message
 
 
 # -- 5. token strings and bytes of cut characters ---------------------------------------------

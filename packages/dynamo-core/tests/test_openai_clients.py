@@ -204,6 +204,65 @@ def test_models_retrieve(client: openai.OpenAI) -> None:
         client.models.retrieve("tiny-nope")
 
 
+# -- the prompt's log-probabilities ------------------------------------------------------------
+
+
+def mocker_prompt_logprobs(tokens: list[int]) -> list[float | None]:
+    """What a mocker says of a prompt's tokens (the same in every process: computed here)."""
+    from dynamo_core.mocker.engine import MockerEngine
+
+    return MockerEngine(vocab_size=300).prompt_logprobs(tokens, 0)[0]
+
+
+def test_completions_echo_with_logprobs_over_the_mocker(client: openai.OpenAI) -> None:
+    """The prompt's tokens lead the logprobs, whole and streamed (what evaluation harnesses
+    read), with vLLM's `prompt_logprobs` beside them in the whole response."""
+    prompt = "The capital of France is"
+    tokens = tiny_tokens(prompt)
+    values = mocker_prompt_logprobs(tokens)
+    body: dict[str, Any] = {"model": PLAIN, "prompt": prompt, "echo": True, "logprobs": 2}
+    whole = client.completions.create(**body, max_tokens=4, seed=7)
+    choice = whole.choices[0]
+    assert choice.text.startswith(prompt)
+    assert choice.logprobs is not None
+    lp = choice.logprobs
+    assert lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert lp.token_logprobs[: len(tokens)] == values
+    assert len(lp.token_logprobs) == len(tokens) + whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert lp.top_logprobs[0] is None
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]  # type: ignore[index, arg-type]
+    extra = choice.model_extra or {}
+    assert [None if e is None else e[str(t)]["logprob"] for e, t in zip(extra["prompt_logprobs"], tokens, strict=True)] == values  # fmt: skip
+    assert whole.usage is not None and whole.usage.prompt_tokens == len(tokens)
+
+    chunks = list(client.completions.create(**body, max_tokens=4, seed=7, stream=True))
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs or ()]  # fmt: skip
+    assert streamed == lp.token_logprobs
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+
+    # scoring: no output tokens, the prompt's logprobs only
+    scored = client.completions.create(**body, max_tokens=0)
+    assert scored.choices[0].text == prompt
+    assert scored.choices[0].logprobs is not None
+    assert scored.choices[0].logprobs.token_logprobs == values
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+
+
+def test_chat_prompt_logprobs_over_the_mocker(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=PLAIN, messages=user("hello"), max_tokens=3, extra_body={"prompt_logprobs": 1}
+    )
+    shown = (r.model_extra or {})["prompt_logprobs"]
+    assert r.usage is not None and len(shown) == r.usage.prompt_tokens
+    assert shown[0] is None and all(len(entry) == 1 for entry in shown[1:])  # rank 1: itself
+    assert all(next(iter(e.values()))["rank"] == 1 for e in shown[1:])
+    with pytest.raises(openai.BadRequestError, match="not available when `stream=True`"):
+        client.chat.completions.create(
+            model=PLAIN, messages=user("hello"), stream=True, extra_body={"prompt_logprobs": 1}
+        )
+
+
 # -- embeddings -------------------------------------------------------------------------------
 
 

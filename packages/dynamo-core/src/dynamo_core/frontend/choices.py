@@ -49,13 +49,23 @@ class ChoiceOutput:
     With a parser, special tokens are detokenized (the markup of most families is made of
     them), except the end-of-sequence token that ends the output, which is never text (vLLM
     drops the token that stopped a sequence from its text too).
+
+    With `prompt_logprobs` (the count the engine was asked for) the choice's first item must
+    carry the prompt's log-probabilities (`EngineOutput.prompt_log_probs`: a worker that sent
+    none fails the choice, never leaves them out); they are shown as vLLM shows them:
+    `prompt_logprobs_json` (its `prompt_logprobs` extension) and, for completions with `echo`
+    and `logprobs` (`echo_logprobs`), `echo_completion_logprobs`: the prompt's tokens first in
+    the choice's `logprobs`, `text_offset` counting from the prompt's first token.
     """
 
     __slots__ = (
+        "_prompt",
         "cached",
         "calls",
         "completion_tokens",
         "detok",
+        "echo_logprobs",
+        "echo_pending",
         "finish",
         "hide_eos",
         "index",
@@ -66,7 +76,11 @@ class ChoiceOutput:
         "matcher",
         "min_tokens",
         "parser",
+        "prompt",
+        "prompt_pending",
+        "prompt_wanted",
         "text_offset",
+        "tokenizer",
     )
 
     def __init__(
@@ -81,8 +95,22 @@ class ChoiceOutput:
         index: int = 0,
         parser: TextParser | None = None,
         skip_special_tokens: bool = True,
+        prompt_logprobs: int | None = None,
+        echo_logprobs: bool = False,
     ) -> None:
         self.index = index
+        self.tokenizer = entry.tokenizer
+        self.prompt = prompt or []
+        self.prompt_wanted = prompt_logprobs
+        """How many alternatives per prompt token the engine was asked for (None: no prompt
+        log-probabilities)."""
+        self.prompt_pending = prompt_logprobs is not None
+        """The prompt's log-probabilities are still to come (with the first item)."""
+        self.echo_pending = False
+        """Set by `feed` when the prompt's completions entries are due (`echo_logprobs`)."""
+        self.echo_logprobs = echo_logprobs and prompt_logprobs is not None
+        """Completions with `echo` and `logprobs`: the prompt's tokens lead the logprobs."""
+        self._prompt: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
         self.parser = parser
         self.hide_eos = not skip_special_tokens
         self.detok = IncrementalDetokenizer(
@@ -110,6 +138,8 @@ class ChoiceOutput:
 
         Text still held back at the end (part of a character) is dropped, as vLLM drops it.
         """
+        if self.prompt_pending:
+            self._take_prompt(item)
         ids = item.get("token_ids") or ()
         self.kept = len(ids)
         shown = ids
@@ -134,6 +164,106 @@ class ChoiceOutput:
                 text += matcher.flush()
             self.finish = finish_reason_for(reason) or "stop"
         return text
+
+    def _take_prompt(self, item: dict[str, Any]) -> None:
+        """The prompt's log-probabilities, from the choice's first item."""
+        self.prompt_pending = False
+        values = item.get("prompt_log_probs")
+        if item.get("finish_reason") == "error":
+            return  # `feed` raises the engine's own error
+        if values is None or len(values) != len(self.prompt):
+            raise errors.EngineError(
+                "the worker returned no log-probabilities for the prompt"
+                if values is None
+                else f"the worker returned {len(values)} prompt log-probabilities for a "
+                f"{len(self.prompt)}-token prompt"
+            )
+        tops = item.get("prompt_top_logprobs") or [()] * len(values)
+        ranks = item.get("prompt_ranks") or [None] * len(values)
+        self._prompt = (values, tops, ranks)
+        self.echo_pending = self.echo_logprobs
+
+    def check_prompt(self) -> None:
+        """At the end of the choice: the prompt's log-probabilities came, when asked for."""
+        if self.prompt_pending:
+            raise errors.EngineError("the worker returned no log-probabilities for the prompt")
+
+    def _prompt_positions(self) -> Any:
+        """(token, its text, log-probability, alternatives, rank) per prompt token; the text
+        and the alternatives' texts as vLLM shows them (`LogprobTokens`, the context being the
+        prompt tokens before, the first excepted: vLLM keeps none for it)."""
+        values, tops, ranks = self._prompt
+        prompt = self.prompt
+        # vLLM shows the first token (which has no log-probability) as its plain decode
+        yield (
+            prompt[0],
+            self.tokenizer.decode(prompt[:1], skip_special_tokens=False),
+            None,
+            (),
+            None,
+        )
+        texts = LogprobTokens(self.tokenizer)
+        for token, lp, top, rank in zip(prompt[1:], values[1:], tops[1:], ranks[1:], strict=True):
+            alternatives = [(alt, texts.entry(alt)[0], alt_lp) for alt, alt_lp in top]
+            yield token, texts.entry(token)[0], lp, alternatives, rank
+            texts.advance(token)
+
+    def echo_completion_logprobs(self) -> dict[str, list[Any]]:
+        """Completions with `echo`: the `logprobs` lists of the prompt's tokens (vLLM's): the
+        first token's value and alternatives are null; each other's alternatives hold the
+        token then the most likely others, up to `logprobs` + 1 entries."""
+        self.echo_pending = False
+        top_n = self.logprobs_wanted or 0
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        for token, text, lp, alternatives, _ in self._prompt_positions():
+            tokens.append(text)
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+            if lp is None:
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(_clamp(lp))
+            shown = {text: _clamp(lp)}
+            count = 1
+            for alt, alt_text, alt_lp in alternatives:
+                if count > top_n:
+                    break
+                if alt == token:
+                    shown[text] = _clamp(alt_lp)
+                    continue
+                count += 1
+                shown[alt_text] = _clamp(alt_lp)
+            tops.append(shown)
+        return {
+            "tokens": tokens,
+            "token_logprobs": values,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def prompt_logprobs_json(self) -> list[dict[str, dict[str, Any]] | None]:
+        """vLLM's `prompt_logprobs`: per prompt token null (the first) or a map of token id
+        to ``{"logprob", "rank", "decoded_token"}``: the prompt token first, then the most
+        likely ones with their ranks (the prompt token, when among them, keeps its place and
+        takes their rank, as in vLLM's map)."""
+        out: list[dict[str, dict[str, Any]] | None] = []
+        for token, text, lp, alternatives, rank in self._prompt_positions():
+            if lp is None:
+                out.append(None)
+                continue
+            entry = {str(token): {"logprob": _clamp(lp), "rank": rank, "decoded_token": text}}
+            for place, (alt, alt_text, alt_lp) in enumerate(alternatives, 1):
+                entry[str(alt)] = {
+                    "logprob": _clamp(alt_lp),
+                    "rank": place,
+                    "decoded_token": alt_text,
+                }
+            out.append(entry)
+        return out
 
     def _feed_stops(self, matcher: StopStringMatcher, ids: Any) -> str:
         """Token by token, so that a stop string is cut after the token that completes it."""
@@ -205,8 +335,7 @@ class ChoiceOutput:
         `top_logprobs` holds the chosen token first, then the most likely others, up to
         `logprobs` + 1 entries (OpenAI's and vLLM's rule); `text_offset` is where each token's
         text starts in the choice's text (the sum of the token strings before it, as vLLM
-        counts). With `echo` the prompt's tokens get no entries (vLLM adds them from prompt
-        log-probabilities, which the wire does not carry yet): offsets start after the prompt.
+        counts). With `echo` the prompt's tokens come first (`echo_completion_logprobs`).
         """
         texts = self.lp_tokens
         assert texts is not None

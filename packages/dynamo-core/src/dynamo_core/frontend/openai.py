@@ -8,7 +8,8 @@ so, never silently ignored; see the README's API table. Unknown fields are ignor
 own clients send extras. Engine extensions are accepted at the top level and under `nvext`
 (Dynamo's extension object): `ignore_eos`, `min_tokens`, `top_k`, `min_p`, `repetition_penalty`,
 and vLLM's structured-output fields `guided_json`, `guided_regex`, `guided_choice`,
-`guided_grammar`. Chat messages are checked by `dynamo_core.frontend.messages` (their content
+`guided_grammar`; vLLM's `prompt_logprobs` at the top level (as vLLM takes it), checked by
+vLLM's rules. Chat messages are checked by `dynamo_core.frontend.messages` (their content
 varies by role, which a struct type cannot say).
 
 Streaming events are built from bytes: per request, the JSON before and after the token text is
@@ -63,6 +64,9 @@ TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
 CompletionLogprobs = Annotated[int, Meta(ge=0, le=5)]
 """OpenAI's completions `logprobs`: at most 5."""
 LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+#: The most alternatives per prompt token `prompt_logprobs` may ask for (vLLM's default
+#: `--max-logprobs`, and chat's `top_logprobs` limit).
+MAX_PROMPT_LOGPROBS = 20
 
 
 class ParamError(Exception):
@@ -129,6 +133,10 @@ class _Sampling(msgspec.Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    prompt_logprobs: int | None = None
+    """vLLM's extension: each prompt token's log-probability and this many alternatives, in
+    the whole response (`prompt_logprobs` in each completions choice, at the top of a chat
+    completion)."""
     nvext: NvExt | None = None
 
     def stop_strings(self) -> list[str]:
@@ -157,6 +165,28 @@ class _Sampling(msgspec.Struct, kw_only=True):
                 "not carry it)",
                 "logit_bias",
                 "unsupported_parameter",
+            )
+        self._check_prompt_logprobs()
+
+    def _check_prompt_logprobs(self) -> None:
+        """vLLM's rules and messages: not in a stream (0 is let through: it shows nothing),
+        a count or -1 (the whole vocabulary), at most `MAX_PROMPT_LOGPROBS` (vLLM's
+        default `--max-logprobs`, which the whole vocabulary exceeds)."""
+        value = self.prompt_logprobs
+        if value is None:
+            return
+        if self.stream and (value > 0 or value == -1):
+            raise ParamError(
+                "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs"
+            )
+        if value < -1:
+            raise ParamError("`prompt_logprobs` must be a positive value or -1.", "prompt_logprobs")
+        if value == -1 or value > MAX_PROMPT_LOGPROBS:
+            asked = "the whole vocabulary (-1)" if value == -1 else str(value)
+            raise ParamError(
+                f"Requested prompt logprobs of {asked}, which is greater than max allowed: "
+                f"{MAX_PROMPT_LOGPROBS}",
+                "prompt_logprobs",
             )
 
 
@@ -231,6 +261,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             return None
         return self.top_logprobs or 0
 
+    def prompt_logprobs_count(self) -> int | None:
+        return self.prompt_logprobs
+
     def tool_dicts(self) -> list[dict[str, Any]] | None:
         """The tools as the chat template and the parsers read them."""
         if not self.tools:
@@ -252,6 +285,13 @@ class CompletionRequest(_Sampling, kw_only=True):
 
     def logprobs_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprobs_count(self) -> int | None:
+        """vLLM's rule: `prompt_logprobs`, else with `echo` the `logprobs` count (the prompt's
+        tokens then lead the choice's `logprobs`)."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -305,6 +345,8 @@ class ChoiceResult:
     logprobs: Any = None
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None
+    """vLLM's `prompt_logprobs`, when asked for (`ChoiceOutput.prompt_logprobs_json`)."""
 
 
 def tool_calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
@@ -403,16 +445,17 @@ class ChatStreamFormatter:
         return b"data: " + error_body(message, kind, code) + b"\n\n"
 
     def whole(self, choices: list[ChoiceResult], usage: dict[str, Any]) -> bytes:
-        return _json.encode(
-            {
-                "id": self.id,
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [_chat_choice(c) for c in choices],
-                "usage": usage,
-            }
-        )
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [_chat_choice(c) for c in choices],
+            "usage": usage,
+        }
+        if choices and choices[0].prompt_logprobs is not None:
+            body["prompt_logprobs"] = choices[0].prompt_logprobs  # vLLM's: one per response
+        return _json.encode(body)
 
 
 def _chat_choice(c: ChoiceResult) -> dict[str, Any]:
@@ -494,15 +537,18 @@ class CompletionStreamFormatter:
                 "object": "text_completion",
                 "created": self.created,
                 "model": self.model,
-                "choices": [
-                    {
-                        "index": c.index,
-                        "text": self.echo + c.text,
-                        "logprobs": c.logprobs,
-                        "finish_reason": c.finish_reason,
-                    }
-                    for c in choices
-                ],
+                "choices": [self._choice(c) for c in choices],
                 "usage": usage,
             }
         )
+
+    def _choice(self, c: ChoiceResult) -> dict[str, Any]:
+        choice = {
+            "index": c.index,
+            "text": self.echo + c.text,
+            "logprobs": c.logprobs,
+            "finish_reason": c.finish_reason,
+        }
+        if c.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = c.prompt_logprobs  # vLLM's, in each choice
+        return choice

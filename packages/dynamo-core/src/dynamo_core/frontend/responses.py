@@ -178,6 +178,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     def logprobs_count(self) -> int | None:
         return None
 
+    def prompt_logprobs_count(self) -> int | None:
+        return None
+
     def stop_strings(self) -> list[str]:
         return []
 

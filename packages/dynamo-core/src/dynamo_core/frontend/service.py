@@ -476,7 +476,8 @@ class OpenAIService:
         if prompt_len + max_tokens > context_length:
             return _context_error(context_length, prompt_len, max_tokens)
         logprobs = body.logprobs_count()
-        preq = _preprocessed(entry, body, token_ids, max_tokens, logprobs, fmt.id)
+        prompt_logprobs = body.prompt_logprobs_count()
+        preq = _preprocessed(entry, body, token_ids, max_tokens, logprobs, prompt_logprobs, fmt.id)
         if plan.guided is not None:
             preq = msgspec.structs.replace(preq, guided_decoding=plan.guided)
         n = body.choices()
@@ -506,6 +507,11 @@ class OpenAIService:
         stops = body.stop_strings()
         min_tokens = body.extension("min_tokens") or 0
         echoed = len(fmt.echo) if isinstance(fmt, CompletionStreamFormatter) else 0
+        # completions with echo and logprobs: the prompt's tokens lead the choice's logprobs,
+        # and their offsets count from the prompt's first token
+        echo_logprobs = bool(echoed) and logprobs is not None
+        if echo_logprobs:
+            echoed = 0
         new_parser = plan.new_parser
 
         def output(index: int) -> ChoiceOutput:
@@ -519,6 +525,8 @@ class OpenAIService:
                 index=index,
                 parser=new_parser() if new_parser is not None else None,
                 skip_special_tokens=plan.skip_special_tokens,
+                prompt_logprobs=prompt_logprobs,
+                echo_logprobs=echo_logprobs,
             )
 
         m = self.metrics
@@ -560,8 +568,17 @@ class OpenAIService:
         decode = self._decode_batches(
             entry, request, preq, ctx, limit, prefill, session, restartable
         )
+        # the prompt's log-probabilities come from the worker that ran the prompt: with a
+        # prefill leg, from the prefill worker (the decode leg is not asked for them)
+        from_prefill = None
+        if prefill is not None and prefill.params is not None:
+            if preq.output_options.prompt_logprobs is not None:
+                from_prefill = prefill
         try:
             async for batch in decode:
+                if from_prefill is not None and batch:
+                    batch = await from_prefill.with_prompt_logprobs(batch)
+                    from_prefill = None
                 yield batch
         finally:
             await decode.aclose()  # now, not when collected: the router counts the request ended
@@ -701,7 +718,8 @@ class OpenAIService:
         is_chat = not isinstance(fmt, CompletionStreamFormatter)
         first_token_at: float | None = None
         remaining = len(outs)
-        head = fmt.start()
+        # with echo and logprobs, each choice's echo goes out with the prompt's logprobs
+        head = b"" if outs[0].echo_logprobs else fmt.start()
         parts = [head] if head else []
         gen = source.gen if isinstance(source, Single) else None  # n = 1: no wrapper per batch
         index, batch = source.first()
@@ -711,11 +729,14 @@ class OpenAIService:
                 now = time.monotonic()
                 new_tokens = 0
                 if batch is None:  # the worker ended without a finish reason
+                    out.check_prompt()
                     out.finish = "stop"
                     if out.parser is not None:
                         parts.append(fmt.events(out.events(""), index))
                 for item in batch or ():
                     text = out.feed(item)
+                    if out.echo_pending:
+                        parts.append(_echo_event(fmt, out, index))
                     new_tokens += out.kept
                     lp: Any = None
                     if want_lp and out.kept:
@@ -788,9 +809,13 @@ class OpenAIService:
                     pieces[index] = []
                     logprobs[index] = _no_logprobs(run.fmt)
                 if batch is None:
+                    out.check_prompt()
                     out.finish = out.finish or "stop"
                 for item in batch or ():
                     pieces[index].append(out.feed(item))
+                    if out.echo_pending:
+                        for key, values in out.echo_completion_logprobs().items():
+                            logprobs[index][key].extend(values)
                     if want_lp and out.kept:
                         if is_chat:
                             logprobs[index].extend(out.chat_logprobs(item))
@@ -823,6 +848,9 @@ class OpenAIService:
                     logprobs=lps if want_lp else None,
                     reasoning=parsed.reasoning,
                     tool_calls=parsed.tool_calls,
+                    prompt_logprobs=(
+                        out.prompt_logprobs_json() if out.prompt_wanted is not None else None
+                    ),
                 )
             )
         run.count_calls(m, outs)
@@ -845,6 +873,8 @@ class _Sampled(Protocol):
     def requested_max_tokens(self) -> int | None: ...
 
     def logprobs_count(self) -> int | None: ...
+
+    def prompt_logprobs_count(self) -> int | None: ...
 
     def stop_strings(self) -> list[str]: ...
 
@@ -926,6 +956,12 @@ class _Run:
             m.tool_calls.labels(self.entry.name).inc(calls)
 
 
+def _echo_event(fmt: _Format, out: ChoiceOutput, index: int) -> bytes:
+    """A completions stream's echo with the prompt's logprobs (the choice's first event)."""
+    assert isinstance(fmt, CompletionStreamFormatter)
+    return fmt.text_with_logprobs(fmt.echo, out.echo_completion_logprobs(), index)
+
+
 def _no_logprobs(fmt: _Format) -> Any:
     """An empty collection of a choice's log-probabilities, as the format shows them."""
     if isinstance(fmt, CompletionStreamFormatter):
@@ -978,6 +1014,10 @@ def _choice_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}-{index}"
 
 
+#: What an engine output says about the prompt (`EngineOutput.prompt_log_probs` and its kin).
+_PROMPT_FIELDS = ("prompt_log_probs", "prompt_top_logprobs", "prompt_ranks")
+
+
 class _PrefillLeg:
     """The prefill half of a disaggregated request.
 
@@ -985,6 +1025,11 @@ class _PrefillLeg:
     rest of the prefill stream keeps running (sglang transfers the KV cache while both legs are
     live). If the prefill leg fails after that, the decode leg is cancelled at once and the
     request fails; if it fails before, the request is served aggregated by a decode worker.
+
+    The prompt's log-probabilities, when asked for, are the prefill worker's (it ran the
+    prompt; the decode leg does not ask for them): they come with its hand-off or later in its
+    stream, and join the decode leg's first batch (`with_prompt_logprobs`), which waits for
+    them; a prefill leg that ends without them fails the request.
     """
 
     def __init__(self, pool: PrefillPool, ctx: Context) -> None:
@@ -996,7 +1041,27 @@ class _PrefillLeg:
         self.task: asyncio.Task[None] | None = None
         self.route: Route | None = None
         self._decode: Any = None
+        self._prompt: dict[str, Any] | None = None
+        self._prompt_done = asyncio.Event()
+        """Set when the prompt's log-probabilities came, or the prefill stream ended."""
         ctx.add_stop_callback(self.ctx.stop_generating)
+
+    def _keep_prompt(self, item: dict[str, Any]) -> None:
+        if self._prompt is None and item.get("prompt_log_probs") is not None:
+            self._prompt = {k: item[k] for k in _PROMPT_FIELDS if item.get(k) is not None}
+            self._prompt_done.set()
+
+    async def with_prompt_logprobs(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The decode leg's first batch, its first item with the prompt's log-probabilities
+        from the prefill leg (awaited: they may come after the hand-off)."""
+        if batch[0].get("prompt_log_probs") is not None:
+            return batch  # served without the prefill leg after all
+        await self._prompt_done.wait()
+        if self._prompt is None:
+            raise self.error or errors.EngineError(
+                "the prefill worker returned no log-probabilities for the prompt"
+            )
+        return [{**batch[0], **self._prompt}, *batch[1:]]
 
     @classmethod
     async def start(cls, pool: PrefillPool, preq: PreprocessedRequest, ctx: Context) -> _PrefillLeg:
@@ -1011,6 +1076,7 @@ class _PrefillLeg:
         try:
             stream = await pool.client.direct(request, iid, context=leg.ctx)
             async for item in stream:
+                leg._keep_prompt(item)
                 params = item.get("disaggregated_params")
                 if params is not None:
                     leg.params = params
@@ -1032,14 +1098,16 @@ class _PrefillLeg:
 
     async def _drain(self, stream: Any) -> None:
         try:
-            async for _ in stream:
-                pass
+            async for item in stream:
+                if self._prompt is None:
+                    self._keep_prompt(item)
         except errors.DynamoError as exc:
             self.error = errors.EngineError(f"prefill failed: {_public(exc)[2]}")
             log.warning("request %s: prefill failed after hand-off: %s", self.ctx.id, exc)
             if self._decode is not None:
                 self._decode.cancel()  # stop the decode leg now, not after a transfer timeout
         finally:
+            self._prompt_done.set()
             if self.route is not None:
                 self.route.done()
 
@@ -1240,6 +1308,7 @@ def _preprocessed(
     token_ids: list[int],
     max_tokens: int,
     logprobs: int | None,
+    prompt_logprobs: int | None,
     request_id: str,
 ) -> PreprocessedRequest:
     """The wire request for a validated OpenAI body (the request plane encodes it once)."""
@@ -1262,7 +1331,7 @@ def _preprocessed(
             presence_penalty=body.presence_penalty,
             repetition_penalty=body.extension("repetition_penalty"),
         ),
-        output_options=OutputOptions(logprobs=logprobs),
+        output_options=OutputOptions(logprobs=logprobs, prompt_logprobs=prompt_logprobs),
         eos_token_ids=entry.eos_token_ids,
         request_id=request_id,
     )
