@@ -49,6 +49,7 @@ def disagg_pair(engines: list[Any], sglang: ModuleType) -> tuple[PrefillHandler,
 
 class TestWorkerHandler(HandlerConformance):
     supports_logprobs = True
+    supports_prompt_logprobs = True
     supports_disaggregation = True
     supports_guided_decoding = True
 
@@ -119,6 +120,7 @@ class TestIncrementalOutput(HandlerConformance):
     """The same kit on an engine run with --incremental-streaming-output (deltas, not sums)."""
 
     supports_logprobs = True
+    supports_prompt_logprobs = True
 
     @pytest.fixture
     def handler(self, engines: list[Any], fake_sglang: ModuleType) -> WorkerHandler:
@@ -305,3 +307,58 @@ async def test_cancelled_decode_while_waiting_for_kv(
         await decoding
     assert decode.engine.tokenizer_manager.rid_to_state == {}
     assert "d-1" in decode.engine.tokenizer_manager.aborted
+
+
+async def test_prompt_logprobs_map_to_sglang(engines: list[Any], fake_sglang: ModuleType) -> None:
+    """`prompt_logprobs`: `return_logprob` from the first prompt token (`logprob_start_len=0`),
+    one `top_logprobs_num` for both sides (the larger), each side cut to its own count; the
+    prompt's from `input_token_logprobs` / `input_top_logprobs`, once."""
+    from sglang.srt.entrypoints.engine import input_logprobs
+
+    handler = WorkerHandler(start(engines, fake_sglang))
+    prompt = list(range(10, 30))
+    outs = await collect(handler, make_request(prompt, max_tokens=3, logprobs=1, prompt_logprobs=3))
+    call = handler.engine.calls[-1]
+    assert (call["return_logprob"], call["logprob_start_len"], call["top_logprobs_num"]) == (
+        True,
+        0,
+        3,
+    )
+    assert all(len(t) == 1 for o in outs for t in o.get("top_logprobs") or [])
+    (first,) = [o for o in outs if o.get("prompt_log_probs") is not None]
+    assert first["token_ids"]  # with the first token
+    expected, expected_tops = input_logprobs(prompt, 0, 3)
+    assert first["prompt_log_probs"] == [t[0] for t in expected]
+    assert first["prompt_top_logprobs"] == [
+        [],
+        *([(t[1], t[0]) for t in top] for top in expected_tops[1:] if top is not None),
+    ]
+    assert "prompt_ranks" not in first  # SGLang reports none
+
+    # logprobs alone: SGLang's default start (the output only)
+    await collect(handler, make_request(prompt, max_tokens=2, logprobs=2))
+    assert handler.engine.calls[-1]["logprob_start_len"] is None
+
+
+async def test_prefill_worker_returns_the_prompt_logprobs(
+    engines: list[Any], fake_sglang: ModuleType
+) -> None:
+    """Disaggregated: the prefill worker (which runs the prompt) returns them, after its
+    hand-off; the decode leg is not asked for them."""
+    prefill, decode = disagg_pair(engines, fake_sglang)
+    req = PreprocessedRequest.from_wire(
+        make_request(list(range(10, 30)), max_tokens=5, prompt_logprobs=1)
+    )
+    leg = prefill.generate(req.prefill_leg().to_wire(), Context())
+    params = (await anext(leg))["disaggregated_params"]
+
+    async def rest() -> list[dict[str, Any]]:
+        return [out async for out in leg]
+
+    prefill_rest = asyncio.create_task(rest())
+    outs = await asyncio.wait_for(collect(decode, req.with_transfer(params).to_wire()), 10)
+    prefill_outs = await asyncio.wait_for(prefill_rest, 10)
+    assert len(tokens_of(outs)) == 5 and not any(o.get("prompt_log_probs") for o in outs)
+    found = [o["prompt_log_probs"] for o in prefill_outs if o.get("prompt_log_probs")]
+    assert len(found) == 1 and len(found[0]) == 20
+    assert decode.engine.calls[-1]["logprob_start_len"] is None

@@ -305,3 +305,16 @@ async def test_cancel_mid_stream_aborts_in_engine(fake_trtllm: Any) -> None:
             break
         await asyncio.sleep(0.01)
     assert result._aborted and handler.active == {}
+
+
+async def test_prompt_logprobs_are_refused_saying_why(fake_trtllm: Any) -> None:
+    """TensorRT-LLM's prompt logprobs lack the prompt tokens' own values: a 400 that says so,
+    before the engine is asked (echo with 0 tokens included)."""
+    from dynamo_trtllm.handlers import TrtllmHandler
+
+    handler = TrtllmHandler(new_llm(fake_trtllm))
+    for max_tokens in (0, 4):
+        req = make_request(PROMPT, max_tokens=max_tokens, prompt_logprobs=0)
+        with pytest.raises(InvalidRequestError, match="prompt token's own log-probability"):
+            await collect(handler, req)
+    assert not handler.engine.running

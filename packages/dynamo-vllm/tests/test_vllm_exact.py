@@ -13,10 +13,15 @@ The worker runs with vLLM's `--stream-interval 4`: each engine output carries up
 the case where a stop string ends in the middle of an output (a concurrent variant adds load).
 The oracle streams one token per output, so its stop strings and counts are vLLM's reference.
 
-Two deliberate differences, asserted as such: a chat token that holds part of a character
+The prompt's log-probabilities too: completions with `echo` and `logprobs` (the prompt's tokens
+first), and vLLM's `prompt_logprobs` extension (its maps of token id to logprob, rank and
+decoded token), chat and completions.
+
+Three deliberate differences, asserted as such: a chat token that holds part of a character
 shows vLLM's string ("" until the character completes) but its own bytes in `bytes` (vLLM
 sends the string's bytes; OpenAI's field is for the token's bytes, so that they join into the
-text); and `prompt_tokens_details` (the frontend reports cached tokens, vLLM by default not).
+text); `prompt_tokens_details` (the frontend reports cached tokens, vLLM by default not); and
+echo with `max_tokens` 0 counts no completion token (vLLM counts the one it ran and dropped).
 
 Ties: bf16 logits tie often on a random model; two engines fed the same batches make the same
 choice (the engine is the same and, measured here, batch-invariant on the CPU). Should two
@@ -352,6 +357,52 @@ async def test_greedy_chat_and_completions(servers: Servers) -> None:
     assert few_ties(results)
     kind, request = requests()[10]
     await compare(servers, kind, {**request, "max_tokens": 20, "echo": True}, "echo")
+    # echo with logprobs: the prompt's tokens first (from vLLM's prompt logprobs)
+    for i, (kind, request) in enumerate(requests()[10:15]):
+        for top in (0, 2):
+            body = {**request, "max_tokens": 20, "echo": True, "logprobs": top}
+            await compare(servers, kind, body, f"echo logprobs {top} {i}")
+
+
+async def whole(client: openai.AsyncOpenAI, kind: str, body: dict[str, Any]) -> Any:
+    if kind == "chat":
+        return await client.chat.completions.create(**body)
+    return await client.completions.create(**body)
+
+
+def _prompt_logprobs(reply: Any, kind: str) -> Any:
+    """vLLM's `prompt_logprobs`: at the top of a chat completion, in a completions choice."""
+    extra = (reply if kind == "chat" else reply.choices[0]).model_extra or {}
+    return extra.get("prompt_logprobs")
+
+
+async def test_prompt_logprobs(servers: Servers) -> None:
+    """vLLM's `prompt_logprobs` extension (whole responses: vLLM refuses it in a stream), the
+    same maps (the prompt token first with its rank, then the top N ranked, decoded tokens
+    included); and echo with `max_tokens` 0, which scores a prompt: the same logprobs, with one
+    deliberate difference: vLLM counts the token it ran and dropped in `completion_tokens`."""
+    s = servers
+    for i, (kind, request) in enumerate(requests()):
+        for top in (0, 3):
+            body = {"model": "tiny", "temperature": 0, "max_tokens": 2, **request,
+                    "extra_body": {"prompt_logprobs": top}}  # fmt: skip
+            ours, theirs = await asyncio.gather(
+                whole(s.frontend, kind, body), whole(s.oracle, kind, body)
+            )
+            shown = _prompt_logprobs(ours, kind)
+            assert shown is not None and len(shown) == ours.usage.prompt_tokens, f"{kind} {i}"
+            assert shown == _prompt_logprobs(theirs, kind), f"{kind} {i} prompt_logprobs {top}"
+    for i, (_, request) in enumerate(requests()[10:]):
+        body = {"model": "tiny", "max_tokens": 0, "echo": True, "logprobs": 2, **request}
+        ours, theirs = await asyncio.gather(
+            s.frontend.completions.create(**body), s.oracle.completions.create(**body)
+        )
+        assert ours.choices[0].text == theirs.choices[0].text == request["prompt"]
+        assert _completion_entries(ours.choices[0].logprobs) == _completion_entries(
+            theirs.choices[0].logprobs
+        ), f"scoring {i}"
+        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+        assert (ours.usage.completion_tokens, theirs.usage.completion_tokens) == (0, 1)
 
 
 async def test_output_that_ends_inside_a_character(servers: Servers) -> None:

@@ -40,6 +40,7 @@ def _fake(fake_vllm: Path) -> Iterator[None]:
 
 class TestVllmHandlerConformance(HandlerConformance):
     supports_logprobs = True
+    supports_prompt_logprobs = True
     supports_disaggregation = True
     supports_guided_decoding = True
 
@@ -249,3 +250,54 @@ def test_logprob_alternatives_in_the_order_vllm_shows_them() -> None:
     assert logprobs(output, 2) == ([-1.5], [[(7, -1.5), (9, -1.5), (8, -2.0)]])
     only = SimpleNamespace(token_ids=[7], logprobs=[{7: Logprob(-1.5, rank=1)}])
     assert logprobs(only, 0) == ([-1.5], [[]])
+
+
+def test_prompt_logprobs_from_vllms_maps() -> None:
+    """vLLM's map per prompt token: the token first (its own rank), then the top N by rank;
+    the alternatives are the top N in rank order, the token among them only when it is one
+    of them (the map then has N entries, the token's rank the top-N one)."""
+    from vllm.logprobs import Logprob
+
+    from dynamo_vllm.handlers import prompt_logprobs
+
+    entries = [
+        None,
+        {7: Logprob(-3.0, rank=5), 1: Logprob(-0.5, rank=1), 2: Logprob(-1.0, rank=2)},
+        {8: Logprob(-1.0, rank=2), 3: Logprob(-1.0, rank=1)},  # a tie: 8 is second of two
+        {9: Logprob(-float("inf"), rank=40)},  # 0 alternatives asked for
+    ]
+    values, tops, ranks = prompt_logprobs(entries[:3], [4, 7, 8], 2)
+    assert values == [None, -3.0, -1.0]
+    assert tops == [[], [(1, -0.5), (2, -1.0)], [(3, -1.0), (8, -1.0)]]
+    assert ranks == [None, 5, 2]
+    values, tops, ranks = prompt_logprobs([None, entries[3]], [4, 9], 0)
+    assert (values, tops, ranks) == ([None, -float("inf")], [[], []], [None, 40])
+
+
+async def test_prompt_logprobs_reach_vllm_and_come_back_whole() -> None:
+    """`prompt_logprobs` becomes `SamplingParams.prompt_logprobs`; what vLLM sends in pieces
+    (chunked prefill) comes back once, whole, with the first token."""
+    handler = WorkerHandler(make_engine())
+    prompt = list(range(10, 50))  # longer than the fake's prefill chunk
+    outs = await collect(handler, make_request(prompt, max_tokens=3, prompt_logprobs=2))
+    ((_, params),) = handler.engine.seen
+    assert params.prompt_logprobs == 2
+    with_prompt = [o for o in outs if o.get("prompt_log_probs") is not None]
+    assert len(with_prompt) == 1 and with_prompt[0]["token_ids"]
+    assert len(with_prompt[0]["prompt_log_probs"]) == len(prompt)
+    assert all(len(top) == 2 for top in with_prompt[0]["prompt_top_logprobs"][1:])
+    assert len([t for o in outs for t in o.get("token_ids", [])]) == 3
+
+
+async def test_prompt_logprobs_beyond_vllms_limit_are_refused() -> None:
+    handler = WorkerHandler(make_engine())
+    with pytest.raises(InvalidRequestError, match="greater than max allowed: 20"):
+        await collect(handler, make_request([1, 2, 3], max_tokens=2, prompt_logprobs=21))
+    assert not handler.engine.requests
+
+
+async def test_a_prefill_worker_hands_the_prompt_logprobs_over() -> None:
+    prefill = PrefillHandler(make_engine("--kv-transfer-config", CONNECTOR))
+    req = make_request(list(range(10, 40)), max_tokens=4, prompt_logprobs=1)
+    (out,) = await collect(prefill, {**req, "stop_conditions": {"max_tokens": 1}})
+    assert out["disaggregated_params"] and len(out["prompt_log_probs"]) == 30

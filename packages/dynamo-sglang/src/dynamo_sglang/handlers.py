@@ -15,7 +15,10 @@ list object is reused between items), unless the engine runs with
 `--incremental-streaming-output`. `stream_new_tokens` turns either into new tokens only, at
 once on receipt. `meta_info.finish_reason` (`{"type": "length", "length": n}`,
 `{"type": "stop", "matched": id}`, `{"type": "abort", "message": ..., "status_code": ...}`),
-`cached_tokens` and the log-probabilities are mapped to Dynamo's `EngineOutput`; an abort from
+`cached_tokens` and the log-probabilities are mapped to Dynamo's `EngineOutput` (the prompt's,
+asked for with `logprob_start_len=0`, from `input_token_logprobs` / `input_top_logprobs`, once;
+SGLang reports no ranks; `top_logprobs_num` is one count for both sides, the larger, each side
+cut to its own); an abort from
 the engine is an error (`InvalidRequestError` for status 400, `EngineError` otherwise).
 Cancellation reaches `engine.tokenizer_manager.abort_request(rid)`; the Dynamo request id is
 SGLang's `rid`.
@@ -75,6 +78,7 @@ __all__ = [
     "embedding_request",
     "finish_reason",
     "guided_params",
+    "prompt_logprobs",
     "sampling_params",
 ]
 
@@ -158,10 +162,28 @@ def _pairs(top: Any) -> list[tuple[int, float]]:
     return [(int(t[1]), float(t[0])) for t in (top or []) if t is not None]
 
 
+def prompt_logprobs(
+    meta: dict[str, Any], prompt_len: int, top: int
+) -> tuple[list[float | None], list[list[tuple[int, float]]]] | None:
+    """The prompt's log-probabilities as `EngineOutput` carries them, from SGLang's
+    `meta_info` (`input_token_logprobs`: a `(logprob, token_id, text)` per prompt token, the
+    first's logprob None, with `logprob_start_len=0`; `input_top_logprobs`: None for the first
+    token, then the `top` most likely as triples); None until they cover the prompt."""
+    inputs = meta.get("input_token_logprobs") or ()
+    tops = (meta.get("input_top_logprobs") or ()) if top else [None] * prompt_len
+    if len(inputs) < prompt_len or len(tops) < prompt_len:
+        return None
+    values: list[float | None] = [None]
+    values += [None if t[0] is None else float(t[0]) for t in inputs[1:prompt_len]]
+    alternatives = [[], *(_pairs(t)[:top] for t in tops[1:prompt_len])]
+    return values, alternatives
+
+
 class WorkerHandler(BaseWorkerHandler):
     """Aggregated worker on an `sglang.Engine`."""
 
     engine: EngineLike
+    supports_prompt_logprobs = True
 
     def __init__(
         self, engine: EngineLike, *, incremental_output: bool = False, name: str | None = None
@@ -193,10 +215,14 @@ class WorkerHandler(BaseWorkerHandler):
         rid = request.request_id
         assert rid is not None  # set by `generate`
         logprobs = request.output_options.logprobs
+        prompt_top = request.output_options.prompt_logprobs
         kwargs: dict[str, Any] = {}
-        if logprobs is not None:
+        if logprobs is not None or prompt_top is not None:
+            # one count for both sides in SGLang: each is cut to its own below
             kwargs["return_logprob"] = True
-            kwargs["top_logprobs_num"] = logprobs
+            kwargs["top_logprobs_num"] = max(logprobs or 0, prompt_top or 0)
+        if prompt_top is not None:
+            kwargs["logprob_start_len"] = 0  # from the first prompt token on
         seen = 0
         stream: Any = None
         try:
@@ -228,9 +254,14 @@ class WorkerHandler(BaseWorkerHandler):
                     if logprobs > 0:
                         tops = (meta.get("output_top_logprobs") or [])[start : start + len(new)]
                         out.top_logprobs = [
-                            _pairs(top) or [(int(c[1]), float(c[0]))]
+                            _pairs(top)[:logprobs] or [(int(c[1]), float(c[0]))]
                             for top, c in zip(tops, chosen, strict=False)
                         ]
+                if prompt_top is not None:
+                    found = prompt_logprobs(meta, len(request.token_ids), prompt_top)
+                    if found is not None:
+                        out.prompt_log_probs, out.prompt_top_logprobs = found
+                        prompt_top = None
                 yield out
         except ValueError as exc:  # SGLang's way of rejecting a request's input
             raise InvalidRequestError(f"SGLang rejected the request: {exc}") from exc

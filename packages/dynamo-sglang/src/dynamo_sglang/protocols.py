@@ -50,6 +50,7 @@ class EngineLike(Protocol):
         input_ids: list[int] | None = None,
         sampling_params: dict[str, Any] | None = None,
         return_logprob: bool = False,
+        logprob_start_len: int | None = None,
         top_logprobs_num: int | None = None,
         stream: bool = False,
         bootstrap_host: str | None = None,

@@ -26,6 +26,12 @@ How engine outputs become `EngineOutput`s:
 - usage: the base class counts tokens; cached prompt tokens come from `RequestOutput.cached_tokens`
   where the release reports it.
 
+The prompt's log-probabilities (`prompt_logprobs`, echo with logprobs) are refused with
+`InvalidRequestError` (a 400): TensorRT-LLM's `SamplingParams.prompt_logprobs` return, per
+position, the top-k of the context logits (`compute_logprobs` in `tensorrt_llm.executor.result`
+is given no prompt tokens), so the prompt token's own log-probability is missing wherever it is
+not among them; answering without it would be silently wrong.
+
 A `guided_decoding` constraint becomes `SamplingParams.guided_decoding`, a `GuidedDecodingParams`
 (json: the schema, json_object, regex, grammar; `choice` as a regex alternation, TensorRT-LLM
 having no choice constraint). TensorRT-LLM enforces it only when the LLM was built with a
@@ -136,6 +142,11 @@ class TrtllmHandler(BaseWorkerHandler):
     """Aggregated worker on a `tensorrt_llm.LLM`."""
 
     engine: LLMLike
+    prompt_logprobs_refusal = (
+        "TensorRT-LLM's prompt logprobs (SamplingParams.prompt_logprobs, the top-k of its "
+        "context logits) list each position's most likely tokens, not the prompt token's own "
+        "log-probability, which echo and prompt_logprobs show; use a vLLM or SGLang worker"
+    )
 
     def __init__(self, llm: LLMLike, *, name: str | None = None) -> None:
         seq = getattr(getattr(llm, "args", None), "max_seq_len", None)

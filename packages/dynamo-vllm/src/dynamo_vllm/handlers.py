@@ -10,8 +10,8 @@
 - `DecodeHandler`: passes those parameters back to vLLM in `extra_args`, so its engine pulls the
   KV cache instead of computing it; without them it serves the request whole.
 
-The request's sampling options, stop token ids, `min_tokens`, `ignore_eos`, seed and logprobs
-become vLLM `SamplingParams` (the model's generation-config defaults below them, as vLLM's own
+The request's sampling options, stop token ids, `min_tokens`, `ignore_eos`, seed, logprobs and
+prompt logprobs become vLLM `SamplingParams` (the model's generation-config defaults below them, as vLLM's own
 server does); detokenization is off (the frontend detokenizes). A `guided_decoding` constraint
 becomes `SamplingParams.structured_outputs` (`StructuredOutputsParams` with the same field set:
 json, json_object, regex, choice or grammar), compiled by the engine's structured-outputs backend
@@ -20,7 +20,10 @@ json, json_object, regex, choice or grammar), compiled by the engine's structure
 client as `InvalidRequestError`. vLLM's finish reasons map to
 Dynamo's: `stop` with a `stop_reason` is `stop`, `stop` without one (an end-of-sequence token)
 is `eos`, `length` is `length`, `abort` is `cancelled`. Cancellation calls `engine.abort(id)`;
-usage, stop enforcement and error mapping come from the base class.
+usage, stop enforcement and error mapping come from the base class. The prompt's
+log-probabilities (`RequestOutput.prompt_logprobs`, which vLLM sends as the prefill goes: in
+pieces with chunked prefill) are gathered until they cover the prompt and sent with that output
+(`prompt_logprobs`); a prefill worker sends them with its hand-off.
 
 - `EmbeddingHandler` (`dynamo_vllm.embedding`, a pooling model): one
   `AsyncLLM.encode({"prompt_token_ids": [...]}, PoolingParams(task="embed", dimensions=...),
@@ -61,6 +64,7 @@ __all__ = [
     "WorkerHandler",
     "finish_reason",
     "logprobs",
+    "prompt_logprobs",
     "sampling_params",
     "structured_outputs",
 ]
@@ -102,6 +106,7 @@ def sampling_params(
         stop_token_ids=list(stop.stop_token_ids) if stop.stop_token_ids else None,
         ignore_eos=stop.ignore_eos,
         logprobs=request.output_options.logprobs,
+        prompt_logprobs=request.output_options.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA,
         detokenize=False,
     )
@@ -170,10 +175,62 @@ def logprobs(
     return chosen, alternatives
 
 
+def prompt_logprobs(
+    entries: Sequence[Any], prompt: Sequence[int], top: int
+) -> tuple[list[float | None], list[list[tuple[int, float]]], list[int | None]]:
+    """The prompt's log-probabilities as `EngineOutput` carries them, from vLLM's
+    `RequestOutput.prompt_logprobs` (None for the first token, then per token a map of the
+    prompt token, then the `top` most likely, each a `Logprob(logprob, rank, ...)`).
+
+    The alternatives are vLLM's top `top` in rank order: the prompt token is among them when
+    the map has no more than `top` entries (vLLM's map then holds it once, with its rank
+    among them).
+    """
+    values: list[float | None] = [None]
+    alternatives: list[list[tuple[int, float]]] = [[]]
+    ranks: list[int | None] = [None]
+    for token, entry in zip(prompt[1:], entries[1:], strict=True):
+        mine = entry.get(token)
+        values.append(mine.logprob if mine is not None else float("-inf"))
+        ranks.append(mine.rank if mine is not None else None)
+        among = len(entry) <= top
+        ranked = sorted(
+            ((tid, lp) for tid, lp in entry.items() if tid != token or among),
+            key=lambda item: item[1].rank if item[1].rank is not None else 1 << 62,
+        )
+        alternatives.append([(tid, lp.logprob) for tid, lp in ranked])
+    return values, alternatives, ranks
+
+
+class _PromptLogprobs:
+    """vLLM's `prompt_logprobs` of one request, gathered until whole: with chunked prefill
+    each chunk's come with their own `RequestOutput` (DELTA)."""
+
+    __slots__ = ("entries", "prompt", "top")
+
+    def __init__(self, prompt: Sequence[int], top: int) -> None:
+        self.prompt = prompt
+        self.top = top
+        self.entries: list[Any] = []
+
+    def add(self, result: Any, out: EngineOutput) -> bool:
+        """Gather `result`'s; once they cover the prompt, put them on `out` (True)."""
+        if result.prompt_logprobs:
+            self.entries.extend(result.prompt_logprobs)
+        if len(self.entries) < len(self.prompt):
+            return False
+        values, alternatives, ranks = prompt_logprobs(self.entries, self.prompt, self.top)
+        out.prompt_log_probs = values
+        out.prompt_top_logprobs = alternatives
+        out.prompt_ranks = ranks
+        return True
+
+
 class WorkerHandler(BaseWorkerHandler):
     """Aggregated serving on a vLLM `AsyncLLM`."""
 
     engine: AsyncLLMLike
+    supports_prompt_logprobs = True
 
     def __init__(
         self,
@@ -199,21 +256,23 @@ class WorkerHandler(BaseWorkerHandler):
         # closed explicitly (not left to the garbage collector) when the caller stops early:
         # vLLM's generator then aborts the request itself
         stream = self.engine.generate(prompt, params, request_id)
+        top = request.output_options.prompt_logprobs
+        pending = None if top is None else _PromptLogprobs(request.token_ids, top)
         try:
             async for result in stream:
                 if result.num_cached_tokens is not None:
                     self._cached[request_id] = result.num_cached_tokens
                 out = result.outputs[0]
                 lps, tops = logprobs(out, request.output_options.logprobs)
-                yield (
-                    result,
-                    EngineOutput(
-                        token_ids=list(out.token_ids),
-                        finish_reason=finish_reason(out),
-                        log_probs=lps,
-                        top_logprobs=tops,
-                    ),
+                engine_out = EngineOutput(
+                    token_ids=list(out.token_ids),
+                    finish_reason=finish_reason(out),
+                    log_probs=lps,
+                    top_logprobs=tops,
                 )
+                if pending is not None and pending.add(result, engine_out):
+                    pending = None
+                yield result, engine_out
         except Exception as exc:
             error = _client_error(exc)
             if error is None:
@@ -252,9 +311,12 @@ class PrefillHandler(WorkerHandler, BasePrefillHandler):
             extra_args={PARAMS_KEY: {"do_remote_decode": True}},
         )
         tokens: list[int] = []
+        prompt: EngineOutput | None = None  # the output with the prompt's log-probabilities
         async with aclosing(self.run_engine(request, params)) as outputs:
             async for result, out in outputs:
                 tokens.extend(out.token_ids)
+                if out.prompt_log_probs is not None:
+                    prompt = out
                 if out.finish_reason in ("cancelled", "error"):
                     yield out  # no hand-off
                     return
@@ -266,11 +328,16 @@ class PrefillHandler(WorkerHandler, BasePrefillHandler):
                         "vLLM returned no kv_transfer_params: start the prefill worker with "
                         "--kv-transfer-config (a KV connector, e.g. NixlConnector)"
                     )
-                yield EngineOutput(
+                handoff = EngineOutput(
                     token_ids=tokens[:1],
                     finish_reason="length",
                     disaggregated_params={PARAMS_KEY: dict(transfer)},
                 )
+                if prompt is not None:
+                    handoff.prompt_log_probs = prompt.prompt_log_probs
+                    handoff.prompt_top_logprobs = prompt.prompt_top_logprobs
+                    handoff.prompt_ranks = prompt.prompt_ranks
+                yield handoff
                 return
 
 

@@ -3,11 +3,14 @@
 Written against SGLang 0.5.23 (PyPI wheel `sglang-0.5.23`): `sglang.Engine(server_args=...)`
 (`sglang/srt/entrypoints/engine.py`), `Engine.async_generate(input_ids=..., sampling_params=...,
 stream=True, rid=..., bootstrap_host=..., bootstrap_port=..., bootstrap_room=...,
-return_logprob=..., top_logprobs_num=...)`, streaming dicts with *cumulative* `output_ids` (the
-same list object, mutated, between items; `text` None until the last item) and `meta_info`
-(`finish_reason` as `{"type": "length", "length": n}` / `{"type": "stop", "matched": id}` /
-`{"type": "abort", ...}`, `prompt_tokens`, `completion_tokens`, `cached_tokens`,
-`output_token_logprobs` / `output_top_logprobs` as `(logprob, token_id, text)` triples),
+return_logprob=..., logprob_start_len=..., top_logprobs_num=...)`, streaming dicts with
+*cumulative* `output_ids` (the same list object, mutated, between items; `text` None until the
+last item) and `meta_info` (`finish_reason` as `{"type": "length", "length": n}` /
+`{"type": "stop", "matched": id}` / `{"type": "abort", ...}`, `prompt_tokens`,
+`completion_tokens`, `cached_tokens`, `output_token_logprobs` / `output_top_logprobs` as
+`(logprob, token_id, text)` triples, and `input_token_logprobs` / `input_top_logprobs` from
+`logprob_start_len` on (-1, the default: the last prompt token only), the first position's
+logprob None and its top None, as SGLang's scheduler makes them),
 `engine.tokenizer_manager.abort_request(rid)`, `tokenizer_manager.rid_to_state`,
 `tokenizer_manager.context_len`; for an `is_embedding` engine `Engine.async_encode(prompt=...,
 dimensions=..., rid=...)` and `tokenizer_manager.generate_request(EmbeddingReqInput(...))`

@@ -49,6 +49,8 @@ class ModelConfig:
     runner_type: str = "generate"
     """`--runner`, resolved: "pooling" serves `encode` (and the embed task), "generate" does not."""
     hidden_size: int = 64
+    max_logprobs: int = 20
+    """`--max-logprobs`: the most (prompt) logprobs a request may ask for."""
     is_matryoshka: bool = False
     matryoshka_dimensions: list[int] | None = None
 

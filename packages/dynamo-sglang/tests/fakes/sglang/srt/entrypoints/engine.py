@@ -96,6 +96,27 @@ def fake_tokenize(text: Any) -> list[int]:
     return [b + 3 for b in text.encode()]
 
 
+def input_logprobs(
+    prompt: list[int], start: int, top_n: int
+) -> tuple[list[tuple[float | None, int, None]], list[list[tuple[float, int, None]] | None]]:
+    """SGLang's `input_token_logprobs` and `input_top_logprobs` from `logprob_start_len`
+    (-1: the last prompt token only): a `(logprob, token_id, text)` per prompt token from
+    there, the first's logprob None (and its top None); each a function of the token's
+    prefix; the top `top_n` most likely, sometimes the token among them."""
+    start = len(prompt) - 1 if start < 0 else start
+    values: list[tuple[float | None, int, None]] = [(None, prompt[start], None)]
+    tops: list[list[tuple[float, int, None]] | None] = [None]
+    for pos in range(start + 1, len(prompt)):
+        token = prompt[pos]
+        place = digest_of(prompt[: pos + 1])[0] % 3  # 0: the most likely; 2: often not in top
+        lp = -0.1 - 0.25 * place
+        values.append((lp, token, None))
+        others = [100 + (token + 13 * k) % 2000 for k in range(1, top_n + 1)]
+        top = [(-0.1 - 0.25 * k, token if k == place else others[k], None) for k in range(top_n)]
+        tops.append(top)
+    return values, tops
+
+
 class ReqState:
     def __init__(self, rid: str) -> None:
         self.rid = rid
@@ -377,6 +398,7 @@ class Engine:
                 "bootstrap_port": bootstrap_port,
                 "bootstrap_room": bootstrap_room,
                 "return_logprob": return_logprob,
+                "logprob_start_len": logprob_start_len,
                 "top_logprobs_num": top_logprobs_num,
             }
         )
@@ -387,6 +409,7 @@ class Engine:
             return_logprob,
             top_logprobs_num or 0,
             (bootstrap_host, bootstrap_port, bootstrap_room),
+            -1 if logprob_start_len is None else logprob_start_len,
         )
         if stream:
             return gen
@@ -444,6 +467,7 @@ class Engine:
         return_logprob: bool,
         top_n: int,
         bootstrap: tuple[str | None, int | None, int | None],
+        logprob_start_len: int = -1,
     ) -> AsyncIterator[dict[str, Any]]:
         tm = self.tokenizer_manager
         if rid in tm.rid_to_state:
@@ -484,6 +508,7 @@ class Engine:
             logprobs: list[tuple[float, int, None]] = []
             tops: list[list[tuple[float, int, None]]] = []
             sent = 0
+            inputs, input_tops = input_logprobs(prompt, logprob_start_len, top_n)
 
             def item(reason: dict[str, Any] | None, cached: int) -> dict[str, Any]:
                 nonlocal sent
@@ -496,7 +521,10 @@ class Engine:
                 }
                 start = sent if incremental else 0
                 if return_logprob:
+                    meta["input_token_logprobs"] = inputs
                     meta["output_token_logprobs"] = logprobs[start:]
+                    if top_n > 0:
+                        meta["input_top_logprobs"] = input_tops
                     meta["output_top_logprobs"] = tops[start:]
                 if incremental:
                     ids = output[sent:]

@@ -13,6 +13,12 @@ mirrors vLLM:
   `VLLMValidationError` for an empty choice list, JSON that does not parse, a bad regex); the
   fake's tokens do not follow it (the handler tests check what reaches the engine);
 - logprobs: per token `{token_id: Logprob(logprob, rank)}`, the chosen token plus the top N;
+- prompt logprobs (`SamplingParams.prompt_logprobs`, at most the model config's
+  `max_logprobs`): `RequestOutput.prompt_logprobs` is None for the first prompt token, then per
+  token `{prompt_token: Logprob(logprob, rank), top_1: ..., top_N: ...}` (the prompt token first
+  with its own rank, then the N most likely by rank; it is one of them when its rank is <= N),
+  sent as the prefill goes (DELTA): prompts longer than `PREFILL_CHUNK` tokens get an output
+  without tokens for their first chunk's, then the rest with the first token;
 - prefix caching: `num_cached_tokens` counts full blocks seen before; with `kv_events_config`
   the engine publishes `BlockStored` batches through its ZMQ publisher;
 - a KV connector (`kv_transfer_config`): `extra_args={"kv_transfer_params":
@@ -53,6 +59,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 log = logging.getLogger("vllm.fake")
 
 STEP_S = 0.002
+PREFILL_CHUNK = 16
 VOCAB = 2315
 EOS_TOKEN_ID = 1
 FIRST_TOKEN = 10  # generated tokens are >= this: the fake's eos only comes when asked for
@@ -153,6 +160,24 @@ class AsyncLLM:
                 entry[alt] = Logprob(logprob=-1.0 - r, rank=r + 1)
         return entry
 
+    def _prompt_logprobs(self, prompt: list[int], top: int) -> list[dict[int, Logprob] | None]:
+        """vLLM's `prompt_logprobs` for `prompt` (a function of each token's prefix)."""
+        out: list[dict[int, Logprob] | None] = [None]
+        for p in range(1, len(prompt)):
+            token = prompt[p]
+            digest = hashlib.blake2b(repr(prompt[: p + 1]).encode(), digest_size=8).digest()
+            rank = 1 + digest[0] % 4  # sometimes among the top N, sometimes not
+            ranks = [rank, *range(1, top + 1)]
+            ids = [token]
+            for r in range(1, top + 1):
+                alt = FIRST_TOKEN + (token + 11 * r) % (VOCAB - FIRST_TOKEN)
+                ids.append(token if r == rank else alt if alt != token else alt + 1)
+            # vLLM's map: a comprehension over (token, top...): the token once, first
+            out.append(
+                {t: Logprob(logprob=-0.5 * r, rank=r) for t, r in zip(ids, ranks, strict=True)}
+            )
+        return out
+
     def _check_prompt(self, prompt: Any) -> None:
         """What every request meets first: a live engine, `fail_next`, a TokensPrompt."""
         if self.is_shutdown:
@@ -187,6 +212,14 @@ class AsyncLLM:
         if params.structured_outputs is not None:
             params.structured_outputs.validate()
         max_model_len = self.vllm_config.model_config.max_model_len
+        max_logprobs = self.vllm_config.model_config.max_logprobs
+        if params.prompt_logprobs is not None and params.prompt_logprobs > max_logprobs:
+            raise VLLMValidationError(
+                f"Requested prompt logprobs of {params.prompt_logprobs}, which is greater than "
+                f"max allowed: {max_logprobs}",
+                parameter="prompt_logprobs",
+                value=params.prompt_logprobs,
+            )
         if len(tokens_in) >= max_model_len:
             raise ValueError(
                 f"The decoder prompt (length {len(tokens_in)}) is longer than the maximum "
@@ -213,8 +246,16 @@ class AsyncLLM:
         delta = params.output_kind == RequestOutputKind.DELTA
         produced: list[int] = []
         logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        prompt_lps = None
+        if params.prompt_logprobs is not None:
+            prompt_lps = self._prompt_logprobs(tokens_in, params.prompt_logprobs)
         try:
             cached = self._cache(tokens_in)
+            if prompt_lps is not None and len(tokens_in) > PREFILL_CHUNK:
+                # chunked prefill: the first chunk's prompt logprobs come on their own
+                await asyncio.sleep(STEP_S)
+                chunk, prompt_lps = prompt_lps[:PREFILL_CHUNK], prompt_lps[PREFILL_CHUNK:]
+                yield self._output(request_id, tokens_in, [], None, None, None, cached, None, chunk)
             i = 0
             while True:
                 await asyncio.sleep(STEP_S)
@@ -270,7 +311,9 @@ class AsyncLLM:
                     stop_reason,
                     cached,
                     kv_params,
+                    prompt_lps,
                 )
+                prompt_lps = [] if prompt_lps is not None else None  # DELTA: sent once
                 if reason is not None:
                     return
         finally:
@@ -286,12 +329,13 @@ class AsyncLLM:
         stop_reason: int | None,
         cached: int,
         kv_params: dict[str, Any] | None,
+        prompt_logprobs: list[dict[int, Logprob] | None] | None = None,
     ) -> RequestOutput:
         return RequestOutput(
             request_id=request_id,
             prompt=None,
             prompt_token_ids=prompt,
-            prompt_logprobs=None,
+            prompt_logprobs=prompt_logprobs,
             outputs=[
                 CompletionOutput(
                     index=0,
