@@ -33,6 +33,8 @@ and each test asserts that such requests stay rare (`few_ties`), so the comparis
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import math
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -233,12 +235,37 @@ async def run(
         entries,
         max(sizes, default=0),
     )
-    same = (one.text, one.finish, one.completion_tokens, one.logprobs)
-    assert same == (streamed.text, streamed.finish, streamed.completion_tokens, streamed.logprobs)
+    n = agreeing_prefix(streamed.logprobs, one.logprobs, "whole vs streamed")
+    if n < len(one.logprobs):  # parted at a tie: the same up to it
+        assert _same(streamed.logprobs[:n], one.logprobs[:n])
+        return one, streamed
+    same = (one.text, one.finish, one.completion_tokens)
+    assert same == (streamed.text, streamed.finish, streamed.completion_tokens)
+    assert _same(one.logprobs, streamed.logprobs)
     return one, streamed
 
 
 # -- comparing ---------------------------------------------------------------------------------
+
+
+TOLERANCE: contextvars.ContextVar[float] = contextvars.ContextVar("TOLERANCE", default=0.0)
+"""How far two log-probabilities may differ and still be the same: 0 (exact) where a request
+runs alone; a little under concurrent load, where vLLM's CPU kernels sum a batch in another order
+(seen: 1e-6 apart, on vLLM's own server as on ours)."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats within `TOLERANCE`."""
+    tol = TOLERANCE.get()
+    if tol == 0.0:
+        return bool(a == b)
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=0.0, abs_tol=tol)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def _chosen(entry: Any) -> tuple[str, float]:
@@ -254,13 +281,14 @@ def _tied(entry: Any) -> bool:
         others = [(t["token"], t["logprob"]) for t in entry["top_logprobs"]]
     else:
         others = list(entry[2].items())
-    return any(t != token and v == value for t, v in others)
+    tol = TOLERANCE.get()
+    return any(t != token and abs(v - value) <= tol for t, v in others)
 
 
 def agreeing_prefix(ours: list[Any], theirs: list[Any], label: str) -> int:
     """How many positions to compare: all, unless the choices part at an exact tie."""
     for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
-        if _chosen(a) != _chosen(b):
+        if _chosen(a)[0] != _chosen(b)[0]:  # the values: compared by the caller
             assert _tied(b), f"{label}: position {i} differs and is no tie: {a} != {b}"
             return i  # an exact tie in bf16: either choice is the engine's, the rest differs
     return len(theirs)
@@ -286,9 +314,9 @@ def assert_same(ours: Result, theirs: Result, label: str) -> int | None:
         _bytes_rule(ours.logprobs, theirs.logprobs, label)
     n = agreeing_prefix(ours.logprobs, theirs.logprobs, label)
     if n < len(theirs.logprobs):
-        assert ours.logprobs[:n] == theirs.logprobs[:n], label
+        assert _same(ours.logprobs[:n], theirs.logprobs[:n]), label
         return n
-    assert ours.logprobs == theirs.logprobs, label
+    assert _same(ours.logprobs, theirs.logprobs), label
     assert (ours.text, ours.finish) == (theirs.text, theirs.finish), label
     assert (ours.prompt_tokens, ours.completion_tokens) == (
         theirs.prompt_tokens,
@@ -468,12 +496,19 @@ async def test_stop_strings(servers: Servers) -> None:
 
 
 async def test_concurrent_load(servers: Servers) -> None:
-    """Every request at once, on both sides: batching changes nothing."""
-    cases = []
-    for i, (kind, request) in enumerate(requests()):
-        cases.append((kind, with_logprobs(kind, {**request, "max_tokens": 40}), f"{kind} {i}"))
-        stops = {"stop": [" ", "e"], "extra_body": {"min_tokens": 3}}
-        cases.append((kind, with_logprobs(kind, {**request, "max_tokens": 40, **stops}), f"{kind} {i} stop"))  # fmt: skip
-    results = await asyncio.gather(*(compare(servers, k, r, label) for k, r, label in cases * 2))
-    assert sum(r.finish == "stop" for r in results) >= len(cases) // 2
-    assert few_ties(results)
+    """Every request at once, on both sides: batching changes nothing (but the last digits of
+    a log-probability, on both sides alike: `TOLERANCE`)."""
+    tolerant = TOLERANCE.set(1e-4)  # in this test only
+    try:
+        cases = []
+        for i, (kind, request) in enumerate(requests()):
+            cases.append((kind, with_logprobs(kind, {**request, "max_tokens": 40}), f"{kind} {i}"))
+            stops = {"stop": [" ", "e"], "extra_body": {"min_tokens": 3}}
+            cases.append((kind, with_logprobs(kind, {**request, "max_tokens": 40, **stops}), f"{kind} {i} stop"))  # fmt: skip
+        results = await asyncio.gather(
+            *(compare(servers, k, r, label) for k, r, label in cases * 2)
+        )
+        assert sum(r.finish == "stop" for r in results) >= len(cases) // 2
+        assert few_ties(results)
+    finally:
+        TOLERANCE.reset(tolerant)
