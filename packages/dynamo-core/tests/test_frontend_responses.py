@@ -476,6 +476,7 @@ async def test_a_cancelled_put_still_lands(tmp_path: Path, monkeypatch: pytest.M
     first, second = new_id(), new_id()
     go.set()
     await store.put(first, b"{}", CHAT)
+    started.clear()  # else the wait below may return before the second put has begun
     go.clear()
     written.clear()
     task = asyncio.ensure_future(store.put(second, b"{}", CHAT))
