@@ -488,3 +488,28 @@ async def test_a_cancelled_put_still_lands(tmp_path: Path, monkeypatch: pytest.M
     assert await asyncio.to_thread(written.wait, 5)
     assert len(store) == 1 and await store.response(second) == b"{}"
     assert await store.response(first) is None
+
+
+async def test_links_and_special_files_in_the_folder_are_not_read(tmp_path: Path) -> None:
+    """Another user's symlink, FIFO or device under a response's name is a 404 (logged), never
+    followed: a FIFO would hold a thread of the pool forever, /dev/zero would fill the memory,
+    and a link would serve a file from outside the folder."""
+    store = ResponseStore(directory=tmp_path / "store")
+    store.open()
+    real = new_id()
+    await store.put(real, b'{"ok": true}', CHAT)
+    outside = tmp_path / "outside.json"
+    outside.write_bytes((tmp_path / "store" / f"{real}.json").read_bytes())
+    linked, fifo, zero = new_id(), new_id(), new_id()
+    target = outside.read_bytes().replace(real.encode(), linked.encode())
+    outside.write_bytes(target)
+    (tmp_path / "store" / f"{linked}.json").symlink_to(outside)
+    os.mkfifo(tmp_path / "store" / f"{fifo}.json")
+    (tmp_path / "store" / f"{zero}.json").symlink_to("/dev/zero")
+    for rid in (linked, fifo, zero):
+        async with asyncio.timeout(5):
+            assert await store.response(rid) is None, rid
+            assert await store.conversation(rid) is None, rid
+            assert not await store.delete(rid), rid
+    assert outside.read_bytes() == target
+    assert await store.response(real) == b'{"ok": true}'

@@ -69,6 +69,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Literal
 
 import msgspec
@@ -597,13 +598,25 @@ def _parse(data: bytes, response_id: str) -> tuple[bytes, list[dict[str, Any]]]:
     return bytes(record.response), conversation
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
 def _bytes_of(path: Path) -> bytes | None:
-    """A stored response's file (None: there is none; `_Unreadable`: it cannot be read)."""
+    """A stored response's file (None: there is none; `_Unreadable`: it cannot be read). Only
+    a regular file: a symlink is not followed (it could name a file outside the folder, or
+    /dev/zero) and a FIFO is not waited on (it would hold a thread of the pool forever)."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         return None
-    except OSError as exc:  # a folder by that name, no permission...
+    except OSError as exc:  # a symlink (ELOOP), no permission...
+        raise _Unreadable(exc) from None
+    try:
+        with os.fdopen(fd, "rb") as file:
+            if not S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise _Unreadable("not a regular file")
+            return file.read()
+    except OSError as exc:  # a folder by that name...
         raise _Unreadable(exc) from None
 
 
