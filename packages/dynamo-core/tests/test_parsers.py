@@ -1184,3 +1184,27 @@ def test_events_are_merged_per_feed() -> None:
     assert collect([ToolCallStart(0, "i", "f"), ToolCallArguments(0, "{}")]).tool_calls == [
         ToolCall("i", "f", "{}")
     ]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|start|>" + "x" * 600,
+        "<|channel|>" + "x" * 600,
+        "<|channel|>analysis<|message|>hm<|end|>" + "<|start|>assistant" * 40,
+        "<|start|>" * 100,
+    ],
+    ids=["start", "channel", "starts after a message", "only starts"],
+)
+def test_harmony_a_header_without_a_message_is_content_and_ends(text: str) -> None:
+    """A `<|start|>` or `<|channel|>` with no `<|message|>` in the next MAX_HEADER characters is
+    shown as written: the body that follows used to stop at that same opener for ever (a
+    609-character output hung the frontend's event loop)."""
+    spec = ParserSpec("harmony", "gpt_oss")
+    whole = spec.parse(text, tools=WEATHER_TOOLS, call_id=ids())
+    assert whole.content is not None and whole.content.endswith("x" * 600 if "x" in text else "")
+    for size in (1, 3, 64):
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        events = stream(spec.new_parser(tools=WEATHER_TOOLS, call_id=ids()), pieces)
+        assert collect(events) == whole

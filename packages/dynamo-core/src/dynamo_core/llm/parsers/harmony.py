@@ -87,7 +87,12 @@ class HarmonyParser(ToolCallParser):
                 if final:
                     self._pos = len(buf)
                 return False
-            self._kind = _CONTENT  # not a header after all: shown as written
+            # not a header after all: shown as written, its opener too (the body would stop
+            # at a `<|start|>` or `<|channel|>` again, here, for ever)
+            opener = _HEADER_OPEN.at(buf, pos) or ""
+            self._kind = _CONTENT
+            self._content(opener)
+            self._pos = pos + len(opener)
             self._state = self._body_step
             return True
         header = buf[pos:i]
