@@ -123,6 +123,33 @@ async def test_a_tool_call_streams_as_openai_sends_it(graph: Graph) -> None:
     assert not any("<" in d.get("content", "") for d in choice["deltas"])
 
 
+async def test_a_parser_that_fails_ends_its_stream_with_an_error_event_and_done(
+    graph: Graph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in an output parser: that stream ends as OpenAI ends a failed one (an error event,
+    then `[DONE]`), its whole twin is a 500 in OpenAI's shape, and the next request is served."""
+    from dynamo_core.llm.parsers.tool_calls import HermesParser
+
+    def broken(self: Any, text: str) -> Any:
+        raise RuntimeError("a parser bug")
+
+    monkeypatch.setattr(HermesParser, "feed", broken)
+    http = graph.http
+    body = {"model": "qwen", "messages": user("weather in Paris?"), "tools": TOOLS}
+    async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "internal_error" and "frontend" in error["message"]
+    whole = await http.post("/v1/chat/completions", json=body)
+    assert whole.status_code == 500 and "error" in whole.json()
+    monkeypatch.undo()
+    r = await graph.client.chat.completions.create(
+        model="qwen", messages=user("weather in Paris?"), tools=TOOLS
+    )
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
 async def test_reasoning_without_tools_and_markup_when_tool_calls_are_off(graph: Graph) -> None:
     r = await graph.client.chat.completions.create(model="qwen", messages=user("hello"))
     message = r.choices[0].message

@@ -29,6 +29,13 @@ async def app(request: Request) -> Response | StreamingResponse:
             yield Final(b"data: two\n\n")
 
         return StreamingResponse(events())
+    if request.path == "/broken-stream":
+
+        async def broken() -> AsyncIterator[bytes]:
+            yield b"data: one\n\n"
+            raise RuntimeError("a bug in the app")
+
+        return StreamingResponse(broken())
     if request.path == "/slow":
         await asyncio.sleep(float(request.query.split("=")[1]))
     return Response(b'{"path":"%s","size":%d}' % (request.path.encode(), len(request.body)))
@@ -180,6 +187,19 @@ async def test_pipelined_requests_are_answered_in_order(server: HttpServer) -> N
     )
     assert (await read_response(reader))[2] == b'{"path":"/c","size":0}'
     writer.close()
+
+
+async def test_a_stream_that_fails_ends_the_connection_not_the_server(
+    server: HttpServer,
+) -> None:
+    """A bug in an app's stream: its client is not left waiting for the rest (the connection is
+    closed without the last chunk, so the client sees the response cut), and others go on."""
+    reply = await exchange(server.port, b"GET /broken-stream HTTP/1.1\r\n\r\n")
+    assert status(reply) == 200 and b"data: one" in reply
+    assert not reply.endswith(b"0\r\n\r\n")  # no clean end: the client knows it was cut
+    assert (
+        status(await exchange(server.port, b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n")) == 200
+    )
 
 
 async def test_http_1_0_gets_no_chunked_encoding(server: HttpServer) -> None:

@@ -593,6 +593,12 @@ class _Connection(asyncio.Protocol):
                 data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
                 transport.write(pending + data + end)
             raise
+        except Exception:  # a bug in the app's stream: cut the response, keep the server
+            log.exception("%s %s: the response's stream failed", request.method, request.path)
+            if pending:
+                transport.write(pending)
+            self.closed = True  # no last chunk: the client sees the response cut short
+            transport.close()
         finally:
             await _aclose(body)
 

@@ -784,6 +784,10 @@ class OpenAIService:
             log.warning("request %s failed mid-stream: %s", fmt.id, exc)
             _, kind, message = _public(exc)
             yield Final(fmt.error(message, kind) + fmt.done)
+        except Exception:  # a bug here (an output parser, a formatter): this stream alone ends
+            status = "error"
+            log.exception("request %s failed mid-stream in the frontend", fmt.id)
+            yield Final(fmt.error("internal error in the frontend", "internal_error") + fmt.done)
         finally:
             await source.aclose()
             run.ended(m, "stream", status, outs)
