@@ -439,10 +439,10 @@ class ResponseStore:
         kept."""
         if not _is_id(response_id):
             raise ValueError(f"not a response id: {response_id!r}")
-        encoded = _json.encode(conversation)
-        size = len(response) + len(encoded)
         if self.max_responses == 0:
             return  # storing is off (--responses-max-stored 0): nothing to say per response
+        encoded = _json.encode(conversation)
+        size = len(response) + len(encoded)
         if size > self.max_bytes:
             log.warning(
                 "response %s is not stored: %d bytes, more than --responses-max-stored-bytes",
