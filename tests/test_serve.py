@@ -172,7 +172,11 @@ def test_a_chat_and_an_embedding_model_behind_one_frontend(serve: Any) -> None:
     with serve("examples/graphs/embedding.yaml") as graph:
         graph.wait_ready()
         client = graph.client()
-        assert sorted(m.id for m in client.models.list()) == ["tiny", "tiny-embed"]
+        # the graph is ready once the frontend serves a model; the other may come a moment later
+        deadline = time.monotonic() + 30
+        while (models := sorted(m.id for m in client.models.list())) != ["tiny", "tiny-embed"]:
+            assert time.monotonic() < deadline, models
+            time.sleep(0.05)
         vectors = client.embeddings.create(model="tiny-embed", input=["hello", "world"])
         assert [d.index for d in vectors.data] == [0, 1] and vectors.usage.prompt_tokens > 0
         assert len(vectors.data[0].embedding) > 0
